@@ -1,0 +1,33 @@
+//! Who is calling: `Authorization: Bearer <token>` → Matrix user ID.
+//!
+//! Tokens come from the config for now; validating them against the homeserver is the seam
+//! for a later change (this is the only place that decides who a request is from).
+
+use std::collections::BTreeMap;
+
+use axum::http::{HeaderMap, StatusCode, header};
+
+use super::error::ApiError;
+
+pub struct Authenticator {
+    tokens: BTreeMap<String, String>,
+}
+
+impl Authenticator {
+    pub fn new(tokens: BTreeMap<String, String>) -> Self {
+        Self { tokens }
+    }
+
+    /// The user the request is from, or 401 `M_MISSING_TOKEN` / `M_UNKNOWN_TOKEN`.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<String, ApiError> {
+        let token = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .map(str::trim)
+            .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "M_MISSING_TOKEN", "Missing access token"))?;
+        self.tokens.get(token).cloned().ok_or_else(|| {
+            ApiError::new(StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN", "Unrecognised access token")
+        })
+    }
+}

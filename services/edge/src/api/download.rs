@@ -1,0 +1,182 @@
+//! `GET`/`HEAD` of media: `/_matrix/client/v1/media/download/…` (authenticated) and the legacy
+//! `/_matrix/media/v3/download/…` (unauthenticated, can be frozen by config).
+//!
+//! Ranges are served block by block from the hot cache: a range of a large file reads only
+//! the 1 MiB blocks it covers. The first block is fetched (and verified) before the status
+//! line is sent, so a store failure becomes a proper error; a failure later in a long body
+//! aborts the connection rather than sending unverified bytes.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures::stream;
+use mxcas_meta::{MediaKey, MediaState};
+use serde::Deserialize;
+
+use super::AppState;
+use super::error::ApiError;
+use super::headers::{CONTENT_SECURITY_POLICY, content_disposition};
+use super::range::{RangeDecision, decide};
+use crate::cache::BlockCache;
+use crate::media::Resolved;
+
+/// A request without `timeout_ms` waits this long for an async upload (the spec's default).
+const DEFAULT_WAIT: Duration = Duration::from_secs(20);
+
+#[derive(Deserialize)]
+pub struct MediaPath {
+    server_name: String,
+    media_id: String,
+    file_name: Option<String>,
+}
+
+pub async fn download_v1(
+    State(state): State<Arc<AppState>>,
+    method: Method,
+    headers: HeaderMap,
+    Path(path): Path<MediaPath>,
+    Query(query): Query<BTreeMap<String, String>>,
+) -> Result<Response, ApiError> {
+    state.auth.authenticate(&headers)?;
+    serve(&state, method, &headers, path, &query, false).await
+}
+
+pub async fn download_legacy(
+    State(state): State<Arc<AppState>>,
+    method: Method,
+    headers: HeaderMap,
+    Path(path): Path<MediaPath>,
+    Query(query): Query<BTreeMap<String, String>>,
+) -> Result<Response, ApiError> {
+    if !state.media.config.legacy_download {
+        return Err(ApiError::not_found("Unauthenticated media download is disabled; use /_matrix/client/v1/media"));
+    }
+    serve(&state, method, &headers, path, &query, true).await
+}
+
+async fn serve(
+    state: &AppState,
+    method: Method,
+    headers: &HeaderMap,
+    path: MediaPath,
+    query: &BTreeMap<String, String>,
+    legacy: bool,
+) -> Result<Response, ApiError> {
+    if !super::valid_server_name(&path.server_name) {
+        return Err(ApiError::bad_request("M_INVALID_PARAM", "Malformed server name"));
+    }
+    if !super::valid_media_id(&path.media_id) {
+        return Err(ApiError::bad_request("M_INVALID_PARAM", "Malformed media ID"));
+    }
+    let wait = match query.get("timeout_ms") {
+        None => DEFAULT_WAIT,
+        Some(v) => Duration::from_millis(
+            v.parse::<u64>().map_err(|_| ApiError::bad_request("M_INVALID_PARAM", "timeout_ms must be an integer"))?,
+        ),
+    }
+    .min(state.media.config.max_download_wait);
+    let key = MediaKey::new(path.server_name, path.media_id);
+    let resolved = state.media.resolve(&key, wait, legacy).await?;
+    respond(state, method, headers, &resolved, path.file_name.as_deref(), legacy).await
+}
+
+async fn respond(
+    state: &AppState,
+    method: Method,
+    req_headers: &HeaderMap,
+    r: &Resolved,
+    file_name: Option<&str>,
+    legacy: bool,
+) -> Result<Response, ApiError> {
+    let MediaState::Ready { cid, content_type, filename, .. } = &r.media.state else {
+        return Err(ApiError::internal("media has no content"));
+    };
+    let size = r.content.size;
+    let etag = format!("\"{cid}\"");
+
+    let mut h = HeaderMap::new();
+    let insert = |h: &mut HeaderMap, name: header::HeaderName, value: &str| {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            h.insert(name, v);
+        }
+    };
+    insert(&mut h, header::ETAG, &etag);
+    insert(
+        &mut h,
+        header::CACHE_CONTROL,
+        if legacy { "public, max-age=31536000, immutable" } else { "private, max-age=31536000, immutable" },
+    );
+    insert(&mut h, header::CONTENT_SECURITY_POLICY, CONTENT_SECURITY_POLICY);
+    insert(&mut h, header::HeaderName::from_static("cross-origin-resource-policy"), "cross-origin");
+    insert(&mut h, header::X_CONTENT_TYPE_OPTIONS, "nosniff");
+    insert(&mut h, header::ACCEPT_RANGES, "bytes");
+
+    let if_none_match = req_headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok());
+    if if_none_match.is_some_and(|v| v.trim() == "*" || v.split(',').any(|t| t.trim().trim_start_matches("W/") == etag)) {
+        return Ok((StatusCode::NOT_MODIFIED, h).into_response());
+    }
+
+    insert(&mut h, header::CONTENT_TYPE, content_type);
+    insert(&mut h, header::CONTENT_DISPOSITION, &content_disposition(content_type, file_name.or(filename.as_deref())));
+
+    let range = decide(req_headers.get(header::RANGE).and_then(|v| v.to_str().ok()), size);
+    let (status, start, end) = match range {
+        RangeDecision::Unsatisfiable => {
+            insert(&mut h, header::CONTENT_RANGE, &format!("bytes */{size}"));
+            let body = ApiError::new(StatusCode::RANGE_NOT_SATISFIABLE, "M_UNKNOWN", "Range not satisfiable");
+            let mut resp = body.into_response();
+            resp.headers_mut().extend(h);
+            return Ok(resp);
+        }
+        RangeDecision::Partial { start, end } => {
+            insert(&mut h, header::CONTENT_RANGE, &format!("bytes {start}-{end}/{size}"));
+            (StatusCode::PARTIAL_CONTENT, start, end + 1)
+        }
+        RangeDecision::Full => (StatusCode::OK, 0, size),
+    };
+    insert(&mut h, header::CONTENT_LENGTH, &(end - start).to_string());
+
+    if method == Method::HEAD || start == end {
+        return Ok((status, h, Body::empty()).into_response());
+    }
+
+    let chunk = r.content.chunk_size as u64;
+    let first_block = start / chunk;
+    let last_block = (end - 1) / chunk;
+    let blocks = state.media.blocks.clone();
+    let content = r.content.clone();
+    let slice = move |i: u64, bytes: Bytes| -> Bytes {
+        let range = BlockCache::block_range(&content, i);
+        let from = start.max(range.start) - range.start;
+        let to = end.min(range.end) - range.start;
+        bytes.slice(from as usize..to as usize)
+    };
+    let first = blocks.block(&r.content, first_block).await?;
+    let head = slice(first_block, first);
+    let content = r.content.clone();
+    let rest = stream::unfold(first_block + 1, move |i| {
+        let blocks = blocks.clone();
+        let content = content.clone();
+        let slice = slice.clone();
+        async move {
+            if i > last_block {
+                return None;
+            }
+            match blocks.block(&content, i).await {
+                Ok(bytes) => Some((Ok::<Bytes, std::io::Error>(slice(i, bytes)), i + 1)),
+                Err(e) => {
+                    tracing::error!(cid = %content.cid, block = i, error = %e, "aborting response body");
+                    Some((Err(std::io::Error::other(e.to_string())), last_block + 1))
+                }
+            }
+        }
+    });
+    let body = futures::StreamExt::chain(stream::once(async move { Ok(head) }), rest);
+    Ok((status, h, Body::from_stream(body)).into_response())
+}

@@ -1,0 +1,130 @@
+//! The one place where edge errors become Matrix error responses
+//! (`{"errcode": "M_…", "error": "…"}` with the spec's HTTP status).
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use mxcas_meta::{CommandError, MetaError};
+
+use crate::cache::BlockError;
+use crate::ingest::IngestError;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub errcode: &'static str,
+    pub message: String,
+    pub retry_after_ms: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, errcode: &'static str, message: impl Into<String>) -> Self {
+        Self { status, errcode, message: message.into(), retry_after_ms: None }
+    }
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "M_NOT_FOUND", message)
+    }
+    pub fn bad_request(errcode: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, errcode, message)
+    }
+    pub fn unrecognized() -> Self {
+        Self::new(StatusCode::NOT_FOUND, "M_UNRECOGNIZED", "Unrecognized request")
+    }
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN", message)
+    }
+    pub fn unavailable(message: impl Into<String>, retry_after_ms: u64) -> Self {
+        Self { retry_after_ms: Some(retry_after_ms), ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN", message) }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = serde_json::json!({ "errcode": self.errcode, "error": self.message });
+        if let Some(ms) = self.retry_after_ms {
+            body["retry_after_ms"] = ms.into();
+        }
+        let mut resp = (self.status, Json(body)).into_response();
+        if let Some(ms) = self.retry_after_ms {
+            let secs = ms.div_ceil(1000).max(1);
+            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                resp.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        resp
+    }
+}
+
+impl From<MetaError> for ApiError {
+    fn from(e: MetaError) -> Self {
+        match e {
+            MetaError::Rejected(CommandError::NotFound) => ApiError::not_found("Media not found"),
+            MetaError::Rejected(CommandError::AlreadyExists) => ApiError::new(
+                StatusCode::CONFLICT,
+                "M_CANNOT_OVERWRITE_MEDIA",
+                "This media ID already has content",
+            ),
+            MetaError::Rejected(CommandError::PermissionDenied) => {
+                ApiError::new(StatusCode::FORBIDDEN, "M_FORBIDDEN", "This media ID was created by another user")
+            }
+            MetaError::Rejected(CommandError::PendingLimit { limit }) => ApiError {
+                retry_after_ms: Some(60_000),
+                ..ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "M_LIMIT_EXCEEDED",
+                    format!("Too many pending uploads (limit {limit}); upload content to one or wait for it to expire"),
+                )
+            },
+            MetaError::Rejected(CommandError::InvalidArgument(m)) => {
+                tracing::error!(error = %m, "metadata service rejected a request as malformed");
+                ApiError::internal("Internal error")
+            }
+            MetaError::Unavailable(m) => {
+                tracing::warn!(error = %m, "metadata service unavailable");
+                ApiError::unavailable("Media metadata service is temporarily unavailable; retry later", 2_000)
+            }
+            MetaError::Internal(m) => {
+                tracing::error!(error = %m, "metadata service failed");
+                ApiError::internal("Internal error in the media metadata service")
+            }
+        }
+    }
+}
+
+impl From<BlockError> for ApiError {
+    fn from(e: BlockError) -> Self {
+        match e {
+            BlockError::Store(m) => {
+                tracing::error!(error = %m, "blob store read failed");
+                ApiError::unavailable("Media storage is temporarily unavailable; retry later", 2_000)
+            }
+            BlockError::Corrupt { .. } | BlockError::OutOfRange { .. } => {
+                ApiError::internal("Stored media failed verification; an operator has been alerted")
+            }
+        }
+    }
+}
+
+impl From<IngestError> for ApiError {
+    fn from(e: IngestError) -> Self {
+        match e {
+            IngestError::TooLarge { limit } => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "M_TOO_LARGE",
+                format!("Upload is larger than the limit of {limit} bytes"),
+            ),
+            IngestError::Body(m) => ApiError::bad_request(
+                "M_BAD_REQUEST",
+                format!("The request body could not be read completely ({m}); nothing was stored"),
+            ),
+            IngestError::Store(m) => {
+                tracing::error!(error = %m, "blob store write failed");
+                ApiError::unavailable("Media storage is temporarily unavailable; retry the upload", 2_000)
+            }
+            IngestError::Hasher(m) => {
+                tracing::error!(error = %m, "hashing failed");
+                ApiError::internal("Internal error while hashing the upload")
+            }
+        }
+    }
+}

@@ -1,0 +1,97 @@
+//! Uploads: `POST /_matrix/media/v3/upload`, `POST /_matrix/media/v1/create` with
+//! `PUT /_matrix/media/v3/upload/{server}/{id}`, and the media `config` endpoints.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, header};
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::error::ApiError;
+
+const DEFAULT_CONTENT_TYPE: &str = "application/octet-stream";
+
+pub async fn config(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    state.auth.authenticate(&headers)?;
+    Ok(Json(json!({ "m.upload.size": state.media.config.max_upload_size.as_u64() })))
+}
+
+pub async fn upload(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(query): Query<BTreeMap<String, String>>,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let user = state.auth.authenticate(&headers)?;
+    let (content_type, filename) = upload_params(&state, &headers, &query)?;
+    let key = state.media.upload(&user, None, content_type, filename, body.into_data_stream()).await?;
+    Ok(Json(json!({ "content_uri": key.to_string() })))
+}
+
+pub async fn upload_to(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((server_name, media_id)): Path<(String, String)>,
+    Query(query): Query<BTreeMap<String, String>>,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let user = state.auth.authenticate(&headers)?;
+    if !super::valid_server_name(&server_name) || !super::valid_media_id(&media_id) {
+        return Err(ApiError::bad_request("M_INVALID_PARAM", "Malformed server name or media ID"));
+    }
+    if server_name != state.media.server_name {
+        return Err(ApiError::not_found("Media IDs of other servers cannot be uploaded to here"));
+    }
+    let (content_type, filename) = upload_params(&state, &headers, &query)?;
+    state.media.upload(&user, Some(media_id), content_type, filename, body.into_data_stream()).await?;
+    Ok(Json(json!({})))
+}
+
+pub async fn create(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    let user = state.auth.authenticate(&headers)?;
+    let (key, expires_at) = state.media.create_pending(&user).await?;
+    Ok(Json(json!({ "content_uri": key.to_string(), "unused_expires_at": expires_at })))
+}
+
+/// Content type and filename of an upload; rejects a declared size over the limit before any
+/// byte is read.
+fn upload_params(
+    state: &AppState,
+    headers: &HeaderMap,
+    query: &BTreeMap<String, String>,
+) -> Result<(String, Option<String>), ApiError> {
+    let limit = state.media.config.max_upload_size.as_u64();
+    if let Some(len) = headers.get(header::CONTENT_LENGTH) {
+        let len: u64 = len
+            .to_str()
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| ApiError::bad_request("M_BAD_REQUEST", "Malformed Content-Length"))?;
+        if len > limit {
+            return Err(crate::ingest::IngestError::TooLarge { limit }.into());
+        }
+    }
+    let content_type = match headers.get(header::CONTENT_TYPE) {
+        None => DEFAULT_CONTENT_TYPE.to_owned(),
+        Some(v) => {
+            let v = v.to_str().map_err(|_| ApiError::bad_request("M_INVALID_PARAM", "Content-Type must be ASCII"))?;
+            let v = v.trim();
+            if v.is_empty() || v.len() > 255 || !v.contains('/') {
+                return Err(ApiError::bad_request("M_INVALID_PARAM", "Malformed Content-Type"));
+            }
+            v.to_owned()
+        }
+    };
+    let filename = match query.get("filename") {
+        None => None,
+        Some(f) if f.len() > 255 || f.chars().any(char::is_control) => {
+            return Err(ApiError::bad_request("M_INVALID_PARAM", "filename must be at most 255 bytes without control characters"));
+        }
+        Some(f) => Some(f.clone()).filter(|f| !f.is_empty()),
+    };
+    Ok((content_type, filename))
+}

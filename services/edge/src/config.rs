@@ -1,0 +1,145 @@
+//! The edge's sections of the config file. Every field has a documented default
+//! (`docs/configuration.md`); sizes are human (`50 MiB`), durations too (`24h`).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::Deserialize;
+
+/// `[media]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MediaConfig {
+    /// Largest accepted upload (`m.upload.size`). Default 100 MiB.
+    pub max_upload_size: ByteSize,
+    /// Most unfinished `POST /create` reservations per user. Default 10.
+    pub max_pending_uploads_per_user: u32,
+    /// How long a `POST /create` reservation waits for its content. Default 24h.
+    #[serde(with = "humantime_serde")]
+    pub unused_expires_after: Duration,
+    /// Longest a download of a not-yet-uploaded media ID waits (`timeout_ms` is capped to
+    /// this). Default 60s; a request without `timeout_ms` waits 20s.
+    #[serde(with = "humantime_serde")]
+    pub max_download_wait: Duration,
+    /// Serve the unauthenticated `/_matrix/media/v3/download` endpoints. Default true.
+    pub legacy_download: bool,
+    /// Freeze the legacy endpoints (the spec's recommendation): media created after this
+    /// RFC 3339 time is only served through the authenticated endpoints. Default: unset.
+    pub freeze_legacy_download_after: Option<String>,
+}
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        Self {
+            max_upload_size: ByteSize::mib(100),
+            max_pending_uploads_per_user: 10,
+            unused_expires_after: Duration::from_secs(24 * 3600),
+            max_download_wait: Duration::from_secs(60),
+            legacy_download: true,
+            freeze_legacy_download_after: None,
+        }
+    }
+}
+
+impl MediaConfig {
+    /// The freeze time in ms since the epoch, if configured (validated by [`Self::validate`]).
+    pub fn freeze_after_ms(&self) -> Result<Option<u64>, String> {
+        self.freeze_legacy_download_after
+            .as_deref()
+            .map(|s| {
+                humantime::parse_rfc3339_weak(s)
+                    .map_err(|e| format!("media.freeze_legacy_download_after {s:?}: {e} (want e.g. 2024-09-01T00:00:00Z)"))
+                    .and_then(|t| {
+                        t.duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| d.as_millis() as u64)
+                            .map_err(|e| e.to_string())
+                    })
+            })
+            .transpose()
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_upload_size.as_u64() == 0 {
+            return Err("media.max_upload_size must be above 0".into());
+        }
+        if self.unused_expires_after.is_zero() {
+            return Err("media.unused_expires_after must be above 0".into());
+        }
+        self.freeze_after_ms().map(|_| ())
+    }
+}
+
+/// `[cache]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Bytes of file blocks kept in memory. Default 256 MiB.
+    pub capacity: ByteSize,
+    /// Deadline of one blob store read. Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub store_read_timeout: Duration,
+    /// How long an edge trusts its cached copy of an mxc record. Default 60s.
+    #[serde(with = "humantime_serde")]
+    pub media_ttl: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            capacity: ByteSize::mib(256),
+            store_read_timeout: Duration::from_secs(30),
+            media_ttl: Duration::from_secs(60),
+        }
+    }
+}
+
+/// `[auth]`: who may upload and download. Homeserver token validation comes later; until then
+/// access tokens are listed here.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Access token → Matrix user ID.
+    pub tokens: BTreeMap<String, String>,
+    /// A TOML file with more `token = "@user:server"` lines (keeps secrets out of the config).
+    pub tokens_file: Option<PathBuf>,
+}
+
+impl AuthConfig {
+    /// All configured tokens (inline and from `tokens_file`).
+    pub fn load(&self) -> Result<BTreeMap<String, String>, String> {
+        let mut tokens = self.tokens.clone();
+        if let Some(path) = &self.tokens_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("auth.tokens_file {}: {e}", path.display()))?;
+            let more: BTreeMap<String, String> =
+                toml_lite(&text).map_err(|e| format!("auth.tokens_file {}: {e}", path.display()))?;
+            tokens.extend(more);
+        }
+        for (token, user) in &tokens {
+            if token.len() < 8 {
+                return Err(format!("auth token for {user} is shorter than 8 characters"));
+            }
+            if !user.starts_with('@') || !user.contains(':') {
+                return Err(format!("auth: {user:?} is not a Matrix user ID (@name:server)"));
+            }
+        }
+        Ok(tokens)
+    }
+}
+
+/// Parses `key = "value"` lines (comments and blank lines allowed).
+fn toml_lite(text: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (k, v) = line.split_once('=').ok_or_else(|| format!("line {}: expected key = \"value\"", n + 1))?;
+        let unquote = |s: &str| s.trim().trim_matches('"').to_owned();
+        out.insert(unquote(k), unquote(v));
+    }
+    Ok(out)
+}

@@ -1,0 +1,143 @@
+//! mxcas-edge: the stateless front of mxcas.
+//!
+//! Serves the Matrix media API ([`api`]), names every upload by its CID ([`unixfs`]),
+//! streams bytes into object storage ([`ingest`], [`store`]), keeps hot blocks in memory
+//! ([`cache`]) and asks the metadata service (`mxcas-meta`'s client) what an mxc holds.
+//! An edge keeps no state but caches: any number can run in front of one store and one
+//! metadata service.
+//!
+//! Must not depend on: the metadata service's storage or prost types (only its client).
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod api;
+pub mod block_index;
+pub mod cache;
+pub mod config;
+pub mod ingest;
+pub mod media;
+pub mod metrics;
+pub mod store;
+pub mod unixfs;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use mxcas_meta::MetaClient;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api::AppState;
+use crate::api::auth::Authenticator;
+use crate::cache::BlockCache;
+use crate::config::{AuthConfig, CacheConfig, MediaConfig};
+use crate::media::MediaService;
+use crate::metrics::Metrics;
+use crate::store::{BlobStore, StoreConfig};
+
+/// Everything an edge needs to start.
+#[derive(Clone, Debug)]
+pub struct EdgeSettings {
+    pub server_name: String,
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub media: MediaConfig,
+    pub cache: CacheConfig,
+    pub auth: AuthConfig,
+    pub store: StoreConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeError {
+    #[error("config: {0}")]
+    Config(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+}
+
+/// A running edge: its bound addresses; it stops when the cancel token fires.
+pub struct Edge {
+    pub api_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+}
+
+impl EdgeSettings {
+    /// Checks everything that can be checked before a port is bound.
+    pub fn validate(&self) -> Result<(), EdgeError> {
+        if !api::valid_server_name(&self.server_name) {
+            return Err(EdgeError::Config(format!("server_name {:?} is not a valid Matrix server name", self.server_name)));
+        }
+        self.media.validate().map_err(EdgeError::Config)?;
+        let tokens = self.auth.load().map_err(EdgeError::Config)?;
+        if tokens.is_empty() {
+            return Err(EdgeError::Config("no access tokens configured ([auth] tokens)".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Binds the API and admin ports and serves until `cancel` fires; tasks go on `tracker`.
+pub async fn start(
+    settings: EdgeSettings,
+    meta: MetaClient,
+    cancel: CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<Edge, EdgeError> {
+    settings.validate()?;
+    let tokens = settings.auth.load().map_err(EdgeError::Config)?;
+    let metrics = Arc::new(Metrics::new());
+    let store = BlobStore::open(&settings.store, &settings.data_dir, metrics.clone())?;
+    let blocks = BlockCache::new(
+        settings.cache.capacity.as_u64(),
+        settings.cache.store_read_timeout,
+        store.clone(),
+        metrics.clone(),
+    );
+    let media = Arc::new(
+        MediaService::new(
+            settings.server_name.clone(),
+            settings.media.clone(),
+            settings.cache.media_ttl,
+            meta,
+            store,
+            blocks,
+            metrics.clone(),
+        )
+        .map_err(EdgeError::Config)?,
+    );
+    let state = Arc::new(AppState { media: media.clone(), auth: Authenticator::new(tokens), metrics });
+
+    let api_listener =
+        TcpListener::bind(settings.listen).await.map_err(|source| EdgeError::Bind { addr: settings.listen, source })?;
+    let admin_listener = TcpListener::bind(settings.admin_listen)
+        .await
+        .map_err(|source| EdgeError::Bind { addr: settings.admin_listen, source })?;
+    let api_addr = api_listener.local_addr().map_err(|source| EdgeError::Bind { addr: settings.listen, source })?;
+    let admin_addr =
+        admin_listener.local_addr().map_err(|source| EdgeError::Bind { addr: settings.admin_listen, source })?;
+
+    let app = api::router(state);
+    let c = cancel.clone();
+    tracker.spawn(async move {
+        let served = axum::serve(api_listener, app).with_graceful_shutdown(c.cancelled_owned()).await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "media API server failed");
+        }
+    });
+    let admin = admin::router(media.clone(), cancel.clone());
+    let c = cancel.clone();
+    tracker.spawn(async move {
+        let served = axum::serve(admin_listener, admin).with_graceful_shutdown(c.cancelled_owned()).await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "admin server failed");
+        }
+    });
+    tracker.spawn(media.expire_loop(cancel));
+    Ok(Edge { api_addr, admin_addr })
+}

@@ -1,0 +1,209 @@
+//! The media service: what the HTTP handlers call. Owns the flow of an upload (ingest into
+//! the blob store, commit to the metadata service, clean-up on failure or deduplication) and
+//! of a download (resolve an mxc to its content, waiting for async uploads).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures::Stream;
+use moka::future::Cache;
+use mxcas_meta::client::CommitRequest;
+use mxcas_meta::{ContentRecord, MediaKey, MediaRecord, MediaState, MetaClient, MetaError};
+
+use crate::api::error::ApiError;
+use crate::cache::BlockCache;
+use crate::config::MediaConfig;
+use crate::ingest::ingest;
+use crate::metrics::{Metrics, ResultLabels};
+use crate::store::BlobStore;
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// An mxc that has content, with its content record.
+#[derive(Clone, Debug)]
+pub struct Resolved {
+    pub media: MediaRecord,
+    pub content: ContentRecord,
+}
+
+pub struct MediaService {
+    pub server_name: String,
+    pub config: MediaConfig,
+    pub freeze_after_ms: Option<u64>,
+    pub meta: MetaClient,
+    pub store: BlobStore,
+    pub blocks: BlockCache,
+    pub metrics: Arc<Metrics>,
+    /// Ready mxc records (immutable once uploaded) cached for `cache.media_ttl`.
+    resolved: Cache<MediaKey, Resolved>,
+}
+
+impl MediaService {
+    pub fn new(
+        server_name: String,
+        config: MediaConfig,
+        media_ttl: Duration,
+        meta: MetaClient,
+        store: BlobStore,
+        blocks: BlockCache,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, String> {
+        let freeze_after_ms = config.freeze_after_ms()?;
+        let resolved = Cache::builder().max_capacity(100_000).time_to_live(media_ttl).build();
+        Ok(Self { server_name, config, freeze_after_ms, meta, store, blocks, metrics, resolved })
+    }
+
+    /// Reserves a new media ID for `user` (`POST /create`). Returns `(mxc, expires_at_ms)`.
+    pub async fn create_pending(&self, user: &str) -> Result<(MediaKey, u64), ApiError> {
+        let now = now_ms();
+        let expires = now + self.config.unused_expires_after.as_millis() as u64;
+        let key = MediaKey::new(&self.server_name, random_media_id());
+        self.meta
+            .create_pending(&key, user, now, expires, self.config.max_pending_uploads_per_user)
+            .await?;
+        Ok((key, expires))
+    }
+
+    /// Stores `body` and records it: as a new mxc named by its CID (`media_id == None`) or as
+    /// the content of a reserved media ID. Returns the mxc.
+    pub async fn upload<S, E>(
+        &self,
+        user: &str,
+        media_id: Option<String>,
+        content_type: String,
+        filename: Option<String>,
+        body: S,
+    ) -> Result<MediaKey, ApiError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        let started = now_ms();
+        let ingested = match ingest(&self.store, body, self.config.max_upload_size.as_u64(), started).await {
+            Ok(i) => i,
+            Err(e) => {
+                self.count_upload("error");
+                return Err(e.into());
+            }
+        };
+        self.metrics.upload_bytes.inc_by(ingested.content.size);
+        let request = CommitRequest {
+            upload_id: uuid::Uuid::new_v4().to_string(),
+            server_name: self.server_name.clone(),
+            media_id,
+            user_id: user.to_owned(),
+            now_ms: now_ms(),
+            content: ingested.content.clone(),
+            content_type,
+            filename,
+        };
+        match self.meta.commit_upload(&request).await {
+            Ok(outcome) => {
+                if outcome.deduplicated {
+                    self.store.delete_later(ingested.keys());
+                    self.count_upload("deduplicated");
+                } else {
+                    self.count_upload("new");
+                }
+                tracing::debug!(mxc = %outcome.media.key, size = outcome.content.size, dedup = outcome.deduplicated, "uploaded");
+                Ok(outcome.media.key)
+            }
+            Err(e) => {
+                // A commit that may have been applied (unavailable after sending) leaves a
+                // referenced blob: only delete when the service surely refused it.
+                if matches!(e, MetaError::Rejected(_)) {
+                    self.store.delete_later(ingested.keys());
+                }
+                self.count_upload("error");
+                Err(e.into())
+            }
+        }
+    }
+
+    fn count_upload(&self, result: &'static str) {
+        self.metrics.uploads.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// Resolves an mxc of this server to its content, waiting up to `wait` for an async upload
+    /// that has not arrived yet.
+    pub async fn resolve(&self, key: &MediaKey, wait: Duration, legacy: bool) -> Result<Resolved, ApiError> {
+        if key.server_name != self.server_name {
+            return Err(ApiError::not_found(format!(
+                "Media from {} is not held here (fetching from other servers is not supported yet)",
+                key.server_name
+            )));
+        }
+        let resolved = match self.resolved.get(key).await {
+            Some(r) => r,
+            None => self.resolve_uncached(key, wait).await?,
+        };
+        if legacy && let Some(freeze) = self.freeze_after_ms
+            && resolved.media.created_at_ms > freeze
+        {
+            return Err(ApiError::not_found(
+                "Media uploaded after the freeze is only available through /_matrix/client/v1/media",
+            ));
+        }
+        Ok(resolved)
+    }
+
+    async fn resolve_uncached(&self, key: &MediaKey, wait: Duration) -> Result<Resolved, ApiError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut poll = Duration::from_millis(50);
+        loop {
+            match self.meta.get_media(key).await? {
+                None => return Err(ApiError::not_found("Media not found")),
+                Some((media @ MediaRecord { state: MediaState::Ready { .. }, .. }, Some(content))) => {
+                    let r = Resolved { media, content };
+                    self.resolved.insert(key.clone(), r.clone()).await;
+                    return Ok(r);
+                }
+                Some((MediaRecord { state: MediaState::Ready { .. }, .. }, None)) => {
+                    return Err(ApiError::internal("Media record has no content record"));
+                }
+                Some((MediaRecord { state: MediaState::Pending { expires_at_ms }, .. }, _)) => {
+                    if expires_at_ms <= now_ms() {
+                        return Err(ApiError::not_found("Media not found"));
+                    }
+                    let now = tokio::time::Instant::now();
+                    if now >= deadline {
+                        return Err(ApiError::new(
+                            axum::http::StatusCode::GATEWAY_TIMEOUT,
+                            "M_NOT_YET_UPLOADED",
+                            "The media has not been uploaded yet",
+                        ));
+                    }
+                    tokio::time::sleep(poll.min(deadline - now)).await;
+                    poll = (poll * 2).min(Duration::from_millis(500));
+                }
+            }
+        }
+    }
+
+    /// Expires unused reservations now and then (runs until `cancel`).
+    pub async fn expire_loop(self: Arc<Self>, cancel: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tick.tick() => {
+                    match self.meta.expire_pending(now_ms()).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(removed = n, "expired unused media reservations"),
+                        Err(e) => tracing::warn!(error = %e, "could not expire media reservations"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// 24 random characters of `[A-Za-z0-9]` (~143 bits): unguessable, and visibly not a CID.
+fn random_media_id() -> String {
+    use rand::Rng;
+    use rand::distr::Alphanumeric;
+    rand::rng().sample_iter(&Alphanumeric).take(24).map(char::from).collect()
+}

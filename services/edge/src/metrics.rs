@@ -1,0 +1,87 @@
+//! Prometheus metrics of an edge (`/metrics` on the admin port).
+//!
+//! Names follow `mxcas_edge_<what>_<unit>`; labels come from small fixed sets (route
+//! templates, status classes, cache results), never from CIDs, paths or addresses.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// Route template, e.g. `/_matrix/client/v1/media/download/{server_name}/{media_id}`.
+    pub route: String,
+    /// `2xx`, `3xx`, `4xx` or `5xx`.
+    pub status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `hit`, `miss`, `coalesced` or `error`.
+    pub result: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub http_requests: Family<RouteLabels, Counter>,
+    pub cache_requests: Family<ResultLabels, Counter>,
+    pub cache_bytes: Gauge,
+    pub store_reads: Counter,
+    pub store_read_bytes: Counter,
+    pub store_writes: Counter,
+    pub upload_bytes: Counter,
+    pub uploads: Family<ResultLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("mxcas_edge");
+        let http_requests = Family::<RouteLabels, Counter>::default();
+        registry.register("http_requests", "HTTP requests by route template and status class", http_requests.clone());
+        let cache_requests = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "cache_requests",
+            "Block cache look-ups: hit, miss (this request read the store), coalesced (waited for another request's read), error",
+            cache_requests.clone(),
+        );
+        let cache_bytes = Gauge::default();
+        registry.register("cache_size_bytes", "Bytes held by the block cache", cache_bytes.clone());
+        let store_reads = Counter::default();
+        registry.register("store_reads", "Read requests sent to the blob store", store_reads.clone());
+        let store_read_bytes = Counter::default();
+        registry.register("store_read_bytes", "Bytes read from the blob store", store_read_bytes.clone());
+        let store_writes = Counter::default();
+        registry.register("store_writes", "Objects written to the blob store (put or multipart)", store_writes.clone());
+        let upload_bytes = Counter::default();
+        registry.register("upload_bytes", "Bytes received in uploads", upload_bytes.clone());
+        let uploads = Family::<ResultLabels, Counter>::default();
+        registry.register("uploads", "Finished uploads: new, deduplicated, error", uploads.clone());
+        Self {
+            registry,
+            http_requests,
+            cache_requests,
+            cache_bytes,
+            store_reads,
+            store_read_bytes,
+            store_writes,
+            upload_bytes,
+            uploads,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,305 @@
+//! Content addressing: the CID of a file, exactly as IPFS tooling computes it with the
+//! IPIP-499 `unixfs-v1-2025` profile.
+//!
+//! - CIDv1, sha2-256, base32 multibase.
+//! - Fixed-size chunking into [`CHUNK_SIZE`] (1 MiB) raw leaves (codec `raw`, 0x55).
+//! - A file of one chunk (at most 1 MiB, including the empty file) is that raw leaf: its CID is
+//!   `bafkrei…`, the sha2-256 of the bytes.
+//! - A larger file is a balanced UnixFS `File` DAG of dag-pb (0x70) nodes with at most
+//!   [`MAX_LINKS`] links each: leaves are grouped 1024 at a time into nodes, those nodes 1024
+//!   at a time into the next level, until one root remains (a trailing group of one is still
+//!   wrapped in its own node, which keeps every leaf at the same depth).
+//! - dag-pb nodes are encoded links-first, each link with an empty `Name`, and `Tsize` = the
+//!   child's block size plus its descendants'; the UnixFS data carries `Type=File`,
+//!   `filesize` and one non-packed `blocksizes` entry per child.
+//!
+//! [`DagBuilder`] computes all of this incrementally at constant memory (plus 32 bytes per
+//! leaf for the block index) and is pure CPU work: run it on a blocking thread.
+
+use cid::Cid;
+use multihash::Multihash;
+use sha2::{Digest, Sha256};
+
+/// Leaf size of the profile (1 MiB).
+pub const CHUNK_SIZE: usize = 1 << 20;
+/// Most links in one dag-pb node.
+pub const MAX_LINKS: usize = 1024;
+/// Multicodec `raw`.
+pub const RAW: u64 = 0x55;
+/// Multicodec `dag-pb`.
+pub const DAG_PB: u64 = 0x70;
+/// Multihash `sha2-256`.
+pub const SHA2_256: u64 = 0x12;
+
+/// CIDv1 of `codec` over a sha2-256 digest.
+pub fn cid_from_digest(codec: u64, digest: &[u8; 32]) -> Cid {
+    // A 32-byte digest always fits the 64-byte multihash.
+    let mh = Multihash::<64>::wrap(SHA2_256, digest).unwrap_or_default();
+    Cid::new_v1(codec, mh)
+}
+
+/// The raw-leaf CID of `bytes`.
+pub fn raw_cid(bytes: &[u8]) -> Cid {
+    cid_from_digest(RAW, &Sha256::digest(bytes).into())
+}
+
+/// The sha2-256 digest a CID names, if it uses sha2-256.
+pub fn sha256_digest(cid: &Cid) -> Option<[u8; 32]> {
+    let mh = cid.hash();
+    if mh.code() != SHA2_256 {
+        return None;
+    }
+    mh.digest().try_into().ok()
+}
+
+#[derive(Clone, Debug)]
+struct Link {
+    cid: Cid,
+    /// Cumulative size of the child's blocks (dag-pb `Tsize`).
+    tsize: u64,
+    /// Bytes of file content under the child (UnixFS `blocksizes`).
+    filesize: u64,
+}
+
+/// The outcome of hashing a file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dag {
+    pub root: Cid,
+    pub size: u64,
+    /// sha2-256 of each leaf, in file order (leaf `i` covers `[i*CHUNK_SIZE, …)`).
+    pub leaves: Vec<[u8; 32]>,
+    /// Every dag-pb node (empty for a one-leaf file), children before parents.
+    pub nodes: Vec<(Cid, Vec<u8>)>,
+}
+
+/// Streaming UnixFS importer (see the module docs for the exact layout).
+pub struct DagBuilder {
+    chunk: Vec<u8>,
+    size: u64,
+    leaves: Vec<[u8; 32]>,
+    /// Pending links per level: `levels[0]` holds leaves, `levels[1]` nodes of leaves, …
+    levels: Vec<Vec<Link>>,
+    /// Whether a level has already been reduced into a node of the level above.
+    emitted: Vec<bool>,
+    nodes: Vec<(Cid, Vec<u8>)>,
+}
+
+impl Default for DagBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl DagBuilder {
+    pub fn new() -> Self {
+        Self {
+            chunk: Vec::with_capacity(CHUNK_SIZE),
+            size: 0,
+            leaves: Vec::new(),
+            levels: vec![Vec::new()],
+            emitted: vec![false],
+            nodes: Vec::new(),
+        }
+    }
+
+    /// Bytes fed so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn update(&mut self, mut data: &[u8]) {
+        self.size += data.len() as u64;
+        while !data.is_empty() {
+            let take = (CHUNK_SIZE - self.chunk.len()).min(data.len());
+            self.chunk.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.chunk.len() == CHUNK_SIZE {
+                self.flush_leaf();
+            }
+        }
+    }
+
+    fn flush_leaf(&mut self) {
+        let digest: [u8; 32] = Sha256::digest(&self.chunk).into();
+        let link = Link { cid: cid_from_digest(RAW, &digest), tsize: self.chunk.len() as u64, filesize: self.chunk.len() as u64 };
+        self.chunk.clear();
+        self.leaves.push(digest);
+        self.push(0, link);
+    }
+
+    fn push(&mut self, level: usize, link: Link) {
+        self.levels[level].push(link);
+        if self.levels[level].len() == MAX_LINKS {
+            self.reduce(level);
+        }
+    }
+
+    /// Turns the pending links of `level` into one node pushed to `level + 1`.
+    fn reduce(&mut self, level: usize) {
+        let links = std::mem::take(&mut self.levels[level]);
+        let node = self.encode_node(&links);
+        if self.levels.len() == level + 1 {
+            self.levels.push(Vec::new());
+            self.emitted.push(false);
+        }
+        self.emitted[level] = true;
+        self.push(level + 1, node);
+    }
+
+    fn encode_node(&mut self, links: &[Link]) -> Link {
+        let filesize: u64 = links.iter().map(|l| l.filesize).sum();
+        let mut data = Vec::with_capacity(8 + 4 * links.len());
+        put_tag(&mut data, 1, 0); // Type
+        put_varint(&mut data, 2); // File
+        put_tag(&mut data, 3, 0); // filesize
+        put_varint(&mut data, filesize);
+        for l in links {
+            put_tag(&mut data, 4, 0); // blocksizes (non-packed)
+            put_varint(&mut data, l.filesize);
+        }
+        let mut block = Vec::with_capacity(48 * links.len() + data.len() + 8);
+        let mut link_buf = Vec::with_capacity(64);
+        for l in links {
+            link_buf.clear();
+            let cid = l.cid.to_bytes();
+            put_tag(&mut link_buf, 1, 2); // Hash
+            put_varint(&mut link_buf, cid.len() as u64);
+            link_buf.extend_from_slice(&cid);
+            put_tag(&mut link_buf, 2, 2); // Name: present and empty
+            put_varint(&mut link_buf, 0);
+            put_tag(&mut link_buf, 3, 0); // Tsize
+            put_varint(&mut link_buf, l.tsize);
+            put_tag(&mut block, 2, 2); // Links
+            put_varint(&mut block, link_buf.len() as u64);
+            block.extend_from_slice(&link_buf);
+        }
+        put_tag(&mut block, 1, 2); // Data
+        put_varint(&mut block, data.len() as u64);
+        block.extend_from_slice(&data);
+
+        let cid = cid_from_digest(DAG_PB, &Sha256::digest(&block).into());
+        let tsize = block.len() as u64 + links.iter().map(|l| l.tsize).sum::<u64>();
+        self.nodes.push((cid, block));
+        Link { cid, tsize, filesize }
+    }
+
+    /// Finishes the DAG and returns its root and blocks.
+    pub fn finish(mut self) -> Dag {
+        if !self.chunk.is_empty() || self.leaves.is_empty() {
+            self.flush_leaf();
+        }
+        if self.leaves.len() == 1 {
+            let root = self.levels[0][0].cid;
+            return Dag { root, size: self.size, leaves: self.leaves, nodes: Vec::new() };
+        }
+        let mut level = 0;
+        let root = loop {
+            let pending = self.levels[level].len();
+            if level > 0 && !self.emitted[level] && pending == 1 {
+                break self.levels[level][0].cid;
+            }
+            if pending > 0 {
+                self.reduce(level);
+            }
+            level += 1;
+        };
+        Dag { root, size: self.size, leaves: self.leaves, nodes: self.nodes }
+    }
+}
+
+fn put_tag(buf: &mut Vec<u8>, field: u64, wire_type: u64) {
+    put_varint(buf, (field << 3) | wire_type);
+}
+
+fn put_varint(buf: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        buf.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    buf.push(v as u8);
+}
+
+/// The CID of a whole byte slice (tests and small inputs).
+pub fn cid_of(bytes: &[u8]) -> Cid {
+    let mut b = DagBuilder::new();
+    b.update(bytes);
+    b.finish().root
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Byte `i` = (31 i + 7) mod 251: the pattern the JS oracle was run on.
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| ((i as u64 * 31 + 7) % 251) as u8).collect()
+    }
+
+    // Root CIDs from ipfs-unixfs-importer 17.1.1 with `{ profile: 'unixfs-v1-2025' }`
+    // (tests/oracle/cid.mjs). The end-to-end oracle test re-checks these against the live tool.
+    #[test]
+    fn matches_ipfs_unixfs_importer_at_boundary_sizes() {
+        let cases = [
+            (0, "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku"),
+            (1, "bafkreigkgwdvr5wspzwpiutssn4xpj2i7wedshnwphhnu7ohx4pqaxxipe"),
+            (CHUNK_SIZE, "bafkreia4lg4goabhhbaug6a2rkf76lz3is6yqggq6u5rhmdeyi3vugx6ha"),
+            (CHUNK_SIZE + 1, "bafybeiaqfhzf4fft5arkdimw7quirxuglvotfah44yawdjg6zujvn6lidu"),
+            (3 * CHUNK_SIZE + 5, "bafybeigtlftshrpahrqasmumkdoqzk74iy3ewg4scyl3r774e4a6imijsy"),
+        ];
+        for (len, want) in cases {
+            assert_eq!(cid_of(&pattern(len)).to_string(), want, "size {len}");
+        }
+    }
+
+    #[test]
+    fn root_node_bytes_match_the_oracle() {
+        let mut b = DagBuilder::new();
+        b.update(&pattern(CHUNK_SIZE + 1));
+        let dag = b.finish();
+        assert_eq!(dag.nodes.len(), 1);
+        let hex: String = dag.nodes[0].1.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "122c0a24015512201c59b8670027384143781a8a8bff2f3b44bd8818d0f53b13b064c2375a1afe38120018808040\
+             122a0a2401551220acac86c0e609ca906f632b0e2dacccb2b77d22b0621f20ebece1a4835b93f6f0120018010a0c\
+             080218818040208080402001"
+        );
+        assert_eq!(dag.leaves.len(), 2);
+    }
+
+    #[test]
+    fn trailing_single_leaf_gets_its_own_node() {
+        // 1025 zero leaves of 1 MiB + 1 byte: the oracle's root for 1 GiB + 1 zero bytes.
+        let mut b = DagBuilder::new();
+        let zeros = vec![0u8; CHUNK_SIZE];
+        for _ in 0..MAX_LINKS {
+            b.update(&zeros);
+        }
+        b.update(&[0]);
+        let dag = b.finish();
+        assert_eq!(dag.root.to_string(), "bafybeigx4uyebjbq65346xh6cjrt6yshbdudzudhnqecwbzvymslxj7gje");
+        // 1024-link node, 1-link node, root.
+        assert_eq!(dag.nodes.len(), 3);
+        assert_eq!(dag.nodes[1].0.to_string(), "bafybeiatqrf5qpcdvxj4bh574zy2fjx6u373pnxb3jhnus4mtodpg4w4f4");
+    }
+
+    #[test]
+    fn chunking_does_not_depend_on_how_the_input_is_split() {
+        let data = pattern(2 * CHUNK_SIZE + 12345);
+        let whole = cid_of(&data);
+        for step in [1usize << 10, 65_537, CHUNK_SIZE - 1, CHUNK_SIZE + 3] {
+            let mut b = DagBuilder::new();
+            for piece in data.chunks(step) {
+                b.update(piece);
+            }
+            assert_eq!(b.finish().root, whole, "step {step}");
+        }
+    }
+
+    #[test]
+    fn single_block_cid_is_sha256_of_the_bytes() {
+        let cid = cid_of(b"hello");
+        assert_eq!(cid.codec(), RAW);
+        assert_eq!(sha256_digest(&cid), Some(Sha256::digest(b"hello").into()));
+    }
+}

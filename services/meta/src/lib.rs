@@ -1,0 +1,24 @@
+//! mxcas-meta: the metadata service.
+//!
+//! Maps Matrix media IDs (`mxc://server/media_id`) to content, and content (named by its CID)
+//! to the blob that holds its bytes. The service is a deterministic state machine
+//! ([`state_machine::StateMachine`]) that applies [`command::Command`]s in order and persists
+//! every result in redb before it is acknowledged; the same commands become raft log entries
+//! when the service is replicated. [`server`] exposes it over the tonic API in `mxcas-proto`
+//! and [`client::MetaClient`] is what edges use to talk to it.
+//!
+//! Must not depend on: the edge (HTTP, blob store, caches). Only [`pb`] names prost types.
+
+pub mod client;
+pub mod command;
+pub mod error;
+pub mod model;
+pub mod pb;
+pub mod server;
+pub mod state_machine;
+
+pub use client::MetaClient;
+pub use command::{Command, CommandOutput};
+pub use error::{CommandError, MetaError, StorageError};
+pub use model::{ContentRecord, MediaKey, MediaRecord, MediaState};
+pub use state_machine::StateMachine;

@@ -1,0 +1,90 @@
+//! The records the metadata service keeps: per-mxc [`MediaRecord`]s over per-CID
+//! [`ContentRecord`]s. Content is stored once however many mxcs reference it; `refcount`
+//! counts those references so that deletion and retention (later) know when a blob is free.
+
+use cid::Cid;
+use serde::{Deserialize, Serialize};
+
+/// `(server_name, media_id)`: the two halves of an `mxc://` URI.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct MediaKey {
+    pub server_name: String,
+    pub media_id: String,
+}
+
+impl MediaKey {
+    pub fn new(server_name: impl Into<String>, media_id: impl Into<String>) -> Self {
+        Self { server_name: server_name.into(), media_id: media_id.into() }
+    }
+}
+
+impl std::fmt::Display for MediaKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "mxc://{}/{}", self.server_name, self.media_id)
+    }
+}
+
+/// One mxc: who made it, when, and whether its bytes have arrived.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MediaRecord {
+    pub key: MediaKey,
+    pub uploader: String,
+    pub created_at_ms: u64,
+    pub state: MediaState,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MediaState {
+    /// Reserved by `POST /create`; content must arrive before `expires_at_ms`.
+    Pending { expires_at_ms: u64 },
+    /// Has content.
+    Ready {
+        #[serde(with = "cid_bytes")]
+        cid: Cid,
+        content_type: String,
+        filename: Option<String>,
+        uploaded_at_ms: u64,
+    },
+}
+
+impl MediaRecord {
+    /// The CID of the content, once uploaded.
+    pub fn cid(&self) -> Option<&Cid> {
+        match &self.state {
+            MediaState::Ready { cid, .. } => Some(cid),
+            MediaState::Pending { .. } => None,
+        }
+    }
+}
+
+/// One stored file, named by its CID.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContentRecord {
+    #[serde(with = "cid_bytes")]
+    pub cid: Cid,
+    pub size: u64,
+    /// Leaf size of the DAG: leaf `i` covers bytes `[i*chunk_size, (i+1)*chunk_size)`.
+    pub chunk_size: u32,
+    /// Object key of the file's bytes in the blob store.
+    pub blob_key: String,
+    /// Object key of the block index (leaf hashes, dag-pb nodes); `None` for one-block files.
+    pub index_key: Option<String>,
+    /// How many mxc records reference this content.
+    pub refcount: u64,
+    pub created_at_ms: u64,
+}
+
+/// Serde as the CID's binary form: compact and canonical.
+pub(crate) mod cid_bytes {
+    use cid::Cid;
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(cid: &Cid, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&cid.to_bytes())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Cid, D::Error> {
+        let bytes: Vec<u8> = Deserialize::deserialize(d)?;
+        Cid::try_from(bytes.as_slice()).map_err(D::Error::custom)
+    }
+}

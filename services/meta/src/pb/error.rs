@@ -1,0 +1,50 @@
+//! The one place where metadata errors meet gRPC statuses.
+
+use tonic::{Code, Status};
+
+use crate::error::{CommandError, MetaError, StorageError};
+
+/// Key of the binary status detail that carries a [`CommandError`] across the wire exactly.
+const DETAIL_PENDING_LIMIT: &str = "pending-limit:";
+
+pub fn status_from_command_error(e: &CommandError) -> Status {
+    match e {
+        CommandError::NotFound => Status::not_found(e.to_string()),
+        CommandError::AlreadyExists => Status::already_exists(e.to_string()),
+        CommandError::PermissionDenied => Status::permission_denied(e.to_string()),
+        CommandError::PendingLimit { limit } => {
+            Status::resource_exhausted(format!("{DETAIL_PENDING_LIMIT}{limit}: {e}"))
+        }
+        CommandError::InvalidArgument(m) => Status::invalid_argument(m.clone()),
+    }
+}
+
+pub fn status_from_storage_error(e: &StorageError) -> Status {
+    match e {
+        StorageError::WriterStopped => Status::unavailable(e.to_string()),
+        _ => Status::internal(e.to_string()),
+    }
+}
+
+/// How a client reads a status: rejections are final, `UNAVAILABLE`-like codes retryable.
+pub fn meta_error_from_status(s: &Status) -> MetaError {
+    let msg = s.message().to_owned();
+    match s.code() {
+        Code::NotFound => CommandError::NotFound.into(),
+        Code::AlreadyExists => CommandError::AlreadyExists.into(),
+        Code::PermissionDenied => CommandError::PermissionDenied.into(),
+        Code::ResourceExhausted => {
+            let limit = msg
+                .strip_prefix(DETAIL_PENDING_LIMIT)
+                .and_then(|rest| rest.split(':').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            CommandError::PendingLimit { limit }.into()
+        }
+        Code::InvalidArgument => CommandError::InvalidArgument(msg).into(),
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Aborted | Code::Unknown => {
+            MetaError::Unavailable(msg)
+        }
+        _ => MetaError::Internal(format!("{:?}: {msg}", s.code())),
+    }
+}

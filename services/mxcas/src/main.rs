@@ -1,0 +1,240 @@
+//! The mxcas binary: wiring only.
+//!
+//! - `mxcas serve`: edge + metadata service + local store in one process.
+//! - `mxcas cid FILE…`: the CID mxcas gives each file (the same code as uploads).
+
+#![forbid(unsafe_code)]
+
+mod config;
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use mxcas_edge::EdgeSettings;
+use mxcas_meta::client::ClientConfig;
+use mxcas_meta::server::MetaService;
+use mxcas_meta::{MetaClient, StateMachine};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+
+#[derive(Parser)]
+#[command(name = "mxcas", version, about = "Content-addressed media repository for Matrix")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a complete single-node mxcas: the Matrix media API, the metadata service and a
+    /// blob store (local directory unless `[store]` says otherwise).
+    ///
+    /// Settings come from the config file (`--config`, see docs/configuration.md), then from
+    /// these flags or their environment variables. With no config at all it listens on
+    /// 127.0.0.1:8008 as `localhost`, keeps data in ./mxcas-data and prints a development
+    /// access token to upload with.
+    Serve(ServeArgs),
+    /// Print the CID of each file, as mxcas (and IPFS with the unixfs-v1-2025 profile)
+    /// computes it: `mxc://<server>/<cid>` is what an upload of that file returns.
+    Cid {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Config file (TOML).
+    #[arg(long, env = "MXCAS_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address of the media API [default: 127.0.0.1:8008].
+    #[arg(long, env = "MXCAS_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
+    /// Address of /livez, /readyz and /metrics [default: 127.0.0.1:9008].
+    #[arg(long, env = "MXCAS_ADMIN_LISTEN")]
+    admin_listen: Option<std::net::SocketAddr>,
+    /// Matrix server name used in mxc URIs [default: localhost].
+    #[arg(long, env = "MXCAS_SERVER_NAME")]
+    server_name: Option<String>,
+    /// Data directory [default: ./mxcas-data].
+    #[arg(long, env = "MXCAS_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Access token to accept (as @dev:<server_name>) when the config lists none.
+    #[arg(long, env = "MXCAS_DEV_TOKEN")]
+    dev_token: Option<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Cid { files } => cid(&files),
+        Cmd::Serve(args) => {
+            init_tracing();
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(serve(args))
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn cid(files: &[PathBuf]) -> anyhow::Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    for path in files {
+        let mut file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let mut dag = mxcas_edge::unixfs::DagBuilder::new();
+        loop {
+            let n = file.read(&mut buf).with_context(|| format!("cannot read {}", path.display()))?;
+            if n == 0 {
+                break;
+            }
+            dag.update(&buf[..n]);
+        }
+        println!("{}  {}", dag.finish().root, path.display());
+    }
+    Ok(())
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = Config::load(args.config.as_deref())?;
+    if let Some(v) = args.listen {
+        config.listen = v;
+    }
+    if let Some(v) = args.admin_listen {
+        config.admin_listen = v;
+    }
+    if let Some(v) = args.server_name {
+        config.server_name = v;
+    }
+    if let Some(v) = args.data_dir {
+        config.data_dir = v;
+    }
+    if let Some(v) = args.dev_token {
+        config.dev_token = Some(v);
+    }
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+
+    let mut auth = config.auth.clone();
+    let dev_token = if auth.load().map_err(anyhow::Error::msg)?.is_empty() {
+        let token = match config.dev_token.clone() {
+            Some(t) => t,
+            None => dev_token(&config.data_dir)?,
+        };
+        auth.tokens.insert(token.clone(), format!("@dev:{}", config.server_name));
+        Some(token)
+    } else {
+        None
+    };
+    let settings = EdgeSettings {
+        server_name: config.server_name.clone(),
+        listen: config.listen,
+        admin_listen: config.admin_listen,
+        data_dir: config.data_dir.clone(),
+        media: config.media.clone(),
+        cache: config.cache.clone(),
+        auth,
+        store: config.store.clone(),
+    };
+    settings.validate().context("invalid configuration")?;
+
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+
+    // The metadata service: the state machine in redb behind its gRPC API.
+    let db_path = config.data_dir.join("meta.redb");
+    let sm = Arc::new(
+        StateMachine::open(&db_path).with_context(|| format!("cannot open metadata database {}", db_path.display()))?,
+    );
+    let service = MetaService::new(config.meta.node_id, sm)?;
+    let meta_listener = tokio::net::TcpListener::bind(config.meta.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (meta.listen)", config.meta.listen))?;
+    let meta_addr = meta_listener.local_addr()?;
+    let c = cancel.clone();
+    tracker.spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(meta_listener);
+        let served = tonic::transport::Server::builder()
+            .add_service(service.into_server())
+            .serve_with_incoming_shutdown(incoming, c.cancelled_owned())
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "metadata gRPC server failed");
+        }
+    });
+
+    let meta = MetaClient::new(&format!("http://{meta_addr}"), ClientConfig::default())?;
+    let edge = mxcas_edge::start(settings, meta, cancel.clone(), &tracker).await?;
+    tracing::info!(api = %edge.api_addr, admin = %edge.admin_addr, meta = %meta_addr, "mxcas is serving");
+    println!("mxcas: Matrix media API on http://{} (admin: http://{})", edge.api_addr, edge.admin_addr);
+    if let Some(token) = dev_token {
+        println!("mxcas: no [auth] tokens configured; accepting development token {token} as @dev:{}", config.server_name);
+        println!(
+            "mxcas: try: curl -H 'Authorization: Bearer {token}' -H 'Content-Type: text/plain' --data-binary 'hello' 'http://{}/_matrix/media/v3/upload?filename=hello.txt'",
+            edge.api_addr
+        );
+    }
+
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    cancel.cancel();
+    tracker.close();
+    if tokio::time::timeout(Duration::from_secs(20), tracker.wait()).await.is_err() {
+        tracing::warn!("tasks did not stop within 20s; exiting anyway");
+    }
+    Ok(())
+}
+
+/// The development token: kept in `<data_dir>/dev-token` so it survives restarts.
+fn dev_token(data_dir: &std::path::Path) -> anyhow::Result<String> {
+    let path = data_dir.join("dev-token");
+    if let Ok(existing) = std::fs::read_to_string(&path) {
+        let t = existing.trim().to_owned();
+        if !t.is_empty() {
+            return Ok(t);
+        }
+    }
+    let token = format!("mxcas_dev_{}", uuid_like());
+    std::fs::write(&path, &token).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(token)
+}
+
+fn uuid_like() -> String {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hasher};
+    // Two independently seeded SipHash states: 128 unpredictable bits without another crate.
+    let a = RandomState::new().build_hasher().finish();
+    let mut h = RandomState::new().build_hasher();
+    h.write_u64(a);
+    format!("{a:016x}{:016x}", h.finish())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
