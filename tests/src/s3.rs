@@ -1,0 +1,1 @@
+//! SeaweedFS (`weed mini`) as a real S3-compatible server for tests.
