@@ -110,7 +110,7 @@ pub fn valid_server_name(name: &str) -> bool {
     }
     match port.strip_prefix(':') {
         None => port.is_empty(),
-        Some(p) => !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()),
+        Some(p) => p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok(),
     }
 }
 
