@@ -189,6 +189,12 @@ impl Node {
         Ok(self.http.get(url).bearer_auth(ALICE).send().await?)
     }
 
+    /// A ranged download as alice.
+    pub async fn download_range(&self, media_id: &str, range: &str) -> anyhow::Result<reqwest::Response> {
+        let url = self.url(&format!("/_matrix/client/v1/media/download/localhost/{media_id}"));
+        Ok(self.http.get(url).bearer_auth(ALICE).header("range", range).send().await?)
+    }
+
     /// The Prometheus text of `/metrics`.
     pub async fn metrics(&self) -> anyhow::Result<String> {
         Ok(self.http.get(format!("{}/metrics", self.admin)).send().await?.text().await?)
