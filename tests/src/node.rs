@@ -48,9 +48,8 @@ pub struct Node {
 }
 
 pub fn mxcas_bin() -> PathBuf {
-    let fallback = std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent().and_then(Path::parent).map(|dir| dir.join("mxcas")));
+    let fallback =
+        std::env::current_exe().ok().and_then(|exe| exe.parent().and_then(Path::parent).map(|dir| dir.join("mxcas")));
     crate::required_program("MXCAS_BIN", fallback)
 }
 
@@ -120,9 +119,10 @@ impl Node {
         .await
         .with_context(|| format!("log:\n{}", self.log()))?;
         // "mxcas: Matrix media API on http://A (admin: http://B)"
-        let mut urls = line.split_whitespace().filter(|w| w.contains("http://")).map(|w| {
-            w.trim_matches(|c| c == '(' || c == ')').to_owned()
-        });
+        let mut urls = line
+            .split_whitespace()
+            .filter(|w| w.contains("http://"))
+            .map(|w| w.trim_matches(|c| c == '(' || c == ')').to_owned());
         self.api = urls.next().context("no API address")?;
         self.admin = urls.next().context("no admin address")?;
         let ready = format!("{}/readyz", self.admin);
@@ -164,7 +164,12 @@ impl Node {
     }
 
     /// `POST /_matrix/media/v3/upload` as alice.
-    pub async fn upload(&self, body: Vec<u8>, content_type: &str, filename: Option<&str>) -> anyhow::Result<reqwest::Response> {
+    pub async fn upload(
+        &self,
+        body: Vec<u8>,
+        content_type: &str,
+        filename: Option<&str>,
+    ) -> anyhow::Result<reqwest::Response> {
         let mut url = self.url("/_matrix/media/v3/upload");
         if let Some(f) = filename {
             url = format!("{url}?filename={f}");

@@ -108,14 +108,18 @@ async fn not_found_and_malformed_ids() -> R {
     let missing = mxcas_edge::unixfs::cid_of(b"never uploaded").to_string();
     let (s, b) = json(node.download(&missing).await?).await;
     assert_eq!((s, errcode(&b)), (404, "M_NOT_FOUND"));
-    let (s, b) = json(node.http.get(node.url(&format!("/_matrix/media/v3/download/other.example/{missing}"))).send().await?).await;
+    let (s, b) =
+        json(node.http.get(node.url(&format!("/_matrix/media/v3/download/other.example/{missing}"))).send().await?)
+            .await;
     assert_eq!((s, errcode(&b)), (404, "M_NOT_FOUND"));
     for bad in ["a.b", "x%2Fy", "%00", "a%20b", "%C3%BC"] {
-        let (s, b) = json(node.http.get(node.url(&format!("/_matrix/media/v3/download/localhost/{bad}"))).send().await?).await;
+        let (s, b) =
+            json(node.http.get(node.url(&format!("/_matrix/media/v3/download/localhost/{bad}"))).send().await?).await;
         assert_eq!((s, errcode(&b)), (400, "M_INVALID_PARAM"), "media id {bad}");
     }
     for bad in ["bad%20host", "a..b", "a%2Fb", "host:99999"] {
-        let (s, b) = json(node.http.get(node.url(&format!("/_matrix/media/v3/download/{bad}/abc"))).send().await?).await;
+        let (s, b) =
+            json(node.http.get(node.url(&format!("/_matrix/media/v3/download/{bad}/abc"))).send().await?).await;
         assert_eq!((s, errcode(&b)), (400, "M_INVALID_PARAM"), "server {bad}");
     }
     // Path traversal never reaches a handler as a file path.
@@ -195,7 +199,9 @@ async fn truncated_bodies_store_nothing() -> R {
         conn.write_all(&vec![9u8; declared / 2]).await?;
         conn.shutdown().await?;
         let mut answer = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(10), tokio::io::AsyncReadExt::read_to_end(&mut conn, &mut answer)).await;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(10), tokio::io::AsyncReadExt::read_to_end(&mut conn, &mut answer))
+                .await;
         let text = String::from_utf8_lossy(&answer);
         assert!(!text.starts_with("HTTP/1.1 200"), "a truncated body must not be acknowledged: {text}");
     }
@@ -230,7 +236,10 @@ async fn async_upload_flow() -> R {
 
     // A waiting download completes when the content arrives.
     let waiting = {
-        let (http, url) = (node.http.clone(), node.url(&format!("/_matrix/client/v1/media/download/localhost/{id}?timeout_ms=10000")));
+        let (http, url) = (
+            node.http.clone(),
+            node.url(&format!("/_matrix/client/v1/media/download/localhost/{id}?timeout_ms=10000")),
+        );
         tokio::spawn(async move { http.get(url).bearer_auth(ALICE).send().await })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -238,7 +247,9 @@ async fn async_upload_flow() -> R {
     // Another user may not fill it.
     let (s, b) = json(node.http.put(&put).bearer_auth(BOB).body("nope").send().await?).await;
     assert_eq!((s, errcode(&b)), (403, "M_FORBIDDEN"));
-    let (s, b) = json(node.http.put(&put).bearer_auth(ALICE).header("content-type", "text/plain").body("late").send().await?).await;
+    let (s, b) =
+        json(node.http.put(&put).bearer_auth(ALICE).header("content-type", "text/plain").body("late").send().await?)
+            .await;
     assert_eq!(s, 200, "{b}");
     let resp = waiting.await??;
     assert_eq!(resp.status(), 200);
@@ -310,7 +321,8 @@ async fn range_requests() -> R {
     let url = node.url(&format!("/_matrix/client/v1/media/download/localhost/{id}"));
     let get = |range: &'static str| node.http.get(&url).bearer_auth(ALICE).header("range", range).send();
 
-    let cases: [(&str, u16, Option<(usize, usize)>); 8] = [
+    type Case = (&'static str, u16, Option<(usize, usize)>);
+    let cases: [Case; 8] = [
         ("bytes=0-0", 206, Some((0, 0))),
         ("bytes=100-199", 206, Some((100, 199))),
         ("bytes=9990-", 206, Some((9990, 9999))),
@@ -371,7 +383,11 @@ async fn concurrent_cold_gets_cause_one_store_read() -> R {
     let data = test_bytes(9, 100 * 1024);
     let id = node.upload_ok(data.clone()).await?;
     // Resolve the mxc once so every GET below misses only on the block itself.
-    node.http.head(node.url(&format!("/_matrix/client/v1/media/download/localhost/{id}"))).bearer_auth(ALICE).send().await?;
+    node.http
+        .head(node.url(&format!("/_matrix/client/v1/media/download/localhost/{id}")))
+        .bearer_auth(ALICE)
+        .send()
+        .await?;
     let reads_before = node.metric("mxcas_edge_store_reads_total").await?;
     let mut tasks = Vec::new();
     for _ in 0..100 {
@@ -393,9 +409,14 @@ async fn concurrent_cold_gets_cause_one_store_read() -> R {
 
 #[tokio::test]
 async fn frozen_legacy_endpoints_serve_only_older_media() -> R {
-    let node = Node::start(NodeOptions { media: "freeze_legacy_download_after = \"2020-01-01T00:00:00Z\"".into(), ..Default::default() }).await?;
+    let node = Node::start(NodeOptions {
+        media: "freeze_legacy_download_after = \"2020-01-01T00:00:00Z\"".into(),
+        ..Default::default()
+    })
+    .await?;
     let id = node.upload_ok(b"new media".to_vec()).await?;
-    let (s, b) = json(node.http.get(node.url(&format!("/_matrix/media/v3/download/localhost/{id}"))).send().await?).await;
+    let (s, b) =
+        json(node.http.get(node.url(&format!("/_matrix/media/v3/download/localhost/{id}"))).send().await?).await;
     assert_eq!((s, errcode(&b)), (404, "M_NOT_FOUND"));
     assert_eq!(node.download(&id).await?.status(), 200);
     Ok(())
@@ -408,7 +429,10 @@ async fn metrics_and_health_endpoints() -> R {
     assert_eq!(node.http.get(format!("{}/livez", node.admin)).send().await?.status(), 200);
     assert_eq!(node.http.get(format!("{}/readyz", node.admin)).send().await?.status(), 200);
     let text = node.metrics().await?;
-    assert!(text.contains("mxcas_edge_http_requests_total{route=\"/_matrix/media/v3/upload\",status=\"2xx\"} 1"), "{text}");
+    assert!(
+        text.contains("mxcas_edge_http_requests_total{route=\"/_matrix/media/v3/upload\",status=\"2xx\"} 1"),
+        "{text}"
+    );
     assert!(text.contains("mxcas_edge_store_reads_total"));
     Ok(())
 }
@@ -418,7 +442,9 @@ async fn metrics_and_health_endpoints() -> R {
 async fn raw_request(node: &Node, extra_headers: &str, body: &[u8]) -> anyhow::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut conn = tokio::net::TcpStream::connect(node.api.trim_start_matches("http://")).await?;
-    let head = format!("POST /_matrix/media/v3/upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ALICE}\r\n{extra_headers}\r\n");
+    let head = format!(
+        "POST /_matrix/media/v3/upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ALICE}\r\n{extra_headers}\r\n"
+    );
     conn.write_all(head.as_bytes()).await?;
     conn.write_all(body).await?;
     let mut answer = vec![0u8; 4096];

@@ -50,11 +50,11 @@ impl MediaConfig {
             .as_deref()
             .map(|s| {
                 humantime::parse_rfc3339_weak(s)
-                    .map_err(|e| format!("media.freeze_legacy_download_after {s:?}: {e} (want e.g. 2024-09-01T00:00:00Z)"))
+                    .map_err(|e| {
+                        format!("media.freeze_legacy_download_after {s:?}: {e} (want e.g. 2024-09-01T00:00:00Z)")
+                    })
                     .and_then(|t| {
-                        t.duration_since(std::time::UNIX_EPOCH)
-                            .map(|d| d.as_millis() as u64)
-                            .map_err(|e| e.to_string())
+                        t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).map_err(|e| e.to_string())
                     })
             })
             .transpose()
@@ -111,8 +111,8 @@ impl AuthConfig {
     pub fn load(&self) -> Result<BTreeMap<String, String>, String> {
         let mut tokens = self.tokens.clone();
         if let Some(path) = &self.tokens_file {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("auth.tokens_file {}: {e}", path.display()))?;
+            let text =
+                std::fs::read_to_string(path).map_err(|e| format!("auth.tokens_file {}: {e}", path.display()))?;
             let more: BTreeMap<String, String> =
                 toml_lite(&text).map_err(|e| format!("auth.tokens_file {}: {e}", path.display()))?;
             tokens.extend(more);

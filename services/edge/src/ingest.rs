@@ -112,7 +112,12 @@ where
     })
 }
 
-async fn feed<S, E>(mut body: S, max_size: u64, tx: &mpsc::Sender<Bytes>, sink: &mut Sink<'_>) -> Result<u64, IngestError>
+async fn feed<S, E>(
+    mut body: S,
+    max_size: u64,
+    tx: &mpsc::Sender<Bytes>,
+    sink: &mut Sink<'_>,
+) -> Result<u64, IngestError>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,

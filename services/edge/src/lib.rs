@@ -71,7 +71,10 @@ impl EdgeSettings {
     /// Checks everything that can be checked before a port is bound.
     pub fn validate(&self) -> Result<(), EdgeError> {
         if !api::valid_server_name(&self.server_name) {
-            return Err(EdgeError::Config(format!("server_name {:?} is not a valid Matrix server name", self.server_name)));
+            return Err(EdgeError::Config(format!(
+                "server_name {:?} is not a valid Matrix server name",
+                self.server_name
+            )));
         }
         self.media.validate().map_err(EdgeError::Config)?;
         let tokens = self.auth.load().map_err(EdgeError::Config)?;

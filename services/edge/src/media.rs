@@ -61,9 +61,7 @@ impl MediaService {
         let now = now_ms();
         let expires = now + self.config.unused_expires_after.as_millis() as u64;
         let key = MediaKey::new(&self.server_name, random_media_id());
-        self.meta
-            .create_pending(&key, user, now, expires, self.config.max_pending_uploads_per_user)
-            .await?;
+        self.meta.create_pending(&key, user, now, expires, self.config.max_pending_uploads_per_user).await?;
         Ok((key, expires))
     }
 
@@ -140,7 +138,8 @@ impl MediaService {
             Some(r) => r,
             None => self.resolve_uncached(key, wait).await?,
         };
-        if legacy && let Some(freeze) = self.freeze_after_ms
+        if legacy
+            && let Some(freeze) = self.freeze_after_ms
             && resolved.media.created_at_ms > freeze
         {
             return Err(ApiError::not_found(

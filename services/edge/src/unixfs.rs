@@ -121,7 +121,11 @@ impl DagBuilder {
 
     fn flush_leaf(&mut self) {
         let digest: [u8; 32] = Sha256::digest(&self.chunk).into();
-        let link = Link { cid: cid_from_digest(RAW, &digest), tsize: self.chunk.len() as u64, filesize: self.chunk.len() as u64 };
+        let link = Link {
+            cid: cid_from_digest(RAW, &digest),
+            tsize: self.chunk.len() as u64,
+            filesize: self.chunk.len() as u64,
+        };
         self.chunk.clear();
         self.leaves.push(digest);
         self.push(0, link);

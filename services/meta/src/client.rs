@@ -119,7 +119,12 @@ impl MetaClient {
             content_type: c.content_type.clone(),
             filename: c.filename.clone(),
         };
-        let resp = self.retrying(|mut cl| { let req = req.clone(); async move { cl.commit_upload(req).await } }).await?;
+        let resp = self
+            .retrying(|mut cl| {
+                let req = req.clone();
+                async move { cl.commit_upload(req).await }
+            })
+            .await?;
         let r = resp.into_inner();
         let media = r.media.ok_or_else(|| wire("commit_upload: no media"))?;
         let content = r.content.ok_or_else(|| wire("commit_upload: no content"))?;
@@ -139,21 +144,28 @@ impl MetaClient {
     /// The mxc record and, once uploaded, its content record.
     pub async fn get_media(&self, key: &MediaKey) -> Result<Option<(MediaRecord, Option<ContentRecord>)>, MetaError> {
         let req = pb::GetMediaRequest { media: Some(key.into()) };
-        let resp = self.retrying(|mut cl| { let req = req.clone(); async move { cl.get_media(req).await } }).await?;
+        let resp = self
+            .retrying(|mut cl| {
+                let req = req.clone();
+                async move { cl.get_media(req).await }
+            })
+            .await?;
         let r = resp.into_inner();
         let Some(media) = r.media else { return Ok(None) };
         let media = MediaRecord::try_from(media).map_err(|e| MetaError::Internal(e.to_string()))?;
-        let content = r
-            .content
-            .map(ContentRecord::try_from)
-            .transpose()
-            .map_err(|e| MetaError::Internal(e.to_string()))?;
+        let content =
+            r.content.map(ContentRecord::try_from).transpose().map_err(|e| MetaError::Internal(e.to_string()))?;
         Ok(Some((media, content)))
     }
 
     pub async fn get_content(&self, cid: &Cid) -> Result<Option<ContentRecord>, MetaError> {
         let req = pb::GetContentRequest { cid: cid.to_bytes() };
-        let resp = self.retrying(|mut cl| { let req = req.clone(); async move { cl.get_content(req).await } }).await?;
+        let resp = self
+            .retrying(|mut cl| {
+                let req = req.clone();
+                async move { cl.get_content(req).await }
+            })
+            .await?;
         resp.into_inner()
             .content
             .map(ContentRecord::try_from)

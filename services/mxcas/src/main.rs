@@ -178,7 +178,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(api = %edge.api_addr, admin = %edge.admin_addr, meta = %meta_addr, "mxcas is serving");
     println!("mxcas: Matrix media API on http://{} (admin: http://{})", edge.api_addr, edge.admin_addr);
     if let Some(token) = dev_token {
-        println!("mxcas: no [auth] tokens configured; accepting development token {token} as @dev:{}", config.server_name);
+        println!(
+            "mxcas: no [auth] tokens configured; accepting development token {token} as @dev:{}",
+            config.server_name
+        );
         println!(
             "mxcas: try: curl -H 'Authorization: Bearer {token}' -H 'Content-Type: text/plain' --data-binary 'hello' 'http://{}/_matrix/media/v3/upload?filename=hello.txt'",
             edge.api_addr

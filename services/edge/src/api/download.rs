@@ -118,7 +118,8 @@ async fn respond(
     insert(&mut h, header::ACCEPT_RANGES, "bytes");
 
     let if_none_match = req_headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok());
-    if if_none_match.is_some_and(|v| v.trim() == "*" || v.split(',').any(|t| t.trim().trim_start_matches("W/") == etag)) {
+    if if_none_match.is_some_and(|v| v.trim() == "*" || v.split(',').any(|t| t.trim().trim_start_matches("W/") == etag))
+    {
         return Ok((StatusCode::NOT_MODIFIED, h).into_response());
     }
 

@@ -34,7 +34,10 @@ impl ApiError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN", message)
     }
     pub fn unavailable(message: impl Into<String>, retry_after_ms: u64) -> Self {
-        Self { retry_after_ms: Some(retry_after_ms), ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN", message) }
+        Self {
+            retry_after_ms: Some(retry_after_ms),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN", message)
+        }
     }
 }
 
@@ -59,11 +62,9 @@ impl From<MetaError> for ApiError {
     fn from(e: MetaError) -> Self {
         match e {
             MetaError::Rejected(CommandError::NotFound) => ApiError::not_found("Media not found"),
-            MetaError::Rejected(CommandError::AlreadyExists) => ApiError::new(
-                StatusCode::CONFLICT,
-                "M_CANNOT_OVERWRITE_MEDIA",
-                "This media ID already has content",
-            ),
+            MetaError::Rejected(CommandError::AlreadyExists) => {
+                ApiError::new(StatusCode::CONFLICT, "M_CANNOT_OVERWRITE_MEDIA", "This media ID already has content")
+            }
             MetaError::Rejected(CommandError::PermissionDenied) => {
                 ApiError::new(StatusCode::FORBIDDEN, "M_FORBIDDEN", "This media ID was created by another user")
             }

@@ -53,7 +53,8 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// CORS as the client-server spec requires: any origin, the API's methods and headers;
 /// preflight `OPTIONS` answered directly.
 async fn cors(req: Request, next: Next) -> Response {
-    let mut resp = if req.method() == Method::OPTIONS { StatusCode::NO_CONTENT.into_response() } else { next.run(req).await };
+    let mut resp =
+        if req.method() == Method::OPTIONS { StatusCode::NO_CONTENT.into_response() } else { next.run(req).await };
     let h = resp.headers_mut();
     h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
     h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, OPTIONS"));
@@ -67,7 +68,8 @@ async fn cors(req: Request, next: Next) -> Response {
 
 /// One span and one metric per request, labelled by route template and status class.
 async fn observe(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
+    let route =
+        req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
     let span = tracing::debug_span!("http", method = %req.method(), route = %route);
     let resp = tracing::Instrument::instrument(next.run(req), span).await;
     let status = match resp.status().as_u16() {
@@ -92,7 +94,9 @@ pub fn valid_server_name(name: &str) -> bool {
     }
     let (host, port) = if let Some(rest) = name.strip_prefix('[') {
         match rest.split_once(']') {
-            Some((v6, tail)) if !v6.is_empty() && v6.bytes().all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.') => {
+            Some((v6, tail))
+                if !v6.is_empty() && v6.bytes().all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.') =>
+            {
                 (None, tail)
             }
             _ => return false,

@@ -89,7 +89,10 @@ fn upload_params(
     let filename = match query.get("filename") {
         None => None,
         Some(f) if f.len() > 255 || f.chars().any(char::is_control) => {
-            return Err(ApiError::bad_request("M_INVALID_PARAM", "filename must be at most 255 bytes without control characters"));
+            return Err(ApiError::bad_request(
+                "M_INVALID_PARAM",
+                "filename must be at most 255 bytes without control characters",
+            ));
         }
         Some(f) => Some(f.clone()).filter(|f| !f.is_empty()),
     };

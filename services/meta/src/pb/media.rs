@@ -21,14 +21,12 @@ impl From<&MediaRecord> for pb::Media {
             MediaState::Pending { expires_at_ms } => {
                 pb::media::State::Pending(pb::Pending { expires_at_ms: *expires_at_ms })
             }
-            MediaState::Ready { cid, content_type, filename, uploaded_at_ms } => {
-                pb::media::State::Ready(pb::Ready {
-                    cid: cid.to_bytes(),
-                    content_type: content_type.clone(),
-                    filename: filename.clone(),
-                    uploaded_at_ms: *uploaded_at_ms,
-                })
-            }
+            MediaState::Ready { cid, content_type, filename, uploaded_at_ms } => pb::media::State::Ready(pb::Ready {
+                cid: cid.to_bytes(),
+                content_type: content_type.clone(),
+                filename: filename.clone(),
+                uploaded_at_ms: *uploaded_at_ms,
+            }),
         };
         pb::Media {
             key: Some((&m.key).into()),

@@ -112,10 +112,7 @@ fn async_upload_rules() {
     let ok = f.committed(commit("x3", Some("p1"), "@a:hs", 10, content(1, "blobs/1")));
     assert_eq!(ok.media.key.media_id, "p1");
     assert_eq!(ok.media.created_at_ms, 0, "keeps the reservation time");
-    assert_eq!(
-        f.apply(commit("x4", Some("p1"), "@a:hs", 11, content(2, "blobs/2"))),
-        Err(CommandError::AlreadyExists)
-    );
+    assert_eq!(f.apply(commit("x4", Some("p1"), "@a:hs", 11, content(2, "blobs/2"))), Err(CommandError::AlreadyExists));
     // The same content through a sync upload is a second reference to one blob.
     let sync = f.committed(commit("x5", None, "@a:hs", 12, content(1, "blobs/3")));
     assert!(sync.deduplicated);
@@ -176,7 +173,10 @@ async fn writer_batches_concurrent_commands_and_answers_each() {
         let w = writer.clone();
         tasks.push(tokio::spawn(async move {
             let mut c = content(0, &format!("blobs/{i}"));
-            c.cid = Cid::new_v1(0x55, Multihash::<64>::wrap(0x12, &[(i % 256) as u8, (i / 256) as u8, 7, 7]).expect("fits"));
+            c.cid = Cid::new_v1(
+                0x55,
+                Multihash::<64>::wrap(0x12, &[(i % 256) as u8, (i / 256) as u8, 7, 7]).expect("fits"),
+            );
             w.submit(commit(&format!("u{i}"), None, "@a:hs", 1, c)).await
         }));
     }

