@@ -35,4 +35,13 @@ cargo build --workspace --bins
 export MXCAS_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/mxcas"
 
 echo "==> tests"
-cargo test --workspace --no-fail-fast -- "$@"
+LOG="$(mktemp)"
+trap 'rm -f "$LOG"' EXIT
+set +e
+cargo test --workspace --no-fail-fast -- "$@" 2>&1 | tee "$LOG"
+STATUS=${PIPESTATUS[0]}
+set -e
+# One closing line over every test binary: "summary: N passed, M failed".
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "summary: %d passed, %d failed\n", p, f }' "$LOG"
+exit "$STATUS"

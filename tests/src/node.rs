@@ -143,6 +143,24 @@ impl Node {
         }
     }
 
+    /// SIGTERM, then waits up to `grace` for the process to exit; returns its exit status.
+    pub fn terminate(&mut self, grace: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let mut child = self.child.take().context("not running")?;
+        Command::new("kill").arg("-TERM").arg(child.id().to_string()).status()?;
+        let deadline = std::time::Instant::now() + grace;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                anyhow::bail!("mxcas did not exit within {grace:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Starts the process again on the same data directory (new ports).
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.kill9();

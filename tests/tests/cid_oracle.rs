@@ -1,7 +1,7 @@
 //! mxcas names files exactly as IPFS tooling does (`ipfs-unixfs-importer`, profile
 //! `unixfs-v1-2025`): at the boundary sizes and for a file big enough to need a second tree
 //! level (more than 1024 leaves), both through `mxcas cid` and through a real upload.
-//! Reproduce: `scripts/test.sh cid_oracle`.
+//! Reproduce one test: `scripts/test.sh <test name>`.
 
 use std::io::Write;
 use std::path::Path;

@@ -1,6 +1,6 @@
 //! No acknowledged upload is lost on `kill -9`: concurrent uploads run while the process is
 //! killed without warning, twice; after each restart every upload that got a 200 downloads
-//! byte-identical. Reproduce: `scripts/test.sh crash_recovery`.
+//! byte-identical. Reproduce one test: `scripts/test.sh <test name>`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

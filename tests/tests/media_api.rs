@@ -1,6 +1,5 @@
 //! The Matrix media API of a real `mxcas serve` process: every endpoint, header and error.
-//! Reproduce one test: `scripts/test.sh media_api::<name>` (or `cargo test -p mxcas-tests
-//! --test media_api <name>` with the variables the script exports).
+//! Reproduce one test: `scripts/test.sh <test name>`.
 
 use std::time::Duration;
 
@@ -204,6 +203,9 @@ async fn truncated_bodies_store_nothing() -> R {
                 .await;
         let text = String::from_utf8_lossy(&answer);
         assert!(!text.starts_with("HTTP/1.1 200"), "a truncated body must not be acknowledged: {text}");
+        if !text.is_empty() {
+            assert!(text.starts_with("HTTP/1.1 400") && text.contains("M_BAD_REQUEST"), "{text}");
+        }
     }
     // Give aborts a moment to finish, then nothing may remain: no blob, no staging file.
     mxcas_tests::wait_for("aborted uploads to be cleaned", Duration::from_secs(10), || {
