@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # mxcas benchmarks, each against a baseline measured in the same run, reported as ratios:
 #
-#  1. upload throughput of a 1 GiB file vs `openssl dgst -sha256` of the same file (the floor:
-#     an upload must at least hash every byte), and the server's peak RSS during the upload;
+#  1. upload throughput of a 1 GiB file vs `openssl dgst -sha256` of the same file (an upload
+#     must at least hash every byte) and vs `dd conv=fsync` of it into the same filesystem (an
+#     acknowledged upload must at least be durably written), and the server's peak RSS;
 #  2. hot 100 KiB GET requests/s vs nginx serving the same file, same load generator (wrk).
 #
 # Installs wrk and nginx from Debian if missing. Uses ports 127.0.0.1:18xxx; stops everything
@@ -30,10 +31,17 @@ head -c 102400 /dev/urandom > "$WORK/small"
 cat "$WORK/big" > /dev/null   # page cache: both sides read from memory
 
 best() { sort -n | head -n1; }
-secs() { local s e; s=$(date +%s.%N); "$@" >/dev/null; e=$(date +%s.%N); echo "$e - $s" | bc -l; }
+secs() {
+  local s e; s=$(date +%s.%N)
+  "$@" >/dev/null || { echo "benchmark step failed: $*" >&2; return 1; }
+  e=$(date +%s.%N); echo "$e - $s" | bc -l
+}
 
 echo "==> baseline: openssl dgst -sha256 (best of 3)"
 OPENSSL_S=$(for _ in 1 2 3; do secs openssl dgst -sha256 "$WORK/big"; done | best)
+
+echo "==> baseline: dd conv=fsync into the data filesystem (best of 3)"
+DD_S=$(for _ in 1 2 3; do secs dd if="$WORK/big" of="$WORK/ddcopy" bs=8M conv=fsync status=none; rm -f "$WORK/ddcopy"; done | best)
 
 cat > "$WORK/mxcas.toml" <<TOML
 listen = "127.0.0.1:18008"
@@ -53,8 +61,9 @@ UPLOAD_S=999999
 for i in 1 2 3; do
   # A different first byte each time gives a different CID, so each upload is stored in full.
   printf '%d' "$i" | dd of="$WORK/big" bs=1 count=1 conv=notrunc status=none
-  t=$(secs curl -sf -H 'Authorization: Bearer bench-token-123456' -H 'Content-Type: application/octet-stream' \
-        --data-binary @"$WORK/big" http://127.0.0.1:18008/_matrix/media/v3/upload)
+  # -T streams the file (--data-binary would read it all into curl's memory first).
+  t=$(secs curl -sf -X POST -H 'Authorization: Bearer bench-token-123456' -H 'Content-Type: application/octet-stream' \
+        -T "$WORK/big" http://127.0.0.1:18008/_matrix/media/v3/upload)
   UPLOAD_S=$(printf '%s\n%s\n' "$UPLOAD_S" "$t" | best)
 done
 RSS_KIB=$(awk '/VmHWM/ {print $2}' "/proc/$MXCAS_PID/status")
@@ -87,6 +96,8 @@ MIB_S() { echo "$SIZE_MIB / $1" | bc -l; }
 printf '\n%-46s %12s %12s %8s\n' "benchmark" "mxcas" "baseline" "ratio"
 printf '%-46s %12.0f %12.0f %8.2f\n' "upload ${SIZE_MIB} MiB, MiB/s (vs openssl sha256)" \
   "$(MIB_S "$UPLOAD_S")" "$(MIB_S "$OPENSSL_S")" "$(echo "$OPENSSL_S / $UPLOAD_S" | bc -l)"
+printf '%-46s %12.0f %12.0f %8.2f\n' "upload ${SIZE_MIB} MiB, MiB/s (vs dd conv=fsync)" \
+  "$(MIB_S "$UPLOAD_S")" "$(MIB_S "$DD_S")" "$(echo "$DD_S / $UPLOAD_S" | bc -l)"
 printf '%-46s %12.0f %12s %8s\n' "peak RSS of mxcas during uploads, MiB" "$(echo "$RSS_KIB / 1024" | bc -l)" "-" "-"
 printf '%-46s %12.0f %12.0f %8.2f\n' "hot 100 KiB GET, req/s (vs nginx)" "$MXCAS_RPS" "$NGINX_RPS" \
   "$(echo "$MXCAS_RPS / $NGINX_RPS" | bc -l)"
