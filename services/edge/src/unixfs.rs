@@ -285,6 +285,9 @@ mod tests {
         // 1024-link node, 1-link node, root.
         assert_eq!(dag.nodes.len(), 3);
         assert_eq!(dag.nodes[1].0.to_string(), "bafybeiatqrf5qpcdvxj4bh574zy2fjx6u373pnxb3jhnus4mtodpg4w4f4");
+        let (leaves, _, filesize) = leaves_of(&dag);
+        assert_eq!(leaves, dag.leaves);
+        assert_eq!(filesize, (MAX_LINKS * CHUNK_SIZE + 1) as u64);
     }
 
     #[test]
@@ -305,5 +308,143 @@ mod tests {
         let cid = cid_of(b"hello");
         assert_eq!(cid.codec(), RAW);
         assert_eq!(sha256_digest(&cid), Some(Sha256::digest(b"hello").into()));
+    }
+
+    /// A minimal dag-pb/UnixFS reader, to walk what [`DagBuilder`] wrote.
+    mod walk {
+        pub struct Node {
+            pub links: Vec<(Vec<u8>, u64)>,
+            pub filesize: u64,
+            pub blocksizes: Vec<u64>,
+        }
+
+        fn varint(b: &[u8], i: &mut usize) -> u64 {
+            let (mut v, mut shift) = (0u64, 0);
+            loop {
+                let byte = b[*i];
+                *i += 1;
+                v |= ((byte & 0x7f) as u64) << shift;
+                if byte < 0x80 {
+                    return v;
+                }
+                shift += 7;
+            }
+        }
+
+        fn fields(b: &[u8]) -> Vec<(u64, Result<&[u8], u64>)> {
+            let (mut i, mut out) = (0, Vec::new());
+            while i < b.len() {
+                let tag = varint(b, &mut i);
+                if tag & 7 == 2 {
+                    let len = varint(b, &mut i) as usize;
+                    out.push((tag >> 3, Ok(&b[i..i + len])));
+                    i += len;
+                } else {
+                    out.push((tag >> 3, Err(varint(b, &mut i))));
+                }
+            }
+            out
+        }
+
+        pub fn parse(block: &[u8]) -> Node {
+            let mut node = Node { links: Vec::new(), filesize: 0, blocksizes: Vec::new() };
+            for (field, value) in fields(block) {
+                match (field, value) {
+                    (2, Ok(link)) => {
+                        let mut hash = Vec::new();
+                        let mut tsize = 0;
+                        for (f, v) in fields(link) {
+                            match (f, v) {
+                                (1, Ok(h)) => hash = h.to_vec(),
+                                (3, Err(t)) => tsize = t,
+                                _ => {}
+                            }
+                        }
+                        node.links.push((hash, tsize));
+                    }
+                    (1, Ok(data)) => {
+                        for (f, v) in fields(data) {
+                            match (f, v) {
+                                (3, Err(n)) => node.filesize = n,
+                                (4, Err(n)) => node.blocksizes.push(n),
+                                _ => {}
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            node
+        }
+    }
+
+    /// Walks the DAG from the root; returns (leaf digests in order, Tsize of the root).
+    fn leaves_of(dag: &Dag) -> (Vec<[u8; 32]>, u64, u64) {
+        let nodes: std::collections::HashMap<Vec<u8>, &Vec<u8>> =
+            dag.nodes.iter().map(|(c, b)| (c.to_bytes(), b)).collect();
+        fn go(cid: &[u8], nodes: &std::collections::HashMap<Vec<u8>, &Vec<u8>>, out: &mut Vec<[u8; 32]>) -> (u64, u64) {
+            let cid = Cid::try_from(cid).expect("valid cid in link");
+            if cid.codec() == RAW {
+                out.push(sha256_digest(&cid).expect("sha256"));
+                return (0, 0);
+            }
+            let block = nodes[&cid.to_bytes()];
+            let node = walk::parse(block);
+            assert_eq!(node.links.len(), node.blocksizes.len());
+            assert!(node.links.len() <= MAX_LINKS);
+            let mut tsize = block.len() as u64;
+            for ((hash, t), bs) in node.links.iter().zip(&node.blocksizes) {
+                let before = out.len();
+                let (child_tsize, child_filesize) = go(hash, nodes, out);
+                let child = Cid::try_from(hash.as_slice()).expect("cid");
+                if child.codec() == RAW {
+                    assert_eq!(out.len(), before + 1);
+                    assert_eq!(*t, *bs, "a raw leaf's Tsize is its size");
+                } else {
+                    assert_eq!(*t, child_tsize);
+                    assert_eq!(*bs, child_filesize);
+                }
+                tsize += t;
+            }
+            assert_eq!(node.filesize, node.blocksizes.iter().sum::<u64>());
+            (tsize, node.filesize)
+        }
+        let mut out = Vec::new();
+        let (tsize, filesize) = go(&dag.root.to_bytes(), &nodes, &mut out);
+        (out, tsize, filesize)
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+        #[test]
+        fn dag_walks_back_to_its_leaves(
+            size in proptest::prop_oneof![
+                proptest::prelude::Just(0usize), proptest::prelude::Just(1), proptest::prelude::Just(CHUNK_SIZE - 1),
+                proptest::prelude::Just(CHUNK_SIZE), proptest::prelude::Just(CHUNK_SIZE + 1),
+                proptest::prelude::Just(2 * CHUNK_SIZE), 0usize..3 * CHUNK_SIZE + 7
+            ],
+            step in 1usize..200_000,
+        ) {
+            let data = pattern(size);
+            let mut b = DagBuilder::new();
+            for piece in data.chunks(step) {
+                b.update(piece);
+            }
+            let dag = b.finish();
+            proptest::prop_assert_eq!(dag.size, size as u64);
+            proptest::prop_assert_eq!(dag.leaves.len(), size.div_ceil(CHUNK_SIZE).max(1));
+            for (i, chunk) in data.chunks(CHUNK_SIZE).enumerate() {
+                proptest::prop_assert_eq!(dag.leaves[i], <[u8; 32]>::from(Sha256::digest(chunk)));
+            }
+            if dag.leaves.len() == 1 {
+                proptest::prop_assert_eq!(dag.root.codec(), RAW);
+                proptest::prop_assert!(dag.nodes.is_empty());
+            } else {
+                let (leaves, _, filesize) = leaves_of(&dag);
+                proptest::prop_assert_eq!(&leaves, &dag.leaves);
+                proptest::prop_assert_eq!(filesize, size as u64);
+                proptest::prop_assert_eq!(dag.nodes.last().map(|(c, _)| *c), Some(dag.root));
+            }
+        }
     }
 }
