@@ -6,7 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     tonic_prost_build::configure().build_server(true).build_client(true).compile_with_config(
         config,
-        &["proto/mxcas/meta/v1/meta.proto"],
+        &["proto/mxcas/meta/v1/meta.proto", "proto/mxcas/meta/v1/raft.proto"],
         &["proto"],
     )?;
     Ok(())

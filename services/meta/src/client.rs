@@ -1,9 +1,14 @@
 //! The client edges use to reach the metadata service.
 //!
-//! One cached tonic channel (HTTP/2, multiplexed), a deadline on every call, and retries with
-//! capped exponential backoff for calls that are safe to repeat (reads, and commits, which
-//! the service deduplicates by `upload_id`) while the service answers "unavailable".
+//! Knows every metadata node's address and keeps one cached tonic channel (HTTP/2,
+//! multiplexed) per node. Every call has a deadline. A follower's "not the leader" answer
+//! names the leader (`x-mxcas-leader`), and the client retries there at once; other
+//! "unavailable" answers (no leader yet, node down) are retried on the next node with capped
+//! exponential backoff within a time budget, for calls that are safe to repeat (reads, and
+//! commits, which the service deduplicates by `upload_id`).
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cid::Cid;
@@ -14,7 +19,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::command::CommitOutcome;
 use crate::error::MetaError;
 use crate::model::{ContentRecord, MediaKey, MediaRecord};
-use crate::pb::meta_error_from_status;
+use crate::pb::{LEADER_METADATA, meta_error_from_status};
 
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
@@ -32,8 +37,15 @@ impl Default for ClientConfig {
 
 #[derive(Clone)]
 pub struct MetaClient {
-    inner: PbClient<Channel>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    endpoints: Vec<String>,
     config: ClientConfig,
+    channels: Mutex<HashMap<String, PbClient<Channel>>>,
+    /// Where calls go first: the last known leader.
+    current: Mutex<String>,
 }
 
 /// A finished upload as the edge stored it, to be committed.
@@ -50,34 +62,98 @@ pub struct CommitRequest {
     pub filename: Option<String>,
 }
 
+/// `host:port` or `http://host:port` → `http://host:port`.
+fn normalize(addr: &str) -> String {
+    if addr.starts_with("http://") || addr.starts_with("https://") { addr.to_owned() } else { format!("http://{addr}") }
+}
+
 impl MetaClient {
-    /// A client for the service at `url` (`http://host:port`). Connects lazily.
-    pub fn new(url: &str, config: ClientConfig) -> Result<Self, MetaError> {
-        let endpoint = Endpoint::from_shared(url.to_owned())
-            .map_err(|e| MetaError::Internal(format!("bad metadata service URL {url:?}: {e}")))?
-            .connect_timeout(config.call_timeout)
-            .timeout(config.call_timeout)
-            .tcp_nodelay(true);
-        Ok(Self { inner: PbClient::new(endpoint.connect_lazy()), config })
+    /// A client for the metadata nodes at `endpoints` (`host:port`, any of them; the client
+    /// finds the leader). Connects lazily.
+    pub fn new(endpoints: &[String], config: ClientConfig) -> Result<Self, MetaError> {
+        let endpoints: Vec<String> = endpoints.iter().map(|e| normalize(e)).collect();
+        let first =
+            endpoints.first().cloned().ok_or_else(|| MetaError::Internal("no metadata service address".into()))?;
+        let client = Self {
+            inner: Arc::new(Inner {
+                endpoints,
+                config,
+                channels: Mutex::new(HashMap::new()),
+                current: Mutex::new(first.clone()),
+            }),
+        };
+        for e in &client.inner.endpoints {
+            client.client_for(e)?;
+        }
+        Ok(client)
     }
 
-    /// Runs `call` until it succeeds, fails for good, or the retry budget is spent.
-    async fn retrying<T, F, Fut>(&self, mut call: F) -> Result<T, MetaError>
+    fn client_for(&self, url: &str) -> Result<PbClient<Channel>, MetaError> {
+        let mut channels =
+            self.inner.channels.lock().map_err(|_| MetaError::Internal("client lock poisoned".into()))?;
+        if let Some(c) = channels.get(url) {
+            return Ok(c.clone());
+        }
+        let timeout = self.inner.config.call_timeout;
+        let endpoint = Endpoint::from_shared(url.to_owned())
+            .map_err(|e| MetaError::Internal(format!("bad metadata service URL {url:?}: {e}")))?
+            .connect_timeout(timeout)
+            .timeout(timeout)
+            .tcp_nodelay(true);
+        let client = PbClient::new(endpoint.connect_lazy());
+        channels.insert(url.to_owned(), client.clone());
+        Ok(client)
+    }
+
+    fn current(&self) -> String {
+        self.inner.current.lock().map(|c| c.clone()).unwrap_or_else(|_| self.inner.endpoints[0].clone())
+    }
+
+    fn set_current(&self, url: String) {
+        if let Ok(mut c) = self.inner.current.lock() {
+            *c = url;
+        }
+    }
+
+    /// The next configured node after `url` (round robin), to try when `url` fails.
+    fn next_after(&self, url: &str) -> String {
+        let eps = &self.inner.endpoints;
+        let i = eps.iter().position(|e| e == url).map(|i| i + 1).unwrap_or(0);
+        eps[i % eps.len()].clone()
+    }
+
+    /// Runs `call` against the leader: follows redirects always, and retries other
+    /// "unavailable" answers (on the next node, with backoff) only when `idempotent`.
+    async fn retrying<T, F, Fut>(&self, idempotent: bool, mut call: F) -> Result<T, MetaError>
     where
         F: FnMut(PbClient<Channel>) -> Fut,
         Fut: Future<Output = Result<T, tonic::Status>>,
     {
-        let deadline = tokio::time::Instant::now() + self.config.retry_budget;
+        let deadline = tokio::time::Instant::now() + self.inner.config.retry_budget;
         let mut backoff = Duration::from_millis(20);
         loop {
-            let err = match call(self.inner.clone()).await {
+            let url = self.current();
+            let status = match call(self.client_for(&url)?).await {
                 Ok(v) => return Ok(v),
-                Err(status) => meta_error_from_status(&status),
+                Err(status) => status,
             };
-            if !err.is_retryable() || tokio::time::Instant::now() + backoff > deadline {
+            let leader = status.metadata().get(LEADER_METADATA).and_then(|v| v.to_str().ok()).map(normalize);
+            let err = meta_error_from_status(&status);
+            let now = tokio::time::Instant::now();
+            match leader {
+                // Not applied: this node refused it as a follower. Go to the leader.
+                Some(leader) if leader != url && now < deadline => {
+                    tracing::debug!(from = %url, to = %leader, "following the metadata leader");
+                    self.set_current(leader);
+                    continue;
+                }
+                _ => {}
+            }
+            if !err.is_retryable() || !idempotent || now + backoff > deadline {
                 return Err(err);
             }
-            tracing::debug!(error = %err, ?backoff, "metadata call failed; retrying");
+            tracing::debug!(node = %url, error = %err, ?backoff, "metadata call failed; trying the next node");
+            self.set_current(self.next_after(&url));
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_millis(500));
         }
@@ -100,7 +176,12 @@ impl MetaClient {
             expires_at_ms,
             max_pending_per_user,
         };
-        let resp = self.inner.clone().create_pending(req).await.map_err(|s| meta_error_from_status(&s))?;
+        let resp = self
+            .retrying(false, |mut cl| {
+                let req = req.clone();
+                async move { cl.create_pending(req).await }
+            })
+            .await?;
         let media = resp.into_inner().media.ok_or_else(|| wire("create_pending: no media"))?;
         MediaRecord::try_from(media).map_err(|e| MetaError::Internal(e.to_string()))
     }
@@ -120,7 +201,7 @@ impl MetaClient {
             filename: c.filename.clone(),
         };
         let resp = self
-            .retrying(|mut cl| {
+            .retrying(true, |mut cl| {
                 let req = req.clone();
                 async move { cl.commit_upload(req).await }
             })
@@ -137,7 +218,7 @@ impl MetaClient {
 
     pub async fn expire_pending(&self, now_ms: u64) -> Result<u64, MetaError> {
         let req = pb::ExpirePendingRequest { now_ms };
-        let resp = self.retrying(|mut cl| async move { cl.expire_pending(req).await }).await?;
+        let resp = self.retrying(true, |mut cl| async move { cl.expire_pending(req).await }).await?;
         Ok(resp.into_inner().removed)
     }
 
@@ -145,7 +226,7 @@ impl MetaClient {
     pub async fn get_media(&self, key: &MediaKey) -> Result<Option<(MediaRecord, Option<ContentRecord>)>, MetaError> {
         let req = pb::GetMediaRequest { media: Some(key.into()) };
         let resp = self
-            .retrying(|mut cl| {
+            .retrying(true, |mut cl| {
                 let req = req.clone();
                 async move { cl.get_media(req).await }
             })
@@ -161,7 +242,7 @@ impl MetaClient {
     pub async fn get_content(&self, cid: &Cid) -> Result<Option<ContentRecord>, MetaError> {
         let req = pb::GetContentRequest { cid: cid.to_bytes() };
         let resp = self
-            .retrying(|mut cl| {
+            .retrying(true, |mut cl| {
                 let req = req.clone();
                 async move { cl.get_content(req).await }
             })
@@ -175,7 +256,7 @@ impl MetaClient {
 
     /// `(last_applied, media_count, content_count)` of the node answering.
     pub async fn status(&self) -> Result<(u64, u64, u64), MetaError> {
-        let resp = self.retrying(|mut cl| async move { cl.status(pb::StatusRequest {}).await }).await?;
+        let resp = self.retrying(true, |mut cl| async move { cl.status(pb::StatusRequest {}).await }).await?;
         let s = resp.into_inner();
         Ok((s.last_applied, s.media_count, s.content_count))
     }

@@ -34,7 +34,11 @@ pub enum Command {
 pub enum CommandOutput {
     Pending(MediaRecord),
     Committed(CommitOutcome),
-    Expired { removed: u64 },
+    Expired {
+        removed: u64,
+    },
+    /// A raft entry with no command (leader no-op, membership change).
+    Nothing,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

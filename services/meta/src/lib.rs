@@ -3,9 +3,10 @@
 //! Maps Matrix media IDs (`mxc://server/media_id`) to content, and content (named by its CID)
 //! to the blob that holds its bytes. The service is a deterministic state machine
 //! ([`state_machine::StateMachine`]) that applies [`command::Command`]s in order and persists
-//! every result in redb before it is acknowledged; the same commands become raft log entries
-//! when the service is replicated. [`server`] exposes it over the tonic API in `mxcas-proto`
-//! and [`client::MetaClient`] is what edges use to talk to it.
+//! every result in redb; [`raft`] replicates the commands with openraft (log and state in
+//! redb, RPCs over tonic) so a command is acknowledged only once a majority has it durably.
+//! [`server`] exposes the service over the tonic API in `mxcas-proto` and
+//! [`client::MetaClient`] is what edges use to talk to it (following the leader).
 //!
 //! Must not depend on: the edge (HTTP, blob store, caches). Only [`pb`] names prost types.
 
@@ -14,6 +15,7 @@ pub mod command;
 pub mod error;
 pub mod model;
 pub mod pb;
+pub mod raft;
 pub mod server;
 pub mod state_machine;
 

@@ -1,7 +1,10 @@
 //! The gRPC face of the metadata service (`mxcas.meta.v1.Meta`).
 //!
-//! Writes go through the [`Writer`] (group commit, fsync before the answer); reads open a
-//! redb read transaction on a blocking thread. Errors map to statuses in [`crate::pb`].
+//! Writes are proposed to raft and answered once committed and applied (fsync on a majority,
+//! then on this node's state machine); a follower answers `UNAVAILABLE` with the leader's
+//! address in the `x-mxcas-leader` metadata so clients retry there. Reads first confirm this
+//! node is the leader with a current view (openraft's read index, `ensure_linearizable`), then
+//! read the local redb state on a blocking thread. Errors map to statuses in [`crate::pb`].
 
 use std::sync::Arc;
 
@@ -9,23 +12,61 @@ use mxcas_proto::meta as pb;
 use mxcas_proto::meta::meta_server::{Meta, MetaServer};
 use tonic::{Request, Response, Status};
 
+use openraft::BasicNode;
+use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, RaftError};
+
 use crate::command::{Command, CommandOutput};
 use crate::error::StorageError;
 use crate::model::{ContentRecord, MediaKey};
-use crate::pb::{cid_from_wire, status_from_command_error, status_from_storage_error};
-use crate::state_machine::{StateMachine, Writer};
+use crate::pb::{LEADER_METADATA, cid_from_wire, status_from_command_error, status_from_storage_error};
+use crate::raft::{NodeId, RaftNode};
+use crate::state_machine::StateMachine;
 
 #[derive(Clone)]
 pub struct MetaService {
     node_id: u64,
     sm: Arc<StateMachine>,
-    writer: Writer,
+    node: RaftNode,
+}
+
+/// `UNAVAILABLE`, naming the leader (when known) for the client to retry there.
+fn forward(f: &ForwardToLeader<NodeId, BasicNode>) -> Status {
+    let mut status = Status::unavailable(match &f.leader_id {
+        Some(id) => format!("this metadata node is not the leader; node {id} is"),
+        None => "this metadata node is not the leader and knows of none (election in progress)".to_owned(),
+    });
+    if let Some(node) = &f.leader_node
+        && let Ok(v) = node.addr.parse()
+    {
+        status.metadata_mut().insert(LEADER_METADATA, v);
+    }
+    status
+}
+
+fn raft_write_status(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> Status {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => forward(&f),
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => Status::failed_precondition(e.to_string()),
+        RaftError::Fatal(f) => {
+            tracing::error!(error = %f, "raft stopped");
+            Status::unavailable(format!("metadata node stopped: {f}"))
+        }
+    }
+}
+
+fn raft_read_status(e: RaftError<NodeId, CheckIsLeaderError<NodeId, BasicNode>>) -> Status {
+    match e {
+        RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)) => forward(&f),
+        RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)) => {
+            Status::unavailable(format!("metadata cluster has no quorum: {q}"))
+        }
+        RaftError::Fatal(f) => Status::unavailable(format!("metadata node stopped: {f}")),
+    }
 }
 
 impl MetaService {
-    pub fn new(node_id: u64, sm: Arc<StateMachine>) -> Result<Self, StorageError> {
-        let writer = Writer::spawn(sm.clone())?;
-        Ok(Self { node_id, sm, writer })
+    pub fn new(node: RaftNode) -> Self {
+        Self { node_id: node.id, sm: node.sm.clone(), node }
     }
 
     /// The tonic service to mount on a server.
@@ -33,23 +74,21 @@ impl MetaService {
         MetaServer::new(self)
     }
 
-    /// False once the node's storage failed: it must not be sent traffic.
+    /// False once raft stopped (a storage failure is fatal): the node must not get traffic.
     pub fn is_healthy(&self) -> bool {
-        !self.writer.is_stopped()
+        self.node.raft.metrics().borrow().running_state.is_ok()
     }
 
     async fn apply(&self, cmd: Command) -> Result<CommandOutput, Status> {
-        match self.writer.submit(cmd).await {
-            Ok(Ok(out)) => Ok(out),
-            Ok(Err(rejected)) => Err(status_from_command_error(&rejected)),
-            Err(e) => Err(status_from_storage_error(&e)),
-        }
+        let resp = self.node.raft.client_write(cmd).await.map_err(raft_write_status)?;
+        resp.data.0.map_err(|rejected| status_from_command_error(&rejected))
     }
 
     async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&StateMachine) -> Result<T, StorageError> + Send + 'static,
     ) -> Result<T, Status> {
+        self.node.raft.ensure_linearizable().await.map_err(raft_read_status)?;
         let sm = self.sm.clone();
         tokio::task::spawn_blocking(move || f(&sm))
             .await

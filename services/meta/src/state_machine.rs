@@ -3,16 +3,15 @@
 //! [`StateMachine::apply_batch`] applies commands in one write transaction and commits it
 //! durably (fsync) before returning, recording the index of the last applied command so a
 //! restart knows where it stands. Each command checks all its preconditions before writing, so
-//! a rejected command leaves no trace. [`Writer`] funnels commands from many callers into
-//! batches (group commit): under load one fsync covers many uploads.
-
-use std::path::Path;
-use std::sync::Arc;
+//! a rejected command leaves no trace. Raft drives it ([`crate::raft`]): committed log entries
+//! arrive in batches, so under load one fsync covers many uploads (group commit), and the raft
+//! bookkeeping (last applied log ID, membership) is written in the same transaction.
+//! [`StateMachine::export`] / [`StateMachine::import`] stream the whole state for snapshots.
 
 use cid::Cid;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Serialize, de::DeserializeOwned};
-use tokio::sync::{mpsc, oneshot};
+use std::path::Path;
 
 use crate::command::{Command, CommandOutput, CommitOutcome};
 use crate::error::{CommandError, StorageError};
@@ -28,6 +27,8 @@ const PENDING: TableDefinition<(&str, &str, &str), u64> = TableDefinition::new("
 const UPLOADS: TableDefinition<&str, &[u8]> = TableDefinition::new("uploads");
 /// bookkeeping: "last_applied"
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// opaque values the raft layer stores with the state (last applied log ID, membership)
+const EXTRA: TableDefinition<&str, &[u8]> = TableDefinition::new("extra");
 
 /// How long a commit's answer is kept for retries of the same `upload_id`.
 const UPLOAD_RECORD_TTL_MS: u64 = 24 * 60 * 60 * 1000;
@@ -48,6 +49,7 @@ impl StateMachine {
         txn.open_table(PENDING)?;
         txn.open_table(UPLOADS)?;
         txn.open_table(META)?;
+        txn.open_table(EXTRA)?;
         txn.commit()?;
         Ok(Self { db })
     }
@@ -61,6 +63,18 @@ impl StateMachine {
 
     /// Applies `(index, command)` pairs in order, in one durable transaction.
     pub fn apply_batch(&self, entries: &[(u64, Command)]) -> Result<Vec<Applied>, StorageError> {
+        let entries: Vec<(u64, Option<&Command>)> = entries.iter().map(|(i, c)| (*i, Some(c))).collect();
+        Ok(self.apply_entries(&entries, &[])?.into_iter().flatten().collect())
+    }
+
+    /// Applies log entries in order, in one durable transaction: `None` entries (raft's own,
+    /// e.g. membership changes) only advance the index. `extras` are stored in the same
+    /// transaction. Returns one result per entry (`None` for `None` entries).
+    pub fn apply_entries(
+        &self,
+        entries: &[(u64, Option<&Command>)],
+        extras: &[(&str, Vec<u8>)],
+    ) -> Result<Vec<Option<Applied>>, StorageError> {
         let txn = self.db.begin_write()?;
         let mut results = Vec::with_capacity(entries.len());
         {
@@ -71,14 +85,133 @@ impl StateMachine {
                 uploads: txn.open_table(UPLOADS)?,
             };
             for (_, cmd) in entries {
-                results.push(tables.apply(cmd)?);
+                results.push(match cmd {
+                    Some(cmd) => Some(tables.apply(cmd)?),
+                    None => None,
+                });
             }
             if let Some((index, _)) = entries.last() {
                 txn.open_table(META)?.insert("last_applied", *index)?;
             }
+            let mut extra = txn.open_table(EXTRA)?;
+            for (k, v) in extras {
+                extra.insert(*k, v.as_slice())?;
+            }
         }
         txn.commit()?;
         Ok(results)
+    }
+
+    /// A value stored by [`Self::apply_entries`] or [`Self::import`].
+    pub fn extra(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(EXTRA)?;
+        Ok(table.get(key)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Writes the whole state (every record, not the extras) to `out`, from one consistent
+    /// read transaction, and returns `(records written, the extras named in extra_keys as of
+    /// that same state)`.
+    pub fn export(&self, out: &mut impl std::io::Write, extra_keys: &[&str]) -> Result<Exported, StorageError> {
+        let txn = self.db.begin_read()?;
+        let mut n = 0u64;
+        let mut put = |rec: &SnapshotRecord| -> Result<(), StorageError> {
+            write_record(out, rec)?;
+            n += 1;
+            Ok(())
+        };
+        for entry in txn.open_table(MEDIA)?.iter()? {
+            let (k, v) = entry?;
+            let (server, id) = k.value();
+            put(&SnapshotRecord::Media { server: server.into(), id: id.into(), value: v.value().to_vec() })?;
+        }
+        for entry in txn.open_table(CONTENT)?.iter()? {
+            let (k, v) = entry?;
+            put(&SnapshotRecord::Content { cid: k.value().to_vec(), value: v.value().to_vec() })?;
+        }
+        for entry in txn.open_table(PENDING)?.iter()? {
+            let (k, v) = entry?;
+            let (user, server, id) = k.value();
+            put(&SnapshotRecord::Pending {
+                user: user.into(),
+                server: server.into(),
+                id: id.into(),
+                expires_at_ms: v.value(),
+            })?;
+        }
+        for entry in txn.open_table(UPLOADS)?.iter()? {
+            let (k, v) = entry?;
+            put(&SnapshotRecord::Upload { id: k.value().into(), value: v.value().to_vec() })?;
+        }
+        for entry in txn.open_table(META)?.iter()? {
+            let (k, v) = entry?;
+            put(&SnapshotRecord::Meta { key: k.value().into(), value: v.value() })?;
+        }
+        let records = n;
+        write_record(out, &SnapshotRecord::End { records })?;
+        let extra = txn.open_table(EXTRA)?;
+        let extras = extra_keys
+            .iter()
+            .map(|k| extra.get(*k).map(|v| v.map(|v| v.value().to_vec())))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((records, extras))
+    }
+
+    /// Replaces the whole state with what [`Self::export`] wrote, plus `extras`, in one
+    /// durable transaction. A truncated or corrupt input changes nothing.
+    pub fn import(&self, input: &mut impl std::io::Read, extras: &[(&str, Vec<u8>)]) -> Result<u64, StorageError> {
+        let txn = self.db.begin_write()?;
+        let mut count = 0u64;
+        {
+            let mut media = txn.open_table(MEDIA)?;
+            let mut content = txn.open_table(CONTENT)?;
+            let mut pending = txn.open_table(PENDING)?;
+            let mut uploads = txn.open_table(UPLOADS)?;
+            let mut meta = txn.open_table(META)?;
+            media.retain(|_, _| false)?;
+            content.retain(|_, _| false)?;
+            pending.retain(|_, _| false)?;
+            uploads.retain(|_, _| false)?;
+            meta.retain(|_, _| false)?;
+            let mut buf = Vec::new();
+            loop {
+                let mut len = [0u8; 4];
+                input.read_exact(&mut len).map_err(|e| snapshot_err(format!("truncated snapshot: {e}")))?;
+                buf.resize(u32::from_le_bytes(len) as usize, 0);
+                input.read_exact(&mut buf).map_err(|e| snapshot_err(format!("truncated snapshot: {e}")))?;
+                let rec: SnapshotRecord = decode("snapshot", &buf)?;
+                match rec {
+                    SnapshotRecord::Media { server, id, value } => {
+                        media.insert((server.as_str(), id.as_str()), value.as_slice())?;
+                    }
+                    SnapshotRecord::Content { cid, value } => {
+                        content.insert(cid.as_slice(), value.as_slice())?;
+                    }
+                    SnapshotRecord::Pending { user, server, id, expires_at_ms } => {
+                        pending.insert((user.as_str(), server.as_str(), id.as_str()), expires_at_ms)?;
+                    }
+                    SnapshotRecord::Upload { id, value } => {
+                        uploads.insert(id.as_str(), value.as_slice())?;
+                    }
+                    SnapshotRecord::Meta { key, value } => {
+                        meta.insert(key.as_str(), value)?;
+                    }
+                    SnapshotRecord::End { records } => {
+                        if records != count {
+                            return Err(snapshot_err(format!("snapshot has {count} records, trailer says {records}")));
+                        }
+                        break;
+                    }
+                }
+                count += 1;
+            }
+            let mut extra = txn.open_table(EXTRA)?;
+            for (k, v) in extras {
+                extra.insert(*k, v.as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(count)
     }
 
     pub fn get_media(&self, key: &MediaKey) -> Result<Option<MediaRecord>, StorageError> {
@@ -321,74 +454,53 @@ fn decode<T: DeserializeOwned>(table: &'static str, bytes: &[u8]) -> Result<T, S
     postcard::from_bytes(bytes).map_err(|e| StorageError::Corrupt { table, detail: e.to_string() })
 }
 
-type Reply = oneshot::Sender<Result<Applied, StorageError>>;
-
-/// Group commit: one thread owns the write side of the state machine and applies whatever
-/// commands have queued up since its last fsync as one batch.
-#[derive(Clone)]
-pub struct Writer {
-    tx: mpsc::Sender<(Command, Reply)>,
+/// One record of a state snapshot (see [`StateMachine::export`]).
+#[derive(Serialize, serde::Deserialize)]
+enum SnapshotRecord {
+    Media {
+        server: String,
+        id: String,
+        value: Vec<u8>,
+    },
+    Content {
+        cid: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Pending {
+        user: String,
+        server: String,
+        id: String,
+        expires_at_ms: u64,
+    },
+    Upload {
+        id: String,
+        value: Vec<u8>,
+    },
+    Meta {
+        key: String,
+        value: u64,
+    },
+    /// Trailer: the number of records before it (detects truncation).
+    End {
+        records: u64,
+    },
 }
 
-/// Most commands applied in one transaction.
-const MAX_BATCH: usize = 512;
+/// `(records written, requested extras)` of [`StateMachine::export`].
+pub type Exported = (u64, Vec<Option<Vec<u8>>>);
 
-impl Writer {
-    /// Starts the writer thread. It stops when every `Writer` handle is dropped, or for good
-    /// after a storage error (every later submit then fails with [`StorageError::WriterStopped`]).
-    pub fn spawn(sm: Arc<StateMachine>) -> Result<Self, StorageError> {
-        let (tx, mut rx) = mpsc::channel::<(Command, Reply)>(4 * MAX_BATCH);
-        let mut next_index = sm.last_applied()? + 1;
-        std::thread::Builder::new()
-            .name("mxcas-meta-writer".into())
-            .spawn(move || {
-                let mut batch = Vec::with_capacity(MAX_BATCH);
-                while let Some(first) = rx.blocking_recv() {
-                    batch.push(first);
-                    while batch.len() < MAX_BATCH {
-                        match rx.try_recv() {
-                            Ok(next) => batch.push(next),
-                            Err(_) => break,
-                        }
-                    }
-                    let (cmds, replies): (Vec<_>, Vec<_>) = batch
-                        .drain(..)
-                        .enumerate()
-                        .map(|(i, (cmd, reply))| ((next_index + i as u64, cmd), reply))
-                        .unzip();
-                    match sm.apply_batch(&cmds) {
-                        Ok(results) => {
-                            next_index += cmds.len() as u64;
-                            tracing::debug!(batch = cmds.len(), last_applied = next_index - 1, "applied");
-                            for (reply, result) in replies.into_iter().zip(results) {
-                                let _ = reply.send(Ok(result));
-                            }
-                        }
-                        Err(e) => {
-                            tracing::error!(error = %e, "metadata store failed; the writer stops");
-                            for reply in replies {
-                                let _ = reply.send(Err(StorageError::Database(e.to_string())));
-                            }
-                            return;
-                        }
-                    }
-                }
-            })
-            .map_err(|e| StorageError::Database(format!("cannot start writer thread: {e}")))?;
-        Ok(Self { tx })
-    }
+fn write_record(out: &mut impl std::io::Write, rec: &SnapshotRecord) -> Result<(), StorageError> {
+    let bytes = encode(rec)?;
+    out.write_all(&(bytes.len() as u32).to_le_bytes()).map_err(io_err)?;
+    out.write_all(&bytes).map_err(io_err)
+}
 
-    /// Applies `cmd` and waits until its result is durable.
-    pub async fn submit(&self, cmd: Command) -> Result<Applied, StorageError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx.send((cmd, reply)).await.map_err(|_| StorageError::WriterStopped)?;
-        rx.await.map_err(|_| StorageError::WriterStopped)?
-    }
+fn io_err(e: std::io::Error) -> StorageError {
+    StorageError::Database(format!("snapshot I/O: {e}"))
+}
 
-    /// True once the writer thread has stopped (after a storage error).
-    pub fn is_stopped(&self) -> bool {
-        self.tx.is_closed()
-    }
+fn snapshot_err(detail: String) -> StorageError {
+    StorageError::Corrupt { table: "snapshot", detail }
 }
 
 #[cfg(test)]

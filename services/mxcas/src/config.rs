@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use mxcas_edge::config::{AuthConfig, CacheConfig, MediaConfig};
 use mxcas_edge::store::StoreConfig;
@@ -28,23 +29,71 @@ pub struct Config {
     pub auth: AuthConfig,
     pub store: StoreConfig,
     pub meta: MetaSection,
+    pub edge: EdgeSection,
 }
 
-/// `[meta]`: the embedded metadata service.
+/// `[meta]`: the metadata node (embedded in `serve`, alone in `mxcas meta`).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetaSection {
-    /// gRPC address of the embedded metadata service. Default `127.0.0.1:0` (any free port:
-    /// in `serve` only this process talks to it).
+    /// gRPC address (metadata API, raft, cluster admin). Default `127.0.0.1:0` for `serve`
+    /// (any free port: only this process talks to it); `mxcas meta` needs a fixed one.
     pub listen: SocketAddr,
-    /// This node's ID. Default 1.
+    /// Address other nodes and edges use to reach this one. Default: the bound `listen`.
+    pub advertise: Option<String>,
+    /// This node's raft ID (unique in the cluster, never reused). Default 1.
     pub node_id: u64,
+    /// Raft heartbeat. Default 100ms.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// A follower that hears no leader for a random time in [min, max] starts an election.
+    /// Defaults 500ms and 1s.
+    #[serde(with = "humantime_serde")]
+    pub election_timeout_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub election_timeout_max: Duration,
+    /// Build a snapshot (and purge the log before it) every this many entries. Default 10000.
+    pub snapshot_every: u64,
+    /// Deadline of one raft RPC. Default 3s.
+    #[serde(with = "humantime_serde")]
+    pub rpc_timeout: Duration,
 }
 
 impl Default for MetaSection {
     fn default() -> Self {
-        Self { listen: SocketAddr::from(([127, 0, 0, 1], 0)), node_id: 1 }
+        let r = mxcas_meta::raft::RaftSettings::default();
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            advertise: None,
+            node_id: 1,
+            heartbeat_interval: r.heartbeat_interval,
+            election_timeout_min: r.election_timeout_min,
+            election_timeout_max: r.election_timeout_max,
+            snapshot_every: r.snapshot_every,
+            rpc_timeout: r.rpc_timeout,
+        }
     }
+}
+
+impl MetaSection {
+    pub fn raft_settings(&self) -> mxcas_meta::raft::RaftSettings {
+        mxcas_meta::raft::RaftSettings {
+            heartbeat_interval: self.heartbeat_interval,
+            election_timeout_min: self.election_timeout_min,
+            election_timeout_max: self.election_timeout_max,
+            snapshot_every: self.snapshot_every,
+            keep_after_snapshot: (self.snapshot_every / 10).max(100),
+            rpc_timeout: self.rpc_timeout,
+        }
+    }
+}
+
+/// `[edge]`: a stand-alone edge (`mxcas edge`).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EdgeSection {
+    /// Metadata nodes (`host:port`), any number of them: the edge finds the leader.
+    pub meta: Vec<String>,
 }
 
 impl Default for Config {
@@ -60,6 +109,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             store: StoreConfig::Fs { path: None },
             meta: MetaSection::default(),
+            edge: EdgeSection::default(),
         }
     }
 }

@@ -1,23 +1,26 @@
 //! The mxcas binary: wiring only.
 //!
-//! - `mxcas serve`: edge + metadata service + local store in one process.
+//! - `mxcas serve`: edge + one-node metadata cluster + local store in one process.
+//! - `mxcas meta`: one node of a replicated metadata cluster.
+//! - `mxcas edge`: a stateless edge in front of a metadata cluster and a blob store.
+//! - `mxcas admin cluster …`: metadata cluster membership.
 //! - `mxcas cid FILE…`: the CID mxcas gives each file (the same code as uploads).
 
 #![forbid(unsafe_code)]
 
+mod admin;
 mod config;
+mod meta_node;
 
 use std::io::Read;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use mxcas_edge::EdgeSettings;
+use mxcas_meta::MetaClient;
 use mxcas_meta::client::ClientConfig;
-use mxcas_meta::server::MetaService;
-use mxcas_meta::{MetaClient, StateMachine};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -40,12 +43,52 @@ enum Cmd {
     /// 127.0.0.1:8008 as `localhost`, keeps data in ./mxcas-data and prints a development
     /// access token to upload with.
     Serve(ServeArgs),
+    /// Run one node of the replicated metadata service (raft). Start every node, then
+    /// `mxcas admin cluster init` once (see docs/operations/cluster.md).
+    Meta(MetaArgs),
+    /// Run a stateless edge: the Matrix media API in front of a metadata cluster (`[edge]
+    /// meta`, `--meta`) and a blob store (`[store]`).
+    Edge(ServeArgs),
+    /// Administer a running cluster.
+    Admin {
+        /// A metadata node's gRPC address (host:port).
+        #[arg(long, env = "MXCAS_META", global = true, default_value = "127.0.0.1:7100")]
+        meta: String,
+        #[command(subcommand)]
+        command: AdminCmd,
+    },
     /// Print the CID of each file, as mxcas (and IPFS with the unixfs-v1-2025 profile)
     /// computes it: `mxc://<server>/<cid>` is what an upload of that file returns.
     Cid {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum AdminCmd {
+    /// Metadata cluster membership.
+    #[command(subcommand)]
+    Cluster(admin::ClusterCmd),
+}
+
+#[derive(clap::Args)]
+struct MetaArgs {
+    /// Config file (TOML): `data_dir` and `[meta]` apply.
+    #[arg(long, env = "MXCAS_CONFIG")]
+    config: Option<PathBuf>,
+    /// This node's raft ID [default: 1].
+    #[arg(long, env = "MXCAS_META_ID")]
+    id: Option<u64>,
+    /// gRPC address to listen on.
+    #[arg(long, env = "MXCAS_META_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
+    /// Address other nodes and edges reach this node at [default: the listen address].
+    #[arg(long, env = "MXCAS_META_ADVERTISE")]
+    advertise: Option<String>,
+    /// Data directory [default: ./mxcas-data].
+    #[arg(long, env = "MXCAS_DATA_DIR")]
+    data_dir: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -68,18 +111,66 @@ struct ServeArgs {
     /// Access token to accept (as @dev:<server_name>) when the config lists none.
     #[arg(long, env = "MXCAS_DEV_TOKEN")]
     dev_token: Option<String>,
+    /// `edge` only: metadata nodes, comma-separated host:port (overrides `[edge] meta`).
+    #[arg(long, env = "MXCAS_META", value_delimiter = ',')]
+    meta: Vec<String>,
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Cid { files } => cid(&files),
-        Cmd::Serve(args) => {
-            init_tracing();
-            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            runtime.block_on(serve(args))
+        Cmd::Serve(args) => run_server(serve(args, Role::Serve)),
+        Cmd::Edge(args) => run_server(serve(args, Role::Edge)),
+        Cmd::Meta(args) => run_server(meta(args)),
+        Cmd::Admin { meta, command: AdminCmd::Cluster(cmd) } => {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(admin::run(&meta, cmd))
         }
     }
+}
+
+fn run_server(f: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    init_tracing();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(f)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Serve,
+    Edge,
+}
+
+async fn meta(args: MetaArgs) -> anyhow::Result<()> {
+    let mut config = Config::load(args.config.as_deref())?;
+    if let Some(v) = args.id {
+        config.meta.node_id = v;
+    }
+    if let Some(v) = args.listen {
+        config.meta.listen = v;
+    }
+    if let Some(v) = args.advertise {
+        config.meta.advertise = Some(v);
+    }
+    if let Some(v) = args.data_dir {
+        config.data_dir = v;
+    }
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let node = meta_node::start(&config, cancel.clone(), &tracker).await?;
+    tracing::info!(id = node.node.id, addr = %node.addr, "metadata node is serving");
+    println!("mxcas: metadata node {} on {} (advertised as {})", node.node.id, node.addr, node.advertise);
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    cancel.cancel();
+    tracker.close();
+    if tokio::time::timeout(Duration::from_secs(20), tracker.wait()).await.is_err() {
+        tracing::warn!("tasks did not stop within 20s; exiting anyway");
+    }
+    Ok(())
 }
 
 fn init_tracing() {
@@ -105,7 +196,7 @@ fn cid(files: &[PathBuf]) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+async fn serve(args: ServeArgs, role: Role) -> anyhow::Result<()> {
     let mut config = Config::load(args.config.as_deref())?;
     if let Some(v) = args.listen {
         config.listen = v;
@@ -121,6 +212,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(v) = args.dev_token {
         config.dev_token = Some(v);
+    }
+    if !args.meta.is_empty() {
+        config.edge.meta = args.meta;
+    }
+    if role == Role::Edge && config.edge.meta.is_empty() {
+        anyhow::bail!("an edge needs the metadata service: set [edge] meta = [\"host:port\", …] or --meta");
     }
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
@@ -151,31 +248,21 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
 
-    // The metadata service: the state machine in redb behind its gRPC API.
-    let db_path = config.data_dir.join("meta.redb");
-    let sm = Arc::new(
-        StateMachine::open(&db_path).with_context(|| format!("cannot open metadata database {}", db_path.display()))?,
-    );
-    let service = MetaService::new(config.meta.node_id, sm)?;
-    let meta_listener = tokio::net::TcpListener::bind(config.meta.listen)
-        .await
-        .with_context(|| format!("cannot listen on {} (meta.listen)", config.meta.listen))?;
-    let meta_addr = meta_listener.local_addr()?;
-    let c = cancel.clone();
-    tracker.spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(meta_listener);
-        let served = tonic::transport::Server::builder()
-            .add_service(service.into_server())
-            .serve_with_incoming_shutdown(incoming, c.cancelled_owned())
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "metadata gRPC server failed");
+    let endpoints = match role {
+        Role::Edge => config.edge.meta.clone(),
+        Role::Serve => {
+            // The embedded metadata service: a one-node raft cluster, through the same code
+            // (and the same gRPC API) as a replicated one.
+            let node = meta_node::start(&config, cancel.clone(), &tracker).await?;
+            let members = [(node.node.id, mxcas_meta::raft::BasicNode { addr: node.advertise.clone() })];
+            node.node.initialize(members.into_iter().collect()).await?;
+            node.node.wait_for_leader(Duration::from_secs(10)).await?;
+            vec![node.advertise.clone()]
         }
-    });
-
-    let meta = MetaClient::new(&format!("http://{meta_addr}"), ClientConfig::default())?;
+    };
+    let meta = MetaClient::new(&endpoints, ClientConfig::default())?;
     let edge = mxcas_edge::start(settings, meta, cancel.clone(), &tracker).await?;
-    tracing::info!(api = %edge.api_addr, admin = %edge.admin_addr, meta = %meta_addr, "mxcas is serving");
+    tracing::info!(api = %edge.api_addr, admin = %edge.admin_addr, meta = ?endpoints, "mxcas is serving");
     println!("mxcas: Matrix media API on http://{} (admin: http://{})", edge.api_addr, edge.admin_addr);
     if let Some(token) = dev_token {
         println!(

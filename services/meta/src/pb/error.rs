@@ -4,6 +4,9 @@ use tonic::{Code, Status};
 
 use crate::error::{CommandError, MetaError, StorageError};
 
+/// gRPC metadata on an `UNAVAILABLE` status naming the leader's address (`host:port`).
+pub const LEADER_METADATA: &str = "x-mxcas-leader";
+
 /// Key of the binary status detail that carries a [`CommandError`] across the wire exactly.
 const DETAIL_PENDING_LIMIT: &str = "pending-limit:";
 

@@ -1,0 +1,221 @@
+//! The raft log in redb: entries by index, plus the vote, the committed log ID and the last
+//! purged log ID. Every mutation is one write transaction committed with fsync on a blocking
+//! thread before openraft hears it is done.
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+use std::sync::Arc;
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{Entry, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftLogReader, StorageError, Vote};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use super::{NodeId, TypeConfig, sto_err};
+
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
+
+type Result<T> = std::result::Result<T, StorageError<NodeId>>;
+
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<Database>,
+}
+
+impl LogStore {
+    pub fn open(path: &Path) -> std::result::Result<Self, crate::error::StorageError> {
+        let db = Database::create(path)?;
+        let txn = db.begin_write()?;
+        txn.open_table(LOG)?;
+        txn.open_table(STATE)?;
+        txn.commit()?;
+        Ok(Self { db: Arc::new(db) })
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        subject: ErrorSubject<NodeId>,
+        verb: ErrorVerb,
+        f: impl FnOnce(&Database) -> std::result::Result<T, String> + Send + 'static,
+    ) -> Result<T> {
+        let db = self.db.clone();
+        match tokio::task::spawn_blocking(move || f(&db)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(sto_err(subject, verb, e)),
+            Err(e) => Err(sto_err(subject, verb, e)),
+        }
+    }
+
+    async fn get_state<T: serde::de::DeserializeOwned + Send + 'static>(
+        &self,
+        key: &'static str,
+        subject: ErrorSubject<NodeId>,
+    ) -> Result<Option<T>> {
+        self.blocking(subject, ErrorVerb::Read, move |db| {
+            let txn = db.begin_read().map_err(|e| e.to_string())?;
+            let table = txn.open_table(STATE).map_err(|e| e.to_string())?;
+            match table.get(key).map_err(|e| e.to_string())? {
+                None => Ok(None),
+                Some(v) => serde_json::from_slice(v.value()).map(Some).map_err(|e| e.to_string()),
+            }
+        })
+        .await
+    }
+
+    async fn set_state<T: serde::Serialize>(
+        &self,
+        key: &'static str,
+        value: &T,
+        subject: ErrorSubject<NodeId>,
+    ) -> Result<()> {
+        let bytes = serde_json::to_vec(value).map_err(|e| sto_err(subject.clone(), ErrorVerb::Write, e))?;
+        self.blocking(subject, ErrorVerb::Write, move |db| {
+            let txn = db.begin_write().map_err(|e| e.to_string())?;
+            txn.open_table(STATE)
+                .map_err(|e| e.to_string())?
+                .insert(key, bytes.as_slice())
+                .map_err(|e| e.to_string())?;
+            txn.commit().map_err(|e| e.to_string())
+        })
+        .await
+    }
+}
+
+fn bounds<RB: RangeBounds<u64>>(range: &RB) -> (u64, Option<u64>) {
+    let start = match range.start_bound() {
+        Bound::Included(x) => *x,
+        Bound::Excluded(x) => x + 1,
+        Bound::Unbounded => 0,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(x) => Some(x + 1),
+        Bound::Excluded(x) => Some(*x),
+        Bound::Unbounded => None,
+    };
+    (start, end)
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>> {
+        let (start, end) = bounds(&range);
+        self.blocking(ErrorSubject::Logs, ErrorVerb::Read, move |db| {
+            let txn = db.begin_read().map_err(|e| e.to_string())?;
+            let table = txn.open_table(LOG).map_err(|e| e.to_string())?;
+            let iter = match end {
+                Some(end) => table.range(start..end),
+                None => table.range(start..),
+            }
+            .map_err(|e| e.to_string())?;
+            let mut out = Vec::new();
+            for item in iter {
+                let (_, v) = item.map_err(|e| e.to_string())?;
+                out.push(serde_json::from_slice::<Entry<TypeConfig>>(v.value()).map_err(|e| e.to_string())?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>> {
+        let last_purged: Option<LogId<NodeId>> = self.get_state("last_purged", ErrorSubject::Store).await?;
+        let last = self
+            .blocking(ErrorSubject::Logs, ErrorVerb::Read, |db| {
+                let txn = db.begin_read().map_err(|e| e.to_string())?;
+                let table = txn.open_table(LOG).map_err(|e| e.to_string())?;
+                match table.last().map_err(|e| e.to_string())? {
+                    None => Ok(None),
+                    Some((_, v)) => serde_json::from_slice::<Entry<TypeConfig>>(v.value())
+                        .map(|e| Some(e.log_id))
+                        .map_err(|e| e.to_string()),
+                }
+            })
+            .await?;
+        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last.or(last_purged) })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<()> {
+        self.set_state("vote", vote, ErrorSubject::Vote).await
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>> {
+        self.get_state("vote", ErrorSubject::Vote).await
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<()> {
+        self.set_state("committed", &committed, ErrorSubject::Store).await
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>> {
+        Ok(self.get_state::<Option<LogId<NodeId>>>("committed", ErrorSubject::Store).await?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<()>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut encoded = Vec::new();
+        for e in entries {
+            let bytes = serde_json::to_vec(&e).map_err(|err| sto_err(ErrorSubject::Logs, ErrorVerb::Write, err))?;
+            encoded.push((e.log_id.index, bytes));
+        }
+        let result = self
+            .blocking(ErrorSubject::Logs, ErrorVerb::Write, move |db| {
+                let txn = db.begin_write().map_err(|e| e.to_string())?;
+                {
+                    let mut table = txn.open_table(LOG).map_err(|e| e.to_string())?;
+                    for (index, bytes) in &encoded {
+                        table.insert(*index, bytes.as_slice()).map_err(|e| e.to_string())?;
+                    }
+                }
+                txn.commit().map_err(|e| e.to_string())
+            })
+            .await;
+        match &result {
+            Ok(()) => callback.log_io_completed(Ok(())),
+            Err(e) => callback.log_io_completed(Err(std::io::Error::other(e.to_string()))),
+        }
+        result
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<()> {
+        self.blocking(ErrorSubject::Logs, ErrorVerb::Delete, move |db| {
+            let txn = db.begin_write().map_err(|e| e.to_string())?;
+            txn.open_table(LOG)
+                .map_err(|e| e.to_string())?
+                .retain_in(log_id.index.., |_, _| false)
+                .map_err(|e| e.to_string())?;
+            txn.commit().map_err(|e| e.to_string())
+        })
+        .await
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<()> {
+        let purged = serde_json::to_vec(&log_id).map_err(|e| sto_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+        self.blocking(ErrorSubject::Logs, ErrorVerb::Delete, move |db| {
+            let txn = db.begin_write().map_err(|e| e.to_string())?;
+            txn.open_table(STATE)
+                .map_err(|e| e.to_string())?
+                .insert("last_purged", purged.as_slice())
+                .map_err(|e| e.to_string())?;
+            txn.open_table(LOG)
+                .map_err(|e| e.to_string())?
+                .retain_in(..=log_id.index, |_, _| false)
+                .map_err(|e| e.to_string())?;
+            txn.commit().map_err(|e| e.to_string())
+        })
+        .await
+    }
+}

@@ -1,0 +1,145 @@
+//! The metadata service replicated with openraft.
+//!
+//! - [`log_store::LogStore`]: the raft log, vote and commit index in redb; every append is
+//!   fsynced (on a blocking thread) before openraft is told it is durable.
+//! - [`sm_store::SmStore`]: the [`crate::StateMachine`] as openraft's state machine; applies
+//!   committed entries in batches (one fsync per batch), builds snapshots by streaming the
+//!   state to a file, and installs received ones.
+//! - [`network`]: raft RPCs to peers over tonic gRPC, one cached channel per peer, a deadline
+//!   on every call.
+//! - [`service`]: the gRPC servers for raft traffic and for cluster membership.
+//!
+//! `mxcas serve` runs this as a one-node cluster; `mxcas meta` runs one node of a larger one.
+
+// openraft's error types are large by design; boxing them here would only add noise.
+#![allow(clippy::result_large_err)]
+
+pub mod log_store;
+pub mod network;
+pub mod service;
+pub mod sm_store;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use openraft::BasicNode;
+use serde::{Deserialize, Serialize};
+
+use crate::command::{Command, CommandOutput};
+use crate::error::{CommandError, StorageError};
+use crate::state_machine::StateMachine;
+
+pub type NodeId = u64;
+
+/// What applying one log entry produced: the command's own outcome.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response(pub Result<CommandOutput, CommandError>);
+
+openraft::declare_raft_types!(
+    /// openraft types of the mxcas metadata service.
+    pub TypeConfig:
+        D = Command,
+        R = Response,
+        NodeId = NodeId,
+        Node = BasicNode,
+        SnapshotData = tokio::fs::File,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
+
+/// Raft timing and log-compaction settings (`[raft]` of a metadata node's config).
+#[derive(Clone, Debug)]
+pub struct RaftSettings {
+    pub heartbeat_interval: Duration,
+    pub election_timeout_min: Duration,
+    pub election_timeout_max: Duration,
+    /// Build a snapshot after this many applied entries since the last one.
+    pub snapshot_every: u64,
+    /// Log entries kept after a snapshot (for followers slightly behind).
+    pub keep_after_snapshot: u64,
+    /// Deadline of one raft RPC to a peer.
+    pub rpc_timeout: Duration,
+}
+
+impl Default for RaftSettings {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_millis(100),
+            election_timeout_min: Duration::from_millis(500),
+            election_timeout_max: Duration::from_millis(1000),
+            snapshot_every: 10_000,
+            keep_after_snapshot: 1_000,
+            rpc_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// A running raft node and the state machine it drives.
+#[derive(Clone)]
+pub struct RaftNode {
+    pub id: NodeId,
+    pub raft: Raft,
+    pub sm: Arc<StateMachine>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+impl RaftNode {
+    /// Opens (or creates) the node's stores under `dir` and starts raft.
+    pub async fn start(id: NodeId, dir: &Path, settings: &RaftSettings) -> Result<Self, StartError> {
+        std::fs::create_dir_all(dir).map_err(|e| StorageError::Database(format!("{}: {e}", dir.display())))?;
+        let config = openraft::Config {
+            cluster_name: "mxcas-meta".into(),
+            heartbeat_interval: settings.heartbeat_interval.as_millis() as u64,
+            election_timeout_min: settings.election_timeout_min.as_millis() as u64,
+            election_timeout_max: settings.election_timeout_max.as_millis() as u64,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(settings.snapshot_every),
+            max_in_snapshot_log_to_keep: settings.keep_after_snapshot,
+            install_snapshot_timeout: settings.rpc_timeout.as_millis() as u64 * 4,
+            ..Default::default()
+        };
+        let config = Arc::new(config.validate().map_err(|e| StartError::Raft(e.to_string()))?);
+        let sm = Arc::new(StateMachine::open(&dir.join("state.redb"))?);
+        let log = log_store::LogStore::open(&dir.join("log.redb"))?;
+        let sm_store = sm_store::SmStore::open(sm.clone(), dir.join("snapshots")).await?;
+        let network = network::Network::new(settings.rpc_timeout);
+        let raft = Raft::new(id, config, network, log, sm_store).await.map_err(|e| StartError::Raft(e.to_string()))?;
+        Ok(Self { id, raft, sm })
+    }
+
+    /// Makes `members` the first voters of a new cluster; a no-op when this node already
+    /// belongs to one.
+    pub async fn initialize(&self, members: BTreeMap<NodeId, BasicNode>) -> Result<(), StartError> {
+        if self.raft.is_initialized().await.map_err(|e| StartError::Raft(e.to_string()))? {
+            return Ok(());
+        }
+        self.raft.initialize(members).await.map_err(|e| StartError::Raft(e.to_string()))
+    }
+
+    /// Waits until this node sees a leader (or `timeout` passes).
+    pub async fn wait_for_leader(&self, timeout: Duration) -> Result<NodeId, StartError> {
+        let m = self
+            .raft
+            .wait(Some(timeout))
+            .metrics(|m| m.current_leader.is_some(), "a leader")
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))?;
+        m.current_leader.ok_or_else(|| StartError::Raft("no leader".into()))
+    }
+}
+
+fn sto_err(
+    subject: openraft::ErrorSubject<NodeId>,
+    verb: openraft::ErrorVerb,
+    e: impl std::fmt::Display,
+) -> openraft::StorageError<NodeId> {
+    openraft::StorageIOError::new(subject, verb, openraft::AnyError::error(e.to_string())).into()
+}

@@ -1,0 +1,175 @@
+//! gRPC servers of a metadata node for raft traffic (`Raft`) and membership (`Cluster`).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use mxcas_proto::meta as pb;
+use openraft::{BasicNode, ChangeMembers};
+use serde::Serialize;
+use tonic::{Request, Response, Status};
+
+use super::{NodeId, Raft};
+
+#[derive(Clone)]
+pub struct RaftService {
+    raft: Raft,
+}
+
+impl RaftService {
+    pub fn new(raft: Raft) -> Self {
+        Self { raft }
+    }
+
+    pub fn into_server(self) -> pb::raft_server::RaftServer<Self> {
+        pb::raft_server::RaftServer::new(self).max_decoding_message_size(256 << 20)
+    }
+}
+
+fn reply<T: Serialize, E: Serialize>(result: Result<T, E>) -> Result<Response<pb::RaftReply>, Status> {
+    let encode = |v: &dyn erased::Ser| v.to_json().map_err(|e| Status::internal(format!("encode: {e}")));
+    Ok(Response::new(match result {
+        Ok(v) => pb::RaftReply { data: encode(&v)?, error: Vec::new() },
+        Err(e) => pb::RaftReply { data: Vec::new(), error: encode(&e)? },
+    }))
+}
+
+mod erased {
+    pub trait Ser {
+        fn to_json(&self) -> serde_json::Result<Vec<u8>>;
+    }
+    impl<T: serde::Serialize> Ser for T {
+        fn to_json(&self) -> serde_json::Result<Vec<u8>> {
+            serde_json::to_vec(self)
+        }
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(m: Request<pb::RaftMessage>) -> Result<T, Status> {
+    serde_json::from_slice(&m.into_inner().data)
+        .map_err(|e| Status::invalid_argument(format!("malformed raft message: {e}")))
+}
+
+#[tonic::async_trait]
+impl pb::raft_server::Raft for RaftService {
+    async fn append_entries(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftReply>, Status> {
+        reply(self.raft.append_entries(decode(req)?).await)
+    }
+
+    async fn vote(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftReply>, Status> {
+        reply(self.raft.vote(decode(req)?).await)
+    }
+
+    async fn install_snapshot(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftReply>, Status> {
+        reply(self.raft.install_snapshot(decode(req)?).await)
+    }
+}
+
+/// Membership administration (`mxcas admin cluster …`).
+#[derive(Clone)]
+pub struct ClusterService {
+    id: NodeId,
+    raft: Raft,
+}
+
+impl ClusterService {
+    pub fn new(id: NodeId, raft: Raft) -> Self {
+        Self { id, raft }
+    }
+
+    pub fn into_server(self) -> pb::cluster_server::ClusterServer<Self> {
+        pb::cluster_server::ClusterServer::new(self)
+    }
+
+    fn status(&self) -> pb::ClusterStatus {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let members = membership
+            .nodes()
+            .map(|(id, node)| pb::MemberStatus {
+                id: *id,
+                addr: node.addr.clone(),
+                voter: voters.contains(id),
+                matched: m
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(id).cloned().flatten())
+                    .map(|l| l.index)
+                    .or_else(|| (*id == self.id).then_some(m.last_log_index).flatten()),
+            })
+            .collect();
+        let leader_addr =
+            m.current_leader.and_then(|l| membership.get_node(&l).map(|n| n.addr.clone())).unwrap_or_default();
+        pb::ClusterStatus {
+            node_id: self.id,
+            leader_id: m.current_leader,
+            leader_addr,
+            term: m.current_term,
+            last_log_index: m.last_log_index,
+            committed: None,
+            last_applied: m.last_applied.map(|l| l.index),
+            snapshot_index: m.snapshot.map(|l| l.index),
+            state: format!("{:?}", m.state),
+            members,
+        }
+    }
+}
+
+fn raft_status<E: std::fmt::Display>(e: E) -> Status {
+    let text = e.to_string();
+    if text.contains("forward") || text.contains("leader") {
+        Status::failed_precondition(format!("{text} (run this against the leader; see `mxcas admin cluster status`)"))
+    } else {
+        Status::internal(text)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::cluster_server::Cluster for ClusterService {
+    async fn init(&self, req: Request<pb::InitRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
+        let members: BTreeMap<NodeId, BasicNode> =
+            req.into_inner().members.into_iter().map(|m| (m.id, BasicNode { addr: m.addr })).collect();
+        if members.is_empty() {
+            return Err(Status::invalid_argument("no members given"));
+        }
+        self.raft.initialize(members).await.map_err(raft_status)?;
+        Ok(Response::new(self.status()))
+    }
+
+    async fn add_learner(&self, req: Request<pb::AddLearnerRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
+        let m = req.into_inner().member.ok_or_else(|| Status::invalid_argument("no member given"))?;
+        self.raft.add_learner(m.id, BasicNode { addr: m.addr }, true).await.map_err(raft_status)?;
+        Ok(Response::new(self.status()))
+    }
+
+    async fn change_membership(
+        &self,
+        req: Request<pb::ChangeMembershipRequest>,
+    ) -> Result<Response<pb::ClusterStatus>, Status> {
+        let r = req.into_inner();
+        let voters: BTreeSet<NodeId> = r.voters.into_iter().collect();
+        let remove: BTreeSet<NodeId> = r.remove.into_iter().collect();
+        if !voters.is_empty() {
+            self.raft.change_membership(ChangeMembers::ReplaceAllVoters(voters), true).await.map_err(raft_status)?;
+        }
+        if !remove.is_empty() {
+            let current: BTreeSet<NodeId> =
+                self.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+            let still_voting: BTreeSet<NodeId> = current.difference(&remove).copied().collect();
+            if still_voting.is_empty() {
+                return Err(Status::failed_precondition("refusing to remove every voter"));
+            }
+            if still_voting != current {
+                self.raft
+                    .change_membership(ChangeMembers::ReplaceAllVoters(still_voting), true)
+                    .await
+                    .map_err(raft_status)?;
+            }
+            self.raft.change_membership(ChangeMembers::RemoveNodes(remove), false).await.map_err(raft_status)?;
+        }
+        Ok(Response::new(self.status()))
+    }
+
+    async fn status(&self, _req: Request<pb::ClusterStatusRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
+        Ok(Response::new(self.status()))
+    }
+}

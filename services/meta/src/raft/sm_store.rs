@@ -1,0 +1,245 @@
+//! The [`StateMachine`] as openraft's state machine, with snapshots as files.
+//!
+//! Committed entries are applied in the batches openraft hands over, in one durable redb
+//! transaction that also records the last applied log ID and the membership. A snapshot is the
+//! state streamed by [`StateMachine::export`] into `snapshots/<id>.snap` (from one read
+//! transaction, so it is consistent while writes go on); the newest one is remembered in the
+//! state itself and older files are removed. A received snapshot is copied to its own file,
+//! fsynced, and imported in one transaction.
+
+use std::io::{BufReader, BufWriter, Seek, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageError,
+    StoredMembership,
+};
+use serde::{Deserialize, Serialize};
+
+use super::{NodeId, Response, TypeConfig, sto_err};
+use crate::command::CommandOutput;
+use crate::state_machine::StateMachine;
+
+const LAST_APPLIED: &str = "raft.last_applied";
+const MEMBERSHIP: &str = "raft.membership";
+const CURRENT_SNAPSHOT: &str = "raft.snapshot";
+
+type Result<T> = std::result::Result<T, StorageError<NodeId>>;
+type Meta = SnapshotMeta<NodeId, openraft::BasicNode>;
+
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: Meta,
+    file: PathBuf,
+}
+
+#[derive(Clone)]
+pub struct SmStore {
+    sm: Arc<StateMachine>,
+    dir: PathBuf,
+}
+
+impl SmStore {
+    pub async fn open(sm: Arc<StateMachine>, dir: PathBuf) -> std::result::Result<Self, crate::error::StorageError> {
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| crate::error::StorageError::Database(format!("{}: {e}", dir.display())))?;
+        Ok(Self { sm, dir })
+    }
+
+    fn json<T: Serialize>(v: &T, subject: ErrorSubject<NodeId>) -> Result<Vec<u8>> {
+        serde_json::to_vec(v).map_err(|e| sto_err(subject, ErrorVerb::Write, e))
+    }
+
+    fn read_extra<T: for<'de> Deserialize<'de>>(
+        sm: &StateMachine,
+        key: &str,
+    ) -> std::result::Result<Option<T>, String> {
+        match sm.extra(key).map_err(|e| e.to_string())? {
+            None => Ok(None),
+            Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| e.to_string()),
+        }
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        subject: ErrorSubject<NodeId>,
+        verb: ErrorVerb,
+        f: impl FnOnce(&StateMachine, &std::path::Path) -> std::result::Result<T, String> + Send + 'static,
+    ) -> Result<T> {
+        let (sm, dir) = (self.sm.clone(), self.dir.clone());
+        match tokio::task::spawn_blocking(move || f(&sm, &dir)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(sto_err(subject, verb, e)),
+            Err(e) => Err(sto_err(subject, verb, e)),
+        }
+    }
+}
+
+/// Writes the state to a new snapshot file and records it as the current snapshot.
+fn build(sm: &StateMachine, dir: &std::path::Path) -> std::result::Result<Meta, String> {
+    let tmp = dir.join(format!("building-{}.tmp", std::process::id()));
+    let file = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    let mut w = BufWriter::new(file);
+    let (records, extras) = sm.export(&mut w, &[LAST_APPLIED, MEMBERSHIP]).map_err(|e| e.to_string())?;
+    let file = w.into_inner().map_err(|e| e.to_string())?;
+    file.sync_all().map_err(|e| e.to_string())?;
+    let parse = |b: &Option<Vec<u8>>| -> std::result::Result<Option<serde_json::Value>, String> {
+        b.as_deref().map(serde_json::from_slice).transpose().map_err(|e| e.to_string())
+    };
+    let last_log_id: Option<LogId<NodeId>> = match parse(&extras[0])? {
+        Some(v) => serde_json::from_value(v).map_err(|e| e.to_string())?,
+        None => None,
+    };
+    let last_membership: StoredMembership<NodeId, openraft::BasicNode> = match parse(&extras[1])? {
+        Some(v) => serde_json::from_value(v).map_err(|e| e.to_string())?,
+        None => StoredMembership::default(),
+    };
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros()).unwrap_or(0);
+    let snapshot_id = match &last_log_id {
+        Some(l) => format!("{}-{}-{stamp}", l.leader_id.term, l.index),
+        None => format!("0-0-{stamp}"),
+    };
+    let meta = Meta { last_log_id, last_membership, snapshot_id };
+    let path = dir.join(format!("{}.snap", meta.snapshot_id));
+    std::fs::rename(&tmp, &path).map_err(|e| e.to_string())?;
+    remember(sm, dir, &meta, &path)?;
+    tracing::info!(snapshot = %meta.snapshot_id, records, "built snapshot");
+    Ok(meta)
+}
+
+/// Records `path` as the current snapshot and removes older snapshot files.
+fn remember(
+    sm: &StateMachine,
+    dir: &std::path::Path,
+    meta: &Meta,
+    path: &std::path::Path,
+) -> std::result::Result<(), String> {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    let stored = StoredSnapshot { meta: meta.clone(), file: path.to_owned() };
+    let bytes = serde_json::to_vec(&stored).map_err(|e| e.to_string())?;
+    sm.apply_entries(&[], &[(CURRENT_SNAPSHOT, bytes)]).map_err(|e| e.to_string())?;
+    for entry in std::fs::read_dir(dir).map_err(|e| e.to_string())?.flatten() {
+        let p = entry.path();
+        if p != path && p.extension().is_some_and(|x| x == "snap") {
+            let _ = std::fs::remove_file(&p);
+        }
+    }
+    Ok(())
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SmStore {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>> {
+        let meta = self.blocking(ErrorSubject::StateMachine, ErrorVerb::Write, build).await?;
+        let path = self.dir.join(format!("{}.snap", meta.snapshot_id));
+        let file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| sto_err(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Read, e))?;
+        Ok(Snapshot { meta, snapshot: Box::new(file) })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for SmStore {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, openraft::BasicNode>)> {
+        self.blocking(ErrorSubject::StateMachine, ErrorVerb::Read, |sm, _| {
+            let last: Option<Option<LogId<NodeId>>> = SmStore::read_extra(sm, LAST_APPLIED)?;
+            let membership = SmStore::read_extra(sm, MEMBERSHIP)?.unwrap_or_default();
+            Ok((last.flatten(), membership))
+        })
+        .await
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>>
+    where
+        I: IntoIterator<Item = openraft::Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<_> = entries.into_iter().collect();
+        let Some(last) = entries.last().map(|e| e.log_id) else { return Ok(Vec::new()) };
+        let mut extras = vec![(LAST_APPLIED, Self::json(&Some(last), ErrorSubject::StateMachine)?)];
+        for e in &entries {
+            if let EntryPayload::Membership(m) = &e.payload {
+                let stored = StoredMembership::new(Some(e.log_id), m.clone());
+                extras.retain(|(k, _)| *k != MEMBERSHIP);
+                extras.push((MEMBERSHIP, Self::json(&stored, ErrorSubject::StateMachine)?));
+            }
+        }
+        self.blocking(ErrorSubject::StateMachine, ErrorVerb::Write, move |sm, _| {
+            let items: Vec<(u64, Option<&crate::command::Command>)> = entries
+                .iter()
+                .map(|e| match &e.payload {
+                    EntryPayload::Normal(cmd) => (e.log_id.index, Some(cmd)),
+                    _ => (e.log_id.index, None),
+                })
+                .collect();
+            let results = sm.apply_entries(&items, &extras).map_err(|e| e.to_string())?;
+            Ok(results.into_iter().map(|r| Response(r.unwrap_or(Ok(CommandOutput::Nothing)))).collect())
+        })
+        .await
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>> {
+        let path = self.dir.join(format!("incoming-{}.tmp", std::process::id()));
+        let file = tokio::fs::File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .await
+            .map_err(|e| sto_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
+        // Unlinked at once: the handle keeps it alive, and nothing is left if we crash.
+        let _ = std::fs::remove_file(&path);
+        Ok(Box::new(file))
+    }
+
+    async fn install_snapshot(&mut self, meta: &Meta, snapshot: Box<tokio::fs::File>) -> Result<()> {
+        let received = snapshot.into_std().await;
+        let meta = meta.clone();
+        let extras = vec![
+            (LAST_APPLIED, Self::json(&meta.last_log_id, ErrorSubject::StateMachine)?),
+            (MEMBERSHIP, Self::json(&meta.last_membership, ErrorSubject::StateMachine)?),
+        ];
+        let subject = ErrorSubject::Snapshot(Some(meta.signature()));
+        self.blocking(subject, ErrorVerb::Write, move |sm, dir| {
+            let mut received = received;
+            received.rewind().map_err(|e| e.to_string())?;
+            let path = dir.join(format!("{}.snap", meta.snapshot_id));
+            let mut copy = std::fs::File::create(&path).map_err(|e| e.to_string())?;
+            std::io::copy(&mut received, &mut copy).map_err(|e| e.to_string())?;
+            copy.flush().map_err(|e| e.to_string())?;
+            copy.sync_all().map_err(|e| e.to_string())?;
+            let mut reader = BufReader::new(std::fs::File::open(&path).map_err(|e| e.to_string())?);
+            let records = sm.import(&mut reader, &extras).map_err(|e| e.to_string())?;
+            remember(sm, dir, &meta, &path)?;
+            tracing::info!(snapshot = %meta.snapshot_id, records, "installed snapshot");
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>> {
+        let stored: Option<StoredSnapshot> = self
+            .blocking(ErrorSubject::Snapshot(None), ErrorVerb::Read, |sm, _| SmStore::read_extra(sm, CURRENT_SNAPSHOT))
+            .await?;
+        let Some(stored) = stored else { return Ok(None) };
+        match tokio::fs::File::open(&stored.file).await {
+            Ok(file) => Ok(Some(Snapshot { meta: stored.meta, snapshot: Box::new(file) })),
+            Err(e) => {
+                tracing::warn!(file = %stored.file.display(), error = %e, "current snapshot file is missing");
+                Ok(None)
+            }
+        }
+    }
+}

@@ -1,0 +1,55 @@
+//! Starting a metadata node: raft over redb, and one gRPC server carrying the metadata API,
+//! raft traffic and cluster administration.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use mxcas_meta::raft::RaftNode;
+use mxcas_meta::raft::service::{ClusterService, RaftService};
+use mxcas_meta::server::MetaService;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+
+pub struct MetaNode {
+    pub node: RaftNode,
+    pub addr: SocketAddr,
+    /// The address other nodes and edges use.
+    pub advertise: String,
+}
+
+/// Binds `[meta] listen`, starts raft on `<data_dir>/meta` and serves until `cancel`.
+pub async fn start(config: &Config, cancel: CancellationToken, tracker: &TaskTracker) -> anyhow::Result<MetaNode> {
+    let listener = tokio::net::TcpListener::bind(config.meta.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (meta.listen)", config.meta.listen))?;
+    let addr = listener.local_addr()?;
+    let advertise = config.meta.advertise.clone().unwrap_or_else(|| addr.to_string());
+    let dir = config.data_dir.join("meta");
+    let node = RaftNode::start(config.meta.node_id, &dir, &config.meta.raft_settings())
+        .await
+        .with_context(|| format!("cannot start the metadata node in {}", dir.display()))?;
+
+    let meta = MetaService::new(node.clone());
+    let raft = RaftService::new(node.raft.clone());
+    let cluster = ClusterService::new(node.id, node.raft.clone());
+    let raft_handle = node.raft.clone();
+    let c = cancel.clone();
+    tracker.spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let served = tonic::transport::Server::builder()
+            .add_service(meta.into_server())
+            .add_service(raft.into_server())
+            .add_service(cluster.into_server())
+            .serve_with_incoming_shutdown(incoming, c.cancelled_owned())
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "metadata gRPC server failed");
+        }
+        if let Err(e) = raft_handle.shutdown().await {
+            tracing::warn!(error = %e, "raft did not shut down cleanly");
+        }
+    });
+    Ok(MetaNode { node, addr, advertise })
+}
