@@ -82,6 +82,12 @@ async fn auth_errors() -> R {
     let url = node.url(&format!("/_matrix/client/v1/media/download/localhost/{id}"));
     let (s, b) = json(node.http.get(&url).send().await?).await;
     assert_eq!((s, errcode(&b)), (401, "M_MISSING_TOKEN"));
+    // The scheme is case-insensitive; the deprecated query parameter still works.
+    for auth in ["bearer", "BEARER"] {
+        let resp = node.http.get(&url).header("authorization", format!("{auth} {ALICE}")).send().await?;
+        assert_eq!(resp.status(), 200, "{auth}");
+    }
+    assert_eq!(node.http.get(format!("{url}?access_token={ALICE}")).send().await?.status(), 200);
     for path in ["/_matrix/client/v1/media/config", "/_matrix/media/v3/config", "/_matrix/media/v1/create"] {
         let req = if path.ends_with("create") { node.http.post(node.url(path)) } else { node.http.get(node.url(path)) };
         let (s, b) = json(req.send().await?).await;
@@ -124,10 +130,37 @@ async fn not_found_and_malformed_ids() -> R {
     // Path traversal never reaches a handler as a file path.
     let resp = node.http.get(node.url("/_matrix/media/v3/download/localhost/../../../etc/passwd")).send().await?;
     assert!(resp.status() == 404 || resp.status() == 400, "{}", resp.status());
+    for path in ["/_matrix/media/v3/download/localhost/%FF", "/_matrix/media/v3/download/%FF/abc"] {
+        let (s, b) = json(node.http.get(node.url(path)).send().await?).await;
+        assert_eq!((s, errcode(&b)), (400, "M_INVALID_PARAM"), "{path}");
+    }
     let (s, b) = json(node.http.get(node.url("/_matrix/media/v3/thumbnail_nope")).send().await?).await;
     assert_eq!((s, errcode(&b)), (404, "M_UNRECOGNIZED"));
     let (s, b) = json(node.http.delete(node.url("/_matrix/media/v3/upload")).send().await?).await;
     assert_eq!((s, errcode(&b)), (405, "M_UNRECOGNIZED"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn content_types_must_be_one_media_type() -> R {
+    let node = Node::start(NodeOptions::default()).await?;
+    for bad in ["text/plain;a=b,text/html", "text/plain, text/html", "html", "text/plain;x"] {
+        let (s, b) = json(node.upload(b"<b>x</b>".to_vec(), bad, None).await?).await;
+        assert_eq!((s, errcode(&b)), (400, "M_INVALID_PARAM"), "{bad}");
+    }
+    let (s, _) = json(node.upload(b"x".to_vec(), "text/plain; charset=\"utf-8\"", None).await?).await;
+    assert_eq!(s, 200);
+    Ok(())
+}
+
+#[tokio::test]
+async fn stalled_uploads_time_out_and_store_nothing() -> R {
+    let node = Node::start(NodeOptions { media: "upload_idle_timeout = \"1s\"".into(), ..Default::default() }).await?;
+    let started = std::time::Instant::now();
+    let answer = raw_request(&node, "Content-Length: 1000\r\n", b"only a little").await?;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(8));
+    assert!(node.local_blobs().is_empty(), "{:?}", node.local_blobs());
     Ok(())
 }
 
@@ -204,7 +237,7 @@ async fn truncated_bodies_store_nothing() -> R {
         let text = String::from_utf8_lossy(&answer);
         assert!(!text.starts_with("HTTP/1.1 200"), "a truncated body must not be acknowledged: {text}");
         if !text.is_empty() {
-            assert!(text.starts_with("HTTP/1.1 400") && text.contains("M_BAD_REQUEST"), "{text}");
+            assert!(text.starts_with("HTTP/1.1 400") && text.contains("M_UNKNOWN"), "{text}");
         }
     }
     // Give aborts a moment to finish, then nothing may remain: no blob, no staging file.
@@ -263,6 +296,18 @@ async fn async_upload_flow() -> R {
     let unknown = node.url("/_matrix/media/v3/upload/localhost/NoSuchReservation123");
     let (s, b) = json(node.http.put(&unknown).bearer_auth(ALICE).body("x").send().await?).await;
     assert_eq!((s, errcode(&b)), (404, "M_NOT_FOUND"));
+    // A media ID that happens to be a CID is not a reservation either, and an existing mxc
+    // is never overwritten through PUT.
+    let cid = mxcas_edge::unixfs::cid_of(b"put without create").to_string();
+    let put_cid = node.url(&format!("/_matrix/media/v3/upload/localhost/{cid}"));
+    for _ in 0..2 {
+        let (s, b) = json(node.http.put(&put_cid).bearer_auth(ALICE).body("put without create").send().await?).await;
+        assert_eq!((s, errcode(&b)), (404, "M_NOT_FOUND"));
+    }
+    let existing = node.upload_ok(b"already here".to_vec()).await?;
+    let put_existing = node.url(&format!("/_matrix/media/v3/upload/localhost/{existing}"));
+    let (s, b) = json(node.http.put(&put_existing).bearer_auth(ALICE).body("already here").send().await?).await;
+    assert_eq!((s, errcode(&b)), (409, "M_CANNOT_OVERWRITE_MEDIA"));
     Ok(())
 }
 
@@ -351,7 +396,24 @@ async fn range_requests() -> R {
         let resp = get(range).await?;
         assert_eq!(resp.status(), 416, "{range}");
         assert_eq!(resp.headers()["content-range"], "bytes */10000");
+        assert_eq!(resp.headers()["content-type"], "application/json", "an error is not the media");
+        assert!(!resp.headers()["cache-control"].to_str()?.contains("immutable"));
     }
+    // If-Range: the range only applies to the same representation.
+    let etag = format!("\"{id}\"");
+    let resp =
+        node.http.get(&url).bearer_auth(ALICE).header("range", "bytes=0-9").header("if-range", &etag).send().await?;
+    assert_eq!(resp.status(), 206);
+    let resp = node
+        .http
+        .get(&url)
+        .bearer_auth(ALICE)
+        .header("range", "bytes=0-9")
+        .header("if-range", "\"other\"")
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.bytes().await?.len(), 10_000);
     Ok(())
 }
 

@@ -89,6 +89,27 @@ async fn suite(node: &Node, store: Arc<dyn ObjectStore>) -> anyhow::Result<()> {
     assert_eq!(resp.status(), 500, "corrupt data must not be served");
     let body: serde_json::Value = resp.json().await?;
     assert_eq!(body["errcode"], "M_UNKNOWN");
+
+    // Nor when the block index is doctored to match doctored data: the index must agree with
+    // the DAG its CID names.
+    let big = test_bytes(6, 2 * MIB + 100);
+    let id = node.upload_ok(big.clone()).await?;
+    let before: std::collections::BTreeSet<String> = objects.into_iter().collect();
+    let now = settle(&*store, 7).await?;
+    let new: Vec<&String> = now.iter().filter(|k| !before.contains(*k)).collect();
+    let idx = new.iter().find(|k| k.ends_with(".idx")).ok_or_else(|| anyhow::anyhow!("no index in {new:?}"))?;
+    let blob = idx.trim_end_matches(".idx");
+    let evil = vec![b'E'; MIB];
+    let mut forged = big.clone();
+    forged[..MIB].copy_from_slice(&evil);
+    store.put(&Path::from(blob), PutPayload::from(forged)).await?;
+    let mut index = store.get(&Path::from(idx.as_str())).await?.bytes().await?.to_vec();
+    let evil_hash: [u8; 32] =
+        sha2::Digest::finalize(sha2::Digest::chain_update(<sha2::Sha256 as sha2::Digest>::new(), &evil)).into();
+    index[28..60].copy_from_slice(&evil_hash);
+    store.put(&Path::from(idx.as_str()), PutPayload::from(index)).await?;
+    let resp = node.download_range(&id, "bytes=0-9").await?;
+    assert_eq!(resp.status(), 500, "a forged index must not vouch for forged data");
     Ok(())
 }
 
@@ -98,7 +119,7 @@ async fn local_filesystem_backend() -> anyhow::Result<()> {
     let store: Arc<dyn ObjectStore> = Arc::new(LocalFileSystem::new_with_prefix(node.data_dir().join("blobs"))?);
     suite(&node, store).await?;
     // No multipart staging files are left behind either.
-    assert_eq!(node.local_blobs().len(), 5, "{:?}", node.local_blobs());
+    assert_eq!(node.local_blobs().len(), 7, "{:?}", node.local_blobs());
     Ok(())
 }
 

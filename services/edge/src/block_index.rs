@@ -13,7 +13,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use cid::Cid;
 use sha2::{Digest, Sha256};
 
-use crate::unixfs::{DAG_PB, Dag, cid_from_digest};
+use crate::unixfs::{DAG_PB, Dag, RAW, cid_from_digest};
 
 const MAGIC: &[u8; 8] = b"MXCIDX01";
 
@@ -101,6 +101,91 @@ impl BlockIndex {
     pub fn root(&self) -> Option<Cid> {
         self.nodes.last().map(|(c, _)| *c)
     }
+
+    /// Checks that this index describes the content named `root` of `size` bytes: the DAG
+    /// under `root` (from these nodes) links exactly these leaves, in order. Only then may the
+    /// leaf hashes be trusted to verify blocks read from the store.
+    pub fn verify(&self, root: &Cid, size: u64, chunk_size: u32) -> Result<(), IndexError> {
+        if self.size != size || self.chunk_size != chunk_size {
+            return Err(IndexError("size or chunk size differs from the content record"));
+        }
+        let nodes: std::collections::HashMap<Cid, &Bytes> = self.nodes.iter().map(|(c, b)| (*c, b)).collect();
+        let mut leaves = Vec::with_capacity(self.leaves.len());
+        let mut stack = vec![*root];
+        while let Some(cid) = stack.pop() {
+            if cid.codec() == RAW {
+                leaves.push(cid);
+                if leaves.len() > self.leaves.len() {
+                    return Err(IndexError("the DAG links more leaves than the index lists"));
+                }
+                continue;
+            }
+            let block = nodes.get(&cid).ok_or(IndexError("the DAG links a node the index lacks"))?;
+            let links = dag_pb_links(block)?;
+            // Depth first, left to right: push children in reverse.
+            stack.extend(links.into_iter().rev());
+        }
+        if leaves.len() != self.leaves.len() {
+            return Err(IndexError("the DAG links fewer leaves than the index lists"));
+        }
+        for (cid, digest) in leaves.iter().zip(&self.leaves) {
+            if *cid != cid_from_digest(RAW, digest) {
+                return Err(IndexError("a leaf hash differs from the DAG's link"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn varint(b: &mut Bytes) -> Result<u64, IndexError> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        if !b.has_remaining() {
+            return Err(IndexError("truncated dag-pb varint"));
+        }
+        let byte = b.get_u8();
+        v |= u64::from(byte & 0x7f) << shift;
+        if byte < 0x80 {
+            return Ok(v);
+        }
+    }
+    Err(IndexError("overlong dag-pb varint"))
+}
+
+/// The link CIDs of a dag-pb node (field 2, each with its Hash in field 1), in order.
+fn dag_pb_links(block: &Bytes) -> Result<Vec<Cid>, IndexError> {
+    fn fields(mut b: Bytes) -> Result<Vec<(u64, Option<Bytes>)>, IndexError> {
+        let mut out = Vec::new();
+        while b.has_remaining() {
+            let tag = varint(&mut b)?;
+            match tag & 7 {
+                0 => {
+                    varint(&mut b)?;
+                    out.push((tag >> 3, None));
+                }
+                2 => {
+                    let len = usize::try_from(varint(&mut b)?).map_err(|_| IndexError("dag-pb length"))?;
+                    if b.remaining() < len {
+                        return Err(IndexError("truncated dag-pb field"));
+                    }
+                    out.push((tag >> 3, Some(b.split_to(len))));
+                }
+                _ => return Err(IndexError("unexpected dag-pb wire type")),
+            }
+        }
+        Ok(out)
+    }
+    let mut links = Vec::new();
+    for (field, value) in fields(block.clone())? {
+        if let (2, Some(link)) = (field, value) {
+            let hash = fields(link)?
+                .into_iter()
+                .find_map(|(f, v)| (f == 1).then_some(v).flatten())
+                .ok_or(IndexError("dag-pb link without a hash"))?;
+            links.push(Cid::try_from(hash.as_ref()).map_err(|_| IndexError("dag-pb link with a bad CID"))?);
+        }
+    }
+    Ok(links)
 }
 
 #[cfg(test)]
@@ -122,5 +207,24 @@ mod tests {
         let mut bad = bytes.to_vec();
         bad[0] = b'X';
         assert!(BlockIndex::decode(bad.into()).is_err());
+        back.verify(&dag.root, dag.size, CHUNK_SIZE as u32).expect("a true index verifies");
+    }
+
+    #[test]
+    fn verify_rejects_swapped_leaves_and_wrong_sizes() {
+        let mut b = DagBuilder::new();
+        let data: Vec<u8> = (0..3 * CHUNK_SIZE as u32 + 5).map(|i| (i % 253) as u8).collect();
+        b.update(&data);
+        let dag = b.finish();
+        let good = BlockIndex::from_dag(&dag, CHUNK_SIZE as u32);
+        let mut tampered = good.clone();
+        tampered.leaves[0] = Sha256::digest(b"evil").into();
+        assert!(tampered.verify(&dag.root, dag.size, CHUNK_SIZE as u32).is_err());
+        let mut swapped = good.clone();
+        swapped.leaves.swap(0, 1);
+        assert!(swapped.verify(&dag.root, dag.size, CHUNK_SIZE as u32).is_err());
+        assert!(good.verify(&dag.root, dag.size + 1, CHUNK_SIZE as u32).is_err());
+        let other = crate::unixfs::cid_of(b"other");
+        assert!(good.verify(&other, dag.size, CHUNK_SIZE as u32).is_err());
     }
 }

@@ -147,12 +147,13 @@ impl BlockCache {
     async fn index(&self, content: &ContentRecord, index_key: &str) -> Result<Arc<BlockIndex>, BlockError> {
         let store = self.store.clone();
         let key = index_key.to_owned();
-        let cid = content.cid;
+        let (cid, size, chunk_size) = (content.cid, content.size, content.chunk_size);
         self.indexes
             .try_get_with(content.cid, async move {
                 let bytes = store.get(&key).await?;
                 let index = BlockIndex::decode(bytes).map_err(|e| BlockError::Store(e.to_string()))?;
-                if index.root() != Some(cid) {
+                if let Err(e) = index.verify(&cid, size, chunk_size) {
+                    tracing::error!(%cid, error = %e, "stored block index fails verification");
                     return Err(BlockError::Corrupt { cid: cid.to_string(), block: u64::MAX });
                 }
                 Ok(Arc::new(index))

@@ -23,6 +23,12 @@ pub struct MediaConfig {
     /// this). Default 60s; a request without `timeout_ms` waits 20s.
     #[serde(with = "humantime_serde")]
     pub max_download_wait: Duration,
+    /// Uploads streaming in at once on this edge; more wait up to 10s for a slot, then get
+    /// 503 with `Retry-After`. Default 64.
+    pub max_concurrent_uploads: u32,
+    /// An upload whose client sends nothing for this long is aborted. Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub upload_idle_timeout: Duration,
     /// Serve the unauthenticated `/_matrix/media/v3/download` endpoints. Default true.
     pub legacy_download: bool,
     /// Freeze the legacy endpoints (the spec's recommendation): media created after this
@@ -37,6 +43,8 @@ impl Default for MediaConfig {
             max_pending_uploads_per_user: 10,
             unused_expires_after: Duration::from_secs(24 * 3600),
             max_download_wait: Duration::from_secs(60),
+            max_concurrent_uploads: 64,
+            upload_idle_timeout: Duration::from_secs(30),
             legacy_download: true,
             freeze_legacy_download_after: None,
         }
@@ -63,6 +71,9 @@ impl MediaConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.max_upload_size.as_u64() == 0 {
             return Err("media.max_upload_size must be above 0".into());
+        }
+        if self.max_concurrent_uploads == 0 || self.upload_idle_timeout.is_zero() {
+            return Err("media.max_concurrent_uploads and media.upload_idle_timeout must be above 0".into());
         }
         if self.unused_expires_after.is_zero() {
             return Err("media.unused_expires_after must be above 0".into());

@@ -1,16 +1,20 @@
 //! Ingest: an upload body streamed into the blob store while its CID is computed.
 //!
-//! The body is read once. Each piece goes to a hasher on a blocking thread (the UnixFS DAG
-//! builder, see [`crate::unixfs`]) and to the store: the first [`PART_SIZE`] bytes are
-//! buffered and, if the body ends there, stored with one `put`; otherwise a multipart upload
-//! starts and the rest streams through it. Memory per upload is bounded (one part plus a few
-//! pieces in flight), whatever the file size. Any failure (client gone, body too large, store
-//! error) aborts the multipart upload and deletes what was written: nothing stays behind.
+//! The body is read once. Each piece goes to the store and into a 1 MiB leaf buffer; every
+//! full leaf is hashed on the blocking pool as a short task (under a millisecond), so a slow
+//! client never holds a thread, and the UnixFS DAG (see [`crate::unixfs`]) grows from the leaf
+//! digests. The first [`PART_SIZE`] bytes are buffered and, if the body ends there, stored
+//! with one `put`; otherwise a multipart upload starts and the rest streams through it. Memory
+//! per upload is bounded (one part, one leaf, parts in flight), whatever the file size. Any
+//! failure (client gone or idle too long, body too large, store error) aborts the multipart
+//! upload and deletes what was written: nothing stays behind.
+
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 use object_store::WriteMultipart;
-use tokio::sync::mpsc;
+use sha2::{Digest, Sha256};
 
 use crate::block_index::BlockIndex;
 use crate::store::{BlobStore, PART_SIZE, StoreError};
@@ -25,6 +29,9 @@ pub enum IngestError {
     /// The body ended early or could not be read (client's fault or a dropped connection).
     #[error("request body: {0}")]
     Body(String),
+    /// The client sent nothing for too long.
+    #[error("request body idle for {0:?}")]
+    Idle(Duration),
     /// The blob store failed (retryable).
     #[error("blob store: {0}")]
     Store(String),
@@ -61,28 +68,22 @@ impl Ingested {
 }
 
 /// Streams `body` into `store`; returns once the bytes (and block index) are durable.
-pub async fn ingest<S, E>(store: &BlobStore, body: S, max_size: u64, now_ms: u64) -> Result<Ingested, IngestError>
+pub async fn ingest<S, E>(
+    store: &BlobStore,
+    body: S,
+    max_size: u64,
+    idle_timeout: Duration,
+    now_ms: u64,
+) -> Result<Ingested, IngestError>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,
 {
     let blob_key = BlobStore::new_blob_key();
-    let (tx, mut rx) = mpsc::channel::<Bytes>(8);
-    let hasher = tokio::task::spawn_blocking(move || {
-        let mut builder = DagBuilder::new();
-        while let Some(piece) = rx.blocking_recv() {
-            builder.update(&piece);
-        }
-        builder.finish()
-    });
-
     let mut sink = Sink { store, key: &blob_key, buffer: BytesMut::new(), multipart: None };
-    let fed = feed(body, max_size, &tx, &mut sink).await;
-    drop(tx);
-    let dag = hasher.await.map_err(|e| IngestError::Hasher(e.to_string()));
-    let (size, dag) = match (fed, dag) {
-        (Ok(size), Ok(dag)) => (size, dag),
-        (Err(e), _) | (Ok(_), Err(e)) => {
+    let dag = match feed(body, max_size, idle_timeout, &mut sink).await {
+        Ok(dag) => dag,
+        Err(e) => {
             sink.abort().await;
             return Err(e);
         }
@@ -98,7 +99,6 @@ where
             return Err(e);
         }
     };
-    debug_assert_eq!(size, dag.size);
     Ok(Ingested {
         content: ContentRecord {
             cid: dag.root,
@@ -112,27 +112,49 @@ where
     })
 }
 
-async fn feed<S, E>(
-    mut body: S,
-    max_size: u64,
-    tx: &mpsc::Sender<Bytes>,
-    sink: &mut Sink<'_>,
-) -> Result<u64, IngestError>
+/// sha2-256 of one leaf, on the blocking pool (a short task, never held across I/O).
+async fn hash_leaf(leaf: Bytes) -> Result<[u8; 32], IngestError> {
+    tokio::task::spawn_blocking(move || <[u8; 32]>::from(Sha256::digest(&leaf)))
+        .await
+        .map_err(|e| IngestError::Hasher(e.to_string()))
+}
+
+async fn feed<S, E>(mut body: S, max_size: u64, idle_timeout: Duration, sink: &mut Sink<'_>) -> Result<Dag, IngestError>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,
 {
     let mut size = 0u64;
-    while let Some(piece) = body.next().await {
-        let piece = piece.map_err(|e| IngestError::Body(e.to_string()))?;
+    let mut dag = DagBuilder::new();
+    let mut leaf = BytesMut::with_capacity(CHUNK_SIZE);
+    loop {
+        let piece = match tokio::time::timeout(idle_timeout, body.next()).await {
+            Err(_) => return Err(IngestError::Idle(idle_timeout)),
+            Ok(None) => break,
+            Ok(Some(piece)) => piece.map_err(|e| IngestError::Body(e.to_string()))?,
+        };
         size += piece.len() as u64;
         if size > max_size {
             return Err(IngestError::TooLarge { limit: max_size });
         }
-        tx.send(piece.clone()).await.map_err(|_| IngestError::Hasher("hasher stopped".into()))?;
+        let mut rest = piece.as_ref();
+        while !rest.is_empty() {
+            let take = (CHUNK_SIZE - leaf.len()).min(rest.len());
+            leaf.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            if leaf.len() == CHUNK_SIZE {
+                let full = leaf.split().freeze();
+                dag.push_leaf(hash_leaf(full).await?, CHUNK_SIZE as u64);
+            }
+        }
         sink.write(piece).await?;
     }
-    Ok(size)
+    // The last (possibly empty) leaf: an empty file is one empty raw block.
+    if !leaf.is_empty() || dag.size() == 0 {
+        let len = leaf.len() as u64;
+        dag.push_leaf(hash_leaf(leaf.freeze()).await?, len);
+    }
+    Ok(dag.finish_leaves())
 }
 
 async fn store_index(store: &BlobStore, blob_key: &str, dag: &Dag) -> Result<Option<String>, IngestError> {

@@ -39,6 +39,8 @@ pub struct MediaService {
     pub metrics: Arc<Metrics>,
     /// Ready mxc records (immutable once uploaded) cached for `cache.media_ttl`.
     resolved: Cache<MediaKey, Resolved>,
+    /// Upload slots (`media.max_concurrent_uploads`).
+    upload_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl MediaService {
@@ -53,7 +55,8 @@ impl MediaService {
     ) -> Result<Self, String> {
         let freeze_after_ms = config.freeze_after_ms()?;
         let resolved = Cache::builder().max_capacity(100_000).time_to_live(media_ttl).build();
-        Ok(Self { server_name, config, freeze_after_ms, meta, store, blocks, metrics, resolved })
+        let upload_slots = Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_uploads as usize));
+        Ok(Self { server_name, config, freeze_after_ms, meta, store, blocks, metrics, resolved, upload_slots })
     }
 
     /// Reserves a new media ID for `user` (`POST /create`). Returns `(mxc, expires_at_ms)`.
@@ -79,8 +82,17 @@ impl MediaService {
         S: Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
+        if let Some(id) = &media_id {
+            self.check_reservation(user, id).await?;
+        }
+        let _slot = match tokio::time::timeout(Duration::from_secs(10), self.upload_slots.clone().acquire_owned()).await
+        {
+            Ok(Ok(permit)) => permit,
+            _ => return Err(ApiError::unavailable("Too many uploads in progress; retry shortly", 5_000)),
+        };
         let started = now_ms();
-        let ingested = match ingest(&self.store, body, self.config.max_upload_size.as_u64(), started).await {
+        let limit = self.config.max_upload_size.as_u64();
+        let ingested = match ingest(&self.store, body, limit, self.config.upload_idle_timeout, started).await {
             Ok(i) => i,
             Err(e) => {
                 self.count_upload("error");
@@ -118,6 +130,28 @@ impl MediaService {
                 self.count_upload("error");
                 Err(e.into())
             }
+        }
+    }
+
+    /// Fails fast, before any byte is read, when `media_id` cannot take this user's upload
+    /// (the metadata service checks again, atomically, when the upload commits).
+    async fn check_reservation(&self, user: &str, media_id: &str) -> Result<(), ApiError> {
+        let key = MediaKey::new(&self.server_name, media_id);
+        let rejected = |e: mxcas_meta::CommandError| ApiError::from(MetaError::Rejected(e));
+        match self.meta.get_media(&key).await? {
+            None => Err(rejected(mxcas_meta::CommandError::NotFound)),
+            Some((MediaRecord { state: MediaState::Ready { .. }, .. }, _)) => {
+                Err(rejected(mxcas_meta::CommandError::AlreadyExists))
+            }
+            Some((MediaRecord { uploader, .. }, _)) if uploader != user => {
+                Err(rejected(mxcas_meta::CommandError::PermissionDenied))
+            }
+            Some((MediaRecord { state: MediaState::Pending { expires_at_ms }, .. }, _))
+                if expires_at_ms <= now_ms() =>
+            {
+                Err(rejected(mxcas_meta::CommandError::NotFound))
+            }
+            Some(_) => Ok(()),
         }
     }
 

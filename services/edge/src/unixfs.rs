@@ -121,12 +121,18 @@ impl DagBuilder {
 
     fn flush_leaf(&mut self) {
         let digest: [u8; 32] = Sha256::digest(&self.chunk).into();
-        let link = Link {
-            cid: cid_from_digest(RAW, &digest),
-            tsize: self.chunk.len() as u64,
-            filesize: self.chunk.len() as u64,
-        };
+        let len = self.chunk.len() as u64;
         self.chunk.clear();
+        self.size -= len; // counted by `update` already; `push_leaf` counts it again
+        self.push_leaf(digest, len);
+    }
+
+    /// Adds the next leaf by its sha2-256 and length, for callers that chunk and hash
+    /// themselves (every leaf but the last must be exactly [`CHUNK_SIZE`]). Do not mix with
+    /// [`Self::update`] on one builder.
+    pub fn push_leaf(&mut self, digest: [u8; 32], len: u64) {
+        self.size += len;
+        let link = Link { cid: cid_from_digest(RAW, &digest), tsize: len, filesize: len };
         self.leaves.push(digest);
         self.push(0, link);
     }
@@ -192,6 +198,16 @@ impl DagBuilder {
         if !self.chunk.is_empty() || self.leaves.is_empty() {
             self.flush_leaf();
         }
+        self.finish_tree()
+    }
+
+    /// Finishes a DAG built with [`Self::push_leaf`] (an empty file still needs its one empty
+    /// leaf pushed).
+    pub fn finish_leaves(self) -> Dag {
+        self.finish_tree()
+    }
+
+    fn finish_tree(mut self) -> Dag {
         if self.leaves.len() == 1 {
             let root = self.levels[0][0].cid;
             return Dag { root, size: self.size, leaves: self.leaves, nodes: Vec::new() };
@@ -300,6 +316,21 @@ mod tests {
                 b.update(piece);
             }
             assert_eq!(b.finish().root, whole, "step {step}");
+        }
+    }
+
+    #[test]
+    fn pushing_leaf_digests_gives_the_same_dag_as_update() {
+        for len in [0, 1, CHUNK_SIZE, 2 * CHUNK_SIZE + 3] {
+            let data = pattern(len);
+            let mut pushed = DagBuilder::new();
+            let chunks: Vec<&[u8]> = if data.is_empty() { vec![&[]] } else { data.chunks(CHUNK_SIZE).collect() };
+            for c in chunks {
+                pushed.push_leaf(Sha256::digest(c).into(), c.len() as u64);
+            }
+            let mut b = DagBuilder::new();
+            b.update(&data);
+            assert_eq!(pushed.finish_leaves(), b.finish(), "size {len}");
         }
     }
 

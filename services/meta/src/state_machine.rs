@@ -25,6 +25,8 @@ const CONTENT: TableDefinition<&[u8], &[u8]> = TableDefinition::new("content");
 const PENDING: TableDefinition<(&str, &str, &str), u64> = TableDefinition::new("pending");
 /// upload_id → postcard((now_ms, CommitOutcome)): answers to retried commits
 const UPLOADS: TableDefinition<&str, &[u8]> = TableDefinition::new("uploads");
+/// (committed_at_ms, upload_id) → (): `UPLOADS` by age, so expiry reads only what expires
+const UPLOADS_BY_TIME: TableDefinition<(u64, &str), ()> = TableDefinition::new("uploads_by_time");
 /// bookkeeping: "last_applied"
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// opaque values the raft layer stores with the state (last applied log ID, membership)
@@ -48,6 +50,7 @@ impl StateMachine {
         txn.open_table(CONTENT)?;
         txn.open_table(PENDING)?;
         txn.open_table(UPLOADS)?;
+        txn.open_table(UPLOADS_BY_TIME)?;
         txn.open_table(META)?;
         txn.open_table(EXTRA)?;
         txn.commit()?;
@@ -83,6 +86,7 @@ impl StateMachine {
                 content: txn.open_table(CONTENT)?,
                 pending: txn.open_table(PENDING)?,
                 uploads: txn.open_table(UPLOADS)?,
+                uploads_by_time: txn.open_table(UPLOADS_BY_TIME)?,
             };
             for (_, cmd) in entries {
                 results.push(match cmd {
@@ -167,11 +171,13 @@ impl StateMachine {
             let mut content = txn.open_table(CONTENT)?;
             let mut pending = txn.open_table(PENDING)?;
             let mut uploads = txn.open_table(UPLOADS)?;
+            let mut uploads_by_time = txn.open_table(UPLOADS_BY_TIME)?;
             let mut meta = txn.open_table(META)?;
             media.retain(|_, _| false)?;
             content.retain(|_, _| false)?;
             pending.retain(|_, _| false)?;
             uploads.retain(|_, _| false)?;
+            uploads_by_time.retain(|_, _| false)?;
             meta.retain(|_, _| false)?;
             let mut buf = Vec::new();
             loop {
@@ -191,7 +197,9 @@ impl StateMachine {
                         pending.insert((user.as_str(), server.as_str(), id.as_str()), expires_at_ms)?;
                     }
                     SnapshotRecord::Upload { id, value } => {
+                        let (at, _): (u64, CommitOutcome) = decode("snapshot", &value)?;
                         uploads.insert(id.as_str(), value.as_slice())?;
+                        uploads_by_time.insert((at, id.as_str()), ())?;
                     }
                     SnapshotRecord::Meta { key, value } => {
                         meta.insert(key.as_str(), value)?;
@@ -254,6 +262,7 @@ struct Tables<'txn> {
     content: redb::Table<'txn, &'static [u8], &'static [u8]>,
     pending: redb::Table<'txn, (&'static str, &'static str, &'static str), u64>,
     uploads: redb::Table<'txn, &'static str, &'static [u8]>,
+    uploads_by_time: redb::Table<'txn, (u64, &'static str), ()>,
 }
 
 impl Tables<'_> {
@@ -287,6 +296,7 @@ impl Tables<'_> {
                 )?;
                 if let Ok(outcome) = &result {
                     self.uploads.insert(upload_id.as_str(), encode(&(*now_ms, outcome))?.as_slice())?;
+                    self.uploads_by_time.insert((*now_ms, upload_id.as_str()), ())?;
                 }
                 Ok(result.map(CommandOutput::Committed))
             }
@@ -358,12 +368,15 @@ impl Tables<'_> {
             return Ok(Err(CommandError::InvalidArgument("empty server name, user or blob key".into())));
         }
         let cid_string = content.cid.to_string();
+        // Synchronous uploads are named by their CID; an asynchronous one fills a reservation
+        // (even if a client picked a reservation ID that looks like a CID).
+        let is_sync = media_id.is_none();
         let media_id = media_id.unwrap_or(&cid_string);
         let existing = self.get_media(server_name, media_id)?;
         let created_at_ms = match &existing {
             // A synchronous upload of bytes this server already has: same mxc, nothing new.
             Some(record @ MediaRecord { state: MediaState::Ready { cid, .. }, .. })
-                if media_id == cid_string && *cid == content.cid =>
+                if is_sync && *cid == content.cid =>
             {
                 let stored = self.get_content(&content.cid)?.ok_or(StorageError::Corrupt {
                     table: "content",
@@ -373,6 +386,9 @@ impl Tables<'_> {
                 return Ok(Ok(CommitOutcome { media: record.clone(), content: stored, deduplicated }));
             }
             Some(MediaRecord { state: MediaState::Ready { .. }, .. }) => {
+                return Ok(Err(CommandError::AlreadyExists));
+            }
+            Some(MediaRecord { state: MediaState::Pending { .. }, .. }) if is_sync => {
                 return Ok(Err(CommandError::AlreadyExists));
             }
             Some(MediaRecord { state: MediaState::Pending { expires_at_ms }, uploader, created_at_ms, .. }) => {
@@ -385,7 +401,7 @@ impl Tables<'_> {
                 self.pending.remove((user_id, server_name, media_id))?;
                 *created_at_ms
             }
-            None if media_id == cid_string => now_ms,
+            None if is_sync => now_ms,
             None => return Ok(Err(CommandError::NotFound)),
         };
 
@@ -431,16 +447,16 @@ impl Tables<'_> {
             self.pending.remove((user.as_str(), server.as_str(), media.as_str()))?;
             self.media.remove((server.as_str(), media.as_str()))?;
         }
+        let cutoff = now_ms.saturating_sub(UPLOAD_RECORD_TTL_MS);
         let mut stale = Vec::new();
-        for entry in self.uploads.iter()? {
-            let (k, v) = entry?;
-            let (at, _): (u64, CommitOutcome) = decode("uploads", v.value())?;
-            if at.saturating_add(UPLOAD_RECORD_TTL_MS) <= now_ms {
-                stale.push(k.value().to_owned());
-            }
+        for entry in self.uploads_by_time.range(..(cutoff, ""))? {
+            let (k, _) = entry?;
+            let (at, id) = k.value();
+            stale.push((at, id.to_owned()));
         }
-        for id in &stale {
+        for (at, id) in &stale {
             self.uploads.remove(id.as_str())?;
+            self.uploads_by_time.remove((*at, id.as_str()))?;
         }
         Ok(Ok(CommandOutput::Expired { removed: expired.len() as u64 }))
     }

@@ -18,13 +18,21 @@ impl Authenticator {
         Self { tokens }
     }
 
-    /// The user the request is from, or 401 `M_MISSING_TOKEN` / `M_UNKNOWN_TOKEN`.
+    /// The user the request is from, or 401 `M_MISSING_TOKEN` / `M_UNKNOWN_TOKEN`. The token
+    /// comes from `Authorization: Bearer` (scheme case-insensitive) or, deprecated but still
+    /// in the spec, the `access_token` query parameter.
     pub fn authenticate(&self, headers: &HeaderMap) -> Result<String, ApiError> {
-        let token = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-            .map(str::trim)
+        self.authenticate_with_query(headers, None)
+    }
+
+    pub fn authenticate_with_query(&self, headers: &HeaderMap, query_token: Option<&str>) -> Result<String, ApiError> {
+        let from_header = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| {
+            let (scheme, rest) = v.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+        });
+        let token = from_header
+            .or(query_token)
+            .filter(|t| !t.is_empty())
             .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "M_MISSING_TOKEN", "Missing access token"))?;
         self.tokens
             .get(token)

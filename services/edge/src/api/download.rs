@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -40,10 +41,11 @@ pub async fn download_v1(
     State(state): State<Arc<AppState>>,
     method: Method,
     headers: HeaderMap,
-    Path(path): Path<MediaPath>,
+    path: Result<Path<MediaPath>, PathRejection>,
     Query(query): Query<BTreeMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    state.auth.authenticate(&headers)?;
+    state.auth.authenticate_with_query(&headers, query.get("access_token").map(String::as_str))?;
+    let Path(path) = path.map_err(super::path_error)?;
     serve(&state, method, &headers, path, &query, false).await
 }
 
@@ -51,9 +53,10 @@ pub async fn download_legacy(
     State(state): State<Arc<AppState>>,
     method: Method,
     headers: HeaderMap,
-    Path(path): Path<MediaPath>,
+    path: Result<Path<MediaPath>, PathRejection>,
     Query(query): Query<BTreeMap<String, String>>,
 ) -> Result<Response, ApiError> {
+    let Path(path) = path.map_err(super::path_error)?;
     if !state.media.config.legacy_download {
         return Err(ApiError::not_found("Unauthenticated media download is disabled; use /_matrix/client/v1/media"));
     }
@@ -123,16 +126,20 @@ async fn respond(
         return Ok((StatusCode::NOT_MODIFIED, h).into_response());
     }
 
-    insert(&mut h, header::CONTENT_TYPE, content_type);
-    insert(&mut h, header::CONTENT_DISPOSITION, &content_disposition(content_type, file_name.or(filename.as_deref())));
-
-    let range = decide(req_headers.get(header::RANGE).and_then(|v| v.to_str().ok()), size);
-    let (status, start, end) = match range {
+    // If-Range: the range applies only to this exact representation (strong ETag match; we
+    // send no Last-Modified, so a date never matches).
+    let if_range_ok =
+        req_headers.get(header::IF_RANGE).map(|v| v.to_str().is_ok_and(|v| v.trim() == etag)).unwrap_or(true);
+    let range_header = req_headers.get(header::RANGE).and_then(|v| v.to_str().ok()).filter(|_| if_range_ok);
+    let (status, start, end) = match decide(range_header, size) {
         RangeDecision::Unsatisfiable => {
-            insert(&mut h, header::CONTENT_RANGE, &format!("bytes */{size}"));
-            let body = ApiError::new(StatusCode::RANGE_NOT_SATISFIABLE, "M_UNKNOWN", "Range not satisfiable");
-            let mut resp = body.into_response();
-            resp.headers_mut().extend(h);
+            // An error, not the media: no media headers, nothing cached for a year.
+            let mut resp =
+                ApiError::new(StatusCode::RANGE_NOT_SATISFIABLE, "M_UNKNOWN", "Range not satisfiable").into_response();
+            let rh = resp.headers_mut();
+            insert(rh, header::CONTENT_RANGE, &format!("bytes */{size}"));
+            insert(rh, header::X_CONTENT_TYPE_OPTIONS, "nosniff");
+            insert(rh, header::CACHE_CONTROL, "no-store");
             return Ok(resp);
         }
         RangeDecision::Partial { start, end } => {
@@ -141,6 +148,8 @@ async fn respond(
         }
         RangeDecision::Full => (StatusCode::OK, 0, size),
     };
+    insert(&mut h, header::CONTENT_TYPE, content_type);
+    insert(&mut h, header::CONTENT_DISPOSITION, &content_disposition(content_type, file_name.or(filename.as_deref())));
     insert(&mut h, header::CONTENT_LENGTH, &(end - start).to_string());
 
     if method == Method::HEAD || start == end {

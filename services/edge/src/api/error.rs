@@ -115,8 +115,13 @@ impl From<IngestError> for ApiError {
                 format!("Upload is larger than the limit of {limit} bytes"),
             ),
             IngestError::Body(m) => ApiError::bad_request(
-                "M_BAD_REQUEST",
+                "M_UNKNOWN",
                 format!("The request body could not be read completely ({m}); nothing was stored"),
+            ),
+            IngestError::Idle(t) => ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "M_UNKNOWN",
+                format!("No upload data arrived for {}s; nothing was stored", t.as_secs()),
             ),
             IngestError::Store(m) => {
                 tracing::error!(error = %m, "blob store write failed");

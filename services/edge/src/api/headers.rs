@@ -36,10 +36,74 @@ const INLINE_TYPES: &[&str] = &[
 
 pub const CONTENT_SECURITY_POLICY: &str = "sandbox; default-src 'none'; script-src 'none'; plugin-types application/pdf; style-src 'unsafe-inline'; media-src 'self'; object-src 'self';";
 
-/// Whether `content_type` (parameters ignored) may be shown inline.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// Parses a media type exactly as RFC 9110 §8.3.1 writes it, `type/subtype *(; name=value)`
+/// with token or quoted-string values, and returns its lower-case essence (`type/subtype`).
+/// Anything else (a comma, a second type, stray characters) is `None`: browsers would each
+/// read such a value their own way.
+pub fn parse_content_type(value: &str) -> Option<String> {
+    let b = value.as_bytes();
+    let mut i = 0;
+    let token = |i: &mut usize| -> Option<()> {
+        let start = *i;
+        while *i < b.len() && is_tchar(b[*i]) {
+            *i += 1;
+        }
+        (*i > start).then_some(())
+    };
+    let ows = |i: &mut usize| {
+        while *i < b.len() && (b[*i] == b' ' || b[*i] == b'\t') {
+            *i += 1;
+        }
+    };
+    token(&mut i)?;
+    if b.get(i) != Some(&b'/') {
+        return None;
+    }
+    i += 1;
+    token(&mut i)?;
+    let essence = value[..i].to_ascii_lowercase();
+    loop {
+        ows(&mut i);
+        if i == b.len() {
+            return Some(essence);
+        }
+        if b[i] != b';' {
+            return None;
+        }
+        i += 1;
+        ows(&mut i);
+        token(&mut i)?;
+        if b.get(i) != Some(&b'=') {
+            return None;
+        }
+        i += 1;
+        if b.get(i) == Some(&b'"') {
+            i += 1;
+            loop {
+                match b.get(i)? {
+                    b'"' => {
+                        i += 1;
+                        break;
+                    }
+                    b'\\' => i += 2,
+                    c if *c == b'\t' || (0x20..0x7f).contains(c) => i += 1,
+                    _ => return None,
+                }
+            }
+        } else {
+            token(&mut i)?;
+        }
+    }
+}
+
+/// Whether `content_type` may be shown inline: it must parse as exactly one media type, and
+/// that type must be on the spec's list.
 pub fn is_inline_safe(content_type: &str) -> bool {
-    let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    INLINE_TYPES.contains(&essence.as_str())
+    parse_content_type(content_type).is_some_and(|essence| INLINE_TYPES.contains(&essence.as_str()))
 }
 
 /// RFC 5987 `attr-char`s stay; everything else is percent-encoded.
@@ -88,6 +152,29 @@ mod tests {
         assert!(!is_inline_safe("text/html"));
         assert!(!is_inline_safe("image/svg+xml"));
         assert!(!is_inline_safe("application/octet-stream"));
+        // Browsers read the last type of a list: never inline.
+        assert!(!is_inline_safe("text/plain;a=b,text/html"));
+        assert!(!is_inline_safe("text/plain, text/html"));
+    }
+
+    #[test]
+    fn content_types_parse_strictly() {
+        assert_eq!(parse_content_type("Text/Plain; charset=\"utf-8\"").as_deref(), Some("text/plain"));
+        assert_eq!(parse_content_type("image/png").as_deref(), Some("image/png"));
+        assert_eq!(parse_content_type("a/b;x=y;z=\"q\\\"r\"").as_deref(), Some("a/b"));
+        for bad in [
+            "",
+            "text",
+            "text/",
+            "/plain",
+            "text/plain,",
+            "text/plain;a",
+            "text/plain;a=\"x",
+            "te xt/plain",
+            "text/plain;a=b,text/html",
+        ] {
+            assert_eq!(parse_content_type(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

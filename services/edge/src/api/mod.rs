@@ -82,6 +82,11 @@ async fn observe(State(state): State<Arc<AppState>>, req: Request, next: Next) -
     resp
 }
 
+/// A path that does not decode (bad UTF-8, wrong shape) as Matrix JSON.
+pub fn path_error(e: axum::extract::rejection::PathRejection) -> ApiError {
+    ApiError::bad_request("M_INVALID_PARAM", format!("Malformed path: {}", e.body_text()))
+}
+
 /// `[A-Za-z0-9_-]{1,255}`: the spec's media ID grammar (and every CIDv1 in base32).
 pub fn valid_media_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 255 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Body;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, header};
 use serde_json::{Value, json};
@@ -15,8 +16,12 @@ use super::error::ApiError;
 
 const DEFAULT_CONTENT_TYPE: &str = "application/octet-stream";
 
-pub async fn config(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
-    state.auth.authenticate(&headers)?;
+pub async fn config(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(query): Query<BTreeMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    state.auth.authenticate_with_query(&headers, query.get("access_token").map(String::as_str))?;
     Ok(Json(json!({ "m.upload.size": state.media.config.max_upload_size.as_u64() })))
 }
 
@@ -26,7 +31,7 @@ pub async fn upload(
     Query(query): Query<BTreeMap<String, String>>,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    let user = state.auth.authenticate(&headers)?;
+    let user = state.auth.authenticate_with_query(&headers, query.get("access_token").map(String::as_str))?;
     let (content_type, filename) = upload_params(&state, &headers, &query)?;
     let key = state.media.upload(&user, None, content_type, filename, body.into_data_stream()).await?;
     Ok(Json(json!({ "content_uri": key.to_string() })))
@@ -35,11 +40,12 @@ pub async fn upload(
 pub async fn upload_to(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Path((server_name, media_id)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
     Query(query): Query<BTreeMap<String, String>>,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    let user = state.auth.authenticate(&headers)?;
+    let user = state.auth.authenticate_with_query(&headers, query.get("access_token").map(String::as_str))?;
+    let Path((server_name, media_id)) = path.map_err(super::path_error)?;
     if !super::valid_server_name(&server_name) || !super::valid_media_id(&media_id) {
         return Err(ApiError::bad_request("M_INVALID_PARAM", "Malformed server name or media ID"));
     }
@@ -51,8 +57,12 @@ pub async fn upload_to(
     Ok(Json(json!({})))
 }
 
-pub async fn create(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
-    let user = state.auth.authenticate(&headers)?;
+pub async fn create(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(query): Query<BTreeMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let user = state.auth.authenticate_with_query(&headers, query.get("access_token").map(String::as_str))?;
     let (key, expires_at) = state.media.create_pending(&user).await?;
     Ok(Json(json!({ "content_uri": key.to_string(), "unused_expires_at": expires_at })))
 }
@@ -70,7 +80,7 @@ fn upload_params(
             .to_str()
             .ok()
             .and_then(|v| v.parse().ok())
-            .ok_or_else(|| ApiError::bad_request("M_BAD_REQUEST", "Malformed Content-Length"))?;
+            .ok_or_else(|| ApiError::bad_request("M_INVALID_PARAM", "Malformed Content-Length"))?;
         if len > limit {
             return Err(crate::ingest::IngestError::TooLarge { limit }.into());
         }
@@ -80,8 +90,11 @@ fn upload_params(
         Some(v) => {
             let v = v.to_str().map_err(|_| ApiError::bad_request("M_INVALID_PARAM", "Content-Type must be ASCII"))?;
             let v = v.trim();
-            if v.is_empty() || v.len() > 255 || !v.contains('/') {
-                return Err(ApiError::bad_request("M_INVALID_PARAM", "Malformed Content-Type"));
+            if v.len() > 255 || super::headers::parse_content_type(v).is_none() {
+                return Err(ApiError::bad_request(
+                    "M_INVALID_PARAM",
+                    "Content-Type must be one media type, type/subtype with optional ;name=value parameters",
+                ));
             }
             v.to_owned()
         }

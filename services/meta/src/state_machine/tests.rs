@@ -118,12 +118,34 @@ fn async_upload_rules() {
 }
 
 #[test]
+fn async_commit_to_a_cid_named_id_needs_a_reservation() {
+    let mut f = Fixture::new();
+    let id = cid(1).to_string();
+    assert_eq!(f.apply(commit("a1", Some(&id), "@a:hs", 10, content(1, "blobs/1"))), Err(CommandError::NotFound));
+    f.committed(commit("s1", None, "@a:hs", 10, content(1, "blobs/1")));
+    assert_eq!(
+        f.apply(commit("a2", Some(&id), "@a:hs", 10, content(1, "blobs/2"))),
+        Err(CommandError::AlreadyExists),
+        "a PUT to an existing mxc is never a silent success"
+    );
+}
+
+#[test]
 fn expired_reservations_are_not_found_and_get_removed() {
     let mut f = Fixture::new();
     f.apply(pending("p1", "@a:hs", 0, 100, 5)).expect("pending");
     assert_eq!(f.apply(commit("x", Some("p1"), "@a:hs", 100, content(1, "b"))), Err(CommandError::NotFound));
     assert_eq!(f.apply(Command::ExpirePending { now_ms: 100 }), Ok(CommandOutput::Expired { removed: 1 }));
     assert!(f.sm.get_media(&MediaKey::new("hs", "p1")).expect("read").is_none());
+
+    // Idempotency records live a day: a retry within it gets the first answer, after it the
+    // record is gone (and the same upload ID is a new commit).
+    let first = f.committed(commit("u-day", None, "@a:hs", 1_000, content(5, "blobs/5")));
+    f.apply(Command::ExpirePending { now_ms: 1_000 + 23 * 3_600_000 }).expect("expire");
+    assert_eq!(f.committed(commit("u-day", None, "@a:hs", 2_000, content(6, "blobs/6"))), first);
+    f.apply(Command::ExpirePending { now_ms: 1_001 + 24 * 3_600_000 }).expect("expire");
+    let later = f.committed(commit("u-day", None, "@a:hs", 3_000, content(6, "blobs/6")));
+    assert_ne!(later, first);
 }
 
 #[test]
