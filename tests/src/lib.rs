@@ -10,8 +10,10 @@
 //! `MXCAS_BIN` (else `target/<profile>/mxcas` next to the test binary), `WEED_BIN`,
 //! `MXCAS_ORACLE_DIR`.
 
+pub mod cluster;
 pub mod node;
 pub mod oracle;
+pub mod proxy;
 pub mod s3;
 
 pub use node::{Node, NodeOptions, Store};

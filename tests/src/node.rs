@@ -27,11 +27,14 @@ pub struct NodeOptions {
     pub media: String,
     /// Extra TOML for `[cache]`.
     pub cache: String,
+    /// Empty: `mxcas serve` (embedded metadata service). Otherwise `mxcas edge` against
+    /// these metadata nodes.
+    pub edge_meta: Vec<String>,
 }
 
 impl Default for NodeOptions {
     fn default() -> Self {
-        Self { store: Store::Fs, media: String::new(), cache: String::new() }
+        Self { store: Store::Fs, media: String::new(), cache: String::new(), edge_meta: Vec::new() }
     }
 }
 
@@ -88,10 +91,11 @@ impl Node {
         let config = format!(
             "server_name = \"localhost\"\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndata_dir = \"{data}\"\n\
              [auth]\ntokens = {{ \"{ALICE}\" = \"@alice:localhost\", \"{BOB}\" = \"@bob:localhost\" }}\n\
-             [media]\n{media}\n[cache]\n{cache}\n[store]\n{store}",
+             [media]\n{media}\n[cache]\n{cache}\n[edge]\nmeta = [{edge_meta}]\n[store]\n{store}",
             data = self.data_dir().display(),
             media = self.opts.media,
             cache = self.opts.cache,
+            edge_meta = self.opts.edge_meta.iter().map(|m| format!("\"{m}\"")).collect::<Vec<_>>().join(", "),
         );
         std::fs::write(self.dir.path().join("mxcas.toml"), config)?;
         Ok(())
@@ -100,8 +104,9 @@ impl Node {
     async fn spawn(&mut self) -> anyhow::Result<()> {
         self.starts += 1;
         let log = std::fs::File::create(self.log_path())?;
+        let role = if self.opts.edge_meta.is_empty() { "serve" } else { "edge" };
         let child = Command::new(mxcas_bin())
-            .arg("serve")
+            .arg(role)
             .arg("--config")
             .arg(self.dir.path().join("mxcas.toml"))
             .env("RUST_LOG", "info,mxcas=debug")

@@ -256,7 +256,8 @@ impl MetaClient {
 
     /// `(last_applied, media_count, content_count)` of the node answering.
     pub async fn status(&self) -> Result<(u64, u64, u64), MetaError> {
-        let resp = self.retrying(true, |mut cl| async move { cl.status(pb::StatusRequest {}).await }).await?;
+        let resp =
+            self.retrying(true, |mut cl| async move { cl.status(pb::StatusRequest { digest: false }).await }).await?;
         let s = resp.into_inner();
         Ok((s.last_applied, s.media_count, s.content_count))
     }

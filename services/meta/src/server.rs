@@ -195,10 +195,20 @@ impl Meta for MetaService {
         Ok(Response::new(pb::GetContentResponse { content: content.as_ref().map(Into::into) }))
     }
 
-    async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+    async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        let want_digest = req.into_inner().digest;
         let node_id = self.node_id;
-        let (last_applied, (media_count, content_count)) =
-            self.read(|sm| Ok((sm.last_applied()?, sm.counts()?))).await?;
-        Ok(Response::new(pb::StatusResponse { node_id, last_applied, media_count, content_count }))
+        // The node's own view, without a leader round trip: operators ask every node.
+        let sm = self.sm.clone();
+        let (last_applied, (media_count, content_count), digest) =
+            tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
+                let digest = if want_digest { Some(sm.digest()?) } else { None };
+                Ok((sm.last_applied()?, sm.counts()?, digest))
+            })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| status_from_storage_error(&e))?;
+        let state_digest = digest.map(|d| d.iter().map(|b| format!("{b:02x}")).collect()).unwrap_or_default();
+        Ok(Response::new(pb::StatusResponse { node_id, last_applied, media_count, content_count, state_digest }))
     }
 }

@@ -242,6 +242,23 @@ impl StateMachine {
         Ok((txn.open_table(MEDIA)?.len()?, txn.open_table(CONTENT)?.len()?))
     }
 
+    /// sha2-256 of [`Self::export`]'s output: equal on replicas with the same state.
+    pub fn digest(&self) -> Result<[u8; 32], StorageError> {
+        struct HashWriter(sha2::Sha256);
+        impl std::io::Write for HashWriter {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                sha2::Digest::update(&mut self.0, buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut w = HashWriter(<sha2::Sha256 as sha2::Digest>::new());
+        self.export(&mut w, &[])?;
+        Ok(sha2::Digest::finalize(w.0).into())
+    }
+
     /// Every blob key the metadata references (for the orphan sweeper and tests).
     pub fn referenced_keys(&self) -> Result<Vec<String>, StorageError> {
         let txn = self.db.begin_read()?;

@@ -43,6 +43,9 @@ pub struct MetaSection {
     pub advertise: Option<String>,
     /// This node's raft ID (unique in the cluster, never reused). Default 1.
     pub node_id: u64,
+    /// Local address outgoing raft connections are made from (multi-homed hosts; the test
+    /// harness uses it to tell nodes apart behind its link proxies). Default: any.
+    pub bind_outgoing: Option<std::net::IpAddr>,
     /// Raft heartbeat. Default 100ms.
     #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
@@ -66,6 +69,7 @@ impl Default for MetaSection {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             advertise: None,
             node_id: 1,
+            bind_outgoing: None,
             heartbeat_interval: r.heartbeat_interval,
             election_timeout_min: r.election_timeout_min,
             election_timeout_max: r.election_timeout_max,
@@ -82,8 +86,9 @@ impl MetaSection {
             election_timeout_min: self.election_timeout_min,
             election_timeout_max: self.election_timeout_max,
             snapshot_every: self.snapshot_every,
-            keep_after_snapshot: (self.snapshot_every / 10).max(100),
+            keep_after_snapshot: (self.snapshot_every / 10).max(10),
             rpc_timeout: self.rpc_timeout,
+            bind_outgoing: self.bind_outgoing,
         }
     }
 }

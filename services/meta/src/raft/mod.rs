@@ -61,6 +61,8 @@ pub struct RaftSettings {
     pub keep_after_snapshot: u64,
     /// Deadline of one raft RPC to a peer.
     pub rpc_timeout: Duration,
+    /// Local address for outgoing raft connections (default: chosen by the OS).
+    pub bind_outgoing: Option<std::net::IpAddr>,
 }
 
 impl Default for RaftSettings {
@@ -72,6 +74,7 @@ impl Default for RaftSettings {
             snapshot_every: 10_000,
             keep_after_snapshot: 1_000,
             rpc_timeout: Duration::from_secs(3),
+            bind_outgoing: None,
         }
     }
 }
@@ -110,7 +113,7 @@ impl RaftNode {
         let sm = Arc::new(StateMachine::open(&dir.join("state.redb"))?);
         let log = log_store::LogStore::open(&dir.join("log.redb"))?;
         let sm_store = sm_store::SmStore::open(sm.clone(), dir.join("snapshots")).await?;
-        let network = network::Network::new(settings.rpc_timeout);
+        let network = network::Network::new(settings.rpc_timeout, settings.bind_outgoing);
         let raft = Raft::new(id, config, network, log, sm_store).await.map_err(|e| StartError::Raft(e.to_string()))?;
         Ok(Self { id, raft, sm })
     }

@@ -24,12 +24,13 @@ use super::{NodeId, TypeConfig};
 #[derive(Clone)]
 pub struct Network {
     timeout: Duration,
+    local: Option<std::net::IpAddr>,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
 }
 
 impl Network {
-    pub fn new(timeout: Duration) -> Self {
-        Self { timeout, channels: Arc::default() }
+    pub fn new(timeout: Duration, local: Option<std::net::IpAddr>) -> Self {
+        Self { timeout, local, channels: Arc::default() }
     }
 
     fn channel(&self, addr: &str) -> Result<Channel, String> {
@@ -42,6 +43,7 @@ impl Network {
             .connect_timeout(self.timeout)
             .timeout(self.timeout)
             .tcp_nodelay(true)
+            .local_address(self.local)
             .connect_lazy();
         channels.insert(addr.to_owned(), channel.clone());
         Ok(channel)

@@ -1,0 +1,242 @@
+//! The replicated metadata service under failure: real `mxcas meta` and `mxcas edge`
+//! processes on loopback, SeaweedFS as the shared blob store, link proxies for partitions.
+//! Reproduce one test: `scripts/test.sh <test name>`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use mxcas_tests::cluster::{Cluster, MetaOptions, MetaProc, admin};
+use mxcas_tests::node::ALICE;
+use mxcas_tests::s3::SeaweedFs;
+use mxcas_tests::{Node, NodeOptions, test_bytes};
+use tokio::sync::Mutex;
+
+fn size_for(seed: u64) -> usize {
+    [2_000, 300_000, 1_048_577, 40_000][(seed % 4) as usize]
+}
+
+type Acked = Arc<Mutex<Vec<(String, u64)>>>;
+
+/// Uploads through `edges` (round robin) until `stop`; records what got a 200.
+struct Load {
+    acked: Acked,
+    failed: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(edges: &[&Node], workers: usize, seed_base: u64) -> Load {
+        let acked: Acked = Arc::default();
+        let failed = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let next = Arc::new(AtomicU64::new(seed_base));
+        let targets: Vec<(reqwest::Client, String)> =
+            edges.iter().map(|e| (e.http.clone(), e.url("/_matrix/media/v3/upload"))).collect();
+        let mut handles = Vec::new();
+        for w in 0..workers {
+            let (acked, failed, stop, next, targets) =
+                (acked.clone(), failed.clone(), stop.clone(), next.clone(), targets.clone());
+            handles.push(tokio::spawn(async move {
+                let mut i = w;
+                while !stop.load(Ordering::Relaxed) {
+                    let (http, url) = &targets[i % targets.len()];
+                    i += 1;
+                    let seed = next.fetch_add(1, Ordering::Relaxed);
+                    let body = test_bytes(seed, size_for(seed));
+                    let sent =
+                        http.post(url).bearer_auth(ALICE).body(body).timeout(Duration::from_secs(30)).send().await;
+                    let id = match sent {
+                        Ok(r) if r.status() == 200 => r.json::<serde_json::Value>().await.ok().and_then(|j| {
+                            j["content_uri"]
+                                .as_str()
+                                .and_then(|u| u.strip_prefix("mxc://localhost/"))
+                                .map(str::to_owned)
+                        }),
+                        _ => None,
+                    };
+                    match id {
+                        Some(id) => acked.lock().await.push((id, seed)),
+                        None => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            }));
+        }
+        Load { acked, failed, stop, workers: handles }
+    }
+
+    async fn stop(self) -> anyhow::Result<(Vec<(String, u64)>, u64)> {
+        self.stop.store(true, Ordering::Relaxed);
+        for w in self.workers {
+            w.await?;
+        }
+        let acked = self.acked.lock().await.clone();
+        Ok((acked, self.failed.load(Ordering::Relaxed)))
+    }
+}
+
+/// Every acknowledged upload downloads byte-identical from every edge; returns how many did not.
+async fn lost(acked: &[(String, u64)], edges: &[&Node]) -> anyhow::Result<usize> {
+    let mut lost = 0;
+    for (id, seed) in acked {
+        let want = test_bytes(*seed, size_for(*seed));
+        for edge in edges {
+            let resp = edge.download(id).await?;
+            if resp.status() != 200 || resp.bytes().await?.as_ref() != want.as_slice() {
+                eprintln!("LOST: {id} (seed {seed}) via {}", edge.api);
+                lost += 1;
+            }
+        }
+    }
+    Ok(lost)
+}
+
+async fn edges(s3: &SeaweedFs, cluster: &Cluster, n: usize) -> anyhow::Result<Vec<Node>> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(
+            Node::start(NodeOptions { store: s3.store(), edge_meta: cluster.endpoints(), ..Default::default() })
+                .await?,
+        );
+    }
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_killed_twice_under_load_loses_no_acknowledged_upload() -> anyhow::Result<()> {
+    let s3 = SeaweedFs::start().await?;
+    let mut cluster = Cluster::start(3, MetaOptions::default()).await?;
+    let edges = edges(&s3, &cluster, 2).await?;
+    let edge_refs: Vec<&Node> = edges.iter().collect();
+    let load = Load::start(&edge_refs, 4, 1);
+    let started = Instant::now();
+    for round in 0..2 {
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        let leader = cluster.wait_leader(Duration::from_secs(20)).await?;
+        println!("t={:?} round {round}: kill -9 leader {leader}", started.elapsed());
+        cluster.node(leader).kill9();
+        let new = cluster.wait_new_leader(leader, Duration::from_secs(20)).await?;
+        println!("t={:?} new leader {new}", started.elapsed());
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        cluster.node(leader).restart().await?;
+    }
+    tokio::time::sleep(Duration::from_secs(60u64.saturating_sub(started.elapsed().as_secs()))).await;
+    let (acked, failed) = load.stop().await?;
+    let lost = lost(&acked, &edge_refs).await?;
+    println!("acknowledged {}, failed {failed}, lost {lost}", acked.len());
+    assert!(acked.len() > 50, "too few uploads to prove anything: {}", acked.len());
+    assert_eq!(lost, 0);
+    cluster.converged(Duration::from_secs(30)).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_cluster_kill_9_and_restart_keeps_everything() -> anyhow::Result<()> {
+    let s3 = SeaweedFs::start().await?;
+    let mut cluster = Cluster::start(3, MetaOptions::default()).await?;
+    let edges = edges(&s3, &cluster, 1).await?;
+    let edge_refs: Vec<&Node> = edges.iter().collect();
+    let load = Load::start(&edge_refs, 3, 10_000);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    for m in &mut cluster.metas {
+        m.kill9();
+    }
+    let (acked, failed) = load.stop().await?;
+    for m in &mut cluster.metas {
+        m.restart().await?;
+    }
+    cluster.wait_leader(Duration::from_secs(20)).await?;
+    let lost = lost(&acked, &edge_refs).await?;
+    println!("acknowledged {}, failed {failed}, lost {lost}", acked.len());
+    assert!(acked.len() > 10);
+    assert_eq!(lost, 0);
+    // And it takes writes again.
+    edges[0].upload_ok(b"after the restart".to_vec()).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isolated_leader_takes_no_writes_and_converges_after_healing() -> anyhow::Result<()> {
+    let s3 = SeaweedFs::start().await?;
+    let cluster = Cluster::start(3, MetaOptions::default()).await?;
+    let edges = edges(&s3, &cluster, 1).await?;
+    for i in 0..5u64 {
+        edges[0].upload_ok(test_bytes(20_000 + i, 1000)).await?;
+    }
+    let old = cluster.wait_leader(Duration::from_secs(10)).await?;
+    let isolated = &cluster.metas[(old - 1) as usize];
+    cluster.isolate(old);
+    let new = cluster.wait_new_leader(old, Duration::from_secs(20)).await?;
+    println!("isolated {old}; the majority elected {new}");
+    let applied_before = isolated.state().await?.last_applied;
+
+    // The majority keeps taking writes (the edge finds the new leader).
+    let mut written = Vec::new();
+    for i in 0..10u64 {
+        let data = test_bytes(30_000 + i, 5000);
+        written.push((edges[0].upload_ok(data.clone()).await?, data));
+    }
+    // The isolated node applied none of them.
+    let isolated_state = isolated.state().await?;
+    assert_eq!(isolated_state.last_applied, applied_before, "an isolated node must not apply new writes");
+
+    cluster.heal();
+    let digest = cluster.converged(Duration::from_secs(30)).await?;
+    println!("converged on state {digest}");
+    for (id, data) in written {
+        assert_eq!(edges[0].download(&id).await?.bytes().await?.as_ref(), data.as_slice());
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_added_under_load_catches_up_by_snapshot_and_a_removed_node_leaves_a_working_majority()
+-> anyhow::Result<()> {
+    let s3 = SeaweedFs::start().await?;
+    let opts = MetaOptions { snapshot_every: 20 };
+    let mut cluster = Cluster::start(3, opts.clone()).await?;
+    let edges = edges(&s3, &cluster, 1).await?;
+    let edge_refs: Vec<&Node> = edges.iter().collect();
+    let load = Load::start(&edge_refs, 3, 40_000);
+    // Enough writes that the log before the newcomer's start has been compacted away.
+    mxcas_tests::wait_for("a snapshot on the leader", Duration::from_secs(60), || async {
+        let l = cluster.leader().await?;
+        let s = cluster.metas[(l - 1) as usize].cluster_status().await.ok()?;
+        (s.snapshot_index.unwrap_or(0) >= 40).then_some(())
+    })
+    .await?;
+
+    let fourth = MetaProc::start(4, &opts).await?;
+    let entry = cluster.endpoints()[0].clone();
+    admin(&entry, &["add-learner", "--id", "4", "--addr", &fourth.proxy.addr.to_string()])?;
+    admin(&entry, &["promote", "--id", "4"])?;
+    cluster.metas.push(fourth);
+    assert!(cluster.metas[3].log().contains("installed snapshot"), "node 4 should have caught up by snapshot");
+
+    // Remove a follower under load, then stop it: 1, 3 (or 4) still make a majority of 3.
+    let leader = cluster.wait_leader(Duration::from_secs(10)).await?;
+    let victim = [1u64, 2, 3].into_iter().find(|id| *id != leader).unwrap_or(2);
+    admin(&entry_for(&cluster, victim), &["remove", "--id", &victim.to_string()])?;
+    cluster.node(victim).kill9();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (acked, failed) = load.stop().await?;
+    let after = edges[0].upload_ok(b"written by the remaining majority".to_vec()).await?;
+    let lost = lost(&acked, &edge_refs).await?;
+    println!("acknowledged {}, failed {failed}, lost {lost}; removed node {victim}", acked.len());
+    assert_eq!(lost, 0);
+    assert_eq!(edges[0].download(&after).await?.status(), 200);
+    let status = cluster.metas[3].cluster_status().await?;
+    assert!(status.members.iter().all(|m| m.id != victim), "node {victim} is still a member: {status:?}");
+    assert_eq!(status.members.iter().filter(|m| m.voter).count(), 3);
+    cluster.converged(Duration::from_secs(30)).await?;
+    Ok(())
+}
+
+/// Any running node other than `avoid`, as an admin entry point.
+fn entry_for(cluster: &Cluster, avoid: u64) -> String {
+    cluster.metas.iter().find(|m| m.id != avoid && m.is_running()).map(|m| m.proxy.addr.to_string()).unwrap_or_default()
+}
