@@ -30,11 +30,19 @@ pub struct NodeOptions {
     /// Empty: `mxcas serve` (embedded metadata service). Otherwise `mxcas edge` against
     /// these metadata nodes.
     pub edge_meta: Vec<String>,
+    /// Extra TOML sections appended to the config.
+    pub extra: String,
 }
 
 impl Default for NodeOptions {
     fn default() -> Self {
-        Self { store: Store::Fs, media: String::new(), cache: String::new(), edge_meta: Vec::new() }
+        Self {
+            store: Store::Fs,
+            media: String::new(),
+            cache: String::new(),
+            edge_meta: Vec::new(),
+            extra: String::new(),
+        }
     }
 }
 
@@ -91,10 +99,11 @@ impl Node {
         let config = format!(
             "server_name = \"localhost\"\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndata_dir = \"{data}\"\n\
              [auth]\ntokens = {{ \"{ALICE}\" = \"@alice:localhost\", \"{BOB}\" = \"@bob:localhost\" }}\n\
-             [media]\n{media}\n[cache]\n{cache}\n[edge]\nmeta = [{edge_meta}]\n[store]\n{store}",
+             [media]\n{media}\n[cache]\n{cache}\n[edge]\nmeta = [{edge_meta}]\n[store]\n{store}\n{extra}",
             data = self.data_dir().display(),
             media = self.opts.media,
             cache = self.opts.cache,
+            extra = self.opts.extra,
             edge_meta = self.opts.edge_meta.iter().map(|m| format!("\"{m}\"")).collect::<Vec<_>>().join(", "),
         );
         std::fs::write(self.dir.path().join("mxcas.toml"), config)?;

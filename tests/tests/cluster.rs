@@ -250,3 +250,72 @@ async fn node_added_under_load_catches_up_by_snapshot_and_a_removed_node_leaves_
 fn entry_for(cluster: &Cluster, avoid: u64) -> String {
     cluster.metas.iter().find(|m| m.id != avoid && m.is_running()).map(|m| m.proxy.addr.to_string()).unwrap_or_default()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_edge_never_acknowledges_and_orphans_are_swept() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s3 = SeaweedFs::start().await?;
+    let mut cluster = Cluster::start(3, MetaOptions::default()).await?;
+    let mut doomed =
+        Node::start(NodeOptions { store: s3.store(), edge_meta: cluster.endpoints(), ..Default::default() }).await?;
+    let sweeping = Node::start(NodeOptions {
+        store: s3.store(),
+        edge_meta: cluster.endpoints(),
+        extra: "[sweeper]\ninterval = \"500ms\"\ngrace = \"2s\"\n".into(),
+        ..Default::default()
+    })
+    .await?;
+    let kept = test_bytes(50_000, 3 * 1024 * 1024 + 1);
+    let kept_id = sweeping.upload_ok(kept.clone()).await?;
+
+    // An edge killed mid-upload: the client sees the connection die, never a 200.
+    let mut conn = tokio::net::TcpStream::connect(doomed.api.trim_start_matches("http://")).await?;
+    let head = format!(
+        "POST /_matrix/media/v3/upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ALICE}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    );
+    conn.write_all(head.as_bytes()).await?;
+    for _ in 0..12 {
+        conn.write_all(format!("{:x}\r\n", 1024 * 1024).as_bytes()).await?;
+        conn.write_all(&vec![7u8; 1024 * 1024]).await?;
+        conn.write_all(b"\r\n").await?;
+    }
+    doomed.kill9();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut answer)).await;
+    assert!(!String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"), "a killed edge acknowledged an upload");
+
+    // An upload whose commit cannot happen (no metadata node up) fails, and leaves its object.
+    // (With only a minority down the entry could still commit later: then the object is
+    // referenced and must stay.)
+    for id in 1..=3 {
+        cluster.node(id).kill9();
+    }
+    let resp = sweeping.upload(test_bytes(50_001, 4000), "application/octet-stream", None).await?;
+    assert_eq!(resp.status(), 503, "no quorum: the upload must fail, not hang or succeed");
+    assert!(resp.headers().contains_key("retry-after"));
+    for id in 1..=3 {
+        cluster.node(id).restart().await?;
+    }
+    cluster.wait_leader(Duration::from_secs(20)).await?;
+
+    // The sweeper deletes it once it is older than the grace period; referenced data stays.
+    mxcas_tests::wait_for("the orphan to be swept", Duration::from_secs(30), || async {
+        (sweeping.metric("mxcas_edge_orphans_deleted_total").await.ok()? >= 1.0).then_some(())
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", sweeping.log()))?;
+    assert_eq!(sweeping.download(&kept_id).await?.bytes().await?.as_ref(), kept.as_slice());
+    let store = object_store::aws::AmazonS3Builder::new()
+        .with_endpoint(&s3.endpoint)
+        .with_allow_http(true)
+        .with_bucket_name(&s3.bucket)
+        .with_region("us-east-1")
+        .with_access_key_id(&s3.access_key)
+        .with_secret_access_key(&s3.secret_key)
+        .build()?;
+    use futures::TryStreamExt;
+    use object_store::ObjectStore;
+    let keys: Vec<String> = store.list(None).map_ok(|m| m.location.to_string()).try_collect().await?;
+    assert_eq!(keys.len(), 2, "only the kept file's blob and block index remain: {keys:?}");
+    Ok(())
+}

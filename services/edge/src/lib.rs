@@ -19,6 +19,7 @@ pub mod ingest;
 pub mod media;
 pub mod metrics;
 pub mod store;
+pub mod sweeper;
 pub mod unixfs;
 
 use std::net::SocketAddr;
@@ -49,6 +50,7 @@ pub struct EdgeSettings {
     pub cache: CacheConfig,
     pub auth: AuthConfig,
     pub store: StoreConfig,
+    pub sweeper: sweeper::SweeperConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +143,15 @@ pub async fn start(
             tracing::error!(error = %e, "admin server failed");
         }
     });
+    if settings.sweeper.enabled {
+        tracker.spawn(sweeper::run(
+            media.store.clone(),
+            media.meta.clone(),
+            settings.sweeper.clone(),
+            media.metrics.clone(),
+            cancel.clone(),
+        ));
+    }
     tracker.spawn(media.expire_loop(cancel));
     Ok(Edge { api_addr, admin_addr })
 }

@@ -33,6 +33,8 @@ pub struct Metrics {
     pub store_writes: Counter,
     pub upload_bytes: Counter,
     pub uploads: Family<ResultLabels, Counter>,
+    pub orphans_deleted: Counter,
+    pub sweeps: Family<ResultLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -64,7 +66,17 @@ impl Metrics {
         registry.register("upload_bytes", "Bytes received in uploads", upload_bytes.clone());
         let uploads = Family::<ResultLabels, Counter>::default();
         registry.register("uploads", "Finished uploads: new, deduplicated, error", uploads.clone());
+        let orphans_deleted = Counter::default();
+        registry.register(
+            "orphans_deleted",
+            "Unreferenced blob-store objects deleted by the sweeper",
+            orphans_deleted.clone(),
+        );
+        let sweeps = Family::<ResultLabels, Counter>::default();
+        registry.register("sweeps", "Orphan sweeps: ok, error", sweeps.clone());
         Self {
+            orphans_deleted,
+            sweeps,
             registry,
             http_requests,
             cache_requests,

@@ -175,6 +175,16 @@ impl BlobStore {
         Ok(metas.into_iter().map(|m| m.location.to_string()).collect())
     }
 
+    /// Every object under `prefix` with its last-modified time (ms since the epoch), streamed.
+    pub fn list_meta(&self, prefix: &str) -> futures::stream::BoxStream<'static, Result<(String, i64), StoreError>> {
+        use futures::StreamExt;
+        let prefix = Path::from(prefix);
+        self.inner
+            .list(Some(&prefix))
+            .map(|m| m.map(|m| (m.location.to_string(), m.last_modified.timestamp_millis())).map_err(StoreError::from))
+            .boxed()
+    }
+
     /// Deletes `keys` in the background, logging failures (orphans are reclaimed later).
     pub fn delete_later(&self, keys: Vec<String>) {
         let store = self.clone();

@@ -254,6 +254,22 @@ impl MetaClient {
             .map_err(|e| MetaError::Internal(e.to_string()))
     }
 
+    /// For each object key, whether the metadata references it (a linearizable read).
+    pub async fn referenced(&self, keys: &[String]) -> Result<Vec<bool>, MetaError> {
+        let req = pb::ReferencedRequest { keys: keys.to_vec() };
+        let resp = self
+            .retrying(true, |mut cl| {
+                let req = req.clone();
+                async move { cl.referenced(req).await }
+            })
+            .await?;
+        let referenced = resp.into_inner().referenced;
+        if referenced.len() != keys.len() {
+            return Err(wire("referenced: wrong number of answers"));
+        }
+        Ok(referenced)
+    }
+
     /// `(last_applied, media_count, content_count)` of the node answering.
     pub async fn status(&self) -> Result<(u64, u64, u64), MetaError> {
         let resp =

@@ -195,6 +195,18 @@ impl Meta for MetaService {
         Ok(Response::new(pb::GetContentResponse { content: content.as_ref().map(Into::into) }))
     }
 
+    async fn referenced(
+        &self,
+        req: Request<pb::ReferencedRequest>,
+    ) -> Result<Response<pb::ReferencedResponse>, Status> {
+        let keys = req.into_inner().keys;
+        if keys.len() > 10_000 {
+            return Err(Status::invalid_argument("at most 10000 keys per call"));
+        }
+        let referenced = self.read(move |sm| sm.referenced(&keys)).await?;
+        Ok(Response::new(pb::ReferencedResponse { referenced }))
+    }
+
     async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
         let want_digest = req.into_inner().digest;
         let node_id = self.node_id;

@@ -27,6 +27,8 @@ const PENDING: TableDefinition<(&str, &str, &str), u64> = TableDefinition::new("
 const UPLOADS: TableDefinition<&str, &[u8]> = TableDefinition::new("uploads");
 /// (committed_at_ms, upload_id) → (): `UPLOADS` by age, so expiry reads only what expires
 const UPLOADS_BY_TIME: TableDefinition<(u64, &str), ()> = TableDefinition::new("uploads_by_time");
+/// blob-store object key → binary CID, for every object a content record references
+const BLOB_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("blob_keys");
 /// bookkeeping: "last_applied"
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// opaque values the raft layer stores with the state (last applied log ID, membership)
@@ -51,6 +53,7 @@ impl StateMachine {
         txn.open_table(PENDING)?;
         txn.open_table(UPLOADS)?;
         txn.open_table(UPLOADS_BY_TIME)?;
+        txn.open_table(BLOB_KEYS)?;
         txn.open_table(META)?;
         txn.open_table(EXTRA)?;
         txn.commit()?;
@@ -87,6 +90,7 @@ impl StateMachine {
                 pending: txn.open_table(PENDING)?,
                 uploads: txn.open_table(UPLOADS)?,
                 uploads_by_time: txn.open_table(UPLOADS_BY_TIME)?,
+                blob_keys: txn.open_table(BLOB_KEYS)?,
             };
             for (_, cmd) in entries {
                 results.push(match cmd {
@@ -172,12 +176,14 @@ impl StateMachine {
             let mut pending = txn.open_table(PENDING)?;
             let mut uploads = txn.open_table(UPLOADS)?;
             let mut uploads_by_time = txn.open_table(UPLOADS_BY_TIME)?;
+            let mut blob_keys = txn.open_table(BLOB_KEYS)?;
             let mut meta = txn.open_table(META)?;
             media.retain(|_, _| false)?;
             content.retain(|_, _| false)?;
             pending.retain(|_, _| false)?;
             uploads.retain(|_, _| false)?;
             uploads_by_time.retain(|_, _| false)?;
+            blob_keys.retain(|_, _| false)?;
             meta.retain(|_, _| false)?;
             let mut buf = Vec::new();
             loop {
@@ -191,6 +197,11 @@ impl StateMachine {
                         media.insert((server.as_str(), id.as_str()), value.as_slice())?;
                     }
                     SnapshotRecord::Content { cid, value } => {
+                        let record: ContentRecord = decode("snapshot", &value)?;
+                        blob_keys.insert(record.blob_key.as_str(), cid.as_slice())?;
+                        if let Some(idx) = &record.index_key {
+                            blob_keys.insert(idx.as_str(), cid.as_slice())?;
+                        }
                         content.insert(cid.as_slice(), value.as_slice())?;
                     }
                     SnapshotRecord::Pending { user, server, id, expires_at_ms } => {
@@ -259,7 +270,14 @@ impl StateMachine {
         Ok(sha2::Digest::finalize(w.0).into())
     }
 
-    /// Every blob key the metadata references (for the orphan sweeper and tests).
+    /// For each object key, whether a content record references it.
+    pub fn referenced(&self, keys: &[String]) -> Result<Vec<bool>, StorageError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(BLOB_KEYS)?;
+        keys.iter().map(|k| Ok(table.get(k.as_str())?.is_some())).collect()
+    }
+
+    /// Every blob key the metadata references (tests).
     pub fn referenced_keys(&self) -> Result<Vec<String>, StorageError> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(CONTENT)?;
@@ -280,6 +298,7 @@ struct Tables<'txn> {
     pending: redb::Table<'txn, (&'static str, &'static str, &'static str), u64>,
     uploads: redb::Table<'txn, &'static str, &'static [u8]>,
     uploads_by_time: redb::Table<'txn, (u64, &'static str), ()>,
+    blob_keys: redb::Table<'txn, &'static str, &'static [u8]>,
 }
 
 impl Tables<'_> {
@@ -428,7 +447,14 @@ impl Tables<'_> {
                 let dedup = stored.blob_key != content.blob_key;
                 (stored, dedup)
             }
-            None => (ContentRecord { refcount: 1, created_at_ms: now_ms, ..content.clone() }, false),
+            None => {
+                let cid = content.cid.to_bytes();
+                self.blob_keys.insert(content.blob_key.as_str(), cid.as_slice())?;
+                if let Some(idx) = &content.index_key {
+                    self.blob_keys.insert(idx.as_str(), cid.as_slice())?;
+                }
+                (ContentRecord { refcount: 1, created_at_ms: now_ms, ..content.clone() }, false)
+            }
         };
         self.content.insert(stored.cid.to_bytes().as_slice(), encode(&stored)?.as_slice())?;
         let media = MediaRecord {

@@ -30,6 +30,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub meta: MetaSection,
     pub edge: EdgeSection,
+    pub sweeper: mxcas_edge::sweeper::SweeperConfig,
 }
 
 /// `[meta]`: the metadata node (embedded in `serve`, alone in `mxcas meta`).
@@ -115,6 +116,7 @@ impl Default for Config {
             store: StoreConfig::Fs { path: None },
             meta: MetaSection::default(),
             edge: EdgeSection::default(),
+            sweeper: Default::default(),
         }
     }
 }

@@ -242,6 +242,7 @@ async fn serve(args: ServeArgs, role: Role) -> anyhow::Result<()> {
         cache: config.cache.clone(),
         auth,
         store: config.store.clone(),
+        sweeper: config.sweeper.clone(),
     };
     settings.validate().context("invalid configuration")?;
 

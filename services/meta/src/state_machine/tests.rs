@@ -181,6 +181,7 @@ fn state_survives_reopen() {
     assert_eq!(sm.last_applied().expect("index"), 1);
     assert!(sm.get_media(&MediaKey::new("hs", cid(1).to_string())).expect("read").is_some());
     assert_eq!(sm.referenced_keys().expect("keys"), vec!["blobs/1".to_string()]);
+    assert_eq!(sm.referenced(&["blobs/1".into(), "blobs/2".into()]).expect("referenced"), vec![true, false]);
 }
 
 #[test]
@@ -202,6 +203,7 @@ fn export_then_import_reproduces_the_state() {
     assert_eq!(other.sm.counts().expect("counts"), f.sm.counts().expect("counts"));
     assert_eq!(other.sm.last_applied().expect("index"), f.sm.last_applied().expect("index"));
     assert_eq!(other.sm.extra("k").expect("extra"), Some(b"v".to_vec()));
+    assert_eq!(other.sm.referenced(&["blobs/1".into(), "blobs/9".into()]).expect("referenced"), vec![true, false]);
     let mut again = Vec::new();
     other.sm.export(&mut again, &[]).expect("export");
     assert_eq!(again, snap, "export is deterministic");
