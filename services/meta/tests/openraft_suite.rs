@@ -1,6 +1,9 @@
 //! openraft's own storage test suite, run against the redb log store and the state machine
 //! store exactly as a metadata node builds them.
 
+// openraft's StorageError is large by design.
+#![allow(clippy::result_large_err)]
+
 use std::sync::Arc;
 
 use mxcas_meta::StateMachine;
