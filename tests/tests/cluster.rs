@@ -319,3 +319,50 @@ async fn killed_edge_never_acknowledges_and_orphans_are_swept() -> anyhow::Resul
     assert_eq!(keys.len(), 2, "only the kept file's blob and block index remain: {keys:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn change_through_one_edge_reaches_the_other_within_the_bound() -> anyhow::Result<()> {
+    let s3 = SeaweedFs::start().await?;
+    let cluster = Cluster::start(3, MetaOptions::default()).await?;
+    // Polling so slow it cannot be what delivers the change: only the feed can.
+    let opts = || NodeOptions {
+        store: s3.store(),
+        edge_meta: cluster.endpoints(),
+        cache: "change_poll_interval = \"20s\"".into(),
+        ..Default::default()
+    };
+    let (a, b) = (Node::start(opts()).await?, Node::start(opts()).await?);
+    let mut worst = Duration::ZERO;
+    for round in 0..3 {
+        let created: serde_json::Value =
+            a.http.post(a.url("/_matrix/media/v1/create")).bearer_auth(ALICE).send().await?.json().await?;
+        let id = created["content_uri"]
+            .as_str()
+            .and_then(|u| u.strip_prefix("mxc://localhost/"))
+            .unwrap_or_default()
+            .to_owned();
+        let waiting = {
+            let (http, url) =
+                (b.http.clone(), b.url(&format!("/_matrix/client/v1/media/download/localhost/{id}?timeout_ms=30000")));
+            tokio::spawn(async move {
+                let resp = http.get(url).bearer_auth(ALICE).send().await;
+                (Instant::now(), resp)
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let put = a.url(&format!("/_matrix/media/v3/upload/localhost/{id}"));
+        let resp = a.http.put(put).bearer_auth(ALICE).body(format!("round {round}")).send().await?;
+        assert_eq!(resp.status(), 200);
+        let acked = Instant::now();
+        let (seen, resp) = waiting.await?;
+        let resp = resp?;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.text().await?, format!("round {round}"));
+        let lag = seen.saturating_duration_since(acked);
+        println!("round {round}: edge B answered {lag:?} after edge A's upload was acknowledged");
+        worst = worst.max(lag);
+    }
+    // docs/operations/cluster.md: a change reaches every edge within 1 s (typically ms).
+    assert!(worst < Duration::from_secs(1), "change took {worst:?} to reach the other edge");
+    Ok(())
+}

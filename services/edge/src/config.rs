@@ -94,6 +94,10 @@ pub struct CacheConfig {
     /// How long an edge trusts its cached copy of an mxc record. Default 60s.
     #[serde(with = "humantime_serde")]
     pub media_ttl: Duration,
+    /// A download waiting for an async upload re-checks the metadata this often even when no
+    /// change arrives on the change feed (the feed normally wakes it at once). Default 1s.
+    #[serde(with = "humantime_serde")]
+    pub change_poll_interval: Duration,
 }
 
 impl Default for CacheConfig {
@@ -102,6 +106,7 @@ impl Default for CacheConfig {
             capacity: ByteSize::mib(256),
             store_read_timeout: Duration::from_secs(30),
             media_ttl: Duration::from_secs(60),
+            change_poll_interval: Duration::from_secs(1),
         }
     }
 }

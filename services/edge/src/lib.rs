@@ -109,6 +109,7 @@ pub async fn start(
             settings.server_name.clone(),
             settings.media.clone(),
             settings.cache.media_ttl,
+            settings.cache.change_poll_interval,
             meta,
             store,
             blocks,
@@ -152,6 +153,7 @@ pub async fn start(
             cancel.clone(),
         ));
     }
+    tracker.spawn(media.clone().watch_loop(cancel.clone()));
     tracker.spawn(media.expire_loop(cancel));
     Ok(Edge { api_addr, admin_addr })
 }

@@ -41,6 +41,11 @@ pub struct MediaService {
     resolved: Cache<MediaKey, Resolved>,
     /// Upload slots (`media.max_concurrent_uploads`).
     upload_slots: Arc<tokio::sync::Semaphore>,
+    /// Downloads waiting for an async upload, woken by the change feed.
+    waiters: std::sync::Mutex<std::collections::HashMap<MediaKey, Arc<tokio::sync::Notify>>>,
+    /// Woken when changes may have been missed (feed reconnect or lag).
+    resync: tokio::sync::Notify,
+    poll_interval: Duration,
 }
 
 impl MediaService {
@@ -48,6 +53,7 @@ impl MediaService {
         server_name: String,
         config: MediaConfig,
         media_ttl: Duration,
+        poll_interval: Duration,
         meta: MetaClient,
         store: BlobStore,
         blocks: BlockCache,
@@ -56,7 +62,20 @@ impl MediaService {
         let freeze_after_ms = config.freeze_after_ms()?;
         let resolved = Cache::builder().max_capacity(100_000).time_to_live(media_ttl).build();
         let upload_slots = Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_uploads as usize));
-        Ok(Self { server_name, config, freeze_after_ms, meta, store, blocks, metrics, resolved, upload_slots })
+        Ok(Self {
+            server_name,
+            config,
+            freeze_after_ms,
+            meta,
+            store,
+            blocks,
+            metrics,
+            resolved,
+            upload_slots,
+            waiters: Default::default(),
+            resync: tokio::sync::Notify::new(),
+            poll_interval,
+        })
     }
 
     /// Reserves a new media ID for `user` (`POST /create`). Returns `(mxc, expires_at_ms)`.
@@ -185,33 +204,102 @@ impl MediaService {
 
     async fn resolve_uncached(&self, key: &MediaKey, wait: Duration) -> Result<Resolved, ApiError> {
         let deadline = tokio::time::Instant::now() + wait;
-        let mut poll = Duration::from_millis(50);
-        loop {
-            match self.meta.get_media(key).await? {
-                None => return Err(ApiError::not_found("Media not found")),
-                Some((media @ MediaRecord { state: MediaState::Ready { .. }, .. }, Some(content))) => {
+        let notify = self.waiter(key);
+        let result = loop {
+            // Register for wake-ups before looking, so a change between the look and the wait
+            // is not missed.
+            let changed = notify.notified();
+            let resynced = self.resync.notified();
+            tokio::pin!(changed, resynced);
+            changed.as_mut().enable();
+            resynced.as_mut().enable();
+            match self.meta.get_media(key).await {
+                Err(e) => break Err(e.into()),
+                Ok(None) => break Err(ApiError::not_found("Media not found")),
+                Ok(Some((media @ MediaRecord { state: MediaState::Ready { .. }, .. }, Some(content)))) => {
                     let r = Resolved { media, content };
                     self.resolved.insert(key.clone(), r.clone()).await;
-                    return Ok(r);
+                    break Ok(r);
                 }
-                Some((MediaRecord { state: MediaState::Ready { .. }, .. }, None)) => {
-                    return Err(ApiError::internal("Media record has no content record"));
+                Ok(Some((MediaRecord { state: MediaState::Ready { .. }, .. }, None))) => {
+                    break Err(ApiError::internal("Media record has no content record"));
                 }
-                Some((MediaRecord { state: MediaState::Pending { expires_at_ms }, .. }, _)) => {
+                Ok(Some((MediaRecord { state: MediaState::Pending { expires_at_ms }, .. }, _))) => {
                     if expires_at_ms <= now_ms() {
-                        return Err(ApiError::not_found("Media not found"));
+                        break Err(ApiError::not_found("Media not found"));
                     }
                     let now = tokio::time::Instant::now();
                     if now >= deadline {
-                        return Err(ApiError::new(
+                        break Err(ApiError::new(
                             axum::http::StatusCode::GATEWAY_TIMEOUT,
                             "M_NOT_YET_UPLOADED",
                             "The media has not been uploaded yet",
                         ));
                     }
-                    tokio::time::sleep(poll.min(deadline - now)).await;
-                    poll = (poll * 2).min(Duration::from_millis(500));
+                    tokio::select! {
+                        _ = &mut changed => {}
+                        _ = &mut resynced => {}
+                        _ = tokio::time::sleep(self.poll_interval.min(deadline - now)) => {}
+                    }
                 }
+            }
+        };
+        self.release_waiter(key, notify);
+        result
+    }
+
+    fn waiter(&self, key: &MediaKey) -> Arc<tokio::sync::Notify> {
+        let mut w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        w.entry(key.clone()).or_default().clone()
+    }
+
+    fn release_waiter(&self, key: &MediaKey, notify: Arc<tokio::sync::Notify>) {
+        let mut w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        // The map's reference and ours: nobody else waits on this key.
+        if Arc::strong_count(&notify) == 2 {
+            w.remove(key);
+        }
+    }
+
+    /// Follows the metadata service's change feed (runs until `cancel`): wakes downloads
+    /// waiting on an mxc as soon as it has content, and every waiter after a gap.
+    pub async fn watch_loop(self: Arc<Self>, cancel: tokio_util::sync::CancellationToken) {
+        use futures::StreamExt;
+        loop {
+            let stream = tokio::select! {
+                _ = cancel.cancelled() => return,
+                s = self.meta.watch_changes() => s,
+            };
+            match stream {
+                Ok(mut stream) => {
+                    // Anything may have happened while we were not watching.
+                    self.resync.notify_waiters();
+                    loop {
+                        let item = tokio::select! {
+                            _ = cancel.cancelled() => return,
+                            item = stream.next() => item,
+                        };
+                        match item {
+                            Some(Ok(mxcas_meta::client::Change::Ready(key))) => {
+                                let w = self.waiters.lock().unwrap_or_else(|p| p.into_inner()).get(&key).cloned();
+                                if let Some(n) = w {
+                                    n.notify_waiters();
+                                }
+                            }
+                            Some(Ok(mxcas_meta::client::Change::Resync)) => self.resync.notify_waiters(),
+                            Some(Err(e)) => {
+                                tracing::debug!(error = %e, "change feed interrupted");
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "cannot subscribe to the change feed; retrying"),
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
         }
     }

@@ -48,6 +48,15 @@ struct Inner {
     current: Mutex<String>,
 }
 
+/// One event of the change feed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// The mxc now has content.
+    Ready(MediaKey),
+    /// Changes were missed: treat every cached mutable fact as stale.
+    Resync,
+}
+
 /// A finished upload as the edge stored it, to be committed.
 #[derive(Clone, Debug)]
 pub struct CommitRequest {
@@ -268,6 +277,31 @@ impl MetaClient {
             return Err(wire("referenced: wrong number of answers"));
         }
         Ok(referenced)
+    }
+
+    /// Subscribes to the change feed of one metadata node (the current one; call again after
+    /// the stream ends, which also moves on to the next node if that one is down).
+    pub async fn watch_changes(
+        &self,
+    ) -> Result<impl futures::Stream<Item = Result<Change, MetaError>> + Send + 'static, MetaError> {
+        use futures::StreamExt;
+        let url = self.current();
+        let mut client = self.client_for(&url)?;
+        let stream = match client.watch_changes(pb::WatchChangesRequest {}).await {
+            Ok(s) => s.into_inner(),
+            Err(status) => {
+                self.set_current(self.next_after(&url));
+                return Err(meta_error_from_status(&status));
+            }
+        };
+        Ok(stream.map(|item| match item {
+            Ok(c) if c.kind == pb::change::Kind::Ready as i32 => match c.media {
+                Some(m) => Ok(Change::Ready(m.into())),
+                None => Ok(Change::Resync),
+            },
+            Ok(_) => Ok(Change::Resync),
+            Err(status) => Err(meta_error_from_status(&status)),
+        }))
     }
 
     /// `(last_applied, media_count, content_count)` of the node answering.

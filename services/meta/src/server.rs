@@ -207,6 +207,29 @@ impl Meta for MetaService {
         Ok(Response::new(pb::ReferencedResponse { referenced }))
     }
 
+    type WatchChangesStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::Change, Status>> + Send + 'static>>;
+
+    async fn watch_changes(
+        &self,
+        _req: Request<pb::WatchChangesRequest>,
+    ) -> Result<Response<Self::WatchChangesStream>, Status> {
+        use tokio_stream::StreamExt;
+        use tokio_stream::wrappers::BroadcastStream;
+        use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+        let stream = BroadcastStream::new(self.node.changes.subscribe()).map(|item| {
+            Ok(match item {
+                Ok(c) => {
+                    pb::Change { kind: pb::change::Kind::Ready as i32, index: c.index, media: Some((&c.media).into()) }
+                }
+                Err(BroadcastStreamRecvError::Lagged(_)) => {
+                    pb::Change { kind: pb::change::Kind::Resync as i32, index: 0, media: None }
+                }
+            })
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
     async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
         let want_digest = req.into_inner().digest;
         let node_id = self.node_id;

@@ -79,12 +79,21 @@ impl Default for RaftSettings {
     }
 }
 
+/// A change to a mutable fact, as this node applied it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    pub index: u64,
+    pub media: crate::model::MediaKey,
+}
+
 /// A running raft node and the state machine it drives.
 #[derive(Clone)]
 pub struct RaftNode {
     pub id: NodeId,
     pub raft: Raft,
     pub sm: Arc<StateMachine>,
+    /// Changes as they are applied (a bounded buffer: slow watchers see `Lagged`).
+    pub changes: tokio::sync::broadcast::Sender<Change>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -112,10 +121,11 @@ impl RaftNode {
         let config = Arc::new(config.validate().map_err(|e| StartError::Raft(e.to_string()))?);
         let sm = Arc::new(StateMachine::open(&dir.join("state.redb"))?);
         let log = log_store::LogStore::open(&dir.join("log.redb"))?;
-        let sm_store = sm_store::SmStore::open(sm.clone(), dir.join("snapshots")).await?;
+        let (changes, _) = tokio::sync::broadcast::channel(4096);
+        let sm_store = sm_store::SmStore::open(sm.clone(), dir.join("snapshots")).await?.with_changes(changes.clone());
         let network = network::Network::new(settings.rpc_timeout, settings.bind_outgoing);
         let raft = Raft::new(id, config, network, log, sm_store).await.map_err(|e| StartError::Raft(e.to_string()))?;
-        Ok(Self { id, raft, sm })
+        Ok(Self { id, raft, sm, changes })
     }
 
     /// Makes `members` the first voters of a new cluster; a no-op when this node already

@@ -39,13 +39,20 @@ struct StoredSnapshot {
 pub struct SmStore {
     sm: Arc<StateMachine>,
     dir: PathBuf,
+    changes: Option<tokio::sync::broadcast::Sender<super::Change>>,
 }
 
 impl SmStore {
     pub async fn open(sm: Arc<StateMachine>, dir: PathBuf) -> std::result::Result<Self, crate::error::StorageError> {
         std::fs::create_dir_all(&dir)
             .map_err(|e| crate::error::StorageError::Database(format!("{}: {e}", dir.display())))?;
-        Ok(Self { sm, dir })
+        Ok(Self { sm, dir, changes: None })
+    }
+
+    /// Publishes every applied change to a mutable fact on `changes`.
+    pub fn with_changes(mut self, changes: tokio::sync::broadcast::Sender<super::Change>) -> Self {
+        self.changes = Some(changes);
+        self
     }
 
     fn json<T: Serialize>(v: &T, subject: ErrorSubject<NodeId>) -> Result<Vec<u8>> {
@@ -171,18 +178,33 @@ impl RaftStateMachine<TypeConfig> for SmStore {
                 extras.push((MEMBERSHIP, Self::json(&stored, ErrorSubject::StateMachine)?));
             }
         }
-        self.blocking(ErrorSubject::StateMachine, ErrorVerb::Write, move |sm, _| {
-            let items: Vec<(u64, Option<&crate::command::Command>)> = entries
-                .iter()
-                .map(|e| match &e.payload {
-                    EntryPayload::Normal(cmd) => (e.log_id.index, Some(cmd)),
-                    _ => (e.log_id.index, None),
-                })
-                .collect();
-            let results = sm.apply_entries(&items, &extras).map_err(|e| e.to_string())?;
-            Ok(results.into_iter().map(|r| Response(r.unwrap_or(Ok(CommandOutput::Nothing)))).collect())
-        })
-        .await
+        let responses = self
+            .blocking(ErrorSubject::StateMachine, ErrorVerb::Write, move |sm, _| {
+                let items: Vec<(u64, Option<&crate::command::Command>)> = entries
+                    .iter()
+                    .map(|e| match &e.payload {
+                        EntryPayload::Normal(cmd) => (e.log_id.index, Some(cmd)),
+                        _ => (e.log_id.index, None),
+                    })
+                    .collect();
+                let results = sm.apply_entries(&items, &extras).map_err(|e| e.to_string())?;
+                let indexes: Vec<u64> = entries.iter().map(|e| e.log_id.index).collect();
+                Ok(indexes
+                    .into_iter()
+                    .zip(results)
+                    .map(|(i, r)| (i, Response(r.unwrap_or(Ok(CommandOutput::Nothing)))))
+                    .collect::<Vec<_>>())
+            })
+            .await?;
+        if let Some(changes) = &self.changes {
+            for (index, r) in &responses {
+                if let Response(Ok(CommandOutput::Committed(o))) = r {
+                    // No receiver is fine: nobody watches.
+                    let _ = changes.send(super::Change { index: *index, media: o.media.key.clone() });
+                }
+            }
+        }
+        Ok(responses.into_iter().map(|(_, r)| r).collect())
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
