@@ -108,8 +108,7 @@ pub async fn start(
         MediaService::new(
             settings.server_name.clone(),
             settings.media.clone(),
-            settings.cache.media_ttl,
-            settings.cache.change_poll_interval,
+            &settings.cache,
             meta,
             store,
             blocks,

@@ -52,15 +52,14 @@ impl MediaService {
     pub fn new(
         server_name: String,
         config: MediaConfig,
-        media_ttl: Duration,
-        poll_interval: Duration,
+        cache: &crate::config::CacheConfig,
         meta: MetaClient,
         store: BlobStore,
         blocks: BlockCache,
         metrics: Arc<Metrics>,
     ) -> Result<Self, String> {
         let freeze_after_ms = config.freeze_after_ms()?;
-        let resolved = Cache::builder().max_capacity(100_000).time_to_live(media_ttl).build();
+        let resolved = Cache::builder().max_capacity(100_000).time_to_live(cache.media_ttl).build();
         let upload_slots = Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_uploads as usize));
         Ok(Self {
             server_name,
@@ -74,7 +73,7 @@ impl MediaService {
             upload_slots,
             waiters: Default::default(),
             resync: tokio::sync::Notify::new(),
-            poll_interval,
+            poll_interval: cache.change_poll_interval,
         })
     }
 
