@@ -103,6 +103,16 @@ impl MetaProc {
         self.spawn().await
     }
 
+    /// Process ID, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// The node's data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
     pub fn is_running(&self) -> bool {
         self.child.is_some()
     }

