@@ -84,11 +84,22 @@ impl MetaService {
         resp.data.0.map_err(|rejected| status_from_command_error(&rejected))
     }
 
+    /// Reads after confirming, through the leader's read index, that this node's state is
+    /// current (linearizable).
     async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&StateMachine) -> Result<T, StorageError> + Send + 'static,
     ) -> Result<T, Status> {
         self.node.raft.ensure_linearizable().await.map_err(raft_read_status)?;
+        self.read_local(f).await
+    }
+
+    /// Reads this node's state as it is. Only for answers that cannot be stale: facts that
+    /// never change once true (an mxc that has content and its CID, a CID's blob).
+    async fn read_local<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&StateMachine) -> Result<T, StorageError> + Send + 'static,
+    ) -> Result<T, Status> {
         let sm = self.sm.clone();
         tokio::task::spawn_blocking(move || f(&sm))
             .await
@@ -170,16 +181,22 @@ impl Meta for MetaService {
 
     async fn get_media(&self, req: Request<pb::GetMediaRequest>) -> Result<Response<pb::GetMediaResponse>, Status> {
         let key: MediaKey = required(req.into_inner().media, "media")?.into();
-        let (media, content) = self
-            .read(move |sm| {
-                let media = sm.get_media(&key)?;
-                let content = match media.as_ref().and_then(|m| m.cid()) {
-                    Some(cid) => sm.get_content(cid)?,
-                    None => None,
-                };
-                Ok((media, content))
-            })
-            .await?;
+        let lookup = |sm: &StateMachine, key: &MediaKey| -> Result<_, StorageError> {
+            let media = sm.get_media(key)?;
+            let content = match media.as_ref().and_then(|m| m.cid()) {
+                Some(cid) => sm.get_content(cid)?,
+                None => None,
+            };
+            Ok((media, content))
+        };
+        // An mxc with content stays so (until deletion exists; then the change feed tells
+        // edges): a local answer of "ready" is never stale. "Missing" or "pending" might be,
+        // so those are confirmed through the leader.
+        let k = key.clone();
+        let (media, content) = match self.read_local(move |sm| lookup(sm, &k)).await? {
+            found @ (Some(_), Some(_)) => found,
+            _ => self.read(move |sm| lookup(sm, &key)).await?,
+        };
         Ok(Response::new(pb::GetMediaResponse {
             media: media.as_ref().map(Into::into),
             content: content.as_ref().map(Into::into),
@@ -191,7 +208,11 @@ impl Meta for MetaService {
         req: Request<pb::GetContentRequest>,
     ) -> Result<Response<pb::GetContentResponse>, Status> {
         let cid = cid_from_wire(&req.into_inner().cid)?;
-        let content = self.read(move |sm| sm.get_content(&cid)).await?;
+        // A CID's content record, once there, names the same bytes forever.
+        let content = match self.read_local(move |sm| sm.get_content(&cid)).await? {
+            Some(c) => Some(c),
+            None => self.read(move |sm| sm.get_content(&cid)).await?,
+        };
         Ok(Response::new(pb::GetContentResponse { content: content.as_ref().map(Into::into) }))
     }
 

@@ -34,6 +34,9 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// opaque values the raft layer stores with the state (last applied log ID, membership)
 const EXTRA: TableDefinition<&str, &[u8]> = TableDefinition::new("extra");
 
+/// redb page cache of the state database.
+const STATE_CACHE_BYTES: usize = 128 << 20;
+
 /// How long a commit's answer is kept for retries of the same `upload_id`.
 const UPLOAD_RECORD_TTL_MS: u64 = 24 * 60 * 60 * 1000;
 
@@ -46,7 +49,8 @@ pub struct StateMachine {
 impl StateMachine {
     /// Opens (or creates) the database at `path`.
     pub fn open(path: &Path) -> Result<Self, StorageError> {
-        let db = Database::create(path)?;
+        // redb's page cache would otherwise grow to 1 GiB; the working set of lookups is small.
+        let db = Database::builder().set_cache_size(STATE_CACHE_BYTES).create(path)?;
         let txn = db.begin_write()?;
         txn.open_table(MEDIA)?;
         txn.open_table(CONTENT)?;

@@ -25,7 +25,8 @@ pub struct LogStore {
 
 impl LogStore {
     pub fn open(path: &Path) -> std::result::Result<Self, crate::error::StorageError> {
-        let db = Database::create(path)?;
+        // The log is written and read near its end; a small cache suffices.
+        let db = Database::builder().set_cache_size(32 << 20).create(path)?;
         let txn = db.begin_write()?;
         txn.open_table(LOG)?;
         txn.open_table(STATE)?;
