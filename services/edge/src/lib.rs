@@ -127,6 +127,10 @@ pub async fn start(
     let admin_addr =
         admin_listener.local_addr().map_err(|source| EdgeError::Bind { addr: settings.admin_listen, source })?;
 
+    use axum::serve::ListenerExt;
+    let api_listener = api_listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let app = api::router(state);
     let c = cancel.clone();
     tracker.spawn(async move {

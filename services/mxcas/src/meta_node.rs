@@ -37,7 +37,14 @@ pub async fn start(config: &Config, cancel: CancellationToken, tracker: &TaskTra
     let raft_handle = node.raft.clone();
     let c = cancel.clone();
     tracker.spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        // Without TCP_NODELAY every gRPC answer (headers, data, trailers) waits out Nagle's
+        // algorithm against the peer's delayed ACK: ~40 ms per raft round trip.
+        let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |s| {
+            if let Ok(s) = &s {
+                let _ = s.set_nodelay(true);
+            }
+            s
+        });
         let served = tonic::transport::Server::builder()
             .add_service(meta.into_server())
             .add_service(raft.into_server())
