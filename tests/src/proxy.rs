@@ -16,12 +16,38 @@ struct State {
     target: Option<SocketAddr>,
     blocked: HashSet<IpAddr>,
     conns: Vec<(IpAddr, AbortHandle)>,
+    /// Added to every read forwarded in either direction.
+    delay: std::time::Duration,
 }
 
 pub struct LinkProxy {
     pub addr: SocketAddr,
     state: Arc<Mutex<State>>,
     accept: AbortHandle,
+}
+
+/// Copies one direction, sleeping the configured delay before forwarding each read.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    st: Arc<Mutex<State>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let delay = st.lock().map(|s| s.delay).unwrap_or_default();
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
 }
 
 impl LinkProxy {
@@ -41,12 +67,14 @@ impl LinkProxy {
                     drop(inbound);
                     continue;
                 };
+                let st2 = st.clone();
                 let task = tokio::spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(target).await {
-                        let mut inbound = inbound;
+                    if let Ok(outbound) = TcpStream::connect(target).await {
                         let _ = inbound.set_nodelay(true);
                         let _ = outbound.set_nodelay(true);
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        let (ri, wi) = inbound.into_split();
+                        let (ro, wo) = outbound.into_split();
+                        tokio::join!(pump(ri, wo, st2.clone()), pump(ro, wi, st2));
                     }
                 });
                 let mut s = st.lock().expect("proxy state");
@@ -72,6 +100,11 @@ impl LinkProxy {
                 h.abort();
             }
         }
+    }
+
+    /// Delays everything this proxy forwards by `delay` per read (both directions).
+    pub fn set_delay(&self, delay: std::time::Duration) {
+        self.state.lock().expect("proxy state").delay = delay;
     }
 
     pub fn unblock_all(&self) {

@@ -366,3 +366,56 @@ async fn change_through_one_edge_reaches_the_other_within_the_bound() -> anyhow:
     assert!(worst < Duration::from_secs(1), "change took {worst:?} to reach the other edge");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_quorum_cached_downloads_work_and_uploads_fail_with_retry_after() -> anyhow::Result<()> {
+    let s3 = SeaweedFs::start().await?;
+    let mut cluster = Cluster::start(3, MetaOptions::default()).await?;
+    let edge =
+        Node::start(NodeOptions { store: s3.store(), edge_meta: cluster.endpoints(), ..Default::default() }).await?;
+    let data = test_bytes(60_000, 2 * 1024 * 1024 + 3);
+    let id = edge.upload_ok(data.clone()).await?;
+    assert_eq!(edge.download(&id).await?.bytes().await?.as_ref(), data.as_slice(), "first download caches the facts");
+
+    let leader = cluster.wait_leader(Duration::from_secs(10)).await?;
+    for id in (1..=3).filter(|i| *i != leader).take(2) {
+        cluster.node(id).kill9();
+    }
+    // The edge still serves what it knows, straight from the bucket.
+    let resp = edge.download(&id).await?;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.bytes().await?.as_ref(), data.as_slice());
+    // Writes cannot commit: a clear, retryable error, never a 200.
+    let started = Instant::now();
+    let resp = edge.upload(b"no quorum".to_vec(), "text/plain", None).await?;
+    assert_eq!(resp.status(), 503);
+    assert!(resp.headers().contains_key("retry-after"));
+    println!("upload without quorum failed after {:?}", started.elapsed());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_links_delay_but_do_not_break_the_cluster() -> anyhow::Result<()> {
+    let s3 = SeaweedFs::start().await?;
+    let cluster = Cluster::start(3, MetaOptions::default()).await?;
+    let edges = edges(&s3, &cluster, 1).await?;
+    // 40 ms per hop on every raft link: well inside the 500 ms election timeout.
+    for m in &cluster.metas {
+        m.proxy.set_delay(Duration::from_millis(40));
+    }
+    let leader = cluster.wait_leader(Duration::from_secs(10)).await?;
+    let edge_refs: Vec<&Node> = edges.iter().collect();
+    let load = Load::start(&edge_refs, 3, 70_000);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (acked, failed) = load.stop().await?;
+    assert_eq!(cluster.wait_leader(Duration::from_secs(10)).await?, leader, "delays alone must not cause elections");
+    for m in &cluster.metas {
+        m.proxy.set_delay(Duration::ZERO);
+    }
+    let lost = lost(&acked, &edge_refs).await?;
+    println!("with 40 ms links: acknowledged {}, failed {failed}, lost {lost}", acked.len());
+    assert!(acked.len() > 10);
+    assert_eq!(lost, 0);
+    cluster.converged(Duration::from_secs(30)).await?;
+    Ok(())
+}
