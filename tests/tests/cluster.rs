@@ -406,7 +406,12 @@ async fn slow_links_delay_but_do_not_break_the_cluster() -> anyhow::Result<()> {
     let leader = cluster.wait_leader(Duration::from_secs(10)).await?;
     let edge_refs: Vec<&Node> = edges.iter().collect();
     let load = Load::start(&edge_refs, 3, 70_000);
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Slow links make each upload take a few round trips' worth of delay: run until enough
+    // have been acknowledged to mean something (bounded).
+    let started = Instant::now();
+    while load.acked.lock().await.len() < 10 && started.elapsed() < Duration::from_secs(40) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let (acked, failed) = load.stop().await?;
     assert_eq!(cluster.wait_leader(Duration::from_secs(10)).await?, leader, "delays alone must not cause elections");
     for m in &cluster.metas {

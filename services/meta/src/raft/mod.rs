@@ -105,8 +105,20 @@ pub enum StartError {
 }
 
 impl RaftNode {
-    /// Opens (or creates) the node's stores under `dir` and starts raft.
+    /// Opens (or creates) the node's stores under `dir` and starts raft, talking to peers
+    /// over gRPC.
     pub async fn start(id: NodeId, dir: &Path, settings: &RaftSettings) -> Result<Self, StartError> {
+        let network = network::Network::new(settings.rpc_timeout, settings.bind_outgoing);
+        Self::start_with_network(id, dir, settings, network).await
+    }
+
+    /// Like [`Self::start`] with another transport (tests route messages in memory).
+    pub async fn start_with_network<N: openraft::network::RaftNetworkFactory<TypeConfig>>(
+        id: NodeId,
+        dir: &Path,
+        settings: &RaftSettings,
+        network: N,
+    ) -> Result<Self, StartError> {
         std::fs::create_dir_all(dir).map_err(|e| StorageError::Database(format!("{}: {e}", dir.display())))?;
         let config = openraft::Config {
             cluster_name: "mxcas-meta".into(),
@@ -123,7 +135,6 @@ impl RaftNode {
         let log = log_store::LogStore::open(&dir.join("log.redb"))?;
         let (changes, _) = tokio::sync::broadcast::channel(4096);
         let sm_store = sm_store::SmStore::open(sm.clone(), dir.join("snapshots")).await?.with_changes(changes.clone());
-        let network = network::Network::new(settings.rpc_timeout, settings.bind_outgoing);
         let raft = Raft::new(id, config, network, log, sm_store).await.map_err(|e| StartError::Raft(e.to_string()))?;
         Ok(Self { id, raft, sm, changes })
     }
