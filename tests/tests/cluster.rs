@@ -19,6 +19,10 @@ fn size_for(seed: u64) -> usize {
 
 type Acked = Arc<Mutex<Vec<(String, u64)>>>;
 
+/// The scenarios run one at a time: each runs a whole cluster and SeaweedFS, and some assert
+/// timing bounds that a second cluster on the same two cores would blur.
+static SERIAL: Mutex<()> = Mutex::const_new(());
+
 /// Uploads through `edges` (round robin) until `stop`; records what got a 200.
 struct Load {
     acked: Acked,
@@ -118,6 +122,7 @@ async fn edges(s3: &SeaweedFs, cluster: &Cluster, n: usize) -> anyhow::Result<Ve
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_killed_twice_under_load_loses_no_acknowledged_upload() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
     let s3 = SeaweedFs::start().await?;
     let mut cluster = Cluster::start(3, MetaOptions::default()).await?;
     let edges = edges(&s3, &cluster, 2).await?;
@@ -146,6 +151,7 @@ async fn leader_killed_twice_under_load_loses_no_acknowledged_upload() -> anyhow
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn whole_cluster_kill_9_and_restart_keeps_everything() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
     let s3 = SeaweedFs::start().await?;
     let mut cluster = Cluster::start(3, MetaOptions::default()).await?;
     let edges = edges(&s3, &cluster, 1).await?;
@@ -171,6 +177,7 @@ async fn whole_cluster_kill_9_and_restart_keeps_everything() -> anyhow::Result<(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn isolated_leader_takes_no_writes_and_converges_after_healing() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
     let s3 = SeaweedFs::start().await?;
     let cluster = Cluster::start(3, MetaOptions::default()).await?;
     let edges = edges(&s3, &cluster, 1).await?;
@@ -206,6 +213,7 @@ async fn isolated_leader_takes_no_writes_and_converges_after_healing() -> anyhow
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_added_under_load_catches_up_by_snapshot_and_a_removed_node_leaves_a_working_majority()
 -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
     let s3 = SeaweedFs::start().await?;
     let opts = MetaOptions { snapshot_every: 20 };
     let mut cluster = Cluster::start(3, opts.clone()).await?;
@@ -253,6 +261,7 @@ fn entry_for(cluster: &Cluster, avoid: u64) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_edge_never_acknowledges_and_orphans_are_swept() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let s3 = SeaweedFs::start().await?;
     let mut cluster = Cluster::start(3, MetaOptions::default()).await?;
@@ -322,6 +331,7 @@ async fn killed_edge_never_acknowledges_and_orphans_are_swept() -> anyhow::Resul
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn change_through_one_edge_reaches_the_other_within_the_bound() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
     let s3 = SeaweedFs::start().await?;
     let cluster = Cluster::start(3, MetaOptions::default()).await?;
     // Polling so slow it cannot be what delivers the change: only the feed can.
@@ -369,6 +379,7 @@ async fn change_through_one_edge_reaches_the_other_within_the_bound() -> anyhow:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_quorum_cached_downloads_work_and_uploads_fail_with_retry_after() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
     let s3 = SeaweedFs::start().await?;
     let mut cluster = Cluster::start(3, MetaOptions::default()).await?;
     let edge =
@@ -396,6 +407,7 @@ async fn without_quorum_cached_downloads_work_and_uploads_fail_with_retry_after(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_links_delay_but_do_not_break_the_cluster() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
     let s3 = SeaweedFs::start().await?;
     let cluster = Cluster::start(3, MetaOptions::default()).await?;
     let edges = edges(&s3, &cluster, 1).await?;
