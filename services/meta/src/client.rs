@@ -19,7 +19,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::command::CommitOutcome;
 use crate::error::MetaError;
 use crate::model::{ContentRecord, MediaKey, MediaRecord};
-use crate::pb::{LEADER_METADATA, NO_QUORUM_METADATA, meta_error_from_status};
+use crate::pb::{LEADER_METADATA, meta_error_from_status};
 
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
@@ -148,9 +148,6 @@ impl MetaClient {
             };
             let leader = status.metadata().get(LEADER_METADATA).and_then(|v| v.to_str().ok()).map(normalize);
             let err = meta_error_from_status(&status);
-            if status.metadata().get(NO_QUORUM_METADATA).is_some() {
-                return Err(err);
-            }
             let now = tokio::time::Instant::now();
             match leader {
                 // Not applied: this node refused it as a follower. Go to the leader.

@@ -18,9 +18,7 @@ use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, Raf
 use crate::command::{Command, CommandOutput};
 use crate::error::StorageError;
 use crate::model::{ContentRecord, MediaKey};
-use crate::pb::{
-    LEADER_METADATA, NO_QUORUM_METADATA, cid_from_wire, status_from_command_error, status_from_storage_error,
-};
+use crate::pb::{LEADER_METADATA, cid_from_wire, status_from_command_error, status_from_storage_error};
 use crate::raft::{NodeId, RaftNode};
 use crate::state_machine::StateMachine;
 
@@ -76,42 +74,13 @@ impl MetaService {
         MetaServer::new(self)
     }
 
-    /// `UNAVAILABLE` + `x-mxcas-no-quorum` when this node leads without a recent quorum.
-    fn no_quorum(&self) -> Option<Status> {
-        let m = self.node.raft.metrics().borrow().clone();
-        let age = m.millis_since_quorum_ack?;
-        if m.state != openraft::ServerState::Leader || age <= self.node.no_quorum_after.as_millis() as u64 {
-            return None;
-        }
-        let mut status = Status::unavailable(format!(
-            "metadata cluster has no quorum: the leader has not heard from a majority for {age} ms"
-        ));
-        status.metadata_mut().insert(NO_QUORUM_METADATA, tonic::metadata::MetadataValue::from_static("1"));
-        Some(status)
-    }
-
     /// False once raft stopped (a storage failure is fatal): the node must not get traffic.
     pub fn is_healthy(&self) -> bool {
         self.node.raft.metrics().borrow().running_state.is_ok()
     }
 
     async fn apply(&self, cmd: Command) -> Result<CommandOutput, Status> {
-        // A leader that has not heard from a majority for a while cannot commit: say so at
-        // once instead of letting the write wait out the caller's deadline.
-        if let Some(status) = self.no_quorum() {
-            return Err(status);
-        }
-        let wait = self.node.no_quorum_after + std::time::Duration::from_secs(1);
-        let resp = match tokio::time::timeout(wait, self.node.raft.client_write(cmd)).await {
-            Ok(r) => r.map_err(raft_write_status)?,
-            // Not committed in time. It may still commit (it is in the log): the caller's
-            // retry with the same upload ID gets the same answer either way.
-            Err(_) => {
-                return Err(self
-                    .no_quorum()
-                    .unwrap_or_else(|| Status::unavailable("the write did not commit in time; retry")));
-            }
-        };
+        let resp = self.node.raft.client_write(cmd).await.map_err(raft_write_status)?;
         resp.data.0.map_err(|rejected| status_from_command_error(&rejected))
     }
 

@@ -7,10 +7,6 @@ use crate::error::{CommandError, MetaError, StorageError};
 /// gRPC metadata on an `UNAVAILABLE` status naming the leader's address (`host:port`).
 pub const LEADER_METADATA: &str = "x-mxcas-leader";
 
-/// gRPC metadata on an `UNAVAILABLE` status from a leader that has lost its quorum: retrying
-/// elsewhere will not help until the quorum is back, so clients give up at once.
-pub const NO_QUORUM_METADATA: &str = "x-mxcas-no-quorum";
-
 /// Key of the binary status detail that carries a [`CommandError`] across the wire exactly.
 const DETAIL_PENDING_LIMIT: &str = "pending-limit:";
 

@@ -6,9 +6,7 @@ mod content;
 mod error;
 mod media;
 
-pub use error::{
-    LEADER_METADATA, NO_QUORUM_METADATA, meta_error_from_status, status_from_command_error, status_from_storage_error,
-};
+pub use error::{LEADER_METADATA, meta_error_from_status, status_from_command_error, status_from_storage_error};
 
 /// A required message field was missing or malformed on the wire.
 #[derive(Debug, thiserror::Error)]

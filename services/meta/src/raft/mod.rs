@@ -94,8 +94,6 @@ pub struct RaftNode {
     pub sm: Arc<StateMachine>,
     /// Changes as they are applied (a bounded buffer: slow watchers see `Lagged`).
     pub changes: tokio::sync::broadcast::Sender<Change>,
-    /// A leader without a quorum acknowledgement for this long refuses writes at once.
-    pub no_quorum_after: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -138,7 +136,7 @@ impl RaftNode {
         let (changes, _) = tokio::sync::broadcast::channel(4096);
         let sm_store = sm_store::SmStore::open(sm.clone(), dir.join("snapshots")).await?.with_changes(changes.clone());
         let raft = Raft::new(id, config, network, log, sm_store).await.map_err(|e| StartError::Raft(e.to_string()))?;
-        Ok(Self { id, raft, sm, changes, no_quorum_after: settings.election_timeout_max * 2 })
+        Ok(Self { id, raft, sm, changes })
     }
 
     /// Makes `members` the first voters of a new cluster; a no-op when this node already
