@@ -113,10 +113,42 @@ where
 }
 
 /// sha2-256 of one leaf, on the blocking pool (a short task, never held across I/O).
-async fn hash_leaf(leaf: Bytes) -> Result<[u8; 32], IngestError> {
-    tokio::task::spawn_blocking(move || <[u8; 32]>::from(Sha256::digest(&leaf)))
-        .await
-        .map_err(|e| IngestError::Hasher(e.to_string()))
+fn hash_leaf(leaf: Bytes) -> tokio::task::JoinHandle<([u8; 32], u64)> {
+    tokio::task::spawn_blocking(move || (<[u8; 32]>::from(Sha256::digest(&leaf)), leaf.len() as u64))
+}
+
+/// Leaves being hashed while the body keeps streaming in; added to the DAG in file order.
+struct Hashing {
+    dag: DagBuilder,
+    in_flight: std::collections::VecDeque<tokio::task::JoinHandle<([u8; 32], u64)>>,
+}
+
+impl Hashing {
+    /// Most leaves hashed at once per upload (bounds memory to a few MiB).
+    const MAX_IN_FLIGHT: usize = 2;
+
+    async fn push(&mut self, leaf: Bytes) -> Result<(), IngestError> {
+        self.in_flight.push_back(hash_leaf(leaf));
+        while self.in_flight.len() > Self::MAX_IN_FLIGHT {
+            self.settle_one().await?;
+        }
+        Ok(())
+    }
+
+    async fn settle_one(&mut self) -> Result<(), IngestError> {
+        if let Some(h) = self.in_flight.pop_front() {
+            let (digest, len) = h.await.map_err(|e| IngestError::Hasher(e.to_string()))?;
+            self.dag.push_leaf(digest, len);
+        }
+        Ok(())
+    }
+
+    async fn finish(mut self) -> Result<Dag, IngestError> {
+        while !self.in_flight.is_empty() {
+            self.settle_one().await?;
+        }
+        Ok(self.dag.finish_leaves())
+    }
 }
 
 async fn feed<S, E>(mut body: S, max_size: u64, idle_timeout: Duration, sink: &mut Sink<'_>) -> Result<Dag, IngestError>
@@ -125,7 +157,7 @@ where
     E: std::fmt::Display,
 {
     let mut size = 0u64;
-    let mut dag = DagBuilder::new();
+    let mut hashing = Hashing { dag: DagBuilder::new(), in_flight: Default::default() };
     let mut leaf = BytesMut::with_capacity(CHUNK_SIZE);
     loop {
         let piece = match tokio::time::timeout(idle_timeout, body.next()).await {
@@ -143,18 +175,17 @@ where
             leaf.extend_from_slice(&rest[..take]);
             rest = &rest[take..];
             if leaf.len() == CHUNK_SIZE {
-                let full = leaf.split().freeze();
-                dag.push_leaf(hash_leaf(full).await?, CHUNK_SIZE as u64);
+                hashing.push(leaf.split().freeze()).await?;
+                leaf.reserve(CHUNK_SIZE);
             }
         }
         sink.write(piece).await?;
     }
     // The last (possibly empty) leaf: an empty file is one empty raw block.
-    if !leaf.is_empty() || dag.size() == 0 {
-        let len = leaf.len() as u64;
-        dag.push_leaf(hash_leaf(leaf.freeze()).await?, len);
+    if !leaf.is_empty() || size == 0 {
+        hashing.push(leaf.freeze()).await?;
     }
-    Ok(dag.finish_leaves())
+    hashing.finish().await
 }
 
 async fn store_index(store: &BlobStore, blob_key: &str, dag: &Dag) -> Result<Option<String>, IngestError> {
