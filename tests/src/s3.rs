@@ -110,6 +110,18 @@ impl SeaweedFs {
         Ok(s3)
     }
 
+    /// An `object_store` client for the bucket, to inspect what mxcas stored.
+    pub fn object_store(&self) -> anyhow::Result<object_store::aws::AmazonS3> {
+        Ok(object_store::aws::AmazonS3Builder::new()
+            .with_endpoint(&self.endpoint)
+            .with_allow_http(true)
+            .with_bucket_name(&self.bucket)
+            .with_region("us-east-1")
+            .with_access_key_id(&self.access_key)
+            .with_secret_access_key(&self.secret_key)
+            .build()?)
+    }
+
     /// The node store config that points at this server.
     pub fn store(&self) -> Store {
         Store::S3 {

@@ -2,112 +2,21 @@
 //! processes on loopback, SeaweedFS as the shared blob store, link proxies for partitions.
 //! Reproduce one test: `scripts/test.sh <test name>`.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use mxcas_tests::cluster::{Cluster, MetaOptions, MetaProc, admin};
+use mxcas_tests::load::{Load, lost};
 use mxcas_tests::node::ALICE;
 use mxcas_tests::s3::SeaweedFs;
 use mxcas_tests::{Node, NodeOptions, test_bytes};
 use tokio::sync::Mutex;
 
-/// Mostly small files, every eighth one multi-block (two leaves).
-fn size_for(seed: u64) -> usize {
-    [2_000, 30_000, 1_500, 40_000, 700, 20_000, 5_000, 1_048_577][(seed % 8) as usize]
-}
-
-type Acked = Arc<Mutex<Vec<(String, u64)>>>;
-
 /// The scenarios run one at a time: each runs a whole cluster and SeaweedFS, and some assert
 /// timing bounds that a second cluster on the same two cores would blur.
 static SERIAL: Mutex<()> = Mutex::const_new(());
 
-/// Uploads through `edges` (round robin) until `stop`; records what got a 200.
-struct Load {
-    acked: Acked,
-    failed: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    workers: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(edges: &[&Node], workers: usize, seed_base: u64) -> Load {
-        let acked: Acked = Arc::default();
-        let failed = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let next = Arc::new(AtomicU64::new(seed_base));
-        let targets: Vec<(reqwest::Client, String)> =
-            edges.iter().map(|e| (e.http.clone(), e.url("/_matrix/media/v3/upload"))).collect();
-        let mut handles = Vec::new();
-        for w in 0..workers {
-            let (acked, failed, stop, next, targets) =
-                (acked.clone(), failed.clone(), stop.clone(), next.clone(), targets.clone());
-            handles.push(tokio::spawn(async move {
-                let mut i = w;
-                while !stop.load(Ordering::Relaxed) {
-                    let (http, url) = &targets[i % targets.len()];
-                    i += 1;
-                    let seed = next.fetch_add(1, Ordering::Relaxed);
-                    let body = test_bytes(seed, size_for(seed));
-                    let sent =
-                        http.post(url).bearer_auth(ALICE).body(body).timeout(Duration::from_secs(30)).send().await;
-                    let id = match sent {
-                        Ok(r) if r.status() == 200 => r.json::<serde_json::Value>().await.ok().and_then(|j| {
-                            j["content_uri"]
-                                .as_str()
-                                .and_then(|u| u.strip_prefix("mxc://localhost/"))
-                                .map(str::to_owned)
-                        }),
-                        _ => None,
-                    };
-                    match id {
-                        Some(id) => acked.lock().await.push((id, seed)),
-                        None => {
-                            failed.fetch_add(1, Ordering::Relaxed);
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                    }
-                }
-            }));
-        }
-        Load { acked, failed, stop, workers: handles }
-    }
-
-    async fn stop(self) -> anyhow::Result<(Vec<(String, u64)>, u64)> {
-        self.stop.store(true, Ordering::Relaxed);
-        for w in self.workers {
-            w.await?;
-        }
-        let acked = self.acked.lock().await.clone();
-        Ok((acked, self.failed.load(Ordering::Relaxed)))
-    }
-}
-
-/// Every acknowledged upload downloads byte-identical from every edge; returns how many did not.
-async fn lost(acked: &[(String, u64)], edges: &[&Node]) -> anyhow::Result<usize> {
-    use futures::StreamExt;
-    let checks =
-        acked.iter().flat_map(|(id, seed)| edges.iter().map(move |e| (id.clone(), *seed, e.http.clone(), e.url(""))));
-    let lost = futures::stream::iter(checks)
-        .map(|(id, seed, http, base)| async move {
-            let url = format!("{base}/_matrix/client/v1/media/download/localhost/{id}");
-            let ok = match http.get(&url).bearer_auth(ALICE).send().await {
-                Ok(r) if r.status() == 200 => {
-                    r.bytes().await.is_ok_and(|b| b.as_ref() == test_bytes(seed, size_for(seed)).as_slice())
-                }
-                _ => false,
-            };
-            if !ok {
-                eprintln!("LOST: {id} (seed {seed}) via {base}");
-            }
-            usize::from(!ok)
-        })
-        .buffer_unordered(16)
-        .fold(0, |n, x| async move { n + x })
-        .await;
-    Ok(lost)
-}
+/// Mostly small files, every eighth one multi-block (two leaves).
+const SIZES: &[usize] = &[2_000, 30_000, 1_500, 40_000, 700, 20_000, 5_000, 1_048_577];
 
 async fn edges(s3: &SeaweedFs, cluster: &Cluster, n: usize) -> anyhow::Result<Vec<Node>> {
     let mut out = Vec::new();
@@ -127,7 +36,7 @@ async fn leader_killed_twice_under_load_loses_no_acknowledged_upload() -> anyhow
     let mut cluster = Cluster::start(3, MetaOptions::default()).await?;
     let edges = edges(&s3, &cluster, 2).await?;
     let edge_refs: Vec<&Node> = edges.iter().collect();
-    let load = Load::start(&edge_refs, 3, 1);
+    let load = Load::start(&edge_refs, 3, 1, SIZES);
     let started = Instant::now();
     for round in 0..2 {
         tokio::time::sleep(Duration::from_secs(15)).await;
@@ -141,7 +50,7 @@ async fn leader_killed_twice_under_load_loses_no_acknowledged_upload() -> anyhow
     }
     tokio::time::sleep(Duration::from_secs(60u64.saturating_sub(started.elapsed().as_secs()))).await;
     let (acked, failed) = load.stop().await?;
-    let lost = lost(&acked, &edge_refs).await?;
+    let lost = lost(&acked, &edge_refs, SIZES).await?;
     println!("acknowledged {}, failed {failed}, lost {lost}", acked.len());
     assert!(acked.len() > 50, "too few uploads to prove anything: {}", acked.len());
     assert_eq!(lost, 0);
@@ -156,7 +65,7 @@ async fn whole_cluster_kill_9_and_restart_keeps_everything() -> anyhow::Result<(
     let mut cluster = Cluster::start(3, MetaOptions::default()).await?;
     let edges = edges(&s3, &cluster, 1).await?;
     let edge_refs: Vec<&Node> = edges.iter().collect();
-    let load = Load::start(&edge_refs, 3, 10_000);
+    let load = Load::start(&edge_refs, 3, 10_000, SIZES);
     tokio::time::sleep(Duration::from_secs(4)).await;
     for m in &mut cluster.metas {
         m.kill9();
@@ -166,7 +75,7 @@ async fn whole_cluster_kill_9_and_restart_keeps_everything() -> anyhow::Result<(
         m.restart().await?;
     }
     cluster.wait_leader(Duration::from_secs(20)).await?;
-    let lost = lost(&acked, &edge_refs).await?;
+    let lost = lost(&acked, &edge_refs, SIZES).await?;
     println!("acknowledged {}, failed {failed}, lost {lost}", acked.len());
     assert!(acked.len() > 10);
     assert_eq!(lost, 0);
@@ -219,7 +128,7 @@ async fn node_added_under_load_catches_up_by_snapshot_and_a_removed_node_leaves_
     let mut cluster = Cluster::start(3, opts.clone()).await?;
     let edges = edges(&s3, &cluster, 1).await?;
     let edge_refs: Vec<&Node> = edges.iter().collect();
-    let load = Load::start(&edge_refs, 3, 40_000);
+    let load = Load::start(&edge_refs, 3, 40_000, SIZES);
     // Enough writes that the log before the newcomer's start has been compacted away.
     mxcas_tests::wait_for("a snapshot on the leader", Duration::from_secs(60), || async {
         let l = cluster.leader().await?;
@@ -243,7 +152,7 @@ async fn node_added_under_load_catches_up_by_snapshot_and_a_removed_node_leaves_
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (acked, failed) = load.stop().await?;
     let after = edges[0].upload_ok(b"written by the remaining majority".to_vec()).await?;
-    let lost = lost(&acked, &edge_refs).await?;
+    let lost = lost(&acked, &edge_refs, SIZES).await?;
     println!("acknowledged {}, failed {failed}, lost {lost}; removed node {victim}", acked.len());
     assert_eq!(lost, 0);
     assert_eq!(edges[0].download(&after).await?.status(), 200);
@@ -314,14 +223,7 @@ async fn killed_edge_never_acknowledges_and_orphans_are_swept() -> anyhow::Resul
     .await
     .map_err(|e| anyhow::anyhow!("{e}\n{}", sweeping.log()))?;
     assert_eq!(sweeping.download(&kept_id).await?.bytes().await?.as_ref(), kept.as_slice());
-    let store = object_store::aws::AmazonS3Builder::new()
-        .with_endpoint(&s3.endpoint)
-        .with_allow_http(true)
-        .with_bucket_name(&s3.bucket)
-        .with_region("us-east-1")
-        .with_access_key_id(&s3.access_key)
-        .with_secret_access_key(&s3.secret_key)
-        .build()?;
+    let store = s3.object_store()?;
     use futures::TryStreamExt;
     use object_store::ObjectStore;
     let keys: Vec<String> = store.list(None).map_ok(|m| m.location.to_string()).try_collect().await?;
@@ -417,11 +319,11 @@ async fn slow_links_delay_but_do_not_break_the_cluster() -> anyhow::Result<()> {
     }
     let leader = cluster.wait_leader(Duration::from_secs(10)).await?;
     let edge_refs: Vec<&Node> = edges.iter().collect();
-    let load = Load::start(&edge_refs, 3, 70_000);
+    let load = Load::start(&edge_refs, 3, 70_000, SIZES);
     // Slow links make each upload take a few round trips' worth of delay: run until enough
     // have been acknowledged to mean something (bounded).
     let started = Instant::now();
-    while load.acked.lock().await.len() < 10 && started.elapsed() < Duration::from_secs(40) {
+    while load.acked().await < 10 && started.elapsed() < Duration::from_secs(40) {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let (acked, failed) = load.stop().await?;
@@ -429,7 +331,7 @@ async fn slow_links_delay_but_do_not_break_the_cluster() -> anyhow::Result<()> {
     for m in &cluster.metas {
         m.proxy.set_delay(Duration::ZERO);
     }
-    let lost = lost(&acked, &edge_refs).await?;
+    let lost = lost(&acked, &edge_refs, SIZES).await?;
     println!("with 40 ms links: acknowledged {}, failed {failed}, lost {lost}", acked.len());
     assert!(acked.len() > 10);
     assert_eq!(lost, 0);

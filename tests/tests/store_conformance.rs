@@ -9,7 +9,6 @@ use futures::TryStreamExt;
 use mxcas_tests::node::ALICE;
 use mxcas_tests::s3::SeaweedFs;
 use mxcas_tests::{Node, NodeOptions, test_bytes, wait_for};
-use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
@@ -127,16 +126,7 @@ async fn local_filesystem_backend() -> anyhow::Result<()> {
 async fn s3_backend_seaweedfs() -> anyhow::Result<()> {
     let s3 = SeaweedFs::start().await?;
     let node = Node::start(NodeOptions { store: s3.store(), ..Default::default() }).await?;
-    let store: Arc<dyn ObjectStore> = Arc::new(
-        AmazonS3Builder::new()
-            .with_endpoint(&s3.endpoint)
-            .with_allow_http(true)
-            .with_bucket_name(&s3.bucket)
-            .with_region("us-east-1")
-            .with_access_key_id(&s3.access_key)
-            .with_secret_access_key(&s3.secret_key)
-            .build()?,
-    );
+    let store: Arc<dyn ObjectStore> = Arc::new(s3.object_store()?);
     suite(&node, store).await
 }
 

@@ -163,14 +163,7 @@ async fn meta(args: MetaArgs) -> anyhow::Result<()> {
     let node = meta_node::start(&config, cancel.clone(), &tracker).await?;
     tracing::info!(id = node.node.id, addr = %node.addr, "metadata node is serving");
     println!("mxcas: metadata node {} on {} (advertised as {})", node.node.id, node.addr, node.advertise);
-    shutdown_signal().await;
-    tracing::info!("shutting down");
-    cancel.cancel();
-    tracker.close();
-    if tokio::time::timeout(Duration::from_secs(20), tracker.wait()).await.is_err() {
-        tracing::warn!("tasks did not stop within 20s; exiting anyway");
-    }
-    Ok(())
+    run_until_signal(cancel, tracker).await
 }
 
 fn init_tracing() {
@@ -276,6 +269,12 @@ async fn serve(args: ServeArgs, role: Role) -> anyhow::Result<()> {
         );
     }
 
+    run_until_signal(cancel, tracker).await
+}
+
+/// Waits for SIGTERM or Ctrl-C, then stops every task (servers drain, raft shuts down)
+/// within a grace period.
+async fn run_until_signal(cancel: CancellationToken, tracker: TaskTracker) -> anyhow::Result<()> {
     shutdown_signal().await;
     tracing::info!("shutting down");
     cancel.cancel();
