@@ -102,11 +102,6 @@ impl DagBuilder {
         }
     }
 
-    /// Bytes fed so far.
-    pub fn size(&self) -> u64 {
-        self.size
-    }
-
     pub fn update(&mut self, mut data: &[u8]) {
         self.size += data.len() as u64;
         while !data.is_empty() {
@@ -123,8 +118,7 @@ impl DagBuilder {
         let digest: [u8; 32] = Sha256::digest(&self.chunk).into();
         let len = self.chunk.len() as u64;
         self.chunk.clear();
-        self.size -= len; // counted by `update` already; `push_leaf` counts it again
-        self.push_leaf(digest, len);
+        self.add_leaf(digest, len);
     }
 
     /// Adds the next leaf by its sha2-256 and length, for callers that chunk and hash
@@ -132,6 +126,11 @@ impl DagBuilder {
     /// [`Self::update`] on one builder.
     pub fn push_leaf(&mut self, digest: [u8; 32], len: u64) {
         self.size += len;
+        self.add_leaf(digest, len);
+    }
+
+    /// Links the next leaf (its bytes are already counted in `size`).
+    fn add_leaf(&mut self, digest: [u8; 32], len: u64) {
         let link = Link { cid: cid_from_digest(RAW, &digest), tsize: len, filesize: len };
         self.leaves.push(digest);
         self.push(0, link);

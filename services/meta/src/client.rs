@@ -192,7 +192,7 @@ impl MetaClient {
             })
             .await?;
         let media = resp.into_inner().media.ok_or_else(|| wire("create_pending: no media"))?;
-        MediaRecord::try_from(media).map_err(|e| MetaError::Internal(e.to_string()))
+        MediaRecord::try_from(media).map_err(MetaError::from)
     }
 
     /// Records a finished upload; safe to retry (deduplicated by `upload_id`).
@@ -219,8 +219,8 @@ impl MetaClient {
         let media = r.media.ok_or_else(|| wire("commit_upload: no media"))?;
         let content = r.content.ok_or_else(|| wire("commit_upload: no content"))?;
         Ok(CommitOutcome {
-            media: MediaRecord::try_from(media).map_err(|e| MetaError::Internal(e.to_string()))?,
-            content: ContentRecord::try_from(content).map_err(|e| MetaError::Internal(e.to_string()))?,
+            media: MediaRecord::try_from(media).map_err(MetaError::from)?,
+            content: ContentRecord::try_from(content).map_err(MetaError::from)?,
             deduplicated: r.deduplicated,
         })
     }
@@ -242,9 +242,8 @@ impl MetaClient {
             .await?;
         let r = resp.into_inner();
         let Some(media) = r.media else { return Ok(None) };
-        let media = MediaRecord::try_from(media).map_err(|e| MetaError::Internal(e.to_string()))?;
-        let content =
-            r.content.map(ContentRecord::try_from).transpose().map_err(|e| MetaError::Internal(e.to_string()))?;
+        let media = MediaRecord::try_from(media).map_err(MetaError::from)?;
+        let content = r.content.map(ContentRecord::try_from).transpose().map_err(MetaError::from)?;
         Ok(Some((media, content)))
     }
 
@@ -256,11 +255,7 @@ impl MetaClient {
                 async move { cl.get_content(req).await }
             })
             .await?;
-        resp.into_inner()
-            .content
-            .map(ContentRecord::try_from)
-            .transpose()
-            .map_err(|e| MetaError::Internal(e.to_string()))
+        resp.into_inner().content.map(ContentRecord::try_from).transpose().map_err(MetaError::from)
     }
 
     /// For each object key, whether the metadata references it (a linearizable read).

@@ -255,15 +255,12 @@ impl Meta for MetaService {
         let want_digest = req.into_inner().digest;
         let node_id = self.node_id;
         // The node's own view, without a leader round trip: operators ask every node.
-        let sm = self.sm.clone();
-        let (last_applied, (media_count, content_count), digest) =
-            tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
+        let (last_applied, (media_count, content_count), digest) = self
+            .read_local(move |sm| {
                 let digest = if want_digest { Some(sm.digest()?) } else { None };
                 Ok((sm.last_applied()?, sm.counts()?, digest))
             })
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| status_from_storage_error(&e))?;
+            .await?;
         let state_digest = digest.map(|d| d.iter().map(|b| format!("{b:02x}")).collect()).unwrap_or_default();
         Ok(Response::new(pb::StatusResponse { node_id, last_applied, media_count, content_count, state_digest }))
     }

@@ -56,24 +56,21 @@ pub async fn run(meta: &str, cmd: ClusterCmd) -> anyhow::Result<()> {
             client.init(pb::InitRequest { members }).await
         }
         ClusterCmd::AddLearner { id, addr } => {
-            let leader = leader_client(&mut client).await?;
-            leader_or(client, leader).add_learner(pb::AddLearnerRequest { member: Some(pb::Member { id, addr }) }).await
+            let (mut leader, _) = on_leader(client).await?;
+            leader.add_learner(pb::AddLearnerRequest { member: Some(pb::Member { id, addr }) }).await
         }
         ClusterCmd::Promote { id } => {
-            let status = client.status(pb::ClusterStatusRequest {}).await?.into_inner();
+            let (mut leader, status) = on_leader(client).await?;
             let mut voters: Vec<u64> = status.members.iter().filter(|m| m.voter).map(|m| m.id).collect();
             if !status.members.iter().any(|m| m.id == id) {
                 anyhow::bail!("node {id} is not a member; add it first with `mxcas admin cluster add-learner`");
             }
             voters.push(id);
-            let leader = leader_client(&mut client).await?;
-            leader_or(client, leader).change_membership(pb::ChangeMembershipRequest { voters, remove: vec![] }).await
+            leader.change_membership(pb::ChangeMembershipRequest { voters, remove: vec![] }).await
         }
         ClusterCmd::Remove { id } => {
-            let leader = leader_client(&mut client).await?;
-            leader_or(client, leader)
-                .change_membership(pb::ChangeMembershipRequest { voters: vec![], remove: vec![id] })
-                .await
+            let (mut leader, _) = on_leader(client).await?;
+            leader.change_membership(pb::ChangeMembershipRequest { voters: vec![], remove: vec![id] }).await
         }
         ClusterCmd::Status => client.status(pb::ClusterStatusRequest {}).await,
     }
@@ -83,25 +80,19 @@ pub async fn run(meta: &str, cmd: ClusterCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A client connected to the current leader, if the node we asked knows another one.
-async fn leader_client(
-    client: &mut ClusterClient<tonic::transport::Channel>,
-) -> anyhow::Result<Option<ClusterClient<tonic::transport::Channel>>> {
+/// A client for the current leader (membership changes must go there), and the cluster status
+/// as the node first asked sees it.
+async fn on_leader(
+    mut client: ClusterClient<tonic::transport::Channel>,
+) -> anyhow::Result<(ClusterClient<tonic::transport::Channel>, pb::ClusterStatus)> {
     let status = client.status(pb::ClusterStatusRequest {}).await?.into_inner();
     match status.leader_id {
         Some(l) if l != status.node_id && !status.leader_addr.is_empty() => {
-            Ok(Some(ClusterClient::connect(endpoint(&status.leader_addr)).await?))
+            Ok((ClusterClient::connect(endpoint(&status.leader_addr)).await?, status))
         }
-        Some(_) => Ok(None),
+        Some(_) => Ok((client, status)),
         None => anyhow::bail!("the cluster has no leader right now; retry shortly"),
     }
-}
-
-fn leader_or(
-    this: ClusterClient<tonic::transport::Channel>,
-    leader: Option<ClusterClient<tonic::transport::Channel>>,
-) -> ClusterClient<tonic::transport::Channel> {
-    leader.unwrap_or(this)
 }
 
 fn print_status(s: &pb::ClusterStatus) {

@@ -13,6 +13,12 @@ pub use error::{LEADER_METADATA, meta_error_from_status, status_from_command_err
 #[error("malformed {0}")]
 pub struct WireError(pub String);
 
+impl From<WireError> for crate::error::MetaError {
+    fn from(e: WireError) -> Self {
+        crate::error::MetaError::Internal(format!("malformed answer from the metadata service: {e}"))
+    }
+}
+
 impl From<WireError> for tonic::Status {
     fn from(e: WireError) -> Self {
         tonic::Status::invalid_argument(e.to_string())

@@ -25,22 +25,11 @@ impl RaftService {
 }
 
 fn reply<T: Serialize, E: Serialize>(result: Result<T, E>) -> Result<Response<pb::RaftReply>, Status> {
-    let encode = |v: &dyn erased::Ser| v.to_json().map_err(|e| Status::internal(format!("encode: {e}")));
+    let encode = |r: serde_json::Result<Vec<u8>>| r.map_err(|e| Status::internal(format!("encode: {e}")));
     Ok(Response::new(match result {
-        Ok(v) => pb::RaftReply { data: encode(&v)?, error: Vec::new() },
-        Err(e) => pb::RaftReply { data: Vec::new(), error: encode(&e)? },
+        Ok(v) => pb::RaftReply { data: encode(serde_json::to_vec(&v))?, error: Vec::new() },
+        Err(e) => pb::RaftReply { data: Vec::new(), error: encode(serde_json::to_vec(&e))? },
     }))
-}
-
-mod erased {
-    pub trait Ser {
-        fn to_json(&self) -> serde_json::Result<Vec<u8>>;
-    }
-    impl<T: serde::Serialize> Ser for T {
-        fn to_json(&self) -> serde_json::Result<Vec<u8>> {
-            serde_json::to_vec(self)
-        }
-    }
 }
 
 fn decode<T: serde::de::DeserializeOwned>(m: Request<pb::RaftMessage>) -> Result<T, Status> {

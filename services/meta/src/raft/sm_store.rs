@@ -92,17 +92,11 @@ fn build(sm: &StateMachine, dir: &std::path::Path) -> std::result::Result<Meta, 
     let (records, extras) = sm.export(&mut w, &[LAST_APPLIED, MEMBERSHIP]).map_err(|e| e.to_string())?;
     let file = w.into_inner().map_err(|e| e.to_string())?;
     file.sync_all().map_err(|e| e.to_string())?;
-    let parse = |b: &Option<Vec<u8>>| -> std::result::Result<Option<serde_json::Value>, String> {
+    fn parse<T: for<'de> Deserialize<'de>>(b: &Option<Vec<u8>>) -> std::result::Result<Option<T>, String> {
         b.as_deref().map(serde_json::from_slice).transpose().map_err(|e| e.to_string())
-    };
-    let last_log_id: Option<LogId<NodeId>> = match parse(&extras[0])? {
-        Some(v) => serde_json::from_value(v).map_err(|e| e.to_string())?,
-        None => None,
-    };
-    let last_membership: StoredMembership<NodeId, openraft::BasicNode> = match parse(&extras[1])? {
-        Some(v) => serde_json::from_value(v).map_err(|e| e.to_string())?,
-        None => StoredMembership::default(),
-    };
+    }
+    let last_log_id: Option<LogId<NodeId>> = parse::<Option<LogId<NodeId>>>(&extras[0])?.flatten();
+    let last_membership: StoredMembership<NodeId, openraft::BasicNode> = parse(&extras[1])?.unwrap_or_default();
     let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros()).unwrap_or(0);
     let snapshot_id = match &last_log_id {
         Some(l) => format!("{}-{}-{stamp}", l.leader_id.term, l.index),
