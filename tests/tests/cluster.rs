@@ -142,7 +142,12 @@ async fn node_added_under_load_catches_up_by_snapshot_and_a_removed_node_leaves_
     admin(&entry, &["add-learner", "--id", "4", "--addr", &fourth.proxy.addr.to_string()])?;
     admin(&entry, &["promote", "--id", "4"])?;
     cluster.metas.push(fourth);
-    assert!(cluster.metas[3].log().contains("installed snapshot"), "node 4 should have caught up by snapshot");
+    // The install is logged just after the learner reports caught up: poll briefly.
+    let caught_up_by_snapshot = mxcas_tests::wait_for("node 4's snapshot install", Duration::from_secs(10), || async {
+        cluster.metas[3].log().contains("installed snapshot").then_some(())
+    })
+    .await;
+    assert!(caught_up_by_snapshot.is_ok(), "node 4 should have caught up by snapshot");
 
     // Remove a follower under load, then stop it: 1, 3 (or 4) still make a majority of 3.
     let leader = cluster.wait_leader(Duration::from_secs(10)).await?;
