@@ -32,11 +32,13 @@ pub struct MetaProc {
 #[derive(Clone, Debug)]
 pub struct MetaOptions {
     pub snapshot_every: u64,
+    /// More `[meta]` settings, as TOML lines.
+    pub extra: &'static str,
 }
 
 impl Default for MetaOptions {
     fn default() -> Self {
-        Self { snapshot_every: 10_000 }
+        Self { snapshot_every: 10_000, extra: "" }
     }
 }
 
@@ -46,10 +48,11 @@ impl MetaProc {
         let ip = Ipv4Addr::new(127, 0, 0, 10 + id as u8);
         let proxy = LinkProxy::start().await?;
         let config = format!(
-            "data_dir = \"{}\"\n[meta]\nnode_id = {id}\nlisten = \"{ip}:0\"\nadvertise = \"{}\"\nbind_outgoing = \"{ip}\"\nsnapshot_every = {}\n",
+            "data_dir = \"{}\"\n[meta]\nnode_id = {id}\nlisten = \"{ip}:0\"\nadvertise = \"{}\"\nbind_outgoing = \"{ip}\"\nsnapshot_every = {}\n{}\n",
             dir.path().join("data").display(),
             proxy.addr,
             opts.snapshot_every,
+            opts.extra,
         );
         std::fs::write(dir.path().join("meta.toml"), config)?;
         let mut p = MetaProc { id, ip, proxy, listen: None, child: None, dir, starts: 0 };

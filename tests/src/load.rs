@@ -56,7 +56,15 @@ impl Load {
                                 .and_then(|u| u.strip_prefix("mxc://localhost/"))
                                 .map(str::to_owned)
                         }),
-                        _ => None,
+                        Ok(r) => {
+                            let status = r.status();
+                            eprintln!("load: upload {seed} failed: {status} {}", r.text().await.unwrap_or_default());
+                            None
+                        }
+                        Err(e) => {
+                            eprintln!("load: upload {seed} failed: {e}");
+                            None
+                        }
                     };
                     match id {
                         Some(id) => acked.lock().await.push((id, seed)),

@@ -124,7 +124,7 @@ async fn node_added_under_load_catches_up_by_snapshot_and_a_removed_node_leaves_
 -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
     let s3 = SeaweedFs::start().await?;
-    let opts = MetaOptions { snapshot_every: 20 };
+    let opts = MetaOptions { snapshot_every: 20, ..MetaOptions::default() };
     let mut cluster = Cluster::start(3, opts.clone()).await?;
     let edges = edges(&s3, &cluster, 1).await?;
     let edge_refs: Vec<&Node> = edges.iter().collect();
@@ -308,7 +308,16 @@ async fn without_quorum_cached_downloads_work_and_uploads_fail_with_retry_after(
     let resp = edge.upload(b"no quorum".to_vec(), "text/plain", None).await?;
     assert_eq!(resp.status(), 503);
     assert!(resp.headers().contains_key("retry-after"));
-    println!("upload without quorum failed after {:?}", started.elapsed());
+    let took = started.elapsed();
+    println!("upload without quorum failed after {took:?}");
+    // docs/operations/cluster.md: the quorum lease (2 s) plus the edge's write budget (4 s)
+    // bound it; without them the upload waited for quorum indefinitely.
+    assert!(took < Duration::from_secs(8), "an upload without quorum must fail fast, took {took:?}");
+    // A second one finds the lease already expired: refused without waiting for it.
+    let started = Instant::now();
+    let resp = edge.upload(b"still no quorum".to_vec(), "text/plain", None).await?;
+    assert_eq!(resp.status(), 503);
+    println!("second upload without quorum failed after {:?}", started.elapsed());
     Ok(())
 }
 
@@ -316,9 +325,17 @@ async fn without_quorum_cached_downloads_work_and_uploads_fail_with_retry_after(
 async fn slow_links_delay_but_do_not_break_the_cluster() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
     let s3 = SeaweedFs::start().await?;
-    let cluster = Cluster::start(3, MetaOptions::default()).await?;
+    // openraft gives each AppendEntries one heartbeat interval to answer: on links this slow
+    // (~90 ms round trip with the follower's fsync) the 100 ms default is too tight, and the
+    // leader would rightly lose its quorum lease. docs/operations/cluster.md: heartbeat at
+    // least 3x the worst round trip, elections 5-10 heartbeats.
+    let opts = MetaOptions {
+        extra: "heartbeat_interval = \"300ms\"\nelection_timeout_min = \"1500ms\"\nelection_timeout_max = \"3s\"",
+        ..MetaOptions::default()
+    };
+    let cluster = Cluster::start(3, opts).await?;
     let edges = edges(&s3, &cluster, 1).await?;
-    // 40 ms per hop on every raft link: well inside the 500 ms election timeout.
+    // 40 ms per hop on every raft link.
     for m in &cluster.metas {
         m.proxy.set_delay(Duration::from_millis(40));
     }
@@ -338,8 +355,19 @@ async fn slow_links_delay_but_do_not_break_the_cluster() -> anyhow::Result<()> {
     }
     let lost = lost(&acked, &edge_refs, SIZES).await?;
     println!("with 40 ms links: acknowledged {}, failed {failed}, lost {lost}", acked.len());
+    if failed > 0 {
+        for line in edges[0].log().lines().filter(|l| l.contains("WARN") || l.contains("ERROR")) {
+            eprintln!("edge: {line}");
+        }
+        for m in &cluster.metas {
+            for line in m.log().lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).take(20) {
+                eprintln!("meta: {line}");
+            }
+        }
+    }
     assert!(acked.len() > 10);
     assert_eq!(lost, 0);
+    assert_eq!(failed, 0, "a slow but healthy cluster must not refuse writes");
     cluster.converged(Duration::from_secs(30)).await?;
     Ok(())
 }

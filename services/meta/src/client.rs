@@ -25,14 +25,32 @@ use crate::pb::{LEADER_METADATA, meta_error_from_status};
 pub struct ClientConfig {
     /// Deadline of one call attempt.
     pub call_timeout: Duration,
-    /// Total time retries of one call may take.
+    /// Total time retries of one read may take.
     pub retry_budget: Duration,
+    /// Total time retries of one write may take: long enough to ride out a leader election
+    /// (about one election timeout), short enough that an upload without quorum fails fast.
+    pub write_budget: Duration,
 }
 
 impl Default for ClientConfig {
     fn default() -> Self {
-        Self { call_timeout: Duration::from_secs(5), retry_budget: Duration::from_secs(10) }
+        Self {
+            call_timeout: Duration::from_secs(5),
+            retry_budget: Duration::from_secs(10),
+            write_budget: Duration::from_secs(4),
+        }
     }
+}
+
+/// Which calls may be repeated, and for how long.
+#[derive(Clone, Copy)]
+enum Retry {
+    /// Only redirects to the leader are followed (the node refused it, so nothing happened).
+    Never,
+    /// Idempotent writes: retried within the write budget.
+    Write,
+    /// Reads: retried within the retry budget.
+    Read,
 }
 
 #[derive(Clone)]
@@ -132,19 +150,31 @@ impl MetaClient {
     }
 
     /// Runs `call` against the leader: follows redirects always, and retries other
-    /// "unavailable" answers (on the next node, with backoff) only when `idempotent`.
-    async fn retrying<T, F, Fut>(&self, idempotent: bool, mut call: F) -> Result<T, MetaError>
+    /// "unavailable" answers (on the next node, with backoff) as `retry` allows.
+    async fn retrying<T, F, Fut>(&self, retry: Retry, mut call: F) -> Result<T, MetaError>
     where
         F: FnMut(PbClient<Channel>) -> Fut,
         Fut: Future<Output = Result<T, tonic::Status>>,
     {
-        let deadline = tokio::time::Instant::now() + self.inner.config.retry_budget;
+        let config = &self.inner.config;
+        let (idempotent, budget) = match retry {
+            Retry::Never => (false, config.write_budget),
+            Retry::Write => (true, config.write_budget),
+            Retry::Read => (true, config.retry_budget),
+        };
+        let deadline = tokio::time::Instant::now() + budget;
         let mut backoff = Duration::from_millis(20);
         loop {
             let url = self.current();
-            let status = match call(self.client_for(&url)?).await {
-                Ok(v) => return Ok(v),
-                Err(status) => status,
+            // No attempt outlives the budget (a write stuck at a partitioned node included).
+            let status = match tokio::time::timeout_at(deadline, call(self.client_for(&url)?)).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(status)) => status,
+                Err(_) => {
+                    return Err(MetaError::Unavailable(format!(
+                        "no answer from the metadata service within {budget:?} (last tried {url})"
+                    )));
+                }
             };
             let leader = status.metadata().get(LEADER_METADATA).and_then(|v| v.to_str().ok()).map(normalize);
             let err = meta_error_from_status(&status);
@@ -186,7 +216,7 @@ impl MetaClient {
             max_pending_per_user,
         };
         let resp = self
-            .retrying(false, |mut cl| {
+            .retrying(Retry::Never, |mut cl| {
                 let req = req.clone();
                 async move { cl.create_pending(req).await }
             })
@@ -210,7 +240,7 @@ impl MetaClient {
             filename: c.filename.clone(),
         };
         let resp = self
-            .retrying(true, |mut cl| {
+            .retrying(Retry::Write, |mut cl| {
                 let req = req.clone();
                 async move { cl.commit_upload(req).await }
             })
@@ -227,7 +257,7 @@ impl MetaClient {
 
     pub async fn expire_pending(&self, now_ms: u64) -> Result<u64, MetaError> {
         let req = pb::ExpirePendingRequest { now_ms };
-        let resp = self.retrying(true, |mut cl| async move { cl.expire_pending(req).await }).await?;
+        let resp = self.retrying(Retry::Write, |mut cl| async move { cl.expire_pending(req).await }).await?;
         Ok(resp.into_inner().removed)
     }
 
@@ -235,7 +265,7 @@ impl MetaClient {
     pub async fn get_media(&self, key: &MediaKey) -> Result<Option<(MediaRecord, Option<ContentRecord>)>, MetaError> {
         let req = pb::GetMediaRequest { media: Some(key.into()) };
         let resp = self
-            .retrying(true, |mut cl| {
+            .retrying(Retry::Read, |mut cl| {
                 let req = req.clone();
                 async move { cl.get_media(req).await }
             })
@@ -250,7 +280,7 @@ impl MetaClient {
     pub async fn get_content(&self, cid: &Cid) -> Result<Option<ContentRecord>, MetaError> {
         let req = pb::GetContentRequest { cid: cid.to_bytes() };
         let resp = self
-            .retrying(true, |mut cl| {
+            .retrying(Retry::Read, |mut cl| {
                 let req = req.clone();
                 async move { cl.get_content(req).await }
             })
@@ -262,7 +292,7 @@ impl MetaClient {
     pub async fn referenced(&self, keys: &[String]) -> Result<Vec<bool>, MetaError> {
         let req = pb::ReferencedRequest { keys: keys.to_vec() };
         let resp = self
-            .retrying(true, |mut cl| {
+            .retrying(Retry::Read, |mut cl| {
                 let req = req.clone();
                 async move { cl.referenced(req).await }
             })
@@ -302,7 +332,7 @@ impl MetaClient {
     /// `(last_applied, media_count, content_count)` of the node answering.
     pub async fn status(&self) -> Result<(u64, u64, u64), MetaError> {
         let resp =
-            self.retrying(true, |mut cl| async move { cl.status(pb::StatusRequest { digest: false }).await }).await?;
+            self.retrying(Retry::Read, |mut cl| async move { cl.status(pb::StatusRequest { digest: false }).await }).await?;
         let s = resp.into_inner();
         Ok((s.last_applied, s.media_count, s.content_count))
     }

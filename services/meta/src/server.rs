@@ -43,6 +43,12 @@ fn forward(f: &ForwardToLeader<NodeId, BasicNode>) -> Status {
     status
 }
 
+fn no_quorum(ms: u64) -> Status {
+    Status::unavailable(format!(
+        "metadata cluster has no quorum: the leader has not heard from a majority for {ms} ms"
+    ))
+}
+
 fn raft_write_status(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> Status {
     match e {
         RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => forward(&f),
@@ -79,8 +85,24 @@ impl MetaService {
         self.node.raft.metrics().borrow().running_state.is_ok()
     }
 
+    /// Proposes `cmd` and waits for its outcome, unless this node leads without a majority:
+    /// then the write is refused (or stops being waited for) as soon as the quorum lease runs
+    /// out, so clients fail over or give up instead of hanging. A write abandoned this way may
+    /// still commit once a majority returns; commits are idempotent, so a retry is harmless.
     async fn apply(&self, cmd: Command) -> Result<CommandOutput, Status> {
-        let resp = self.node.raft.client_write(cmd).await.map_err(raft_write_status)?;
+        let mut quorum_lost = self.node.quorum_lost.clone();
+        if let Some(ms) = *quorum_lost.borrow_and_update() {
+            return Err(no_quorum(ms));
+        }
+        let resp = tokio::select! {
+            resp = self.node.raft.client_write(cmd) => resp.map_err(raft_write_status)?,
+            lost = quorum_lost.wait_for(Option::is_some) => {
+                return Err(match lost.ok().and_then(|v| *v) {
+                    Some(ms) => no_quorum(ms),
+                    None => Status::unavailable("metadata node stopped"),
+                });
+            }
+        };
         resp.data.0.map_err(|rejected| status_from_command_error(&rejected))
     }
 

@@ -61,6 +61,10 @@ pub struct MetaSection {
     /// Deadline of one raft RPC. Default 3s.
     #[serde(with = "humantime_serde")]
     pub rpc_timeout: Duration,
+    /// A leader that has not heard from a majority for this long refuses writes (503 at the
+    /// edge) instead of holding them until quorum returns. Default 2s.
+    #[serde(with = "humantime_serde")]
+    pub quorum_lease: Duration,
 }
 
 impl Default for MetaSection {
@@ -76,6 +80,7 @@ impl Default for MetaSection {
             election_timeout_max: r.election_timeout_max,
             snapshot_every: r.snapshot_every,
             rpc_timeout: r.rpc_timeout,
+            quorum_lease: r.quorum_lease,
         }
     }
 }
@@ -90,6 +95,7 @@ impl MetaSection {
             keep_after_snapshot: (self.snapshot_every / 10).max(10),
             rpc_timeout: self.rpc_timeout,
             bind_outgoing: self.bind_outgoing,
+            quorum_lease: self.quorum_lease,
         }
     }
 }

@@ -63,6 +63,9 @@ pub struct RaftSettings {
     pub rpc_timeout: Duration,
     /// Local address for outgoing raft connections (default: chosen by the OS).
     pub bind_outgoing: Option<std::net::IpAddr>,
+    /// A leader that has not heard from a majority for this long refuses writes at once
+    /// (and abandons waiting ones) instead of letting them hang until quorum returns.
+    pub quorum_lease: Duration,
 }
 
 impl Default for RaftSettings {
@@ -75,6 +78,7 @@ impl Default for RaftSettings {
             keep_after_snapshot: 1_000,
             rpc_timeout: Duration::from_secs(3),
             bind_outgoing: None,
+            quorum_lease: Duration::from_secs(2),
         }
     }
 }
@@ -94,6 +98,9 @@ pub struct RaftNode {
     pub sm: Arc<StateMachine>,
     /// Changes as they are applied (a bounded buffer: slow watchers see `Lagged`).
     pub changes: tokio::sync::broadcast::Sender<Change>,
+    /// `Some(ms)` while this node leads but has not heard from a majority for `ms` (more than
+    /// the quorum lease); `None` otherwise.
+    pub quorum_lost: tokio::sync::watch::Receiver<Option<u64>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -136,7 +143,8 @@ impl RaftNode {
         let (changes, _) = tokio::sync::broadcast::channel(4096);
         let sm_store = sm_store::SmStore::open(sm.clone(), dir.join("snapshots")).await?.with_changes(changes.clone());
         let raft = Raft::new(id, config, network, log, sm_store).await.map_err(|e| StartError::Raft(e.to_string()))?;
-        Ok(Self { id, raft, sm, changes })
+        let quorum_lost = watch_quorum(&raft, settings.quorum_lease);
+        Ok(Self { id, raft, sm, changes, quorum_lost })
     }
 
     /// Makes `members` the first voters of a new cluster; a no-op when this node already
@@ -158,6 +166,35 @@ impl RaftNode {
             .map_err(|e| StartError::Raft(e.to_string()))?;
         m.current_leader.ok_or_else(|| StartError::Raft("no leader".into()))
     }
+}
+
+/// Follows the leader's "last heard from a majority" age (openraft refreshes it on every
+/// tick, a few times per heartbeat) and flags when it passes `lease`. One task per node, so
+/// waiting writes share a single watcher.
+fn watch_quorum(raft: &Raft, lease: Duration) -> tokio::sync::watch::Receiver<Option<u64>> {
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    let mut metrics = raft.metrics();
+    let lease_ms = lease.as_millis() as u64;
+    tokio::spawn(async move {
+        loop {
+            let lost = {
+                let m = metrics.borrow_and_update();
+                match (m.state, m.millis_since_quorum_ack) {
+                    (openraft::ServerState::Leader, Some(ms)) if ms > lease_ms => Some(ms),
+                    _ => None,
+                }
+            };
+            tx.send_if_modified(|v| {
+                let changed = v.is_some() != lost.is_some();
+                *v = lost;
+                changed
+            });
+            if metrics.changed().await.is_err() {
+                return; // raft stopped
+            }
+        }
+    });
+    rx
 }
 
 fn sto_err(
