@@ -13,7 +13,10 @@ use std::time::Duration;
 use anyhow::Context;
 use mxcas_proto::meta as pb;
 
+use std::sync::Arc;
+
 use crate::node::mxcas_bin;
+use crate::pki::TestPki;
 use crate::proxy::LinkProxy;
 use crate::wait_for;
 
@@ -26,19 +29,22 @@ pub struct MetaProc {
     child: Option<Child>,
     dir: tempfile::TempDir,
     starts: u32,
+    tls: Option<Arc<TestPki>>,
 }
 
 /// Raft settings for tests: quick elections, frequent snapshots.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct MetaOptions {
     pub snapshot_every: u64,
     /// More `[meta]` settings, as TOML lines.
     pub extra: &'static str,
+    /// Mutual TLS on every gRPC link (nodes, admin, and this harness's own calls).
+    pub tls: Option<Arc<TestPki>>,
 }
 
 impl Default for MetaOptions {
     fn default() -> Self {
-        Self { snapshot_every: 10_000, extra: "" }
+        Self { snapshot_every: 10_000, extra: "", tls: None }
     }
 }
 
@@ -54,8 +60,12 @@ impl MetaProc {
             opts.snapshot_every,
             opts.extra,
         );
+        let config = match &opts.tls {
+            Some(pki) => format!("{config}{}", pki.toml()),
+            None => config,
+        };
         std::fs::write(dir.path().join("meta.toml"), config)?;
-        let mut p = MetaProc { id, ip, proxy, listen: None, child: None, dir, starts: 0 };
+        let mut p = MetaProc { id, ip, proxy, listen: None, child: None, dir, starts: 0, tls: opts.tls.clone() };
         p.spawn().await?;
         Ok(p)
     }
@@ -132,19 +142,31 @@ impl MetaProc {
             .collect()
     }
 
-    fn url(&self) -> anyhow::Result<String> {
-        Ok(format!("http://{}", self.listen.context("node is down")?))
+    /// A connection to the node's own address (not through its proxy), over TLS if on.
+    pub async fn channel(&self) -> anyhow::Result<tonic::transport::Channel> {
+        let tls = match &self.tls {
+            Some(pki) => Some(pki.tls()?),
+            None => None,
+        };
+        let addr = self.listen.context("node is down")?.to_string();
+        let endpoint = mxcas_meta::tls::endpoint(&addr, tls.as_ref()).map_err(anyhow::Error::msg)?;
+        Ok(endpoint.connect_timeout(Duration::from_secs(5)).connect().await?)
+    }
+
+    /// The config file the node runs with (for `mxcas admin --config`).
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("meta.toml")
     }
 
     /// Raft's view from this node (leader, term, indexes, members).
     pub async fn cluster_status(&self) -> anyhow::Result<pb::ClusterStatus> {
-        let mut c = pb::cluster_client::ClusterClient::connect(self.url()?).await?;
+        let mut c = pb::cluster_client::ClusterClient::new(self.channel().await?);
         Ok(c.status(pb::ClusterStatusRequest {}).await?.into_inner())
     }
 
     /// This node's applied state, with its digest.
     pub async fn state(&self) -> anyhow::Result<pb::StatusResponse> {
-        let mut c = pb::meta_client::MetaClient::connect(self.url()?).await?;
+        let mut c = pb::meta_client::MetaClient::new(self.channel().await?);
         Ok(c.status(pb::StatusRequest { digest: true }).await?.into_inner())
     }
 }
@@ -164,7 +186,17 @@ pub struct Cluster {
 
 /// `mxcas admin --meta ADDR cluster ARGS…`; fails with its output unless it succeeds.
 pub fn admin(meta: &str, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(mxcas_bin()).args(["admin", "--meta", meta, "cluster"]).args(args).output()?;
+    admin_with_config(meta, None, args)
+}
+
+/// [`admin`] with `--config` (for its `[tls]`).
+pub fn admin_with_config(meta: &str, config: Option<&std::path::Path>, args: &[&str]) -> anyhow::Result<String> {
+    let mut cmd = Command::new(mxcas_bin());
+    cmd.args(["admin", "--meta", meta]);
+    if let Some(c) = config {
+        cmd.arg("--config").arg(c);
+    }
+    let out = cmd.arg("cluster").args(args).output()?;
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     anyhow::ensure!(out.status.success(), "mxcas admin cluster {args:?} failed:\n{text}");
     Ok(text)
@@ -182,7 +214,8 @@ impl Cluster {
         for m in &members {
             args.extend(["--member", m.as_str()]);
         }
-        admin(&metas[0].proxy.addr.to_string(), &args)?;
+        let config = opts.tls.as_ref().map(|_| metas[0].config_path());
+        admin_with_config(&metas[0].proxy.addr.to_string(), config.as_deref(), &args)?;
         let cluster = Cluster { metas };
         cluster.wait_leader(Duration::from_secs(20)).await?;
         Ok(cluster)

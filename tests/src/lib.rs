@@ -14,6 +14,7 @@ pub mod cluster;
 pub mod load;
 pub mod node;
 pub mod oracle;
+pub mod pki;
 pub mod proxy;
 pub mod s3;
 

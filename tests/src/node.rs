@@ -145,7 +145,8 @@ impl Node {
             let (http, ready) = (http.clone(), ready.clone());
             async move { http.get(&ready).send().await.ok().filter(|r| r.status().is_success()).map(|_| ()) }
         })
-        .await?;
+        .await
+        .with_context(|| format!("log:\n{}", self.log()))?;
         Ok(())
     }
 

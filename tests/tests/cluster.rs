@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use mxcas_tests::cluster::{Cluster, MetaOptions, MetaProc, admin};
 use mxcas_tests::load::{Load, lost};
 use mxcas_tests::node::ALICE;
+use mxcas_tests::pki::TestPki;
 use mxcas_tests::s3::SeaweedFs;
 use mxcas_tests::{Node, NodeOptions, test_bytes};
 use tokio::sync::Mutex;
@@ -369,5 +370,63 @@ async fn slow_links_delay_but_do_not_break_the_cluster() -> anyhow::Result<()> {
     assert_eq!(lost, 0);
     assert_eq!(failed, 0, "a slow but healthy cluster must not refuse writes");
     cluster.converged(Duration::from_secs(30)).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_on_every_grpc_link_and_nothing_without_a_cluster_certificate() -> anyhow::Result<()> {
+    use mxcas_proto::meta as pb;
+    let _serial = SERIAL.lock().await;
+    let s3 = SeaweedFs::start().await?;
+    let pki = std::sync::Arc::new(TestPki::generate("mxcas test")?);
+    // Cluster init and membership go through `mxcas admin --config` over TLS; the election
+    // and replication after it through raft over TLS.
+    let mut cluster = Cluster::start(3, MetaOptions { tls: Some(pki.clone()), ..MetaOptions::default() }).await?;
+    let edge = Node::start(NodeOptions {
+        store: s3.store(),
+        edge_meta: cluster.endpoints(),
+        extra: pki.toml(),
+        ..Default::default()
+    })
+    .await?;
+    let data = test_bytes(90_000, 300_000);
+    let id = edge.upload_ok(data.clone()).await?;
+    assert_eq!(edge.download(&id).await?.bytes().await?.as_ref(), data.as_slice());
+
+    // A leader change: raft reconnects over TLS, and the edge follows.
+    let leader = cluster.wait_leader(Duration::from_secs(10)).await?;
+    cluster.node(leader).kill9();
+    cluster.wait_new_leader(leader, Duration::from_secs(20)).await?;
+    let id2 = edge.upload_ok(test_bytes(90_001, 1000)).await?;
+    cluster.node(leader).restart().await?;
+    let digest = cluster.converged(Duration::from_secs(30)).await?;
+    println!("TLS cluster converged after a leader change: {digest}");
+
+    // Without a certificate from the cluster's CA, nothing gets in: not plain HTTP/2 …
+    let node = &cluster.metas[0];
+    let addr = node.listen.expect("running").to_string();
+    let plain = async {
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?;
+        let mut c = pb::meta_client::MetaClient::new(ch);
+        Ok::<_, anyhow::Error>(c.status(pb::StatusRequest { digest: false }).await?)
+    };
+    assert!(plain.await.is_err(), "plain HTTP/2 must not reach a TLS metadata node");
+    // … nor TLS with a certificate from another CA (the node refuses the client, and the
+    // client refuses the node).
+    let rogue = TestPki::generate("rogue")?;
+    let rogue_call = async {
+        let ep = mxcas_meta::tls::endpoint(&addr, Some(&rogue.tls()?)).map_err(anyhow::Error::msg)?;
+        let mut c = pb::cluster_client::ClusterClient::new(ep.connect().await?);
+        Ok::<_, anyhow::Error>(c.status(pb::ClusterStatusRequest {}).await?)
+    };
+    assert!(rogue_call.await.is_err(), "a certificate from another CA must be refused");
+    // The same client with the cluster's certificate gets in (the refusals above are TLS's).
+    let ok = async {
+        let ep = mxcas_meta::tls::endpoint(&addr, Some(&pki.tls()?)).map_err(anyhow::Error::msg)?;
+        let mut c = pb::cluster_client::ClusterClient::new(ep.connect().await?);
+        Ok::<_, anyhow::Error>(c.status(pb::ClusterStatusRequest {}).await?.into_inner())
+    };
+    assert_eq!(ok.await?.node_id, 1);
+    assert_eq!(edge.download(&id2).await?.status(), 200);
     Ok(())
 }

@@ -14,12 +14,13 @@ use std::time::Duration;
 use cid::Cid;
 use mxcas_proto::meta as pb;
 use mxcas_proto::meta::meta_client::MetaClient as PbClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::command::CommitOutcome;
 use crate::error::MetaError;
 use crate::model::{ContentRecord, MediaKey, MediaRecord};
 use crate::pb::{LEADER_METADATA, meta_error_from_status};
+use crate::tls;
 
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
@@ -30,6 +31,8 @@ pub struct ClientConfig {
     /// Total time retries of one write may take: long enough to ride out a leader election
     /// (about one election timeout), short enough that an upload without quorum fails fast.
     pub write_budget: Duration,
+    /// Mutual TLS to the metadata nodes (`None`: plain HTTP/2).
+    pub tls: Option<crate::tls::Tls>,
 }
 
 impl Default for ClientConfig {
@@ -38,6 +41,7 @@ impl Default for ClientConfig {
             call_timeout: Duration::from_secs(5),
             retry_budget: Duration::from_secs(10),
             write_budget: Duration::from_secs(4),
+            tls: None,
         }
     }
 }
@@ -90,15 +94,11 @@ pub struct CommitRequest {
 }
 
 /// `host:port` or `http://host:port` → `http://host:port`.
-fn normalize(addr: &str) -> String {
-    if addr.starts_with("http://") || addr.starts_with("https://") { addr.to_owned() } else { format!("http://{addr}") }
-}
-
 impl MetaClient {
     /// A client for the metadata nodes at `endpoints` (`host:port`, any of them; the client
     /// finds the leader). Connects lazily.
     pub fn new(endpoints: &[String], config: ClientConfig) -> Result<Self, MetaError> {
-        let endpoints: Vec<String> = endpoints.iter().map(|e| normalize(e)).collect();
+        let endpoints: Vec<String> = endpoints.iter().map(|e| tls::url(e, config.tls.as_ref())).collect();
         let first =
             endpoints.first().cloned().ok_or_else(|| MetaError::Internal("no metadata service address".into()))?;
         let client = Self {
@@ -122,8 +122,8 @@ impl MetaClient {
             return Ok(c.clone());
         }
         let timeout = self.inner.config.call_timeout;
-        let endpoint = Endpoint::from_shared(url.to_owned())
-            .map_err(|e| MetaError::Internal(format!("bad metadata service URL {url:?}: {e}")))?
+        let endpoint = tls::endpoint(url, self.inner.config.tls.as_ref())
+            .map_err(MetaError::Internal)?
             .connect_timeout(timeout)
             .timeout(timeout)
             .tcp_nodelay(true);
@@ -176,7 +176,11 @@ impl MetaClient {
                     )));
                 }
             };
-            let leader = status.metadata().get(LEADER_METADATA).and_then(|v| v.to_str().ok()).map(normalize);
+            let leader = status
+                .metadata()
+                .get(LEADER_METADATA)
+                .and_then(|v| v.to_str().ok())
+                .map(|a| tls::url(a, config.tls.as_ref()));
             let err = meta_error_from_status(&status);
             let now = tokio::time::Instant::now();
             match leader {
@@ -331,8 +335,9 @@ impl MetaClient {
 
     /// `(last_applied, media_count, content_count)` of the node answering.
     pub async fn status(&self) -> Result<(u64, u64, u64), MetaError> {
-        let resp =
-            self.retrying(Retry::Read, |mut cl| async move { cl.status(pb::StatusRequest { digest: false }).await }).await?;
+        let resp = self
+            .retrying(Retry::Read, |mut cl| async move { cl.status(pb::StatusRequest { digest: false }).await })
+            .await?;
         let s = resp.into_inner();
         Ok((s.last_applied, s.media_count, s.content_count))
     }

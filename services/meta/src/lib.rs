@@ -18,6 +18,7 @@ pub mod pb;
 pub mod raft;
 pub mod server;
 pub mod state_machine;
+pub mod tls;
 
 pub use client::MetaClient;
 pub use command::{Command, CommandOutput};

@@ -44,9 +44,7 @@ fn forward(f: &ForwardToLeader<NodeId, BasicNode>) -> Status {
 }
 
 fn no_quorum(ms: u64) -> Status {
-    Status::unavailable(format!(
-        "metadata cluster has no quorum: the leader has not heard from a majority for {ms} ms"
-    ))
+    Status::unavailable(format!("metadata cluster has no quorum: the leader has not heard from a majority for {ms} ms"))
 }
 
 fn raft_write_status(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> Status {

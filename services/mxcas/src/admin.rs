@@ -2,6 +2,7 @@
 
 use anyhow::Context;
 use clap::Subcommand;
+use mxcas_meta::tls::{self, Tls};
 use mxcas_proto::meta as pb;
 use mxcas_proto::meta::cluster_client::ClusterClient;
 
@@ -36,14 +37,20 @@ pub enum ClusterCmd {
     Status,
 }
 
-fn endpoint(meta: &str) -> String {
-    if meta.starts_with("http") { meta.to_owned() } else { format!("http://{meta}") }
+type Client = ClusterClient<tonic::transport::Channel>;
+
+async fn connect(addr: &str, tls: Option<&Tls>) -> anyhow::Result<Client> {
+    let channel = tls::endpoint(addr, tls)
+        .map_err(anyhow::Error::msg)?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the metadata node at {addr}"))?;
+    Ok(ClusterClient::new(channel))
 }
 
-pub async fn run(meta: &str, cmd: ClusterCmd) -> anyhow::Result<()> {
-    let mut client = ClusterClient::connect(endpoint(meta))
-        .await
-        .with_context(|| format!("cannot reach the metadata node at {meta}"))?;
+pub async fn run(meta: &str, tls: Option<&Tls>, cmd: ClusterCmd) -> anyhow::Result<()> {
+    let mut client = connect(meta, tls).await?;
     let status = match cmd {
         ClusterCmd::Init { members } => {
             let members = members
@@ -56,11 +63,11 @@ pub async fn run(meta: &str, cmd: ClusterCmd) -> anyhow::Result<()> {
             client.init(pb::InitRequest { members }).await
         }
         ClusterCmd::AddLearner { id, addr } => {
-            let (mut leader, _) = on_leader(client).await?;
+            let (mut leader, _) = on_leader(client, tls).await?;
             leader.add_learner(pb::AddLearnerRequest { member: Some(pb::Member { id, addr }) }).await
         }
         ClusterCmd::Promote { id } => {
-            let (mut leader, status) = on_leader(client).await?;
+            let (mut leader, status) = on_leader(client, tls).await?;
             let mut voters: Vec<u64> = status.members.iter().filter(|m| m.voter).map(|m| m.id).collect();
             if !status.members.iter().any(|m| m.id == id) {
                 anyhow::bail!("node {id} is not a member; add it first with `mxcas admin cluster add-learner`");
@@ -69,7 +76,7 @@ pub async fn run(meta: &str, cmd: ClusterCmd) -> anyhow::Result<()> {
             leader.change_membership(pb::ChangeMembershipRequest { voters, remove: vec![] }).await
         }
         ClusterCmd::Remove { id } => {
-            let (mut leader, _) = on_leader(client).await?;
+            let (mut leader, _) = on_leader(client, tls).await?;
             leader.change_membership(pb::ChangeMembershipRequest { voters: vec![], remove: vec![id] }).await
         }
         ClusterCmd::Status => client.status(pb::ClusterStatusRequest {}).await,
@@ -82,13 +89,11 @@ pub async fn run(meta: &str, cmd: ClusterCmd) -> anyhow::Result<()> {
 
 /// A client for the current leader (membership changes must go there), and the cluster status
 /// as the node first asked sees it.
-async fn on_leader(
-    mut client: ClusterClient<tonic::transport::Channel>,
-) -> anyhow::Result<(ClusterClient<tonic::transport::Channel>, pb::ClusterStatus)> {
+async fn on_leader(mut client: Client, tls: Option<&Tls>) -> anyhow::Result<(Client, pb::ClusterStatus)> {
     let status = client.status(pb::ClusterStatusRequest {}).await?.into_inner();
     match status.leader_id {
         Some(l) if l != status.node_id && !status.leader_addr.is_empty() => {
-            Ok((ClusterClient::connect(endpoint(&status.leader_addr)).await?, status))
+            Ok((connect(&status.leader_addr, tls).await?, status))
         }
         Some(_) => Ok((client, status)),
         None => anyhow::bail!("the cluster has no leader right now; retry shortly"),

@@ -31,6 +31,8 @@ pub struct Config {
     pub meta: MetaSection,
     pub edge: EdgeSection,
     pub sweeper: mxcas_edge::sweeper::SweeperConfig,
+    /// Mutual TLS on every gRPC link (raft, metadata API, admin). Default: off.
+    pub tls: mxcas_meta::tls::TlsConfig,
 }
 
 /// `[meta]`: the metadata node (embedded in `serve`, alone in `mxcas meta`).
@@ -86,7 +88,7 @@ impl Default for MetaSection {
 }
 
 impl MetaSection {
-    pub fn raft_settings(&self) -> mxcas_meta::raft::RaftSettings {
+    pub fn raft_settings(&self, tls: Option<mxcas_meta::tls::Tls>) -> mxcas_meta::raft::RaftSettings {
         mxcas_meta::raft::RaftSettings {
             heartbeat_interval: self.heartbeat_interval,
             election_timeout_min: self.election_timeout_min,
@@ -96,6 +98,7 @@ impl MetaSection {
             rpc_timeout: self.rpc_timeout,
             bind_outgoing: self.bind_outgoing,
             quorum_lease: self.quorum_lease,
+            tls,
         }
     }
 }
@@ -123,11 +126,17 @@ impl Default for Config {
             meta: MetaSection::default(),
             edge: EdgeSection::default(),
             sweeper: Default::default(),
+            tls: Default::default(),
         }
     }
 }
 
 impl Config {
+    /// The `[tls]` material, read from its files (`None`: TLS off).
+    pub fn tls(&self) -> anyhow::Result<Option<mxcas_meta::tls::Tls>> {
+        self.tls.load().map_err(anyhow::Error::msg)
+    }
+
     pub fn load(path: Option<&std::path::Path>) -> anyhow::Result<Self> {
         let Some(path) = path else { return Ok(Self::default()) };
         let text =

@@ -54,6 +54,9 @@ enum Cmd {
         /// A metadata node's gRPC address (host:port).
         #[arg(long, env = "MXCAS_META", global = true, default_value = "127.0.0.1:7100")]
         meta: String,
+        /// Config file whose `[tls]` section to connect with (when the cluster uses TLS).
+        #[arg(long, env = "MXCAS_CONFIG", global = true)]
+        config: Option<PathBuf>,
         #[command(subcommand)]
         command: AdminCmd,
     },
@@ -123,9 +126,10 @@ fn main() -> anyhow::Result<()> {
         Cmd::Serve(args) => run_server(serve(args, Role::Serve)),
         Cmd::Edge(args) => run_server(serve(args, Role::Edge)),
         Cmd::Meta(args) => run_server(meta(args)),
-        Cmd::Admin { meta, command: AdminCmd::Cluster(cmd) } => {
+        Cmd::Admin { meta, config, command: AdminCmd::Cluster(cmd) } => {
+            let tls = Config::load(config.as_deref())?.tls()?;
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            runtime.block_on(admin::run(&meta, cmd))
+            runtime.block_on(admin::run(&meta, tls.as_ref(), cmd))
         }
     }
 }
@@ -254,7 +258,7 @@ async fn serve(args: ServeArgs, role: Role) -> anyhow::Result<()> {
             vec![node.advertise.clone()]
         }
     };
-    let meta = MetaClient::new(&endpoints, ClientConfig::default())?;
+    let meta = MetaClient::new(&endpoints, ClientConfig { tls: config.tls()?, ..ClientConfig::default() })?;
     let edge = mxcas_edge::start(settings, meta, cancel.clone(), &tracker).await?;
     tracing::info!(api = %edge.api_addr, admin = %edge.admin_addr, meta = ?endpoints, "mxcas is serving");
     println!("mxcas: Matrix media API on http://{} (admin: http://{})", edge.api_addr, edge.admin_addr);

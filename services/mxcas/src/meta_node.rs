@@ -27,7 +27,12 @@ pub async fn start(config: &Config, cancel: CancellationToken, tracker: &TaskTra
     let addr = listener.local_addr()?;
     let advertise = config.meta.advertise.clone().unwrap_or_else(|| addr.to_string());
     let dir = config.data_dir.join("meta");
-    let node = RaftNode::start(config.meta.node_id, &dir, &config.meta.raft_settings())
+    let tls = config.tls()?;
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        server = server.tls_config(tls.server()).context("[tls]: cannot set up the gRPC server")?;
+    }
+    let node = RaftNode::start(config.meta.node_id, &dir, &config.meta.raft_settings(tls))
         .await
         .with_context(|| format!("cannot start the metadata node in {}", dir.display()))?;
 
@@ -45,7 +50,7 @@ pub async fn start(config: &Config, cancel: CancellationToken, tracker: &TaskTra
             }
             s
         });
-        let served = tonic::transport::Server::builder()
+        let served = server
             .add_service(meta.into_server())
             .add_service(raft.into_server())
             .add_service(cluster.into_server())

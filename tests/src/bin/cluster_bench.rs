@@ -109,7 +109,8 @@ async fn main() -> anyhow::Result<()> {
     let (one, _) = commit_rate(&leader_addr(&single).await?, 64, duration, 0).await?;
     drop(single);
     // A snapshot is due about halfway through the record-writing phase.
-    let three = Cluster::start(3, MetaOptions { snapshot_every: (records / 2).max(1000), ..MetaOptions::default() }).await?;
+    let three =
+        Cluster::start(3, MetaOptions { snapshot_every: (records / 2).max(1000), ..MetaOptions::default() }).await?;
     let (three_rate, mut next) = commit_rate(&leader_addr(&three).await?, 64, duration, 10_000_000).await?;
 
     eprintln!("== lookup latency through an edge (HEAD), cached vs uncached");

@@ -66,6 +66,8 @@ pub struct RaftSettings {
     /// A leader that has not heard from a majority for this long refuses writes at once
     /// (and abandons waiting ones) instead of letting them hang until quorum returns.
     pub quorum_lease: Duration,
+    /// Mutual TLS for raft RPCs to peers (`None`: plain HTTP/2).
+    pub tls: Option<crate::tls::Tls>,
 }
 
 impl Default for RaftSettings {
@@ -79,6 +81,7 @@ impl Default for RaftSettings {
             rpc_timeout: Duration::from_secs(3),
             bind_outgoing: None,
             quorum_lease: Duration::from_secs(2),
+            tls: None,
         }
     }
 }
@@ -115,7 +118,7 @@ impl RaftNode {
     /// Opens (or creates) the node's stores under `dir` and starts raft, talking to peers
     /// over gRPC.
     pub async fn start(id: NodeId, dir: &Path, settings: &RaftSettings) -> Result<Self, StartError> {
-        let network = network::Network::new(settings.rpc_timeout, settings.bind_outgoing);
+        let network = network::Network::new(settings.rpc_timeout, settings.bind_outgoing, settings.tls.clone());
         Self::start_with_network(id, dir, settings, network).await
     }
 

@@ -16,21 +16,23 @@ use openraft::raft::{
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::{NodeId, TypeConfig};
+use crate::tls::{self, Tls};
 
 /// Channels shared by every connection to the same address.
 #[derive(Clone)]
 pub struct Network {
     timeout: Duration,
     local: Option<std::net::IpAddr>,
+    tls: Option<Tls>,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
 }
 
 impl Network {
-    pub fn new(timeout: Duration, local: Option<std::net::IpAddr>) -> Self {
-        Self { timeout, local, channels: Arc::default() }
+    pub fn new(timeout: Duration, local: Option<std::net::IpAddr>, tls: Option<Tls>) -> Self {
+        Self { timeout, local, tls, channels: Arc::default() }
     }
 
     fn channel(&self, addr: &str) -> Result<Channel, String> {
@@ -38,8 +40,7 @@ impl Network {
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());
         }
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| format!("bad peer address {addr:?}: {e}"))?
+        let channel = tls::endpoint(addr, self.tls.as_ref())?
             .connect_timeout(self.timeout)
             .timeout(self.timeout)
             .tcp_nodelay(true)
