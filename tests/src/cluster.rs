@@ -50,6 +50,13 @@ impl Default for MetaOptions {
 
 impl MetaProc {
     pub async fn start(id: u64, opts: &MetaOptions) -> anyhow::Result<Self> {
+        let mut p = Self::prepare(id, opts).await?;
+        p.spawn().await?;
+        Ok(p)
+    }
+
+    /// Writes the node's config and starts its proxy, without starting the node.
+    pub async fn prepare(id: u64, opts: &MetaOptions) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix(&format!("mxcas-meta{id}-")).tempdir()?;
         let ip = Ipv4Addr::new(127, 0, 0, 10 + id as u8);
         let proxy = LinkProxy::start().await?;
@@ -65,16 +72,14 @@ impl MetaProc {
             None => config,
         };
         std::fs::write(dir.path().join("meta.toml"), config)?;
-        let mut p = MetaProc { id, ip, proxy, listen: None, child: None, dir, starts: 0, tls: opts.tls.clone() };
-        p.spawn().await?;
-        Ok(p)
+        Ok(MetaProc { id, ip, proxy, listen: None, child: None, dir, starts: 0, tls: opts.tls.clone() })
     }
 
     fn log_path(&self, n: u32) -> PathBuf {
         self.dir.path().join(format!("meta.{n}.log"))
     }
 
-    async fn spawn(&mut self) -> anyhow::Result<()> {
+    pub async fn spawn(&mut self) -> anyhow::Result<()> {
         self.starts += 1;
         let log = std::fs::File::create(self.log_path(self.starts))?;
         let child = Command::new(mxcas_bin())
@@ -216,6 +221,34 @@ impl Cluster {
         }
         let config = opts.tls.as_ref().map(|_| metas[0].config_path());
         admin_with_config(&metas[0].proxy.addr.to_string(), config.as_deref(), &args)?;
+        let cluster = Cluster { metas };
+        cluster.wait_leader(Duration::from_secs(20)).await?;
+        Ok(cluster)
+    }
+
+    /// A new cluster of `n` nodes restored from `backup` (`mxcas admin snapshot import` into
+    /// each node's empty data directory, then started; no `cluster init`).
+    pub async fn restore(n: u64, opts: MetaOptions, backup: &std::path::Path) -> anyhow::Result<Self> {
+        let mut metas = Vec::new();
+        for id in 1..=n {
+            metas.push(MetaProc::prepare(id, &opts).await?);
+        }
+        let members: Vec<String> = metas.iter().map(|m| format!("{}={}", m.id, m.proxy.addr)).collect();
+        for m in &metas {
+            let mut cmd = Command::new(mxcas_bin());
+            cmd.args(["admin", "snapshot", "import", "--file"]).arg(backup).arg("--data-dir").arg(m.data_dir());
+            cmd.args(["--id", &m.id.to_string()]);
+            for member in &members {
+                cmd.args(["--member", member]);
+            }
+            let out = cmd.output()?;
+            let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            anyhow::ensure!(out.status.success(), "snapshot import for node {} failed:\n{text}", m.id);
+            print!("{text}");
+        }
+        for m in &mut metas {
+            m.spawn().await?;
+        }
         let cluster = Cluster { metas };
         cluster.wait_leader(Duration::from_secs(20)).await?;
         Ok(cluster)

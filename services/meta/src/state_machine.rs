@@ -259,19 +259,9 @@ impl StateMachine {
 
     /// sha2-256 of [`Self::export`]'s output: equal on replicas with the same state.
     pub fn digest(&self) -> Result<[u8; 32], StorageError> {
-        struct HashWriter(sha2::Sha256);
-        impl std::io::Write for HashWriter {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                sha2::Digest::update(&mut self.0, buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let mut w = HashWriter(<sha2::Sha256 as sha2::Digest>::new());
+        let mut w = Hashing::new(std::io::sink());
         self.export(&mut w, &[])?;
-        Ok(sha2::Digest::finalize(w.0).into())
+        Ok(sha2::Digest::finalize(w.hash).into())
     }
 
     /// For each object key, whether a content record references it.
@@ -506,6 +496,29 @@ impl Tables<'_> {
             self.uploads_by_time.remove((*at, id.as_str()))?;
         }
         Ok(Ok(CommandOutput::Expired { removed: expired.len() as u64 }))
+    }
+}
+
+/// A writer that hashes (sha2-256) everything written through it.
+pub(crate) struct Hashing<W> {
+    pub inner: W,
+    pub hash: sha2::Sha256,
+}
+
+impl<W> Hashing<W> {
+    pub fn new(inner: W) -> Self {
+        Self { inner, hash: <sha2::Sha256 as sha2::Digest>::new() }
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        sha2::Digest::update(&mut self.hash, &buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }
 

@@ -2,6 +2,10 @@
 
 use anyhow::Context;
 use clap::Subcommand;
+use std::path::PathBuf;
+
+use mxcas_meta::raft::BasicNode;
+use mxcas_meta::raft::backup;
 use mxcas_meta::tls::{self, Tls};
 use mxcas_proto::meta as pb;
 use mxcas_proto::meta::cluster_client::ClusterClient;
@@ -53,13 +57,7 @@ pub async fn run(meta: &str, tls: Option<&Tls>, cmd: ClusterCmd) -> anyhow::Resu
     let mut client = connect(meta, tls).await?;
     let status = match cmd {
         ClusterCmd::Init { members } => {
-            let members = members
-                .iter()
-                .map(|m| {
-                    let (id, addr) = m.split_once('=').context("a member is ID=HOST:PORT")?;
-                    Ok(pb::Member { id: id.parse().context("member ID must be a number")?, addr: addr.to_owned() })
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
+            let members = parse_members(&members)?;
             client.init(pb::InitRequest { members }).await
         }
         ClusterCmd::AddLearner { id, addr } => {
@@ -84,6 +82,122 @@ pub async fn run(meta: &str, tls: Option<&Tls>, cmd: ClusterCmd) -> anyhow::Resu
     .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
     .into_inner();
     print_status(&status);
+    Ok(())
+}
+
+#[derive(Subcommand)]
+pub enum SnapshotCmd {
+    /// Stream a backup of the metadata state from the node at `--meta` (as of its applied
+    /// index; ask the leader for the newest state) into a file.
+    Export {
+        /// Where to write the backup (written to FILE.partial, then renamed when complete).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Restore a backup into the empty data directory of one member of a new cluster. Run it
+    /// for every member, with the same backup and `--member` list, then start the nodes: they
+    /// form the cluster without `cluster init`. Offline: does not contact any node.
+    #[command(alias = "restore")]
+    Import {
+        /// The backup file.
+        #[arg(long)]
+        file: PathBuf,
+        /// The new node's data directory (as given to `mxcas meta --data-dir`).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The new node's raft ID.
+        #[arg(long)]
+        id: u64,
+        /// `ID=HOST:PORT`, one per member of the new cluster.
+        #[arg(long = "member", required = true)]
+        members: Vec<String>,
+    },
+}
+
+fn parse_members(members: &[String]) -> anyhow::Result<Vec<pb::Member>> {
+    members
+        .iter()
+        .map(|m| {
+            let (id, addr) = m.split_once('=').context("a member is ID=HOST:PORT")?;
+            Ok(pb::Member { id: id.parse().context("member ID must be a number")?, addr: addr.to_owned() })
+        })
+        .collect()
+}
+
+pub async fn snapshot(meta: &str, tls: Option<&Tls>, cmd: SnapshotCmd) -> anyhow::Result<()> {
+    match cmd {
+        SnapshotCmd::Export { out } => export(meta, tls, &out).await,
+        SnapshotCmd::Import { file, data_dir, id, members } => {
+            let members = parse_members(&members)?.into_iter().map(|m| (m.id, BasicNode { addr: m.addr })).collect();
+            let dir = data_dir.join("meta");
+            let restored = backup::import(&file, &dir, id, members)
+                .await
+                .with_context(|| format!("cannot import {} into {}", file.display(), dir.display()))?;
+            let h = &restored.header;
+            println!(
+                "restored {} records (backup of node {} at {}) into {} as node {id}; state sha256 {}",
+                restored.records,
+                h.node_id,
+                h.last_log_id.map(|l| l.to_string()).unwrap_or_default(),
+                dir.display(),
+                h.sha256
+            );
+            println!("next: do the same for every other member, then start them all with `mxcas meta`");
+            Ok(())
+        }
+    }
+}
+
+async fn export(meta: &str, tls: Option<&Tls>, out: &std::path::Path) -> anyhow::Result<()> {
+    use sha2::Digest;
+    use std::io::Write;
+    let mut client = connect(meta, tls).await?;
+    let mut stream = client
+        .export_snapshot(pb::ExportSnapshotRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
+        .into_inner();
+    let partial = PathBuf::from(format!("{}.partial", out.display()));
+    let mut file = std::io::BufWriter::new(
+        std::fs::File::create(&partial).with_context(|| format!("cannot create {}", partial.display()))?,
+    );
+    let mut header = None;
+    let mut hash = sha2::Sha256::new();
+    let (mut bytes, mut reported) = (0u64, 0u64);
+    while let Some(chunk) = stream.message().await.map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))? {
+        if !chunk.header.is_empty() {
+            let mut r = chunk.header.as_slice();
+            header = Some(backup::read_header(&mut r).context("the node sent a malformed backup header")?);
+            file.write_all(&chunk.header)?;
+        }
+        anyhow::ensure!(header.is_some(), "the node sent records before the backup header");
+        hash.update(&chunk.data);
+        file.write_all(&chunk.data)?;
+        bytes += chunk.data.len() as u64;
+        if bytes - reported >= 64 << 20 {
+            eprintln!("  {} MiB received", bytes >> 20);
+            reported = bytes;
+        }
+    }
+    let header = header.context("the node sent no backup")?;
+    let actual: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    anyhow::ensure!(
+        actual == header.sha256,
+        "the backup arrived corrupt (sha256 {actual}, expected {})",
+        header.sha256
+    );
+    let file = file.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    std::fs::rename(&partial, out)
+        .with_context(|| format!("cannot rename {} to {}", partial.display(), out.display()))?;
+    println!(
+        "backup of node {} at {}: {} records, {bytes} bytes, sha256 {} -> {}",
+        header.node_id,
+        header.last_log_id.map(|l| l.to_string()).unwrap_or_else(|| "-".into()),
+        header.records,
+        header.sha256,
+        out.display()
+    );
     Ok(())
 }
 

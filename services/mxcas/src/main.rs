@@ -73,6 +73,9 @@ enum AdminCmd {
     /// Metadata cluster membership.
     #[command(subcommand)]
     Cluster(admin::ClusterCmd),
+    /// Back up the metadata state, and restore it into a new cluster.
+    #[command(subcommand)]
+    Snapshot(admin::SnapshotCmd),
 }
 
 #[derive(clap::Args)]
@@ -126,10 +129,15 @@ fn main() -> anyhow::Result<()> {
         Cmd::Serve(args) => run_server(serve(args, Role::Serve)),
         Cmd::Edge(args) => run_server(serve(args, Role::Edge)),
         Cmd::Meta(args) => run_server(meta(args)),
-        Cmd::Admin { meta, config, command: AdminCmd::Cluster(cmd) } => {
+        Cmd::Admin { meta, config, command } => {
             let tls = Config::load(config.as_deref())?.tls()?;
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            runtime.block_on(admin::run(&meta, tls.as_ref(), cmd))
+            runtime.block_on(async {
+                match command {
+                    AdminCmd::Cluster(cmd) => admin::run(&meta, tls.as_ref(), cmd).await,
+                    AdminCmd::Snapshot(cmd) => admin::snapshot(&meta, tls.as_ref(), cmd).await,
+                }
+            })
         }
     }
 }

@@ -38,7 +38,7 @@ pub async fn start(config: &Config, cancel: CancellationToken, tracker: &TaskTra
 
     let meta = MetaService::new(node.clone());
     let raft = RaftService::new(node.raft.clone());
-    let cluster = ClusterService::new(node.id, node.raft.clone());
+    let cluster = ClusterService::new(&node);
     let raft_handle = node.raft.clone();
     let c = cancel.clone();
     tracker.spawn(async move {

@@ -14,6 +14,7 @@
 // openraft's error types are large by design; boxing them here would only add noise.
 #![allow(clippy::result_large_err)]
 
+pub mod backup;
 pub mod log_store;
 pub mod network;
 pub mod service;

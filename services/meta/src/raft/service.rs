@@ -7,7 +7,9 @@ use openraft::{BasicNode, ChangeMembers};
 use serde::Serialize;
 use tonic::{Request, Response, Status};
 
-use super::{NodeId, Raft};
+use std::io::{Read, Seek};
+
+use super::{NodeId, Raft, backup};
 
 #[derive(Clone)]
 pub struct RaftService {
@@ -57,11 +59,12 @@ impl pb::raft_server::Raft for RaftService {
 pub struct ClusterService {
     id: NodeId,
     raft: Raft,
+    sm: std::sync::Arc<crate::state_machine::StateMachine>,
 }
 
 impl ClusterService {
-    pub fn new(id: NodeId, raft: Raft) -> Self {
-        Self { id, raft }
+    pub fn new(node: &super::RaftNode) -> Self {
+        Self { id: node.id, raft: node.raft.clone(), sm: node.sm.clone() }
     }
 
     pub fn into_server(self) -> pb::cluster_server::ClusterServer<Self> {
@@ -160,5 +163,46 @@ impl pb::cluster_server::Cluster for ClusterService {
 
     async fn status(&self, _req: Request<pb::ClusterStatusRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
         Ok(Response::new(self.status()))
+    }
+
+    type ExportSnapshotStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::SnapshotChunk, Status>> + Send + 'static>>;
+
+    async fn export_snapshot(
+        &self,
+        _req: Request<pb::ExportSnapshotRequest>,
+    ) -> Result<Response<Self::ExportSnapshotStream>, Status> {
+        let (sm, id) = (self.sm.clone(), self.id);
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        // The state goes to an unlinked temporary file first, so its read transaction is not
+        // held open for as long as a slow client takes to download it.
+        tokio::task::spawn_blocking(move || {
+            let sent = (|| -> Result<(), Status> {
+                let internal = |e: &dyn std::fmt::Display| Status::internal(format!("export failed: {e}"));
+                let mut file = tempfile::tempfile().map_err(|e| internal(&e))?;
+                let header = backup::export_records(&sm, id, &mut file).map_err(|e| internal(&e))?;
+                tracing::info!(records = header.records, sha256 = %header.sha256, "exporting a backup");
+                file.rewind().map_err(|e| internal(&e))?;
+                let first = pb::SnapshotChunk { header: backup::encode_header(&header), data: Vec::new() };
+                if tx.blocking_send(Ok(first)).is_err() {
+                    return Ok(()); // client went away
+                }
+                let mut buf = vec![0u8; 1 << 20];
+                loop {
+                    let n = file.read(&mut buf).map_err(|e| internal(&e))?;
+                    if n == 0 {
+                        return Ok(());
+                    }
+                    let chunk = pb::SnapshotChunk { header: Vec::new(), data: buf[..n].to_vec() };
+                    if tx.blocking_send(Ok(chunk)).is_err() {
+                        return Ok(());
+                    }
+                }
+            })();
+            if let Err(status) = sent {
+                let _ = tx.blocking_send(Err(status));
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 }

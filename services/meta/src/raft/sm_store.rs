@@ -22,8 +22,8 @@ use super::{NodeId, Response, TypeConfig, sto_err};
 use crate::command::CommandOutput;
 use crate::state_machine::StateMachine;
 
-const LAST_APPLIED: &str = "raft.last_applied";
-const MEMBERSHIP: &str = "raft.membership";
+pub(crate) const LAST_APPLIED: &str = "raft.last_applied";
+pub(crate) const MEMBERSHIP: &str = "raft.membership";
 const CURRENT_SNAPSHOT: &str = "raft.snapshot";
 
 type Result<T> = std::result::Result<T, StorageError<NodeId>>;

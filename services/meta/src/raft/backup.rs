@@ -1,0 +1,181 @@
+//! Backups of the metadata state (`mxcas admin snapshot export|import`).
+//!
+//! A backup file is `mxcas-backup 1\n`, one line of JSON ([`BackupHeader`]: where the state
+//! came from, its raft position, record count and sha2-256), then the records exactly as
+//! [`StateMachine::export`] writes them. The digest is the one `Status` reports, so a restored
+//! cluster can be compared with the backup.
+//!
+//! Import is offline and works like etcd's snapshot restore: run it once per member of the new
+//! cluster, with the same backup and the same member list, into empty data directories, then
+//! start the nodes. Each one comes up with the state applied up to the backup's log position
+//! and the new membership, so they elect a leader among themselves without `cluster init`
+//! (openraft purges the empty log up to that position and builds a snapshot on start).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Seek, Write};
+use std::path::Path;
+
+use openraft::storage::RaftLogStorage;
+use openraft::{BasicNode, LogId, Membership, StoredMembership, Vote};
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+
+use super::NodeId;
+use super::log_store::LogStore;
+use super::sm_store::{LAST_APPLIED, MEMBERSHIP};
+use crate::state_machine::{Hashing, StateMachine};
+
+const MAGIC: &[u8] = b"mxcas-backup 1\n";
+
+/// What a backup holds, before its records.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BackupHeader {
+    /// The node the backup was taken from.
+    pub node_id: NodeId,
+    /// The last log entry applied to the state (the backup's raft position).
+    pub last_log_id: Option<LogId<NodeId>>,
+    /// Membership at that point (informational: import sets the new cluster's).
+    pub membership: StoredMembership<NodeId, BasicNode>,
+    pub records: u64,
+    /// Hex sha2-256 of the records: the state digest `mxcas admin`'s status reports.
+    pub sha256: String,
+    pub created_at_ms: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Io(String),
+    #[error(transparent)]
+    Storage(#[from] crate::error::StorageError),
+}
+
+fn io(what: &str, e: impl std::fmt::Display) -> BackupError {
+    BackupError::Io(format!("{what}: {e}"))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Writes the records of `sm`'s current state to `out` (from one read transaction) and returns
+/// the header describing them. Blocking.
+pub fn export_records(sm: &StateMachine, node_id: NodeId, out: impl Write) -> Result<BackupHeader, BackupError> {
+    let mut w = Hashing::new(std::io::BufWriter::new(out));
+    let (records, extras) = sm.export(&mut w, &[LAST_APPLIED, MEMBERSHIP])?;
+    w.flush().map_err(|e| io("writing the backup", e))?;
+    let parse = |b: &Option<Vec<u8>>, what: &str| -> Result<Option<serde_json::Value>, BackupError> {
+        b.as_deref()
+            .map(serde_json::from_slice)
+            .transpose()
+            .map_err(|e| BackupError::Invalid(format!("stored {what} is malformed: {e}")))
+    };
+    let last_log_id = match parse(&extras[0], "last applied log ID")? {
+        Some(v) => serde_json::from_value(v).map_err(|e| BackupError::Invalid(e.to_string()))?,
+        None => None,
+    };
+    let membership = match parse(&extras[1], "membership")? {
+        Some(v) => serde_json::from_value(v).map_err(|e| BackupError::Invalid(e.to_string()))?,
+        None => StoredMembership::default(),
+    };
+    let created_at_ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    Ok(BackupHeader { node_id, last_log_id, membership, records, sha256: hex(&w.hash.finalize()), created_at_ms })
+}
+
+/// The first bytes of a backup file, header included.
+pub fn encode_header(header: &BackupHeader) -> Vec<u8> {
+    let mut out = MAGIC.to_vec();
+    // A header always serializes (plain data); the fallback keeps this infallible.
+    out.extend(serde_json::to_vec(header).unwrap_or_default());
+    out.push(b'\n');
+    out
+}
+
+/// Reads and checks a backup's header; leaves `r` at the first record.
+pub fn read_header(r: &mut impl BufRead) -> Result<BackupHeader, BackupError> {
+    let mut magic = vec![0u8; MAGIC.len()];
+    r.read_exact(&mut magic).map_err(|e| BackupError::Invalid(format!("not an mxcas backup (too short: {e})")))?;
+    if magic != MAGIC {
+        return Err(BackupError::Invalid("not an mxcas backup (it must start with \"mxcas-backup 1\")".into()));
+    }
+    let mut line = String::new();
+    r.read_line(&mut line).map_err(|e| BackupError::Invalid(format!("unreadable backup header: {e}")))?;
+    serde_json::from_str(line.trim_end()).map_err(|e| BackupError::Invalid(format!("malformed backup header: {e}")))
+}
+
+/// What an import did.
+#[derive(Debug)]
+pub struct Restored {
+    pub header: BackupHeader,
+    pub records: u64,
+}
+
+/// Restores `backup` into the empty metadata directory `dir` as node `node_id` of a new
+/// cluster whose voters are `members`. Checks the records against the header's sha2-256
+/// before writing anything, and the imported state against it after.
+pub async fn import(
+    backup: &Path,
+    dir: &Path,
+    node_id: NodeId,
+    members: BTreeMap<NodeId, BasicNode>,
+) -> Result<Restored, BackupError> {
+    if !members.contains_key(&node_id) {
+        return Err(BackupError::Invalid(format!("node {node_id} is not among the members given")));
+    }
+    for f in ["state.redb", "log.redb"] {
+        if dir.join(f).exists() {
+            return Err(BackupError::Invalid(format!(
+                "{} already holds a metadata node; import into an empty directory",
+                dir.display()
+            )));
+        }
+    }
+    let file = std::fs::File::open(backup).map_err(|e| io(&backup.display().to_string(), e))?;
+    let mut reader = BufReader::new(file);
+    let header = read_header(&mut reader)?;
+    let Some(last) = header.last_log_id else {
+        return Err(BackupError::Invalid("the backup is of an empty, never-initialized node".into()));
+    };
+
+    // First pass: the records must be exactly what the header says.
+    let start = reader.stream_position().map_err(|e| io("reading the backup", e))?;
+    let mut hashing = Hashing::new(std::io::sink());
+    std::io::copy(&mut reader, &mut hashing).map_err(|e| io("reading the backup", e))?;
+    let actual = hex(&hashing.hash.finalize());
+    if actual != header.sha256 {
+        return Err(BackupError::Invalid(format!(
+            "the backup is corrupt: its records hash to {actual}, its header says {}",
+            header.sha256
+        )));
+    }
+    reader.seek(std::io::SeekFrom::Start(start)).map_err(|e| io("reading the backup", e))?;
+
+    std::fs::create_dir_all(dir).map_err(|e| io(&dir.display().to_string(), e))?;
+    let voters: BTreeSet<NodeId> = members.keys().copied().collect();
+    let membership = StoredMembership::new(Some(last), Membership::new(vec![voters], members));
+    let extras = vec![(LAST_APPLIED, json(&Some(last))?), (MEMBERSHIP, json(&membership)?)];
+    let sm = StateMachine::open(&dir.join("state.redb"))?;
+    let records = sm.import(&mut reader, &extras)?;
+    let digest = hex(&sm.digest()?);
+    if digest != header.sha256 {
+        return Err(BackupError::Invalid(format!(
+            "imported state hashes to {digest}, the backup to {}; delete {} and retry",
+            header.sha256,
+            dir.display()
+        )));
+    }
+    drop(sm);
+
+    // The vote starts at the backup's term, so the new cluster's first election is past it
+    // and every entry it appends has a higher term than the restored position.
+    let mut log = LogStore::open(&dir.join("log.redb"))?;
+    log.save_vote(&Vote::new(last.leader_id.term, node_id)).await.map_err(|e| io("writing the vote", e))?;
+    Ok(Restored { header, records })
+}
+
+fn json<T: Serialize>(v: &T) -> Result<Vec<u8>, BackupError> {
+    serde_json::to_vec(v).map_err(|e| BackupError::Invalid(e.to_string()))
+}
