@@ -220,6 +220,7 @@ fn print_status(s: &pb::ClusterStatus) {
     println!("leader:       {} {}", opt(s.leader_id), s.leader_addr);
     println!("term:         {}", s.term);
     println!("last log:     {}", opt(s.last_log_index));
+    println!("committed:    {}", opt(s.committed));
     println!("applied:      {}", opt(s.last_applied));
     println!("snapshot:     {}", opt(s.snapshot_index));
     println!("members:");

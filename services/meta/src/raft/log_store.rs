@@ -64,6 +64,12 @@ impl LogStore {
         .await
     }
 
+    /// The last committed log index this node has recorded (for status reports).
+    pub async fn committed_index(&self) -> Option<u64> {
+        let committed = self.get_state::<Option<LogId<NodeId>>>("committed", ErrorSubject::Store).await;
+        committed.ok().flatten().flatten().map(|l| l.index)
+    }
+
     async fn set_state<T: serde::Serialize>(
         &self,
         key: &'static str,

@@ -105,6 +105,8 @@ pub struct RaftNode {
     /// `Some(ms)` while this node leads but has not heard from a majority for `ms` (more than
     /// the quorum lease); `None` otherwise.
     pub quorum_lost: tokio::sync::watch::Receiver<Option<u64>>,
+    /// A handle on the log store raft owns (for status reads).
+    pub log: log_store::LogStore,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -146,9 +148,10 @@ impl RaftNode {
         let log = log_store::LogStore::open(&dir.join("log.redb"))?;
         let (changes, _) = tokio::sync::broadcast::channel(4096);
         let sm_store = sm_store::SmStore::open(sm.clone(), dir.join("snapshots")).await?.with_changes(changes.clone());
-        let raft = Raft::new(id, config, network, log, sm_store).await.map_err(|e| StartError::Raft(e.to_string()))?;
+        let raft =
+            Raft::new(id, config, network, log.clone(), sm_store).await.map_err(|e| StartError::Raft(e.to_string()))?;
         let quorum_lost = watch_quorum(&raft, settings.quorum_lease);
-        Ok(Self { id, raft, sm, changes, quorum_lost })
+        Ok(Self { id, raft, sm, changes, quorum_lost, log })
     }
 
     /// Makes `members` the first voters of a new cluster; a no-op when this node already

@@ -60,18 +60,20 @@ pub struct ClusterService {
     id: NodeId,
     raft: Raft,
     sm: std::sync::Arc<crate::state_machine::StateMachine>,
+    log: super::log_store::LogStore,
 }
 
 impl ClusterService {
     pub fn new(node: &super::RaftNode) -> Self {
-        Self { id: node.id, raft: node.raft.clone(), sm: node.sm.clone() }
+        Self { id: node.id, raft: node.raft.clone(), sm: node.sm.clone(), log: node.log.clone() }
     }
 
     pub fn into_server(self) -> pb::cluster_server::ClusterServer<Self> {
         pb::cluster_server::ClusterServer::new(self)
     }
 
-    fn status(&self) -> pb::ClusterStatus {
+    async fn status(&self) -> pb::ClusterStatus {
+        let committed = self.log.committed_index().await;
         let m = self.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
@@ -97,7 +99,7 @@ impl ClusterService {
             leader_addr,
             term: m.current_term,
             last_log_index: m.last_log_index,
-            committed: None,
+            committed,
             last_applied: m.last_applied.map(|l| l.index),
             snapshot_index: m.snapshot.map(|l| l.index),
             state: format!("{:?}", m.state),
@@ -124,13 +126,13 @@ impl pb::cluster_server::Cluster for ClusterService {
             return Err(Status::invalid_argument("no members given"));
         }
         self.raft.initialize(members).await.map_err(raft_status)?;
-        Ok(Response::new(self.status()))
+        Ok(Response::new(self.status().await))
     }
 
     async fn add_learner(&self, req: Request<pb::AddLearnerRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
         let m = req.into_inner().member.ok_or_else(|| Status::invalid_argument("no member given"))?;
         self.raft.add_learner(m.id, BasicNode { addr: m.addr }, true).await.map_err(raft_status)?;
-        Ok(Response::new(self.status()))
+        Ok(Response::new(self.status().await))
     }
 
     async fn change_membership(
@@ -158,11 +160,11 @@ impl pb::cluster_server::Cluster for ClusterService {
             }
             self.raft.change_membership(ChangeMembers::RemoveNodes(remove), false).await.map_err(raft_status)?;
         }
-        Ok(Response::new(self.status()))
+        Ok(Response::new(self.status().await))
     }
 
     async fn status(&self, _req: Request<pb::ClusterStatusRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
-        Ok(Response::new(self.status()))
+        Ok(Response::new(self.status().await))
     }
 
     type ExportSnapshotStream =
