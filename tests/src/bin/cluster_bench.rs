@@ -42,22 +42,35 @@ fn commit_request(n: u64) -> pb::CommitUploadRequest {
 }
 
 /// Commits as fast as `callers` concurrent clients can against the leader for `duration`,
-/// starting at record number `base`; returns commits/s.
-async fn commit_rate(leader: &str, callers: usize, duration: Duration, base: u64) -> anyhow::Result<(f64, u64)> {
+/// starting at record number `base`; returns commits/s and the next record number. Counts
+/// failed calls in `failed` (a healthy cluster under load should refuse none).
+async fn commit_rate(
+    leader: &str,
+    callers: usize,
+    duration: Duration,
+    base: u64,
+    failed: &Arc<AtomicU64>,
+) -> anyhow::Result<(f64, u64)> {
     let next = Arc::new(AtomicU64::new(base));
     let done = Arc::new(AtomicU64::new(0));
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{leader}"))?.connect().await?;
     let end = Instant::now() + duration;
     let mut tasks = Vec::new();
     for _ in 0..callers {
-        let (next, done, channel) = (next.clone(), done.clone(), channel.clone());
+        let (next, done, channel, failed) = (next.clone(), done.clone(), channel.clone(), failed.clone());
         tasks.push(tokio::spawn(async move {
             let mut client = pb::meta_client::MetaClient::new(channel);
             while Instant::now() < end {
                 let n = next.fetch_add(1, Ordering::Relaxed);
-                if client.commit_upload(commit_request(n)).await.is_ok() {
-                    done.fetch_add(1, Ordering::Relaxed);
-                }
+                match client.commit_upload(commit_request(n)).await {
+                    Ok(_) => done.fetch_add(1, Ordering::Relaxed),
+                    Err(status) => {
+                        if failed.fetch_add(1, Ordering::Relaxed) < 5 {
+                            eprintln!("   commit failed: {}: {}", status.code(), status.message());
+                        }
+                        0
+                    }
+                };
             }
         }));
     }
@@ -106,12 +119,13 @@ async fn main() -> anyhow::Result<()> {
 
     eprintln!("== commits/s: 1-node vs 3-node cluster, 64 callers, {secs}s each");
     let single = Cluster::start(1, MetaOptions::default()).await?;
-    let (one, _) = commit_rate(&leader_addr(&single).await?, 64, duration, 0).await?;
+    let failed = Arc::new(AtomicU64::new(0));
+    let (one, _) = commit_rate(&leader_addr(&single).await?, 64, duration, 0, &failed).await?;
     drop(single);
     // A snapshot is due about halfway through the record-writing phase.
     let three =
         Cluster::start(3, MetaOptions { snapshot_every: (records / 2).max(1000), ..MetaOptions::default() }).await?;
-    let (three_rate, mut next) = commit_rate(&leader_addr(&three).await?, 64, duration, 10_000_000).await?;
+    let (three_rate, mut next) = commit_rate(&leader_addr(&three).await?, 64, duration, 10_000_000, &failed).await?;
 
     eprintln!("== lookup latency through an edge (HEAD), cached vs uncached");
     let s3 = SeaweedFs::start().await?;
@@ -146,7 +160,7 @@ async fn main() -> anyhow::Result<()> {
     let leader = leader_addr(&three).await?;
     let started = Instant::now();
     while next < 10_000_000 + records {
-        let (r, n) = commit_rate(&leader, 64, Duration::from_secs(5), next).await?;
+        let (r, n) = commit_rate(&leader, 64, Duration::from_secs(5), next, &failed).await?;
         next = n;
         eprintln!("   {} records written ({r:.0}/s)", next - 10_000_000);
     }
@@ -160,6 +174,7 @@ async fn main() -> anyhow::Result<()> {
 
     let per_m = |x: f64| x * 1_000_000.0 / written as f64;
     println!();
+    println!("failed commits over the whole run (quorum lease refusals included): {}", failed.load(Ordering::Relaxed));
     println!("{:<58} {:>12} {:>12} {:>7}", "benchmark", "value", "baseline", "ratio");
     println!(
         "{:<58} {:>12.0} {:>12.0} {:>7.2}",
