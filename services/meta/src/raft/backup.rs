@@ -179,3 +179,107 @@ pub async fn import(
 fn json<T: Serialize>(v: &T) -> Result<Vec<u8>, BackupError> {
     serde_json::to_vec(v).map_err(|e| BackupError::Invalid(e.to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::Command;
+    use crate::model::ContentRecord;
+    use openraft::CommittedLeaderId;
+
+    fn header() -> BackupHeader {
+        BackupHeader {
+            node_id: 2,
+            last_log_id: Some(LogId::new(CommittedLeaderId::new(3, 1), 42)),
+            membership: StoredMembership::default(),
+            records: 7,
+            sha256: "ab".repeat(32),
+            created_at_ms: 1,
+        }
+    }
+
+    #[test]
+    fn header_round_trips_and_other_files_are_refused() {
+        let bytes = encode_header(&header());
+        let mut r = bytes.as_slice();
+        assert_eq!(read_header(&mut r).expect("own header"), header());
+        let err = read_header(&mut &b"PK\x03\x04 some zip file, not a backup"[..]).expect_err("zip");
+        assert!(err.to_string().contains("not an mxcas backup"), "{err}");
+        let err = read_header(&mut &b"mxcas-backup 1\n{\"node_id\":"[..]).expect_err("cut header");
+        assert!(err.to_string().contains("malformed backup header"), "{err}");
+    }
+
+    /// A state with one upload, at raft position term 3 index 2, exported to a backup file.
+    fn backup_file(dir: &Path) -> (std::path::PathBuf, String) {
+        let sm = StateMachine::open(&dir.join("src.redb")).expect("open");
+        let cid = cid::Cid::new_v1(0x55, multihash::Multihash::<64>::wrap(0x12, &[7; 32]).expect("digest"));
+        let content = ContentRecord {
+            cid,
+            size: 5,
+            chunk_size: 1 << 20,
+            blob_key: "blobs/x".into(),
+            index_key: None,
+            refcount: 0,
+            created_at_ms: 0,
+        };
+        let cmd = Command::CommitUpload {
+            upload_id: "u1".into(),
+            server_name: "hs".into(),
+            media_id: None,
+            user_id: "@a:hs".into(),
+            now_ms: 1,
+            content,
+            content_type: "text/plain".into(),
+            filename: None,
+        };
+        let last = Some(LogId::new(CommittedLeaderId::new(3, 1), 2));
+        let extras = [(LAST_APPLIED, json(&last).expect("json"))];
+        sm.apply_entries(&[(2, Some(&cmd))], &extras).expect("apply");
+        let path = dir.join("b.backup");
+        let mut records = Vec::new();
+        let header = export_records(&sm, 1, &mut records).expect("export");
+        let mut file = encode_header(&header);
+        file.extend(records);
+        std::fs::write(&path, file).expect("write");
+        (path, hex(&sm.digest().expect("digest")))
+    }
+
+    fn members() -> BTreeMap<NodeId, BasicNode> {
+        (1..=3).map(|i| (i, BasicNode { addr: format!("10.0.0.{i}:7100") })).collect()
+    }
+
+    #[tokio::test]
+    async fn import_restores_the_exact_state_with_the_new_membership() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (path, digest) = backup_file(dir.path());
+        let target = dir.path().join("n2");
+        let restored = import(&path, &target, 2, members()).await.expect("import");
+        assert_eq!(restored.header.sha256, digest);
+        let sm = StateMachine::open(&target.join("state.redb")).expect("open restored");
+        assert_eq!(hex(&sm.digest().expect("digest")), digest, "same records");
+        let m: StoredMembership<NodeId, BasicNode> =
+            serde_json::from_slice(&sm.extra(MEMBERSHIP).expect("read").expect("membership")).expect("parse");
+        assert_eq!(m.membership().voter_ids().collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!(m.log_id().map(|l| l.index), Some(2), "membership sits at the backup's position");
+        drop(sm);
+        // Once imported, the directory is taken.
+        let err = import(&path, &target, 2, members()).await.expect_err("second import");
+        assert!(err.to_string().contains("already holds a metadata node"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn import_refuses_a_node_outside_the_members_and_a_damaged_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (path, _) = backup_file(dir.path());
+        let err = import(&path, &dir.path().join("n9"), 9, members()).await.expect_err("not a member");
+        assert!(err.to_string().contains("not among the members"), "{err}");
+        let mut bytes = std::fs::read(&path).expect("read");
+        let last = bytes.len() - 3;
+        bytes[last] ^= 1;
+        std::fs::write(&path, bytes).expect("write");
+        let target = dir.path().join("n1");
+        let err = import(&path, &target, 1, members()).await.expect_err("damaged");
+        assert!(err.to_string().contains("corrupt"), "{err}");
+        assert!(!target.join("state.redb").exists(), "nothing written for a damaged backup");
+    }
+}

@@ -107,6 +107,8 @@ pub struct RaftNode {
     pub quorum_lost: tokio::sync::watch::Receiver<Option<u64>>,
     /// A handle on the log store raft owns (for status reads).
     pub log: log_store::LogStore,
+    /// The node's directory (stores, snapshots, temporary exports).
+    pub dir: std::path::PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -151,7 +153,7 @@ impl RaftNode {
         let raft =
             Raft::new(id, config, network, log.clone(), sm_store).await.map_err(|e| StartError::Raft(e.to_string()))?;
         let quorum_lost = watch_quorum(&raft, settings.quorum_lease);
-        Ok(Self { id, raft, sm, changes, quorum_lost, log })
+        Ok(Self { id, raft, sm, changes, quorum_lost, log, dir: dir.to_owned() })
     }
 
     /// Makes `members` the first voters of a new cluster; a no-op when this node already

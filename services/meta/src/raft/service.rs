@@ -61,11 +61,12 @@ pub struct ClusterService {
     raft: Raft,
     sm: std::sync::Arc<crate::state_machine::StateMachine>,
     log: super::log_store::LogStore,
+    dir: std::path::PathBuf,
 }
 
 impl ClusterService {
     pub fn new(node: &super::RaftNode) -> Self {
-        Self { id: node.id, raft: node.raft.clone(), sm: node.sm.clone(), log: node.log.clone() }
+        Self { id: node.id, raft: node.raft.clone(), sm: node.sm.clone(), log: node.log.clone(), dir: node.dir.clone() }
     }
 
     pub fn into_server(self) -> pb::cluster_server::ClusterServer<Self> {
@@ -174,14 +175,15 @@ impl pb::cluster_server::Cluster for ClusterService {
         &self,
         _req: Request<pb::ExportSnapshotRequest>,
     ) -> Result<Response<Self::ExportSnapshotStream>, Status> {
-        let (sm, id) = (self.sm.clone(), self.id);
+        let (sm, id, dir) = (self.sm.clone(), self.id, self.dir.clone());
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        // The state goes to an unlinked temporary file first, so its read transaction is not
-        // held open for as long as a slow client takes to download it.
+        // The state goes to an unlinked temporary file in the node's directory (sized for the
+        // state, unlike /tmp in many containers) first, so its read transaction is not held
+        // open for as long as a slow client takes to download it.
         tokio::task::spawn_blocking(move || {
             let sent = (|| -> Result<(), Status> {
                 let internal = |e: &dyn std::fmt::Display| Status::internal(format!("export failed: {e}"));
-                let mut file = tempfile::tempfile().map_err(|e| internal(&e))?;
+                let mut file = tempfile::tempfile_in(&dir).map_err(|e| internal(&e))?;
                 let header = backup::export_records(&sm, id, &mut file).map_err(|e| internal(&e))?;
                 tracing::info!(records = header.records, sha256 = %header.sha256, "exporting a backup");
                 file.rewind().map_err(|e| internal(&e))?;
