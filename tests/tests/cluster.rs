@@ -519,3 +519,28 @@ async fn backup_exported_from_a_live_cluster_restores_into_a_new_one() -> anyhow
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_fails_over_from_a_leader_that_swallows_calls() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let s3 = SeaweedFs::start().await?;
+    let cluster = Cluster::start(3, MetaOptions::default()).await?;
+    let leader = cluster.wait_leader(Duration::from_secs(10)).await?;
+    // The edge lists the leader first, so that is where its calls go.
+    let mut endpoints = cluster.endpoints();
+    endpoints.swap(0, (leader - 1) as usize);
+    let edge = Node::start(NodeOptions { store: s3.store(), edge_meta: endpoints, ..Default::default() }).await?;
+    edge.upload_ok(b"before".to_vec()).await?;
+    // The leader's host "loses power": everything sent to it is swallowed (accepted, never
+    // answered), and it reaches nobody. No connection is refused, so only timeouts tell.
+    cluster.metas[(leader - 1) as usize].proxy.set_delay(Duration::from_secs(3600));
+    cluster.isolate(leader);
+    let new = cluster.wait_new_leader(leader, Duration::from_secs(20)).await?;
+    let started = Instant::now();
+    let resp = edge.upload(b"after".to_vec(), "text/plain", None).await?;
+    let took = started.elapsed();
+    println!("leader {leader} black-holed, new leader {new}: upload answered {} after {took:?}", resp.status());
+    // One attempt gets half the 4 s write budget; the rest is enough for the new leader.
+    assert_eq!(resp.status(), 200, "the edge must fail over from a node that never answers");
+    Ok(())
+}

@@ -93,7 +93,6 @@ pub struct CommitRequest {
     pub filename: Option<String>,
 }
 
-/// `host:port` or `http://host:port` → `http://host:port`.
 impl MetaClient {
     /// A client for the metadata nodes at `endpoints` (`host:port`, any of them; the client
     /// finds the leader). Connects lazily.
@@ -163,18 +162,17 @@ impl MetaClient {
             Retry::Read => (true, config.retry_budget),
         };
         let deadline = tokio::time::Instant::now() + budget;
+        // One attempt gets at most half the budget, so a node that swallows calls (powered
+        // off, black-holed) still leaves time to try another.
+        let attempt_cap = (budget / 2).min(config.call_timeout);
         let mut backoff = Duration::from_millis(20);
         loop {
             let url = self.current();
-            // No attempt outlives the budget (a write stuck at a partitioned node included).
-            let status = match tokio::time::timeout_at(deadline, call(self.client_for(&url)?)).await {
+            let attempt_end = deadline.min(tokio::time::Instant::now() + attempt_cap);
+            let status = match tokio::time::timeout_at(attempt_end, call(self.client_for(&url)?)).await {
                 Ok(Ok(v)) => return Ok(v),
                 Ok(Err(status)) => status,
-                Err(_) => {
-                    return Err(MetaError::Unavailable(format!(
-                        "no answer from the metadata service within {budget:?} (last tried {url})"
-                    )));
-                }
+                Err(_) => tonic::Status::unavailable(format!("no answer from {url} within {attempt_cap:?}")),
             };
             let leader = status
                 .metadata()

@@ -86,7 +86,8 @@ impl MetaService {
     /// Proposes `cmd` and waits for its outcome, unless this node leads without a majority:
     /// then the write is refused (or stops being waited for) as soon as the quorum lease runs
     /// out, so clients fail over or give up instead of hanging. A write abandoned this way may
-    /// still commit once a majority returns; commits are idempotent, so a retry is harmless.
+    /// still commit once a majority returns: a retried commit is deduplicated by its upload
+    /// ID; an abandoned reservation (`CreatePending`) holds its slot until it expires.
     async fn apply(&self, cmd: Command) -> Result<CommandOutput, Status> {
         let mut quorum_lost = self.node.quorum_lost.clone();
         if let Some(ms) = *quorum_lost.borrow_and_update() {

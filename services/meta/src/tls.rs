@@ -72,9 +72,13 @@ impl TlsConfig {
 }
 
 impl Tls {
-    /// Server side: present our certificate, require clients signed by the CA.
+    /// Server side: present our certificate, require clients signed by the CA, and give a
+    /// handshake 10 s (an unauthenticated peer cannot hold a connection open longer).
     pub fn server(&self) -> ServerTlsConfig {
-        ServerTlsConfig::new().identity(self.identity.clone()).client_ca_root(self.ca.clone())
+        ServerTlsConfig::new()
+            .identity(self.identity.clone())
+            .client_ca_root(self.ca.clone())
+            .timeout(std::time::Duration::from_secs(10))
     }
 
     fn client(&self, host: &str) -> ClientTlsConfig {
@@ -102,7 +106,12 @@ pub fn endpoint(addr: &str, tls: Option<&Tls>) -> Result<Endpoint, String> {
     let url = url(addr, tls);
     let endpoint =
         Endpoint::from_shared(url.clone()).map_err(|e| format!("bad metadata node address {addr:?}: {e}"))?;
-    let Some(tls) = tls else { return Ok(endpoint) };
+    let Some(tls) = tls else {
+        if url.starts_with("https://") {
+            return Err(format!("{url}: https needs a [tls] section (ca, cert, key)"));
+        }
+        return Ok(endpoint);
+    };
     if !url.starts_with("https://") {
         return Err(format!("{url}: TLS is configured, so metadata nodes must be reached over https"));
     }
@@ -145,5 +154,6 @@ mod tests {
         assert_eq!(url("10.0.0.1:7100", None), "http://10.0.0.1:7100");
         assert_eq!(url("https://m:1", None), "https://m:1");
         assert!(endpoint("http://10.0.0.1:7100", None).is_ok());
+        assert!(endpoint("https://10.0.0.1:7100", None).expect_err("https without TLS").contains("[tls]"));
     }
 }

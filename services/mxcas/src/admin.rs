@@ -117,9 +117,14 @@ pub enum SnapshotCmd {
 fn parse_members(members: &[String]) -> anyhow::Result<Vec<pb::Member>> {
     members
         .iter()
-        .map(|m| {
+        .enumerate()
+        .map(|(i, m)| {
             let (id, addr) = m.split_once('=').context("a member is ID=HOST:PORT")?;
-            Ok(pb::Member { id: id.parse().context("member ID must be a number")?, addr: addr.to_owned() })
+            let id: u64 = id.parse().context("member ID must be a number")?;
+            if members[..i].iter().any(|other| other.split_once('=').is_some_and(|(o, _)| o.parse() == Ok(id))) {
+                anyhow::bail!("member ID {id} is given twice");
+            }
+            Ok(pb::Member { id, addr: addr.to_owned() })
         })
         .collect()
 }
@@ -149,6 +154,20 @@ pub async fn snapshot(meta: &str, tls: Option<&Tls>, cmd: SnapshotCmd) -> anyhow
 }
 
 async fn export(meta: &str, tls: Option<&Tls>, out: &std::path::Path) -> anyhow::Result<()> {
+    let partial = PathBuf::from(format!("{}.partial", out.display()));
+    let result = export_to(meta, tls, &partial, out).await;
+    if result.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    result
+}
+
+async fn export_to(
+    meta: &str,
+    tls: Option<&Tls>,
+    partial: &std::path::Path,
+    out: &std::path::Path,
+) -> anyhow::Result<()> {
     use sha2::Digest;
     use std::io::Write;
     let mut client = connect(meta, tls).await?;
@@ -157,20 +176,23 @@ async fn export(meta: &str, tls: Option<&Tls>, out: &std::path::Path) -> anyhow:
         .await
         .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
         .into_inner();
-    let partial = PathBuf::from(format!("{}.partial", out.display()));
     let mut file = std::io::BufWriter::new(
-        std::fs::File::create(&partial).with_context(|| format!("cannot create {}", partial.display()))?,
+        std::fs::File::create(partial).with_context(|| format!("cannot create {}", partial.display()))?,
     );
     let mut header = None;
     let mut hash = sha2::Sha256::new();
     let (mut bytes, mut reported) = (0u64, 0u64);
     while let Some(chunk) = stream.message().await.map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))? {
-        if !chunk.header.is_empty() {
-            let mut r = chunk.header.as_slice();
-            header = Some(backup::read_header(&mut r).context("the node sent a malformed backup header")?);
-            file.write_all(&chunk.header)?;
+        match (&header, chunk.header.is_empty()) {
+            (None, false) => {
+                let mut r = chunk.header.as_slice();
+                header = Some(backup::read_header(&mut r).context("the node sent a malformed backup header")?);
+                file.write_all(&chunk.header)?;
+            }
+            (None, true) => anyhow::bail!("the node sent records before the backup header"),
+            (Some(_), false) => anyhow::bail!("the node sent a second backup header"),
+            (Some(_), true) => {}
         }
-        anyhow::ensure!(header.is_some(), "the node sent records before the backup header");
         hash.update(&chunk.data);
         file.write_all(&chunk.data)?;
         bytes += chunk.data.len() as u64;
@@ -188,8 +210,13 @@ async fn export(meta: &str, tls: Option<&Tls>, out: &std::path::Path) -> anyhow:
     );
     let file = file.into_inner().map_err(|e| e.into_error())?;
     file.sync_all()?;
-    std::fs::rename(&partial, out)
+    std::fs::rename(partial, out)
         .with_context(|| format!("cannot rename {} to {}", partial.display(), out.display()))?;
+    // The rename itself must survive a crash.
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    std::fs::File::open(parent)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot fsync {}", parent.display()))?;
     println!(
         "backup of node {} at {}: {} records, {bytes} bytes, sha256 {} -> {}",
         header.node_id,

@@ -130,7 +130,9 @@ fn main() -> anyhow::Result<()> {
         Cmd::Edge(args) => run_server(serve(args, Role::Edge)),
         Cmd::Meta(args) => run_server(meta(args)),
         Cmd::Admin { meta, config, command } => {
-            let tls = Config::load(config.as_deref())?.tls()?;
+            // An offline import contacts no node: it needs no TLS material.
+            let offline = matches!(command, AdminCmd::Snapshot(admin::SnapshotCmd::Import { .. }));
+            let tls = if offline { None } else { Config::load(config.as_deref())?.tls()? };
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             runtime.block_on(async {
                 match command {

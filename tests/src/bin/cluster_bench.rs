@@ -1,7 +1,8 @@
 //! Metadata-cluster benchmarks, each reported beside its baseline from the same run:
 //!
 //! 1. commits/s of `CommitUpload` (the metadata write of every upload) through a 3-node
-//!    loopback cluster vs a 1-node cluster, 64 concurrent callers (group commit at work);
+//!    loopback cluster vs a 1-node cluster, 64 concurrent callers (group commit at work), and
+//!    through a 3-node cluster with mutual TLS on every link vs without;
 //! 2. p50/p99 of an edge's lookup (HEAD of a download) for a fact it has cached vs one it has
 //!    to fetch (a linearizable read through the leader);
 //! 3. metadata-node RSS and snapshot size after N records written through the real API,
@@ -45,7 +46,7 @@ fn commit_request(n: u64) -> pb::CommitUploadRequest {
 /// starting at record number `base`; returns commits/s and the next record number. Counts
 /// failed calls in `failed` (a healthy cluster under load should refuse none).
 async fn commit_rate(
-    leader: &str,
+    channel: &tonic::transport::Channel,
     callers: usize,
     duration: Duration,
     base: u64,
@@ -53,7 +54,6 @@ async fn commit_rate(
 ) -> anyhow::Result<(f64, u64)> {
     let next = Arc::new(AtomicU64::new(base));
     let done = Arc::new(AtomicU64::new(0));
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{leader}"))?.connect().await?;
     let end = Instant::now() + duration;
     let mut tasks = Vec::new();
     for _ in 0..callers {
@@ -82,9 +82,10 @@ async fn commit_rate(
     Ok((n as f64 / started.elapsed().as_secs_f64(), next.load(Ordering::Relaxed)))
 }
 
-async fn leader_addr(cluster: &Cluster) -> anyhow::Result<String> {
+/// A channel to the leader (over TLS when the cluster uses it).
+async fn leader(cluster: &Cluster) -> anyhow::Result<tonic::transport::Channel> {
     let l = cluster.wait_leader(Duration::from_secs(20)).await?;
-    Ok(cluster.metas[(l - 1) as usize].listen.map(|a| a.to_string()).unwrap_or_default())
+    cluster.metas[(l - 1) as usize].channel().await
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -120,12 +121,17 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("== commits/s: 1-node vs 3-node cluster, 64 callers, {secs}s each");
     let single = Cluster::start(1, MetaOptions::default()).await?;
     let failed = Arc::new(AtomicU64::new(0));
-    let (one, _) = commit_rate(&leader_addr(&single).await?, 64, duration, 0, &failed).await?;
+    let (one, _) = commit_rate(&leader(&single).await?, 64, duration, 0, &failed).await?;
     drop(single);
+    eprintln!("== commits/s: 3-node cluster over mutual TLS, {secs}s");
+    let pki = Arc::new(mxcas_tests::pki::TestPki::generate("bench")?);
+    let tls = Cluster::start(3, MetaOptions { tls: Some(pki), ..MetaOptions::default() }).await?;
+    let (tls_rate, _) = commit_rate(&leader(&tls).await?, 64, duration, 0, &failed).await?;
+    drop(tls);
     // A snapshot is due about halfway through the record-writing phase.
     let three =
         Cluster::start(3, MetaOptions { snapshot_every: (records / 2).max(1000), ..MetaOptions::default() }).await?;
-    let (three_rate, mut next) = commit_rate(&leader_addr(&three).await?, 64, duration, 10_000_000, &failed).await?;
+    let (three_rate, mut next) = commit_rate(&leader(&three).await?, 64, duration, 10_000_000, &failed).await?;
 
     eprintln!("== lookup latency through an edge (HEAD), cached vs uncached");
     let s3 = SeaweedFs::start().await?;
@@ -157,10 +163,10 @@ async fn main() -> anyhow::Result<()> {
     cached.sort();
 
     eprintln!("== {records} records through CommitUpload, then a snapshot");
-    let leader = leader_addr(&three).await?;
+    let to_leader = leader(&three).await?;
     let started = Instant::now();
     while next < 10_000_000 + records {
-        let (r, n) = commit_rate(&leader, 64, Duration::from_secs(5), next, &failed).await?;
+        let (r, n) = commit_rate(&to_leader, 64, Duration::from_secs(5), next, &failed).await?;
         next = n;
         eprintln!("   {} records written ({r:.0}/s)", next - 10_000_000);
     }
@@ -182,6 +188,13 @@ async fn main() -> anyhow::Result<()> {
         three_rate,
         one,
         three_rate / one
+    );
+    println!(
+        "{:<58} {:>12.0} {:>12.0} {:>7.2}",
+        "CommitUpload commits/s, 3-node over mutual TLS (vs plain)",
+        tls_rate,
+        three_rate,
+        tls_rate / three_rate
     );
     println!(
         "{:<58} {:>12.2} {:>12.2} {:>7.2}",

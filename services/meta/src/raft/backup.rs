@@ -125,13 +125,12 @@ pub async fn import(
     if !members.contains_key(&node_id) {
         return Err(BackupError::Invalid(format!("node {node_id} is not among the members given")));
     }
-    for f in ["state.redb", "log.redb"] {
-        if dir.join(f).exists() {
-            return Err(BackupError::Invalid(format!(
-                "{} already holds a metadata node; import into an empty directory",
-                dir.display()
-            )));
-        }
+    let occupied = std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(false);
+    if occupied {
+        return Err(BackupError::Invalid(format!(
+            "{} is not empty (it may hold a metadata node); import into an empty directory",
+            dir.display()
+        )));
     }
     let file = std::fs::File::open(backup).map_err(|e| io(&backup.display().to_string(), e))?;
     let mut reader = BufReader::new(file);
@@ -153,27 +152,57 @@ pub async fn import(
     }
     reader.seek(std::io::SeekFrom::Start(start)).map_err(|e| io("reading the backup", e))?;
 
-    std::fs::create_dir_all(dir).map_err(|e| io(&dir.display().to_string(), e))?;
+    // Everything is built in a staging directory and renamed into place only when complete
+    // (state checked, vote written), so an interrupted import leaves no half-restored node.
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "meta".into());
+    let staging = dir.with_file_name(format!(".{name}.importing"));
+    let _ = std::fs::remove_dir_all(&staging); // a previous interrupted attempt
+    std::fs::create_dir_all(&staging).map_err(|e| io(&staging.display().to_string(), e))?;
+    let built = build(&staging, &mut reader, &header, last, node_id, members).await;
+    let records = match built {
+        Ok(records) => records,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(e);
+        }
+    };
+    if dir.exists() {
+        std::fs::remove_dir(dir).map_err(|e| io(&dir.display().to_string(), e))?; // empty, checked above
+    }
+    std::fs::rename(&staging, dir).map_err(|e| io(&format!("moving {} into place", staging.display()), e))?;
+    if let Some(parent) = dir.parent() {
+        std::fs::File::open(parent).and_then(|d| d.sync_all()).map_err(|e| io(&parent.display().to_string(), e))?;
+    }
+    Ok(Restored { header, records })
+}
+
+/// Writes the restored state and the vote into `dir`; returns the records imported.
+async fn build(
+    dir: &Path,
+    reader: &mut impl std::io::Read,
+    header: &BackupHeader,
+    last: LogId<NodeId>,
+    node_id: NodeId,
+    members: BTreeMap<NodeId, BasicNode>,
+) -> Result<u64, BackupError> {
     let voters: BTreeSet<NodeId> = members.keys().copied().collect();
     let membership = StoredMembership::new(Some(last), Membership::new(vec![voters], members));
     let extras = vec![(LAST_APPLIED, json(&Some(last))?), (MEMBERSHIP, json(&membership)?)];
     let sm = StateMachine::open(&dir.join("state.redb"))?;
-    let records = sm.import(&mut reader, &extras)?;
+    let records = sm.import(reader, &extras)?;
     let digest = hex(&sm.digest()?);
     if digest != header.sha256 {
         return Err(BackupError::Invalid(format!(
-            "imported state hashes to {digest}, the backup to {}; delete {} and retry",
-            header.sha256,
-            dir.display()
+            "imported state hashes to {digest}, the backup to {}",
+            header.sha256
         )));
     }
     drop(sm);
-
     // The vote starts at the backup's term, so the new cluster's first election is past it
     // and every entry it appends has a higher term than the restored position.
     let mut log = LogStore::open(&dir.join("log.redb"))?;
     log.save_vote(&Vote::new(last.leader_id.term, node_id)).await.map_err(|e| io("writing the vote", e))?;
-    Ok(Restored { header, records })
+    Ok(records)
 }
 
 fn json<T: Serialize>(v: &T) -> Result<Vec<u8>, BackupError> {
@@ -264,7 +293,7 @@ mod tests {
         drop(sm);
         // Once imported, the directory is taken.
         let err = import(&path, &target, 2, members()).await.expect_err("second import");
-        assert!(err.to_string().contains("already holds a metadata node"), "{err}");
+        assert!(err.to_string().contains("is not empty"), "{err}");
     }
 
     #[tokio::test]
@@ -280,6 +309,7 @@ mod tests {
         let target = dir.path().join("n1");
         let err = import(&path, &target, 1, members()).await.expect_err("damaged");
         assert!(err.to_string().contains("corrupt"), "{err}");
-        assert!(!target.join("state.redb").exists(), "nothing written for a damaged backup");
+        assert!(!target.exists(), "nothing written for a damaged backup");
+        assert!(!dir.path().join(".n1.importing").exists(), "no staging left behind");
     }
 }

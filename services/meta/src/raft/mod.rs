@@ -134,6 +134,14 @@ impl RaftNode {
         settings: &RaftSettings,
         network: N,
     ) -> Result<Self, StartError> {
+        // openraft sends heartbeats on its tick (every 1.5 heartbeat intervals): a shorter
+        // lease would lapse between two heartbeats of a healthy cluster.
+        if settings.quorum_lease < settings.heartbeat_interval * 3 {
+            return Err(StartError::Raft(format!(
+                "quorum_lease ({:?}) must be at least 3x heartbeat_interval ({:?})",
+                settings.quorum_lease, settings.heartbeat_interval
+            )));
+        }
         std::fs::create_dir_all(dir).map_err(|e| StorageError::Database(format!("{}: {e}", dir.display())))?;
         let config = openraft::Config {
             cluster_name: "mxcas-meta".into(),
@@ -177,20 +185,38 @@ impl RaftNode {
     }
 }
 
-/// Follows the leader's "last heard from a majority" age (openraft refreshes it on every
-/// tick, a few times per heartbeat) and flags when it passes `lease`. One task per node, so
-/// waiting writes share a single watcher.
+/// Follows the leader's "last heard from a majority" age and flags when it passes `lease`.
+/// openraft recomputes the age whenever it reports metrics (at least every tick, 1.5
+/// heartbeat intervals); this also re-checks every quarter lease, so a leader that has never
+/// been acknowledged (cut off right after its election: openraft reports no age at all) is
+/// caught once it has led for a lease. One task per node, shared by every waiting write.
 fn watch_quorum(raft: &Raft, lease: Duration) -> tokio::sync::watch::Receiver<Option<u64>> {
     let (tx, rx) = tokio::sync::watch::channel(None);
     let mut metrics = raft.metrics();
     let lease_ms = lease.as_millis() as u64;
     tokio::spawn(async move {
+        // When this node became leader in its current term.
+        let mut leading_since: Option<(u64, tokio::time::Instant)> = None;
         loop {
             let lost = {
                 let m = metrics.borrow_and_update();
-                match (m.state, m.millis_since_quorum_ack) {
-                    (openraft::ServerState::Leader, Some(ms)) if ms > lease_ms => Some(ms),
-                    _ => None,
+                if m.state != openraft::ServerState::Leader {
+                    leading_since = None;
+                    None
+                } else {
+                    let since = match leading_since {
+                        Some((term, at)) if term == m.current_term => at,
+                        _ => {
+                            let now = tokio::time::Instant::now();
+                            leading_since = Some((m.current_term, now));
+                            now
+                        }
+                    };
+                    match m.millis_since_quorum_ack {
+                        Some(ms) if ms > lease_ms => Some(ms),
+                        Some(_) => None,
+                        None => Some(since.elapsed().as_millis() as u64).filter(|ms| *ms > lease_ms),
+                    }
                 }
             };
             tx.send_if_modified(|v| {
@@ -198,7 +224,7 @@ fn watch_quorum(raft: &Raft, lease: Duration) -> tokio::sync::watch::Receiver<Op
                 *v = lost;
                 changed
             });
-            if metrics.changed().await.is_err() {
+            if let Ok(Err(_)) = tokio::time::timeout(lease / 4, metrics.changed()).await {
                 return; // raft stopped
             }
         }

@@ -62,11 +62,20 @@ pub struct ClusterService {
     sm: std::sync::Arc<crate::state_machine::StateMachine>,
     log: super::log_store::LogStore,
     dir: std::path::PathBuf,
+    /// One export at a time: each writes a full copy of the state to the node's disk.
+    exporting: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl ClusterService {
     pub fn new(node: &super::RaftNode) -> Self {
-        Self { id: node.id, raft: node.raft.clone(), sm: node.sm.clone(), log: node.log.clone(), dir: node.dir.clone() }
+        Self {
+            id: node.id,
+            raft: node.raft.clone(),
+            sm: node.sm.clone(),
+            log: node.log.clone(),
+            dir: node.dir.clone(),
+            exporting: std::sync::Arc::new(tokio::sync::Semaphore::new(1)),
+        }
     }
 
     pub fn into_server(self) -> pb::cluster_server::ClusterServer<Self> {
@@ -175,12 +184,16 @@ impl pb::cluster_server::Cluster for ClusterService {
         &self,
         _req: Request<pb::ExportSnapshotRequest>,
     ) -> Result<Response<Self::ExportSnapshotStream>, Status> {
+        let permit = self.exporting.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted("an export from this node is already running; retry when it has finished")
+        })?;
         let (sm, id, dir) = (self.sm.clone(), self.id, self.dir.clone());
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         // The state goes to an unlinked temporary file in the node's directory (sized for the
         // state, unlike /tmp in many containers) first, so its read transaction is not held
         // open for as long as a slow client takes to download it.
         tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             let sent = (|| -> Result<(), Status> {
                 let internal = |e: &dyn std::fmt::Display| Status::internal(format!("export failed: {e}"));
                 let mut file = tempfile::tempfile_in(&dir).map_err(|e| internal(&e))?;
