@@ -385,7 +385,7 @@ async fn mutual_tls_on_every_grpc_link_and_nothing_without_a_cluster_certificate
     let edge = Node::start(NodeOptions {
         store: s3.store(),
         edge_meta: cluster.endpoints(),
-        extra: pki.toml(),
+        extra: pki.edge_toml(),
         ..Default::default()
     })
     .await?;
@@ -428,6 +428,19 @@ async fn mutual_tls_on_every_grpc_link_and_nothing_without_a_cluster_certificate
     };
     assert_eq!(ok.await?.node_id, 1);
     assert_eq!(edge.download(&id2).await?.status(), 200);
+
+    // The edge's certificate (same CA) opens the metadata API — the uploads above — but not
+    // raft or cluster administration ([tls] node_names).
+    let edge_tls = pki.edge_tls()?;
+    let ep = || mxcas_meta::tls::endpoint(&addr, Some(&edge_tls)).map_err(anyhow::Error::msg);
+    let mut meta = pb::meta_client::MetaClient::new(ep()?.connect().await?);
+    meta.status(pb::StatusRequest { digest: false }).await?;
+    let mut admin = pb::cluster_client::ClusterClient::new(ep()?.connect().await?);
+    let denied = admin.status(pb::ClusterStatusRequest {}).await.expect_err("edge certificate administering");
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+    let mut raft = pb::raft_client::RaftClient::new(ep()?.connect().await?);
+    let denied = raft.vote(pb::RaftMessage { data: b"{}".to_vec() }).await.expect_err("edge certificate voting");
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
     Ok(())
 }
 

@@ -9,6 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
+use rustls_pki_types::ServerName;
 use serde::Deserialize;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
 
@@ -26,6 +27,11 @@ pub struct TlsConfig {
     /// Name to verify servers' certificates against, when it is not the host in their
     /// address (e.g. one certificate for `meta.mxcas.svc` behind per-pod IPs).
     pub server_name: Option<String>,
+    /// Names (DNS or IP) a client certificate must be valid for to use raft and cluster
+    /// administration on a metadata node; a certificate with a wildcard SAN matches names it
+    /// covers. Empty: any certificate the CA signed may, edges' included, so set it whenever
+    /// edges hold certificates from the same CA.
+    pub node_names: Vec<String>,
 }
 
 /// Loaded TLS material; cheap to clone.
@@ -34,6 +40,7 @@ pub struct Tls {
     ca: Certificate,
     identity: Identity,
     server_name: Option<String>,
+    node_names: Vec<ServerName<'static>>,
 }
 
 impl std::fmt::Debug for Tls {
@@ -48,9 +55,9 @@ impl TlsConfig {
     pub fn load(&self) -> Result<Option<Tls>, String> {
         let (ca, cert, key) = match (&self.ca, &self.cert, &self.key) {
             (None, None, None) => {
-                return match &self.server_name {
-                    None => Ok(None),
-                    Some(_) => Err("[tls] server_name is set but ca, cert and key are not".into()),
+                return match (&self.server_name, self.node_names.is_empty()) {
+                    (None, true) => Ok(None),
+                    _ => Err("[tls] server_name or node_names is set but ca, cert and key are not".into()),
                 };
             }
             (Some(ca), Some(cert), Some(key)) => (ca, cert, key),
@@ -63,10 +70,20 @@ impl TlsConfig {
             }
             Ok(bytes)
         };
+        let node_names = self
+            .node_names
+            .iter()
+            .map(|n| {
+                ServerName::try_from(n.as_str())
+                    .map(|n| n.to_owned())
+                    .map_err(|_| format!("[tls] node_names: {n:?} is not a DNS name or IP address"))
+            })
+            .collect::<Result<_, _>>()?;
         Ok(Some(Tls {
             ca: Certificate::from_pem(read("ca", ca)?),
             identity: Identity::from_pem(read("cert", cert)?, read("key", key)?),
             server_name: self.server_name.clone(),
+            node_names,
         }))
     }
 }
@@ -79,6 +96,32 @@ impl Tls {
             .identity(self.identity.clone())
             .client_ca_root(self.ca.clone())
             .timeout(std::time::Duration::from_secs(10))
+    }
+
+    /// Whether raft and cluster administration are restricted to `node_names`.
+    pub fn restricts_nodes(&self) -> bool {
+        !self.node_names.is_empty()
+    }
+
+    /// Admits a raft or cluster-administration call only from a client certificate valid for
+    /// one of `node_names` (when set): an edge's certificate opens the metadata API, not the
+    /// replicated log.
+    pub fn check_node_peer<T>(&self, req: &tonic::Request<T>) -> Result<(), tonic::Status> {
+        if self.node_names.is_empty() {
+            return Ok(());
+        }
+        let certs = req.peer_certs().ok_or_else(|| tonic::Status::unauthenticated("no client certificate"))?;
+        let leaf = certs.first().ok_or_else(|| tonic::Status::unauthenticated("no client certificate"))?;
+        let cert = webpki::EndEntityCert::try_from(leaf)
+            .map_err(|e| tonic::Status::unauthenticated(format!("unreadable client certificate: {e:?}")))?;
+        if self.node_names.iter().any(|n| cert.verify_is_valid_for_subject_name(n).is_ok()) {
+            Ok(())
+        } else {
+            Err(tonic::Status::permission_denied(
+                "this certificate may use the metadata API but not raft or cluster administration: \
+                 it is valid for none of the nodes' [tls] node_names",
+            ))
+        }
     }
 
     fn client(&self, host: &str) -> ClientTlsConfig {
@@ -129,6 +172,8 @@ mod tests {
         assert!(c.load().expect_err("partial").contains("all of ca, cert and key"));
         let c = TlsConfig { server_name: Some("meta".into()), ..Default::default() };
         assert!(c.load().expect_err("name only").contains("server_name"));
+        let c = TlsConfig { node_names: vec!["meta".into()], ..Default::default() };
+        assert!(c.load().expect_err("node names only").contains("node_names"));
         assert!(TlsConfig::default().load().expect("off").is_none());
     }
 
@@ -142,6 +187,7 @@ mod tests {
             cert: Some(dir.path().join("absent.pem")),
             key: Some(junk.clone()),
             server_name: None,
+            node_names: Vec::new(),
         };
         let err = c.load().expect_err("junk");
         assert!(err.contains("junk.pem is not a PEM file"), "{err}");

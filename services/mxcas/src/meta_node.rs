@@ -9,6 +9,7 @@ use mxcas_meta::raft::service::{ClusterService, RaftService};
 use mxcas_meta::server::MetaService;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tonic::service::interceptor::InterceptedService;
 
 use crate::config::Config;
 
@@ -31,7 +32,22 @@ pub async fn start(config: &Config, cancel: CancellationToken, tracker: &TaskTra
     let mut server = tonic::transport::Server::builder();
     if let Some(tls) = &tls {
         server = server.tls_config(tls.server()).context("[tls]: cannot set up the gRPC server")?;
+        if !tls.restricts_nodes() {
+            tracing::warn!(
+                "[tls] node_names is empty: any certificate from the CA, an edge's included, may speak raft \
+                 and administer the cluster; list the metadata nodes' certificate names there"
+            );
+        }
     }
+    // Raft and cluster administration: metadata nodes (and operators holding a node's
+    // certificate) only, when [tls] node_names says who they are.
+    let node_guard = tls.clone();
+    let nodes_only = move |req: tonic::Request<()>| -> Result<tonic::Request<()>, tonic::Status> {
+        match &node_guard {
+            Some(tls) => tls.check_node_peer(&req).map(|()| req),
+            None => Ok(req),
+        }
+    };
     let node = RaftNode::start(config.meta.node_id, &dir, &config.meta.raft_settings(tls))
         .await
         .with_context(|| format!("cannot start the metadata node in {}", dir.display()))?;
@@ -52,8 +68,8 @@ pub async fn start(config: &Config, cancel: CancellationToken, tracker: &TaskTra
         });
         let served = server
             .add_service(meta.into_server())
-            .add_service(raft.into_server())
-            .add_service(cluster.into_server())
+            .add_service(InterceptedService::new(raft.into_server(), nodes_only.clone()))
+            .add_service(InterceptedService::new(cluster.into_server(), nodes_only))
             .serve_with_incoming_shutdown(incoming, c.cancelled_owned())
             .await;
         if let Err(e) = served {
