@@ -70,15 +70,21 @@ impl LogStore {
         committed.ok().flatten().flatten().map(|l| l.index)
     }
 
+    /// Writes one state value; fsynced unless `durable` is false (then it becomes durable with
+    /// the next fsynced transaction, and a crash may roll it back to an older value).
     async fn set_state<T: serde::Serialize>(
         &self,
         key: &'static str,
         value: &T,
         subject: ErrorSubject<NodeId>,
+        durable: bool,
     ) -> Result<()> {
         let bytes = serde_json::to_vec(value).map_err(|e| sto_err(subject.clone(), ErrorVerb::Write, e))?;
         self.blocking(subject, ErrorVerb::Write, move |db| {
-            let txn = db.begin_write().map_err(|e| e.to_string())?;
+            let mut txn = db.begin_write().map_err(|e| e.to_string())?;
+            if !durable {
+                txn.set_durability(redb::Durability::None).map_err(|e| e.to_string())?;
+            }
             txn.open_table(STATE)
                 .map_err(|e| e.to_string())?
                 .insert(key, bytes.as_slice())
@@ -153,15 +159,19 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<()> {
-        self.set_state("vote", vote, ErrorSubject::Vote).await
+        self.set_state("vote", vote, ErrorSubject::Vote, true).await
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>> {
         self.get_state("vote", ErrorSubject::Vote).await
     }
 
+    /// openraft calls this on every commit, inside its core loop, before applying: an fsync
+    /// here would stall the whole node once per batch. The committed index is only a hint
+    /// for restarts (openraft works without it, re-learning it from the leader), so it is
+    /// written without an fsync and becomes durable with the next log append.
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<()> {
-        self.set_state("committed", &committed, ErrorSubject::Store).await
+        self.set_state("committed", &committed, ErrorSubject::Store, false).await
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>> {
