@@ -68,7 +68,12 @@ impl TestPki {
 
     /// The `[tls]` section of a metadata node's config file.
     pub fn toml(&self) -> String {
-        format!("{}node_names = [\"{NODE_NAME}\"]\n", section(&self.config))
+        self.toml_with_node_names(NODE_NAME)
+    }
+
+    /// A node's `[tls]` section restricting raft to certificates valid for `name`.
+    pub fn toml_with_node_names(&self, name: &str) -> String {
+        format!("{}node_names = [\"{name}\"]\n", section(&self.config))
     }
 
     /// The `[tls]` section of an edge's config file.

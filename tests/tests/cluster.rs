@@ -441,6 +441,23 @@ async fn mutual_tls_on_every_grpc_link_and_nothing_without_a_cluster_certificate
     let mut raft = pb::raft_client::RaftClient::new(ep()?.connect().await?);
     let denied = raft.vote(pb::RaftMessage { data: b"{}".to_vec() }).await.expect_err("edge certificate voting");
     assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+
+    // A node whose own certificate fails its node_names would be refused by every peer:
+    // it refuses to start instead, saying why.
+    let work = tempfile::tempdir()?;
+    let config = work.path().join("meta.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{}\"\n[meta]\nnode_id = 9\nlisten = \"127.0.0.1:0\"\n{}",
+            work.path().join("data").display(),
+            pki.toml_with_node_names("not-this-node.mxcas.test")
+        ),
+    )?;
+    let out =
+        std::process::Command::new(mxcas_tests::node::mxcas_bin()).arg("meta").arg("--config").arg(&config).output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("valid for none of node_names"), "{stderr}");
     Ok(())
 }
 

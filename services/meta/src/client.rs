@@ -162,9 +162,10 @@ impl MetaClient {
             Retry::Read => (true, config.retry_budget),
         };
         let deadline = tokio::time::Instant::now() + budget;
-        // One attempt gets at most half the budget, so a node that swallows calls (powered
-        // off, black-holed) still leaves time to try another.
-        let attempt_cap = (budget / 2).min(config.call_timeout);
+        // A retryable attempt gets at most half the budget, so a node that swallows calls
+        // (powered off, black-holed) still leaves time to try another. A call that cannot be
+        // retried gets the whole budget: giving up early would only leave its outcome unknown.
+        let attempt_cap = if idempotent { (budget / 2).min(config.call_timeout) } else { budget };
         let mut backoff = Duration::from_millis(20);
         loop {
             let url = self.current();

@@ -9,7 +9,8 @@
 
 use std::path::{Path, PathBuf};
 
-use rustls_pki_types::ServerName;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
 use serde::Deserialize;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
 
@@ -39,6 +40,8 @@ pub struct TlsConfig {
 pub struct Tls {
     ca: Certificate,
     identity: Identity,
+    /// Our own leaf certificate (DER), to check against `node_names` at start.
+    own_leaf: Option<CertificateDer<'static>>,
     server_name: Option<String>,
     node_names: Vec<ServerName<'static>>,
 }
@@ -79,9 +82,12 @@ impl TlsConfig {
                     .map_err(|_| format!("[tls] node_names: {n:?} is not a DNS name or IP address"))
             })
             .collect::<Result<_, _>>()?;
+        let cert_pem = read("cert", cert)?;
+        let own_leaf = CertificateDer::pem_slice_iter(&cert_pem).next().and_then(Result::ok);
         Ok(Some(Tls {
             ca: Certificate::from_pem(read("ca", ca)?),
-            identity: Identity::from_pem(read("cert", cert)?, read("key", key)?),
+            identity: Identity::from_pem(cert_pem, read("key", key)?),
+            own_leaf,
             server_name: self.server_name.clone(),
             node_names,
         }))
@@ -103,6 +109,27 @@ impl Tls {
         !self.node_names.is_empty()
     }
 
+    fn names_a_node(&self, leaf: &CertificateDer<'_>) -> Result<bool, String> {
+        let cert = webpki::EndEntityCert::try_from(leaf).map_err(|e| format!("unreadable certificate: {e:?}"))?;
+        Ok(self.node_names.iter().any(|n| cert.verify_is_valid_for_subject_name(n).is_ok()))
+    }
+
+    /// On a metadata node: its own certificate must pass its own `node_names` check, or every
+    /// other node would refuse its raft calls and the cluster could never elect a leader.
+    pub fn check_own_certificate(&self) -> Result<(), String> {
+        if self.node_names.is_empty() {
+            return Ok(());
+        }
+        let leaf = self.own_leaf.as_ref().ok_or("[tls] cert holds no certificate")?;
+        if self.names_a_node(leaf)? {
+            Ok(())
+        } else {
+            Err("[tls] this node's own certificate is valid for none of node_names: the other nodes would refuse \
+                 its raft calls. Issue it for one of those names, or fix node_names"
+                .into())
+        }
+    }
+
     /// Admits a raft or cluster-administration call only from a client certificate valid for
     /// one of `node_names` (when set): an edge's certificate opens the metadata API, not the
     /// replicated log.
@@ -112,9 +139,7 @@ impl Tls {
         }
         let certs = req.peer_certs().ok_or_else(|| tonic::Status::unauthenticated("no client certificate"))?;
         let leaf = certs.first().ok_or_else(|| tonic::Status::unauthenticated("no client certificate"))?;
-        let cert = webpki::EndEntityCert::try_from(leaf)
-            .map_err(|e| tonic::Status::unauthenticated(format!("unreadable client certificate: {e:?}")))?;
-        if self.node_names.iter().any(|n| cert.verify_is_valid_for_subject_name(n).is_ok()) {
+        if self.names_a_node(leaf).map_err(tonic::Status::unauthenticated)? {
             Ok(())
         } else {
             Err(tonic::Status::permission_denied(
@@ -184,14 +209,14 @@ mod tests {
         std::fs::write(&junk, "not a certificate").expect("write");
         let c = TlsConfig {
             ca: Some(junk.clone()),
-            cert: Some(dir.path().join("absent.pem")),
+            cert: Some(junk.clone()),
             key: Some(junk.clone()),
             server_name: None,
             node_names: Vec::new(),
         };
         let err = c.load().expect_err("junk");
         assert!(err.contains("junk.pem is not a PEM file"), "{err}");
-        let c = TlsConfig { ca: Some(dir.path().join("absent.pem")), ..c };
+        let c = TlsConfig { cert: Some(dir.path().join("absent.pem")), ..c };
         assert!(c.load().expect_err("absent").contains("absent.pem"));
     }
 

@@ -132,7 +132,8 @@ fn main() -> anyhow::Result<()> {
         Cmd::Admin { meta, config, command } => {
             // An offline import contacts no node: it needs no TLS material.
             let offline = matches!(command, AdminCmd::Snapshot(admin::SnapshotCmd::Import { .. }));
-            let tls = if offline { None } else { Config::load(config.as_deref())?.tls()? };
+            let config = Config::load(config.as_deref())?;
+            let tls = if offline { None } else { config.tls()? };
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             runtime.block_on(async {
                 match command {

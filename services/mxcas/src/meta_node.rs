@@ -31,6 +31,7 @@ pub async fn start(config: &Config, cancel: CancellationToken, tracker: &TaskTra
     let tls = config.tls()?;
     let mut server = tonic::transport::Server::builder();
     if let Some(tls) = &tls {
+        tls.check_own_certificate().map_err(anyhow::Error::msg)?;
         server = server.tls_config(tls.server()).context("[tls]: cannot set up the gRPC server")?;
         if !tls.restricts_nodes() {
             tracing::warn!(

@@ -125,7 +125,11 @@ pub async fn import(
     if !members.contains_key(&node_id) {
         return Err(BackupError::Invalid(format!("node {node_id} is not among the members given")));
     }
-    let occupied = std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(false);
+    let occupied = match std::fs::read_dir(dir) {
+        Ok(mut entries) => entries.next().is_some(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(io(&dir.display().to_string(), e)),
+    };
     if occupied {
         return Err(BackupError::Invalid(format!(
             "{} is not empty (it may hold a metadata node); import into an empty directory",
@@ -158,22 +162,42 @@ pub async fn import(
     let staging = dir.with_file_name(format!(".{name}.importing"));
     let _ = std::fs::remove_dir_all(&staging); // a previous interrupted attempt
     std::fs::create_dir_all(&staging).map_err(|e| io(&staging.display().to_string(), e))?;
-    let built = build(&staging, &mut reader, &header, last, node_id, members).await;
-    let records = match built {
-        Ok(records) => records,
+    let placed = match build(&staging, &mut reader, &header, last, node_id, members).await {
+        Ok(records) => move_into_place(&staging, dir).map(|()| records),
+        Err(e) => Err(e),
+    };
+    match placed {
+        Ok(records) => Ok(Restored { header, records }),
         Err(e) => {
             let _ = std::fs::remove_dir_all(&staging);
-            return Err(e);
+            Err(e)
         }
-    };
+    }
+}
+
+fn fsync_dir(dir: &Path) -> Result<(), BackupError> {
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io(&format!("fsync {}", dir.display()), e))
+}
+
+/// Moves the finished node from `staging` to `dir`, durably: into `dir` file by file when it
+/// exists (empty, perhaps a mount point), else by renaming the directory.
+fn move_into_place(staging: &Path, dir: &Path) -> Result<(), BackupError> {
+    fsync_dir(staging)?;
+    let moving = |e| io(&format!("moving {} into {}", staging.display(), dir.display()), e);
     if dir.exists() {
-        std::fs::remove_dir(dir).map_err(|e| io(&dir.display().to_string(), e))?; // empty, checked above
+        for entry in std::fs::read_dir(staging).map_err(moving)? {
+            let entry = entry.map_err(moving)?;
+            std::fs::rename(entry.path(), dir.join(entry.file_name())).map_err(moving)?;
+        }
+        fsync_dir(dir)?;
+        std::fs::remove_dir(staging).map_err(moving)?;
+    } else {
+        std::fs::rename(staging, dir).map_err(moving)?;
     }
-    std::fs::rename(&staging, dir).map_err(|e| io(&format!("moving {} into place", staging.display()), e))?;
-    if let Some(parent) = dir.parent() {
-        std::fs::File::open(parent).and_then(|d| d.sync_all()).map_err(|e| io(&parent.display().to_string(), e))?;
+    match dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(parent) => fsync_dir(parent),
+        None => Ok(()),
     }
-    Ok(Restored { header, records })
 }
 
 /// Writes the restored state and the vote into `dir`; returns the records imported.
@@ -291,9 +315,22 @@ mod tests {
         assert_eq!(m.membership().voter_ids().collect::<Vec<_>>(), vec![1, 2, 3]);
         assert_eq!(m.log_id().map(|l| l.index), Some(2), "membership sits at the backup's position");
         drop(sm);
+        assert!(!dir.path().join(".n2.importing").exists(), "staging removed");
         // Once imported, the directory is taken.
         let err = import(&path, &target, 2, members()).await.expect_err("second import");
         assert!(err.to_string().contains("is not empty"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn import_fills_an_existing_empty_directory_such_as_a_mount_point() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (path, digest) = backup_file(dir.path());
+        let target = dir.path().join("mounted");
+        std::fs::create_dir(&target).expect("mkdir");
+        import(&path, &target, 1, members()).await.expect("import into an empty directory");
+        let sm = StateMachine::open(&target.join("state.redb")).expect("open restored");
+        assert_eq!(hex(&sm.digest().expect("digest")), digest);
+        assert!(target.join("log.redb").exists(), "the vote's store is there too");
     }
 
     #[tokio::test]

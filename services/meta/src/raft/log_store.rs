@@ -1,6 +1,7 @@
 //! The raft log in redb: entries by index, plus the vote, the committed log ID and the last
-//! purged log ID. Every mutation is one write transaction committed with fsync on a blocking
-//! thread before openraft hears it is done.
+//! purged log ID. Every mutation is one write transaction on a blocking thread, committed with
+//! fsync before openraft hears it is done — except the committed log ID, a restart hint that
+//! becomes durable with the next append (see [`LogStore::save_committed`]).
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};

@@ -54,6 +54,9 @@ impl pb::raft_server::Raft for RaftService {
     }
 }
 
+/// How long an export waits for its client to take the next chunk.
+const EXPORT_STALL: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Membership administration (`mxcas admin cluster …`).
 #[derive(Clone)]
 pub struct ClusterService {
@@ -192,8 +195,23 @@ impl pb::cluster_server::Cluster for ClusterService {
         // The state goes to an unlinked temporary file in the node's directory (sized for the
         // state, unlike /tmp in many containers) first, so its read transaction is not held
         // open for as long as a slow client takes to download it.
+        let runtime = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
+            // A client that stays connected but stops reading must not hold the export slot
+            // (and this thread) forever.
+            let send = |item: Result<pb::SnapshotChunk, Status>| -> bool {
+                runtime.block_on(async {
+                    match tokio::time::timeout(EXPORT_STALL, tx.send(item)).await {
+                        Ok(Ok(())) => true,
+                        Ok(Err(_)) => false, // client went away
+                        Err(_) => {
+                            tracing::warn!("backup export abandoned: the client stopped reading for {EXPORT_STALL:?}");
+                            false
+                        }
+                    }
+                })
+            };
             let sent = (|| -> Result<(), Status> {
                 let internal = |e: &dyn std::fmt::Display| Status::internal(format!("export failed: {e}"));
                 let mut file = tempfile::tempfile_in(&dir).map_err(|e| internal(&e))?;
@@ -201,8 +219,8 @@ impl pb::cluster_server::Cluster for ClusterService {
                 tracing::info!(records = header.records, sha256 = %header.sha256, "exporting a backup");
                 file.rewind().map_err(|e| internal(&e))?;
                 let first = pb::SnapshotChunk { header: backup::encode_header(&header), data: Vec::new() };
-                if tx.blocking_send(Ok(first)).is_err() {
-                    return Ok(()); // client went away
+                if !send(Ok(first)) {
+                    return Ok(());
                 }
                 let mut buf = vec![0u8; 1 << 20];
                 loop {
@@ -211,13 +229,13 @@ impl pb::cluster_server::Cluster for ClusterService {
                         return Ok(());
                     }
                     let chunk = pb::SnapshotChunk { header: Vec::new(), data: buf[..n].to_vec() };
-                    if tx.blocking_send(Ok(chunk)).is_err() {
+                    if !send(Ok(chunk)) {
                         return Ok(());
                     }
                 }
             })();
             if let Err(status) = sent {
-                let _ = tx.blocking_send(Err(status));
+                send(Err(status));
             }
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
