@@ -29,7 +29,8 @@ pub struct MetaProc {
     child: Option<Child>,
     dir: tempfile::TempDir,
     starts: u32,
-    tls: Option<Arc<TestPki>>,
+    /// What this harness connects to the node with (loaded once).
+    tls: Option<mxcas_meta::tls::Tls>,
 }
 
 /// Raft settings for tests: quick elections, frequent snapshots.
@@ -72,7 +73,8 @@ impl MetaProc {
             None => config,
         };
         std::fs::write(dir.path().join("meta.toml"), config)?;
-        Ok(MetaProc { id, ip, proxy, listen: None, child: None, dir, starts: 0, tls: opts.tls.clone() })
+        let tls = opts.tls.as_ref().map(|pki| pki.tls()).transpose()?;
+        Ok(MetaProc { id, ip, proxy, listen: None, child: None, dir, starts: 0, tls })
     }
 
     fn log_path(&self, n: u32) -> PathBuf {
@@ -149,12 +151,8 @@ impl MetaProc {
 
     /// A connection to the node's own address (not through its proxy), over TLS if on.
     pub async fn channel(&self) -> anyhow::Result<tonic::transport::Channel> {
-        let tls = match &self.tls {
-            Some(pki) => Some(pki.tls()?),
-            None => None,
-        };
         let addr = self.listen.context("node is down")?.to_string();
-        let endpoint = mxcas_meta::tls::endpoint(&addr, tls.as_ref()).map_err(anyhow::Error::msg)?;
+        let endpoint = mxcas_meta::tls::endpoint(&addr, self.tls.as_ref()).map_err(anyhow::Error::msg)?;
         Ok(endpoint.connect_timeout(Duration::from_secs(5)).connect().await?)
     }
 

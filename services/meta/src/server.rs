@@ -282,7 +282,7 @@ impl Meta for MetaService {
                 Ok((sm.last_applied()?, sm.counts()?, digest))
             })
             .await?;
-        let state_digest = digest.map(|d| d.iter().map(|b| format!("{b:02x}")).collect()).unwrap_or_default();
+        let state_digest = digest.map(|d| crate::raft::backup::hex(&d)).unwrap_or_default();
         Ok(Response::new(pb::StatusResponse { node_id, last_applied, media_count, content_count, state_digest }))
     }
 }

@@ -43,6 +43,11 @@ pub enum ClusterCmd {
 
 type Client = ClusterClient<tonic::transport::Channel>;
 
+/// A node's refusal, as the operator should read it.
+fn grpc_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}: {}", s.code(), s.message())
+}
+
 async fn connect(addr: &str, tls: Option<&Tls>) -> anyhow::Result<Client> {
     let channel = tls::endpoint(addr, tls)
         .map_err(anyhow::Error::msg)?
@@ -79,7 +84,7 @@ pub async fn run(meta: &str, tls: Option<&Tls>, cmd: ClusterCmd) -> anyhow::Resu
         }
         ClusterCmd::Status => client.status(pb::ClusterStatusRequest {}).await,
     }
-    .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
+    .map_err(grpc_error)?
     .into_inner();
     print_status(&status);
     Ok(())
@@ -115,15 +120,13 @@ pub enum SnapshotCmd {
 }
 
 fn parse_members(members: &[String]) -> anyhow::Result<Vec<pb::Member>> {
+    let mut seen = std::collections::BTreeSet::new();
     members
         .iter()
-        .enumerate()
-        .map(|(i, m)| {
+        .map(|m| {
             let (id, addr) = m.split_once('=').context("a member is ID=HOST:PORT")?;
             let id: u64 = id.parse().context("member ID must be a number")?;
-            if members[..i].iter().any(|other| other.split_once('=').is_some_and(|(o, _)| o.parse() == Ok(id))) {
-                anyhow::bail!("member ID {id} is given twice");
-            }
+            anyhow::ensure!(seen.insert(id), "member ID {id} is given twice");
             Ok(pb::Member { id, addr: addr.to_owned() })
         })
         .collect()
@@ -171,18 +174,14 @@ async fn export_to(
     use sha2::Digest;
     use std::io::Write;
     let mut client = connect(meta, tls).await?;
-    let mut stream = client
-        .export_snapshot(pb::ExportSnapshotRequest {})
-        .await
-        .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
-        .into_inner();
+    let mut stream = client.export_snapshot(pb::ExportSnapshotRequest {}).await.map_err(grpc_error)?.into_inner();
     let mut file = std::io::BufWriter::new(
         std::fs::File::create(partial).with_context(|| format!("cannot create {}", partial.display()))?,
     );
     let mut header = None;
     let mut hash = sha2::Sha256::new();
     let (mut bytes, mut reported) = (0u64, 0u64);
-    while let Some(chunk) = stream.message().await.map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))? {
+    while let Some(chunk) = stream.message().await.map_err(grpc_error)? {
         match (&header, chunk.header.is_empty()) {
             (None, false) => {
                 let mut r = chunk.header.as_slice();
@@ -202,7 +201,7 @@ async fn export_to(
         }
     }
     let header = header.context("the node sent no backup")?;
-    let actual: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let actual = backup::hex(&hash.finalize());
     anyhow::ensure!(
         actual == header.sha256,
         "the backup arrived corrupt (sha256 {actual}, expected {})",

@@ -22,7 +22,7 @@ use sha2::Digest;
 
 use super::NodeId;
 use super::log_store::LogStore;
-use super::sm_store::{LAST_APPLIED, MEMBERSHIP};
+use super::sm_store::{ExportedAt, export_at_position, import_at_position};
 use crate::state_machine::{Hashing, StateMachine};
 
 const MAGIC: &[u8] = b"mxcas-backup 1\n";
@@ -56,7 +56,8 @@ fn io(what: &str, e: impl std::fmt::Display) -> BackupError {
     BackupError::Io(format!("{what}: {e}"))
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lower-case hex, as digests are shown to operators (`Status`, backup headers).
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -64,22 +65,8 @@ fn hex(bytes: &[u8]) -> String {
 /// the header describing them. Blocking.
 pub fn export_records(sm: &StateMachine, node_id: NodeId, out: impl Write) -> Result<BackupHeader, BackupError> {
     let mut w = Hashing::new(std::io::BufWriter::new(out));
-    let (records, extras) = sm.export(&mut w, &[LAST_APPLIED, MEMBERSHIP])?;
+    let ExportedAt { records, last_log_id, membership } = export_at_position(sm, &mut w)?;
     w.flush().map_err(|e| io("writing the backup", e))?;
-    let parse = |b: &Option<Vec<u8>>, what: &str| -> Result<Option<serde_json::Value>, BackupError> {
-        b.as_deref()
-            .map(serde_json::from_slice)
-            .transpose()
-            .map_err(|e| BackupError::Invalid(format!("stored {what} is malformed: {e}")))
-    };
-    let last_log_id = match parse(&extras[0], "last applied log ID")? {
-        Some(v) => serde_json::from_value(v).map_err(|e| BackupError::Invalid(e.to_string()))?,
-        None => None,
-    };
-    let membership = match parse(&extras[1], "membership")? {
-        Some(v) => serde_json::from_value(v).map_err(|e| BackupError::Invalid(e.to_string()))?,
-        None => StoredMembership::default(),
-    };
     let created_at_ms =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
     Ok(BackupHeader { node_id, last_log_id, membership, records, sha256: hex(&w.hash.finalize()), created_at_ms })
@@ -211,9 +198,8 @@ async fn build(
 ) -> Result<u64, BackupError> {
     let voters: BTreeSet<NodeId> = members.keys().copied().collect();
     let membership = StoredMembership::new(Some(last), Membership::new(vec![voters], members));
-    let extras = vec![(LAST_APPLIED, json(&Some(last))?), (MEMBERSHIP, json(&membership)?)];
     let sm = StateMachine::open(&dir.join("state.redb"))?;
-    let records = sm.import(reader, &extras)?;
+    let records = import_at_position(&sm, reader, Some(last), &membership)?;
     let digest = hex(&sm.digest()?);
     if digest != header.sha256 {
         return Err(BackupError::Invalid(format!(
@@ -227,10 +213,6 @@ async fn build(
     let mut log = LogStore::open(&dir.join("log.redb"))?;
     log.save_vote(&Vote::new(last.leader_id.term, node_id)).await.map_err(|e| io("writing the vote", e))?;
     Ok(records)
-}
-
-fn json<T: Serialize>(v: &T) -> Result<Vec<u8>, BackupError> {
-    serde_json::to_vec(v).map_err(|e| BackupError::Invalid(e.to_string()))
 }
 
 #[cfg(test)]
@@ -286,7 +268,7 @@ mod tests {
             filename: None,
         };
         let last = Some(LogId::new(CommittedLeaderId::new(3, 1), 2));
-        let extras = [(LAST_APPLIED, json(&last).expect("json"))];
+        let extras = [(crate::raft::sm_store::LAST_APPLIED, serde_json::to_vec(&last).expect("json"))];
         sm.apply_entries(&[(2, Some(&cmd))], &extras).expect("apply");
         let path = dir.join("b.backup");
         let mut records = Vec::new();
@@ -311,7 +293,8 @@ mod tests {
         let sm = StateMachine::open(&target.join("state.redb")).expect("open restored");
         assert_eq!(hex(&sm.digest().expect("digest")), digest, "same records");
         let m: StoredMembership<NodeId, BasicNode> =
-            serde_json::from_slice(&sm.extra(MEMBERSHIP).expect("read").expect("membership")).expect("parse");
+            serde_json::from_slice(&sm.extra(crate::raft::sm_store::MEMBERSHIP).expect("read").expect("membership"))
+                .expect("parse");
         assert_eq!(m.membership().voter_ids().collect::<Vec<_>>(), vec![1, 2, 3]);
         assert_eq!(m.log_id().map(|l| l.index), Some(2), "membership sits at the backup's position");
         drop(sm);

@@ -13,6 +13,7 @@ use openraft::{Entry, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftLogReade
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::{NodeId, TypeConfig, sto_err};
+use crate::error::StorageError as DbError;
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
@@ -39,7 +40,7 @@ impl LogStore {
         &self,
         subject: ErrorSubject<NodeId>,
         verb: ErrorVerb,
-        f: impl FnOnce(&Database) -> std::result::Result<T, String> + Send + 'static,
+        f: impl FnOnce(&Database) -> std::result::Result<T, DbError> + Send + 'static,
     ) -> Result<T> {
         let db = self.db.clone();
         match tokio::task::spawn_blocking(move || f(&db)).await {
@@ -55,12 +56,9 @@ impl LogStore {
         subject: ErrorSubject<NodeId>,
     ) -> Result<Option<T>> {
         self.blocking(subject, ErrorVerb::Read, move |db| {
-            let txn = db.begin_read().map_err(|e| e.to_string())?;
-            let table = txn.open_table(STATE).map_err(|e| e.to_string())?;
-            match table.get(key).map_err(|e| e.to_string())? {
-                None => Ok(None),
-                Some(v) => serde_json::from_slice(v.value()).map(Some).map_err(|e| e.to_string()),
-            }
+            let txn = db.begin_read()?;
+            let table = txn.open_table(STATE)?;
+            table.get(key)?.map(|v| decode("raft state", v.value())).transpose()
         })
         .await
     }
@@ -82,18 +80,19 @@ impl LogStore {
     ) -> Result<()> {
         let bytes = serde_json::to_vec(value).map_err(|e| sto_err(subject.clone(), ErrorVerb::Write, e))?;
         self.blocking(subject, ErrorVerb::Write, move |db| {
-            let mut txn = db.begin_write().map_err(|e| e.to_string())?;
+            let mut txn = db.begin_write()?;
             if !durable {
-                txn.set_durability(redb::Durability::None).map_err(|e| e.to_string())?;
+                txn.set_durability(redb::Durability::None)?;
             }
-            txn.open_table(STATE)
-                .map_err(|e| e.to_string())?
-                .insert(key, bytes.as_slice())
-                .map_err(|e| e.to_string())?;
-            txn.commit().map_err(|e| e.to_string())
+            txn.open_table(STATE)?.insert(key, bytes.as_slice())?;
+            Ok(txn.commit()?)
         })
         .await
     }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(table: &'static str, bytes: &[u8]) -> std::result::Result<T, DbError> {
+    serde_json::from_slice(bytes).map_err(|e| DbError::Corrupt { table, detail: e.to_string() })
 }
 
 fn bounds<RB: RangeBounds<u64>>(range: &RB) -> (u64, Option<u64>) {
@@ -117,17 +116,16 @@ impl RaftLogReader<TypeConfig> for LogStore {
     ) -> Result<Vec<Entry<TypeConfig>>> {
         let (start, end) = bounds(&range);
         self.blocking(ErrorSubject::Logs, ErrorVerb::Read, move |db| {
-            let txn = db.begin_read().map_err(|e| e.to_string())?;
-            let table = txn.open_table(LOG).map_err(|e| e.to_string())?;
+            let txn = db.begin_read()?;
+            let table = txn.open_table(LOG)?;
             let iter = match end {
                 Some(end) => table.range(start..end),
                 None => table.range(start..),
-            }
-            .map_err(|e| e.to_string())?;
+            }?;
             let mut out = Vec::new();
             for item in iter {
-                let (_, v) = item.map_err(|e| e.to_string())?;
-                out.push(serde_json::from_slice::<Entry<TypeConfig>>(v.value()).map_err(|e| e.to_string())?);
+                let (_, v) = item?;
+                out.push(decode("raft log", v.value())?);
             }
             Ok(out)
         })
@@ -142,14 +140,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let last_purged: Option<LogId<NodeId>> = self.get_state("last_purged", ErrorSubject::Store).await?;
         let last = self
             .blocking(ErrorSubject::Logs, ErrorVerb::Read, |db| {
-                let txn = db.begin_read().map_err(|e| e.to_string())?;
-                let table = txn.open_table(LOG).map_err(|e| e.to_string())?;
-                match table.last().map_err(|e| e.to_string())? {
-                    None => Ok(None),
-                    Some((_, v)) => serde_json::from_slice::<Entry<TypeConfig>>(v.value())
-                        .map(|e| Some(e.log_id))
-                        .map_err(|e| e.to_string()),
-                }
+                let txn = db.begin_read()?;
+                let table = txn.open_table(LOG)?;
+                table
+                    .last()?
+                    .map(|(_, v)| decode::<Entry<TypeConfig>>("raft log", v.value()).map(|e| e.log_id))
+                    .transpose()
             })
             .await?;
         Ok(LogState { last_purged_log_id: last_purged, last_log_id: last.or(last_purged) })
@@ -191,14 +187,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         let result = self
             .blocking(ErrorSubject::Logs, ErrorVerb::Write, move |db| {
-                let txn = db.begin_write().map_err(|e| e.to_string())?;
+                let txn = db.begin_write()?;
                 {
-                    let mut table = txn.open_table(LOG).map_err(|e| e.to_string())?;
+                    let mut table = txn.open_table(LOG)?;
                     for (index, bytes) in &encoded {
-                        table.insert(*index, bytes.as_slice()).map_err(|e| e.to_string())?;
+                        table.insert(*index, bytes.as_slice())?;
                     }
                 }
-                txn.commit().map_err(|e| e.to_string())
+                Ok(txn.commit()?)
             })
             .await;
         match &result {
@@ -210,12 +206,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<()> {
         self.blocking(ErrorSubject::Logs, ErrorVerb::Delete, move |db| {
-            let txn = db.begin_write().map_err(|e| e.to_string())?;
-            txn.open_table(LOG)
-                .map_err(|e| e.to_string())?
-                .retain_in(log_id.index.., |_, _| false)
-                .map_err(|e| e.to_string())?;
-            txn.commit().map_err(|e| e.to_string())
+            let txn = db.begin_write()?;
+            txn.open_table(LOG)?.retain_in(log_id.index.., |_, _| false)?;
+            Ok(txn.commit()?)
         })
         .await
     }
@@ -223,16 +216,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<()> {
         let purged = serde_json::to_vec(&log_id).map_err(|e| sto_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
         self.blocking(ErrorSubject::Logs, ErrorVerb::Delete, move |db| {
-            let txn = db.begin_write().map_err(|e| e.to_string())?;
-            txn.open_table(STATE)
-                .map_err(|e| e.to_string())?
-                .insert("last_purged", purged.as_slice())
-                .map_err(|e| e.to_string())?;
-            txn.open_table(LOG)
-                .map_err(|e| e.to_string())?
-                .retain_in(..=log_id.index, |_, _| false)
-                .map_err(|e| e.to_string())?;
-            txn.commit().map_err(|e| e.to_string())
+            let txn = db.begin_write()?;
+            txn.open_table(STATE)?.insert("last_purged", purged.as_slice())?;
+            txn.open_table(LOG)?.retain_in(..=log_id.index, |_, _| false)?;
+            Ok(txn.commit()?)
         })
         .await
     }

@@ -200,23 +200,18 @@ fn watch_quorum(raft: &Raft, lease: Duration) -> tokio::sync::watch::Receiver<Op
         loop {
             let lost = {
                 let m = metrics.borrow_and_update();
-                if m.state != openraft::ServerState::Leader {
+                if m.state == openraft::ServerState::Leader {
+                    let term = m.current_term;
+                    let since = match leading_since {
+                        Some((t, at)) if t == term => at,
+                        _ => leading_since.insert((term, tokio::time::Instant::now())).1,
+                    };
+                    // Never acknowledged: as old as the leadership itself.
+                    let age = m.millis_since_quorum_ack.unwrap_or(since.elapsed().as_millis() as u64);
+                    (age > lease_ms).then_some(age)
+                } else {
                     leading_since = None;
                     None
-                } else {
-                    let since = match leading_since {
-                        Some((term, at)) if term == m.current_term => at,
-                        _ => {
-                            let now = tokio::time::Instant::now();
-                            leading_since = Some((m.current_term, now));
-                            now
-                        }
-                    };
-                    match m.millis_since_quorum_ack {
-                        Some(ms) if ms > lease_ms => Some(ms),
-                        Some(_) => None,
-                        None => Some(since.elapsed().as_millis() as u64).filter(|ms| *ms > lease_ms),
-                    }
                 }
             };
             tx.send_if_modified(|v| {

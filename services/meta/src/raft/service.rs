@@ -192,9 +192,6 @@ impl pb::cluster_server::Cluster for ClusterService {
         })?;
         let (sm, id, dir) = (self.sm.clone(), self.id, self.dir.clone());
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        // The state goes to an unlinked temporary file in the node's directory (sized for the
-        // state, unlike /tmp in many containers) first, so its read transaction is not held
-        // open for as long as a slow client takes to download it.
         let runtime = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
@@ -212,32 +209,37 @@ impl pb::cluster_server::Cluster for ClusterService {
                     }
                 })
             };
-            let sent = (|| -> Result<(), Status> {
-                let internal = |e: &dyn std::fmt::Display| Status::internal(format!("export failed: {e}"));
-                let mut file = tempfile::tempfile_in(&dir).map_err(|e| internal(&e))?;
-                let header = backup::export_records(&sm, id, &mut file).map_err(|e| internal(&e))?;
-                tracing::info!(records = header.records, sha256 = %header.sha256, "exporting a backup");
-                file.rewind().map_err(|e| internal(&e))?;
-                let first = pb::SnapshotChunk { header: backup::encode_header(&header), data: Vec::new() };
-                if !send(Ok(first)) {
-                    return Ok(());
-                }
-                let mut buf = vec![0u8; 1 << 20];
-                loop {
-                    let n = file.read(&mut buf).map_err(|e| internal(&e))?;
-                    if n == 0 {
-                        return Ok(());
-                    }
-                    let chunk = pb::SnapshotChunk { header: Vec::new(), data: buf[..n].to_vec() };
-                    if !send(Ok(chunk)) {
-                        return Ok(());
-                    }
-                }
-            })();
-            if let Err(status) = sent {
+            if let Err(status) = export_chunks(&sm, id, &dir, send) {
                 send(Err(status));
             }
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
+
+/// Spools `sm`'s state into an unlinked file in `dir` (the node's directory, sized for the
+/// state, unlike /tmp in many containers), so its read transaction is not held open while a
+/// slow client downloads; then hands it to `send` as the header chunk and 1 MiB record
+/// chunks, stopping quietly when `send` says the client is gone.
+fn export_chunks(
+    sm: &crate::state_machine::StateMachine,
+    id: NodeId,
+    dir: &std::path::Path,
+    send: impl Fn(Result<pb::SnapshotChunk, Status>) -> bool,
+) -> Result<(), Status> {
+    let internal = |e: &dyn std::fmt::Display| Status::internal(format!("export failed: {e}"));
+    let mut file = tempfile::tempfile_in(dir).map_err(|e| internal(&e))?;
+    let header = backup::export_records(sm, id, &mut file).map_err(|e| internal(&e))?;
+    tracing::info!(records = header.records, sha256 = %header.sha256, "exporting a backup");
+    file.rewind().map_err(|e| internal(&e))?;
+    if !send(Ok(pb::SnapshotChunk { header: backup::encode_header(&header), data: Vec::new() })) {
+        return Ok(());
+    }
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(|e| internal(&e))?;
+        if n == 0 || !send(Ok(pb::SnapshotChunk { header: Vec::new(), data: buf[..n].to_vec() })) {
+            return Ok(());
+        }
     }
 }

@@ -84,19 +84,54 @@ impl SmStore {
     }
 }
 
+/// The records of the state, written to `out` by [`StateMachine::export`], with the raft
+/// position and membership they correspond to (read in the same transaction).
+pub(crate) struct ExportedAt {
+    pub records: u64,
+    pub last_log_id: Option<LogId<NodeId>>,
+    pub membership: StoredMembership<NodeId, openraft::BasicNode>,
+}
+
+/// Exports `sm`'s records to `out`; see [`ExportedAt`].
+pub(crate) fn export_at_position(
+    sm: &StateMachine,
+    out: &mut impl Write,
+) -> std::result::Result<ExportedAt, crate::error::StorageError> {
+    let (records, extras) = sm.export(out, &[LAST_APPLIED, MEMBERSHIP])?;
+    fn parse<T: for<'de> Deserialize<'de>>(
+        b: &Option<Vec<u8>>,
+    ) -> std::result::Result<Option<T>, crate::error::StorageError> {
+        let parsed = b.as_deref().map(serde_json::from_slice).transpose();
+        parsed.map_err(|e| crate::error::StorageError::Corrupt { table: "raft extras", detail: e.to_string() })
+    }
+    let last_log_id = parse::<Option<LogId<NodeId>>>(&extras[0])?.flatten();
+    let membership = parse(&extras[1])?.unwrap_or_default();
+    Ok(ExportedAt { records, last_log_id, membership })
+}
+
+/// Replaces `sm`'s state with the records in `input` (as [`export_at_position`] wrote them),
+/// recording them as applied up to `last_log_id` under `membership`, in one transaction.
+pub(crate) fn import_at_position(
+    sm: &StateMachine,
+    input: &mut impl std::io::Read,
+    last_log_id: Option<LogId<NodeId>>,
+    membership: &StoredMembership<NodeId, openraft::BasicNode>,
+) -> std::result::Result<u64, crate::error::StorageError> {
+    let json = |v: serde_json::Result<Vec<u8>>| v.map_err(|e| crate::error::StorageError::Database(e.to_string()));
+    let extras =
+        [(LAST_APPLIED, json(serde_json::to_vec(&last_log_id))?), (MEMBERSHIP, json(serde_json::to_vec(membership))?)];
+    sm.import(input, &extras)
+}
+
 /// Writes the state to a new snapshot file and records it as the current snapshot.
 fn build(sm: &StateMachine, dir: &std::path::Path) -> std::result::Result<Meta, String> {
     let tmp = dir.join(format!("building-{}.tmp", std::process::id()));
     let file = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
     let mut w = BufWriter::new(file);
-    let (records, extras) = sm.export(&mut w, &[LAST_APPLIED, MEMBERSHIP]).map_err(|e| e.to_string())?;
+    let ExportedAt { records, last_log_id, membership: last_membership } =
+        export_at_position(sm, &mut w).map_err(|e| e.to_string())?;
     let file = w.into_inner().map_err(|e| e.to_string())?;
     file.sync_all().map_err(|e| e.to_string())?;
-    fn parse<T: for<'de> Deserialize<'de>>(b: &Option<Vec<u8>>) -> std::result::Result<Option<T>, String> {
-        b.as_deref().map(serde_json::from_slice).transpose().map_err(|e| e.to_string())
-    }
-    let last_log_id: Option<LogId<NodeId>> = parse::<Option<LogId<NodeId>>>(&extras[0])?.flatten();
-    let last_membership: StoredMembership<NodeId, openraft::BasicNode> = parse(&extras[1])?.unwrap_or_default();
     let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros()).unwrap_or(0);
     let snapshot_id = match &last_log_id {
         Some(l) => format!("{}-{}-{stamp}", l.leader_id.term, l.index),
@@ -223,10 +258,6 @@ impl RaftStateMachine<TypeConfig> for SmStore {
     async fn install_snapshot(&mut self, meta: &Meta, snapshot: Box<tokio::fs::File>) -> Result<()> {
         let received = snapshot.into_std().await;
         let meta = meta.clone();
-        let extras = vec![
-            (LAST_APPLIED, Self::json(&meta.last_log_id, ErrorSubject::StateMachine)?),
-            (MEMBERSHIP, Self::json(&meta.last_membership, ErrorSubject::StateMachine)?),
-        ];
         let subject = ErrorSubject::Snapshot(Some(meta.signature()));
         self.blocking(subject, ErrorVerb::Write, move |sm, dir| {
             let mut received = received;
@@ -237,7 +268,8 @@ impl RaftStateMachine<TypeConfig> for SmStore {
             copy.flush().map_err(|e| e.to_string())?;
             copy.sync_all().map_err(|e| e.to_string())?;
             let mut reader = BufReader::new(std::fs::File::open(&path).map_err(|e| e.to_string())?);
-            let records = sm.import(&mut reader, &extras).map_err(|e| e.to_string())?;
+            let records = import_at_position(sm, &mut reader, meta.last_log_id, &meta.last_membership)
+                .map_err(|e| e.to_string())?;
             remember(sm, dir, &meta, &path)?;
             tracing::info!(snapshot = %meta.snapshot_id, records, "installed snapshot");
             Ok(())
