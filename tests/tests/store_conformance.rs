@@ -72,6 +72,7 @@ async fn suite(node: &Node, store: Arc<dyn ObjectStore>) -> anyhow::Result<()> {
     // A corrupted object is never served: the block fails verification.
     let fresh = test_bytes(5, 50_000);
     let id = node.upload_ok(fresh.clone()).await?;
+    let first_id = id.clone();
     let objects = settle(&*store, 5).await?;
     let mut victim = None;
     for key in &objects {
@@ -87,7 +88,8 @@ async fn suite(node: &Node, store: Arc<dyn ObjectStore>) -> anyhow::Result<()> {
     let resp = node.download(&id).await?;
     assert_eq!(resp.status(), 500, "corrupt data must not be served");
     let body: serde_json::Value = resp.json().await?;
-    assert_eq!(body["errcode"], "M_UNKNOWN");
+    assert_eq!(body["errcode"], "IO.MXCAS.DATA_LOSS", "corruption is data loss, not 'retry later'");
+    assert!(node.metric("mxcas_edge_data_loss_total").await? >= 1.0);
 
     // Nor when the block index is doctored to match doctored data: the index must agree with
     // the DAG its CID names.
@@ -109,6 +111,14 @@ async fn suite(node: &Node, store: Arc<dyn ObjectStore>) -> anyhow::Result<()> {
     store.put(&Path::from(idx.as_str()), PutPayload::from(index)).await?;
     let resp = node.download_range(&id, "bytes=0-9").await?;
     assert_eq!(resp.status(), 500, "a forged index must not vouch for forged data");
+
+    // Uploading the same bytes again repairs both (the loss was recorded by the downloads).
+    for (bytes, media_id) in [(&fresh, &first_id), (&big, &id)] {
+        assert_eq!(&node.upload_ok(bytes.clone()).await?, media_id, "same bytes, same mxc");
+        let resp = node.download(media_id).await?;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.bytes().await?.as_ref(), bytes.as_slice());
+    }
     Ok(())
 }
 
@@ -118,7 +128,9 @@ async fn local_filesystem_backend() -> anyhow::Result<()> {
     let store: Arc<dyn ObjectStore> = Arc::new(LocalFileSystem::new_with_prefix(node.data_dir().join("blobs"))?);
     suite(&node, store).await?;
     // No multipart staging files are left behind either.
-    assert_eq!(node.local_blobs().len(), 7, "{:?}", node.local_blobs());
+    // (7 objects, plus the repairs' new blob, blob and block index; the replaced ones are the
+    // sweeper's once their generation is sealed.)
+    assert_eq!(node.local_blobs().len(), 10, "{:?}", node.local_blobs());
     Ok(())
 }
 

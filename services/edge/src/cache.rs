@@ -28,6 +28,10 @@ use mxcas_meta::ContentRecord;
 pub enum BlockError {
     #[error("blob store: {0}")]
     Store(String),
+    /// The object the content record names does not exist: data loss (or a record that has
+    /// since been repaired onto another object).
+    #[error("stored object {key} is missing")]
+    Missing { key: String },
     #[error("stored block {block} of {cid} does not match its hash: the blob store returned corrupt data")]
     Corrupt { cid: String, block: u64 },
     #[error("block {block} is past the end of {cid}")]
@@ -36,7 +40,17 @@ pub enum BlockError {
 
 impl From<StoreError> for BlockError {
     fn from(e: StoreError) -> Self {
-        BlockError::Store(e.to_string())
+        match e {
+            StoreError::NotFound(key) => BlockError::Missing { key },
+            e => BlockError::Store(e.to_string()),
+        }
+    }
+}
+
+impl BlockError {
+    /// The stored bytes are gone or wrong (not a transient failure).
+    pub fn is_data_loss(&self) -> bool {
+        matches!(self, BlockError::Missing { .. } | BlockError::Corrupt { .. })
     }
 }
 
@@ -151,7 +165,10 @@ impl BlockCache {
         self.indexes
             .try_get_with(content.cid, async move {
                 let bytes = store.get(&key).await?;
-                let index = BlockIndex::decode(bytes).map_err(|e| BlockError::Store(e.to_string()))?;
+                let index = BlockIndex::decode(bytes).map_err(|e| {
+                    tracing::error!(%cid, error = %e, "stored block index is malformed");
+                    BlockError::Corrupt { cid: cid.to_string(), block: u64::MAX }
+                })?;
                 if let Err(e) = index.verify(&cid, size, chunk_size) {
                     tracing::error!(%cid, error = %e, "stored block index fails verification");
                     return Err(BlockError::Corrupt { cid: cid.to_string(), block: u64::MAX });

@@ -74,12 +74,13 @@ pub async fn ingest<S, E>(
     max_size: u64,
     idle_timeout: Duration,
     now_ms: u64,
+    generation: u64,
 ) -> Result<Ingested, IngestError>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,
 {
-    let blob_key = BlobStore::new_blob_key();
+    let blob_key = BlobStore::new_blob_key(generation);
     let mut sink = Sink { store, key: &blob_key, buffer: BytesMut::new(), multipart: None };
     let dag = match feed(body, max_size, idle_timeout, &mut sink).await {
         Ok(dag) => dag,
@@ -108,6 +109,7 @@ where
             index_key,
             refcount: 0,
             created_at_ms: now_ms,
+            lost: false,
         },
     })
 }

@@ -18,6 +18,7 @@ pub mod config;
 pub mod ingest;
 pub mod media;
 pub mod metrics;
+pub mod pause;
 pub mod store;
 pub mod sweeper;
 pub mod unixfs;
@@ -67,6 +68,8 @@ pub enum EdgeError {
 pub struct Edge {
     pub api_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The media service behind the API (tests arm its pause points).
+    pub media: Arc<MediaService>,
 }
 
 impl EdgeSettings {
@@ -157,6 +160,6 @@ pub async fn start(
         ));
     }
     tracker.spawn(media.clone().watch_loop(cancel.clone()));
-    tracker.spawn(media.expire_loop(cancel));
-    Ok(Edge { api_addr, admin_addr })
+    tracker.spawn(media.clone().generation_loop(cancel));
+    Ok(Edge { api_addr, admin_addr, media })
 }

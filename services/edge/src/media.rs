@@ -1,21 +1,31 @@
 //! The media service: what the HTTP handlers call. Owns the flow of an upload (ingest into
-//! the blob store, commit to the metadata service, clean-up on failure or deduplication) and
-//! of a download (resolve an mxc to its content, waiting for async uploads).
+//! the blob store under the current reclaim generation, commit to the metadata service,
+//! storing again when the generation was sealed meanwhile, repairing lost content, releasing
+//! duplicates) and of a download (resolve an mxc to its content, waiting for async uploads,
+//! telling data loss from a record that moved).
+//!
+//! The edge deletes an object it wrote only when the metadata service said, in the same
+//! command that decided it, that no commit can ever reference it (a released duplicate), or
+//! when no commit of it was ever sent (a failed ingest). Everything else that ends up
+//! unreferenced is the sweeper's, which only deletes objects of sealed generations.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures::Stream;
 use moka::future::Cache;
 use mxcas_meta::client::CommitRequest;
-use mxcas_meta::{ContentRecord, MediaKey, MediaRecord, MediaState, MetaClient, MetaError};
+use mxcas_meta::{CommandError, ContentRecord, MediaKey, MediaRecord, MediaState, MetaClient, MetaError};
 
 use crate::api::error::ApiError;
 use crate::cache::BlockCache;
+use crate::cache::BlockError;
 use crate::config::MediaConfig;
 use crate::ingest::ingest;
 use crate::metrics::{Metrics, ResultLabels};
+use crate::pause::{self, PausePoints};
 use crate::store::BlobStore;
 
 pub fn now_ms() -> u64 {
@@ -46,7 +56,15 @@ pub struct MediaService {
     /// Woken when changes may have been missed (feed reconnect or lag).
     resync: tokio::sync::Notify,
     poll_interval: Duration,
+    /// The reclaim generation new uploads store under (0: not learnt yet).
+    generation: AtomicU64,
+    /// Test hooks (see [`crate::pause`]).
+    pub pause: PausePoints,
 }
+
+/// Commit attempts of one upload (a commit may be refused as reclaimed, or find the stored
+/// copy lost, and go again).
+const COMMIT_ROUNDS: usize = 4;
 
 impl MediaService {
     pub fn new(
@@ -74,15 +92,38 @@ impl MediaService {
             waiters: Default::default(),
             resync: tokio::sync::Notify::new(),
             poll_interval: cache.change_poll_interval,
+            generation: AtomicU64::new(0),
+            pause: PausePoints::default(),
         })
+    }
+
+    /// The reclaim generation to store a new upload under.
+    async fn current_generation(&self) -> Result<u64, ApiError> {
+        match self.generation.load(Ordering::Relaxed) {
+            0 => {
+                let g = self.meta.generations().await?;
+                self.learn_generation(g.generation);
+                Ok(g.generation)
+            }
+            g => Ok(g),
+        }
+    }
+
+    /// Takes the generation the metadata service answered with. Not a maximum: a cluster
+    /// restored from a backup may be at an older one, and keys must be of issued generations.
+    fn learn_generation(&self, generation: u64) {
+        self.generation.store(generation, Ordering::Relaxed);
     }
 
     /// Reserves a new media ID for `user` (`POST /create`). Returns `(mxc, expires_at_ms)`.
     pub async fn create_pending(&self, user: &str) -> Result<(MediaKey, u64), ApiError> {
-        let now = now_ms();
-        let expires = now + self.config.unused_expires_after.as_millis() as u64;
         let key = MediaKey::new(&self.server_name, random_media_id());
-        self.meta.create_pending(&key, user, now, expires, self.config.max_pending_uploads_per_user).await?;
+        let ttl = self.config.unused_expires_after;
+        let record = self.meta.create_pending(&key, user, ttl, self.config.max_pending_uploads_per_user).await?;
+        let expires = match record.state {
+            MediaState::Pending { expires_at_ms } => expires_at_ms,
+            MediaState::Ready { .. } => return Err(ApiError::internal("a new reservation already has content")),
+        };
         Ok((key, expires))
     }
 
@@ -110,45 +151,125 @@ impl MediaService {
         };
         let started = now_ms();
         let limit = self.config.max_upload_size.as_u64();
-        let ingested = match ingest(&self.store, body, limit, self.config.upload_idle_timeout, started).await {
-            Ok(i) => i,
-            Err(e) => {
-                self.count_upload("error");
-                return Err(e.into());
-            }
-        };
+        let generation = self.current_generation().await?;
+        let ingested =
+            match ingest(&self.store, body, limit, self.config.upload_idle_timeout, started, generation).await {
+                Ok(i) => i,
+                Err(e) => {
+                    self.count_upload("error");
+                    return Err(e.into());
+                }
+            };
         self.metrics.upload_bytes.inc_by(ingested.content.size);
-        let request = CommitRequest {
-            upload_id: uuid::Uuid::new_v4().to_string(),
+        self.pause.pass(pause::BEFORE_COMMIT).await;
+        let mut request = CommitRequest {
             server_name: self.server_name.clone(),
             media_id,
             user_id: user.to_owned(),
-            now_ms: now_ms(),
             content: ingested.content.clone(),
             content_type,
             filename,
+            lost_key: None,
         };
-        match self.meta.commit_upload(&request).await {
-            Ok(outcome) => {
-                if outcome.deduplicated {
-                    self.store.delete_later(ingested.keys());
-                    self.count_upload("deduplicated");
+        let result = self.commit(&mut request).await;
+        self.count_upload(match &result {
+            Ok((Committed::New, _)) => "new",
+            Ok((Committed::Repaired, _)) => "repaired",
+            Ok((Committed::Deduplicated, _)) => "deduplicated",
+            Err(_) => "error",
+        });
+        // On error nothing is deleted here: a commit whose answer was lost may have landed,
+        // and an unreferenced object is the sweeper's once its generation is sealed.
+        result.map(|(_, key)| key)
+    }
+
+    /// Commits `request` until it is settled: stores the objects again under the current
+    /// generation if theirs was sealed meanwhile, checks that a copy it deduplicates onto is
+    /// really there and repairs it with ours if not, and deletes ours once released.
+    async fn commit(&self, request: &mut CommitRequest) -> Result<(Committed, MediaKey), ApiError> {
+        for _ in 0..COMMIT_ROUNDS {
+            let outcome = match self.meta.commit_upload(request).await {
+                Ok(o) => o,
+                Err(MetaError::Rejected(CommandError::Reclaimed { generation })) => {
+                    self.learn_generation(generation);
+                    self.restore(&mut request.content, generation).await?;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            self.learn_generation(outcome.generation);
+            if !outcome.deduplicated {
+                tracing::debug!(mxc = %outcome.media.key, size = outcome.content.size, "uploaded");
+                let how = if request.lost_key.is_some() {
+                    self.metrics.repairs.inc();
+                    tracing::warn!(cid = %outcome.content.cid, "lost content repaired by a new upload of the same bytes");
+                    Committed::Repaired
                 } else {
-                    self.count_upload("new");
-                }
-                tracing::debug!(mxc = %outcome.media.key, size = outcome.content.size, dedup = outcome.deduplicated, "uploaded");
-                Ok(outcome.media.key)
+                    Committed::New
+                };
+                return Ok((how, outcome.media.key));
             }
-            Err(e) => {
-                // A commit that may have been applied (unavailable after sending) leaves a
-                // referenced blob: only delete when the service surely refused it.
-                if matches!(e, MetaError::Rejected(_)) {
-                    self.store.delete_later(ingested.keys());
+            // The bytes are stored already; ours are released. Make sure that copy exists
+            // before telling the client its media is safe.
+            match self.stored_copy_intact(&outcome.content).await {
+                Ok(true) | Err(_) => {
+                    self.store.delete_later(object_keys(&request.content));
+                    return Ok((Committed::Deduplicated, outcome.media.key));
                 }
-                self.count_upload("error");
-                Err(e.into())
+                Ok(false) => {
+                    self.metrics.data_loss.inc();
+                    tracing::error!(
+                        cid = %outcome.content.cid,
+                        blob = %outcome.content.blob_key,
+                        "stored copy of re-uploaded content is missing or corrupt; repairing it with the new upload"
+                    );
+                    request.lost_key = Some(outcome.content.blob_key.clone());
+                }
             }
         }
+        Err(ApiError::unavailable("The upload could not be recorded; retry it", 2_000))
+    }
+
+    /// Copies an upload's objects to keys of `generation` (its own generation was sealed before
+    /// it committed, so the sweeper may delete them at any time). A copy that fails means the
+    /// bytes are gone: the upload fails, before any success was sent.
+    async fn restore(&self, content: &mut ContentRecord, generation: u64) -> Result<(), ApiError> {
+        let blob_key = BlobStore::new_blob_key(generation);
+        let index_key = content.index_key.as_ref().map(|_| format!("{blob_key}.idx"));
+        let copied = async {
+            self.store.copy(&content.blob_key, &blob_key).await?;
+            if let (Some(from), Some(to)) = (&content.index_key, &index_key) {
+                self.store.copy(from, to).await?;
+            }
+            Ok::<_, crate::store::StoreError>(())
+        };
+        if let Err(e) = copied.await {
+            tracing::warn!(blob = %content.blob_key, error = %e, "upload's objects were reclaimed before it committed");
+            self.store.delete_later([Some(blob_key), index_key].into_iter().flatten().collect());
+            return Err(ApiError::unavailable("The upload took too long to be recorded; upload it again", 1_000));
+        }
+        self.metrics.restored.inc();
+        content.blob_key = blob_key;
+        content.index_key = index_key;
+        Ok(())
+    }
+
+    /// Whether the stored copy of `content` is there: a one-block file is read and verified
+    /// (from the cache when hot); a larger one is checked by the sizes of its objects.
+    async fn stored_copy_intact(&self, content: &ContentRecord) -> Result<bool, ApiError> {
+        if content.index_key.is_none() {
+            return match self.blocks.block(content, 0).await {
+                Ok(_) => Ok(true),
+                Err(e) if e.is_data_loss() => Ok(false),
+                Err(e) => Err(e.into()),
+            };
+        }
+        let blob = self.store.size(&content.blob_key).await.map_err(BlockError::from)?;
+        let index = match &content.index_key {
+            Some(k) => self.store.size(k).await.map_err(BlockError::from)?,
+            None => Some(0),
+        };
+        Ok(blob == Some(content.size) && index.is_some())
     }
 
     /// Fails fast, before any byte is read, when `media_id` cannot take this user's upload
@@ -156,7 +277,7 @@ impl MediaService {
     async fn check_reservation(&self, user: &str, media_id: &str) -> Result<(), ApiError> {
         let key = MediaKey::new(&self.server_name, media_id);
         let rejected = |e: mxcas_meta::CommandError| ApiError::from(MetaError::Rejected(e));
-        match self.meta.get_media(&key).await? {
+        match self.meta.get_media(&key, false).await? {
             None => Err(rejected(mxcas_meta::CommandError::NotFound)),
             Some((MediaRecord { state: MediaState::Ready { .. }, .. }, _)) => {
                 Err(rejected(mxcas_meta::CommandError::AlreadyExists))
@@ -188,7 +309,7 @@ impl MediaService {
         }
         let resolved = match self.resolved.get(key).await {
             Some(r) => r,
-            None => self.resolve_uncached(key, wait).await?,
+            None => self.resolve_uncached(key, wait, false).await?,
         };
         if legacy
             && let Some(freeze) = self.freeze_after_ms
@@ -201,7 +322,38 @@ impl MediaService {
         Ok(resolved)
     }
 
-    async fn resolve_uncached(&self, key: &MediaKey, wait: Duration) -> Result<Resolved, ApiError> {
+    /// After reading `stale`'s content failed with `error`: the record may have moved to
+    /// another object (repaired by a re-upload) that this edge has not seen. Asks the leader;
+    /// returns the moved record, or reports the loss and answers it as such.
+    pub async fn after_read_failure(
+        &self,
+        stale: &Resolved,
+        error: &BlockError,
+        retried: bool,
+    ) -> Result<Resolved, ApiError> {
+        let key = &stale.media.key;
+        self.resolved.invalidate(key).await;
+        if !retried {
+            let fresh = self.resolve_uncached(key, Duration::ZERO, true).await?;
+            if fresh.content.lost {
+                return Err(ApiError::data_loss());
+            }
+            return Ok(fresh);
+        }
+        self.metrics.data_loss.inc();
+        tracing::error!(
+            cid = %stale.content.cid,
+            blob = %stale.content.blob_key,
+            %error,
+            "stored media is lost: its object is missing or fails verification; an upload of the same bytes repairs it"
+        );
+        if let Err(e) = self.meta.report_lost(&stale.content.cid, &stale.content.blob_key).await {
+            tracing::warn!(error = %e, "could not record the loss in the metadata service");
+        }
+        Err(ApiError::data_loss())
+    }
+
+    async fn resolve_uncached(&self, key: &MediaKey, wait: Duration, linearizable: bool) -> Result<Resolved, ApiError> {
         let deadline = tokio::time::Instant::now() + wait;
         let notify = self.waiter(key);
         let result = loop {
@@ -212,12 +364,14 @@ impl MediaService {
             tokio::pin!(changed, resynced);
             changed.as_mut().enable();
             resynced.as_mut().enable();
-            match self.meta.get_media(key).await {
+            match self.meta.get_media(key, linearizable).await {
                 Err(e) => break Err(e.into()),
                 Ok(None) => break Err(ApiError::not_found("Media not found")),
                 Ok(Some((media @ MediaRecord { state: MediaState::Ready { .. }, .. }, Some(content)))) => {
                     let r = Resolved { media, content };
-                    self.resolved.insert(key.clone(), r.clone()).await;
+                    if !r.content.lost {
+                        self.resolved.insert(key.clone(), r.clone()).await;
+                    }
                     break Ok(r);
                 }
                 Ok(Some((MediaRecord { state: MediaState::Ready { .. }, .. }, None))) => {
@@ -303,22 +457,31 @@ impl MediaService {
         }
     }
 
-    /// Expires unused reservations now and then (runs until `cancel`).
-    pub async fn expire_loop(self: Arc<Self>, cancel: tokio_util::sync::CancellationToken) {
-        let mut tick = tokio::time::interval(Duration::from_secs(60));
+    /// Keeps the reclaim generation fresh for new uploads (runs until `cancel`): an upload
+    /// stored under a generation that gets sealed before it commits has to be copied.
+    pub async fn generation_loop(self: Arc<Self>, cancel: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_secs(30));
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = tick.tick() => {
-                    match self.meta.expire_pending(now_ms()).await {
-                        Ok(0) => {}
-                        Ok(n) => tracing::info!(removed = n, "expired unused media reservations"),
-                        Err(e) => tracing::warn!(error = %e, "could not expire media reservations"),
-                    }
-                }
+                _ = tick.tick() => match self.meta.generations().await {
+                    Ok(g) => self.learn_generation(g.generation),
+                    Err(e) => tracing::debug!(error = %e, "could not refresh the reclaim generation"),
+                },
             }
         }
     }
+}
+
+/// How an upload was recorded.
+enum Committed {
+    New,
+    Repaired,
+    Deduplicated,
+}
+
+fn object_keys(c: &ContentRecord) -> Vec<String> {
+    std::iter::once(c.blob_key.clone()).chain(c.index_key.clone()).collect()
 }
 
 /// 24 random characters of `[A-Za-z0-9]` (~143 bits): unguessable, and visibly not a CID.

@@ -35,6 +35,12 @@ pub struct Metrics {
     pub uploads: Family<ResultLabels, Counter>,
     pub orphans_deleted: Counter,
     pub sweeps: Family<ResultLabels, Counter>,
+    /// Stored objects found missing or corrupt (alert on any increase).
+    pub data_loss: Counter,
+    /// Lost content repaired by an upload of the same bytes.
+    pub repairs: Counter,
+    /// Uploads whose objects were stored again because their generation was sealed.
+    pub restored: Counter,
 }
 
 impl Default for Metrics {
@@ -74,7 +80,24 @@ impl Metrics {
         );
         let sweeps = Family::<ResultLabels, Counter>::default();
         registry.register("sweeps", "Orphan sweeps: ok, error", sweeps.clone());
+        let data_loss = Counter::default();
+        registry.register(
+            "data_loss",
+            "Stored objects found missing or corrupt when read (each is data loss until re-uploaded)",
+            data_loss.clone(),
+        );
+        let repairs = Counter::default();
+        registry.register("repairs", "Lost content repaired by an upload of the same bytes", repairs.clone());
+        let restored = Counter::default();
+        registry.register(
+            "upload_restores",
+            "Uploads stored again under a new generation because theirs was sealed before they committed",
+            restored.clone(),
+        );
         Self {
+            data_loss,
+            repairs,
+            restored,
             orphans_deleted,
             sweeps,
             registry,

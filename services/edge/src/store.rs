@@ -1,8 +1,9 @@
 //! The blob store: where file bytes live, through `object_store` (local filesystem or any
 //! S3-compatible service).
 //!
-//! One file is one object (`blobs/<random>`), named when its upload starts because the CID is
-//! only known at the end; the metadata service maps CID → object key. Small uploads are one
+//! One file is one object (`blobs/<generation>/<random>`, see `mxcas_meta::model::blob_key`),
+//! named when its upload starts because the CID is only known at the end; the metadata
+//! service maps CID → object key. Small uploads are one
 //! `put`; larger ones stream as a multipart upload, so no upload is ever held whole in memory.
 //! The local backend fsyncs files and directories before a write is reported done.
 
@@ -67,12 +68,24 @@ fn default_true() -> bool {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The object does not exist (on a referenced key: data loss, not a transient failure).
+    #[error("blob store: object {0} does not exist")]
+    NotFound(String),
     #[error("blob store: {0}")]
-    Backend(#[from] object_store::Error),
+    Backend(object_store::Error),
     #[error("blob store config: {0}")]
     Config(String),
     #[error("blob store timed out after {0:?}")]
     Timeout(Duration),
+}
+
+impl From<object_store::Error> for StoreError {
+    fn from(e: object_store::Error) -> Self {
+        match e {
+            object_store::Error::NotFound { path, .. } => StoreError::NotFound(path),
+            e => StoreError::Backend(e),
+        }
+    }
 }
 
 /// Threshold below which an upload is buffered and stored with one `put` (also the part size
@@ -83,6 +96,8 @@ pub const PART_SIZE: usize = 8 << 20;
 pub struct BlobStore {
     inner: Arc<dyn ObjectStore>,
     metrics: Arc<Metrics>,
+    /// The directory of the local backend (`None` for S3), for its staging files.
+    local_root: Option<PathBuf>,
 }
 
 fn secret(value: &Option<String>, file: &Option<PathBuf>, what: &str) -> Result<Option<String>, StoreError> {
@@ -98,11 +113,13 @@ fn secret(value: &Option<String>, file: &Option<PathBuf>, what: &str) -> Result<
 
 impl BlobStore {
     pub fn open(config: &StoreConfig, data_dir: &std::path::Path, metrics: Arc<Metrics>) -> Result<Self, StoreError> {
+        let mut local_root = None;
         let inner: Arc<dyn ObjectStore> = match config {
             StoreConfig::Fs { path } => {
                 let root = path.clone().unwrap_or_else(|| data_dir.join("blobs"));
                 std::fs::create_dir_all(&root)
                     .map_err(|e| StoreError::Config(format!("cannot create {}: {e}", root.display())))?;
+                local_root = Some(root.clone());
                 Arc::new(LocalFileSystem::new_with_prefix(&root)?.with_fsync(true).with_automatic_cleanup(false))
             }
             StoreConfig::S3(s3) => {
@@ -122,12 +139,57 @@ impl BlobStore {
                 Arc::new(b.build()?)
             }
         };
-        Ok(Self { inner, metrics })
+        Ok(Self { inner, metrics, local_root })
     }
 
-    /// A fresh object key for an upload that is starting.
-    pub fn new_blob_key() -> String {
-        format!("blobs/{}", uuid::Uuid::new_v4().simple())
+    /// A fresh object key for an upload starting under reclaim generation `generation`.
+    pub fn new_blob_key(generation: u64) -> String {
+        mxcas_meta::model::blob_key::new(generation, &uuid::Uuid::new_v4().simple().to_string())
+    }
+
+    /// The size of `key`, or `None` when it does not exist.
+    pub async fn size(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        match self.inner.head(&Path::from(key)).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Copies `from` to `to` inside the store (server-side on S3: all or nothing).
+    pub async fn copy(&self, from: &str, to: &str) -> Result<(), StoreError> {
+        self.metrics.store_writes.inc();
+        self.inner.copy(&Path::from(from), &Path::from(to)).await?;
+        Ok(())
+    }
+
+    /// Staging files of the local backend (`<key>#<n>`, written by multipart uploads and
+    /// hidden from `list`) under `prefix`, as `(the key they stage, the file)`. A process
+    /// killed mid-upload leaves them behind; S3 has no such files (abandoned multipart
+    /// uploads are reclaimed by a bucket lifecycle rule, see docs/storage.md).
+    pub fn staging_files(&self, prefix: &str) -> Vec<(String, PathBuf)> {
+        let Some(root) = &self.local_root else { return Vec::new() };
+        let mut found = Vec::new();
+        let mut dirs = vec![root.join(prefix)];
+        while let Some(dir) = dirs.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    dirs.push(path);
+                    continue;
+                }
+                let Ok(rel) = path.strip_prefix(root) else { continue };
+                let rel = rel.to_string_lossy();
+                if let Some((key, n)) = rel.rsplit_once('#')
+                    && !n.is_empty()
+                    && n.bytes().all(|b| b.is_ascii_digit())
+                {
+                    found.push((key.to_owned(), path.clone()));
+                }
+            }
+        }
+        found
     }
 
     pub async fn put(&self, key: &str, bytes: Bytes) -> Result<(), StoreError> {

@@ -3,9 +3,11 @@
 //! Knows every metadata node's address and keeps one cached tonic channel (HTTP/2,
 //! multiplexed) per node. Every call has a deadline. A follower's "not the leader" answer
 //! names the leader (`x-mxcas-leader`), and the client retries there at once; other
-//! "unavailable" answers (no leader yet, node down) are retried on the next node with capped
+//! "unavailable" answers (no leader yet, node down) are retried on another node with capped
 //! exponential backoff within a time budget, for calls that are safe to repeat (reads, and
-//! commits, which the service deduplicates by `upload_id`).
+//! commits, which are idempotent by what they say). A node that just failed to answer at all
+//! is tried last, and is not followed to even when another node still names it as leader; the
+//! node calls go to first follows the one that last answered a write (the leader).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -16,7 +18,7 @@ use mxcas_proto::meta as pb;
 use mxcas_proto::meta::meta_client::MetaClient as PbClient;
 use tonic::transport::Channel;
 
-use crate::command::CommitOutcome;
+use crate::command::{CommitOutcome, Generations};
 use crate::error::MetaError;
 use crate::model::{ContentRecord, MediaKey, MediaRecord};
 use crate::pb::{LEADER_METADATA, meta_error_from_status};
@@ -68,6 +70,9 @@ struct Inner {
     channels: Mutex<HashMap<String, PbClient<Channel>>>,
     /// Where calls go first: the last known leader.
     current: Mutex<String>,
+    /// When each node last failed to answer at all (timeout, connection refused): such nodes
+    /// are tried after every other one.
+    silent_since: Mutex<HashMap<String, tokio::time::Instant>>,
 }
 
 /// One event of the change feed.
@@ -82,15 +87,35 @@ pub enum Change {
 /// A finished upload as the edge stored it, to be committed.
 #[derive(Clone, Debug)]
 pub struct CommitRequest {
-    pub upload_id: String,
     pub server_name: String,
     /// `None`: a synchronous upload, the media ID is the CID.
     pub media_id: Option<String>,
     pub user_id: String,
-    pub now_ms: u64,
     pub content: ContentRecord,
     pub content_type: String,
     pub filename: Option<String>,
+    /// The stored copy under this key was found missing or corrupt: replace it.
+    pub lost_key: Option<String>,
+}
+
+/// Picks the node to try after `failed` within one call: nodes that did not fail in this call
+/// first, then those silent longest ago (never-silent first), in configured order after
+/// `failed` among equals. Pure, for unit tests.
+fn pick_next(
+    endpoints: &[String],
+    failed: &str,
+    failed_in_call: &std::collections::HashSet<String>,
+    silent_since: &HashMap<String, tokio::time::Instant>,
+) -> String {
+    let n = endpoints.len();
+    let start = endpoints.iter().position(|e| e == failed).map(|i| i + 1).unwrap_or(0);
+    (0..n)
+        .map(|k| &endpoints[(start + k) % n])
+        .filter(|e| *e != failed)
+        .enumerate()
+        .min_by_key(|(order, e)| (failed_in_call.contains(*e), silent_since.get(*e).copied(), *order))
+        .map(|(_, e)| e.clone())
+        .unwrap_or_else(|| failed.to_owned())
 }
 
 impl MetaClient {
@@ -106,6 +131,7 @@ impl MetaClient {
                 config,
                 channels: Mutex::new(HashMap::new()),
                 current: Mutex::new(first.clone()),
+                silent_since: Mutex::new(HashMap::new()),
             }),
         };
         for e in &client.inner.endpoints {
@@ -141,15 +167,23 @@ impl MetaClient {
         }
     }
 
-    /// The next configured node after `url` (round robin), to try when `url` fails.
-    fn next_after(&self, url: &str) -> String {
-        let eps = &self.inner.endpoints;
-        let i = eps.iter().position(|e| e == url).map(|i| i + 1).unwrap_or(0);
-        eps[i % eps.len()].clone()
+    fn mark_silent(&self, url: &str, silent: bool) {
+        if let Ok(mut m) = self.inner.silent_since.lock() {
+            if silent {
+                m.insert(url.to_owned(), tokio::time::Instant::now());
+            } else {
+                m.remove(url);
+            }
+        }
+    }
+
+    fn next_after(&self, url: &str, failed_in_call: &std::collections::HashSet<String>) -> String {
+        let silent = self.inner.silent_since.lock().map(|m| m.clone()).unwrap_or_default();
+        pick_next(&self.inner.endpoints, url, failed_in_call, &silent)
     }
 
     /// Runs `call` against the leader: follows redirects always, and retries other
-    /// "unavailable" answers (on the next node, with backoff) as `retry` allows.
+    /// "unavailable" answers (on another node, with backoff) as `retry` allows.
     async fn retrying<T, F, Fut>(&self, retry: Retry, mut call: F) -> Result<T, MetaError>
     where
         F: FnMut(PbClient<Channel>) -> Fut,
@@ -167,14 +201,25 @@ impl MetaClient {
         // retried gets the whole budget: giving up early would only leave its outcome unknown.
         let attempt_cap = if idempotent { (budget / 2).min(config.call_timeout) } else { budget };
         let mut backoff = Duration::from_millis(20);
+        let mut failed_in_call = std::collections::HashSet::new();
         loop {
             let url = self.current();
             let attempt_end = deadline.min(tokio::time::Instant::now() + attempt_cap);
-            let status = match tokio::time::timeout_at(attempt_end, call(self.client_for(&url)?)).await {
-                Ok(Ok(v)) => return Ok(v),
-                Ok(Err(status)) => status,
-                Err(_) => tonic::Status::unavailable(format!("no answer from {url} within {attempt_cap:?}")),
+            let (status, silent) = match tokio::time::timeout_at(attempt_end, call(self.client_for(&url)?)).await {
+                Ok(Ok(v)) => {
+                    self.mark_silent(&url, false);
+                    return Ok(v);
+                }
+                // A transport failure (connection refused or reset: tonic keeps its cause as the
+                // source; statuses a node sent have none) is as silent as a timeout.
+                Ok(Err(status)) => {
+                    let silent = std::error::Error::source(&status).is_some();
+                    (status, silent)
+                }
+                Err(_) => (tonic::Status::unavailable(format!("no answer from {url} within {attempt_cap:?}")), true),
             };
+            self.mark_silent(&url, silent);
+            failed_in_call.insert(url.clone());
             let leader = status
                 .metadata()
                 .get(LEADER_METADATA)
@@ -183,8 +228,10 @@ impl MetaClient {
             let err = meta_error_from_status(&status);
             let now = tokio::time::Instant::now();
             match leader {
-                // Not applied: this node refused it as a follower. Go to the leader.
-                Some(leader) if leader != url && now < deadline => {
+                // Not applied: this node refused it as a follower. Go to the leader, unless
+                // that node just failed to answer in this very call (the follower's view is
+                // older than ours: an election is under way).
+                Some(leader) if leader != url && now < deadline && !failed_in_call.contains(&leader) => {
                     tracing::debug!(from = %url, to = %leader, "following the metadata leader");
                     self.set_current(leader);
                     continue;
@@ -194,8 +241,13 @@ impl MetaClient {
             if !err.is_retryable() || !idempotent || now + backoff > deadline {
                 return Err(err);
             }
-            tracing::debug!(node = %url, error = %err, ?backoff, "metadata call failed; trying the next node");
-            self.set_current(self.next_after(&url));
+            let next = self.next_after(&url, &failed_in_call);
+            if failed_in_call.len() >= self.inner.endpoints.len() {
+                // Every node was tried: start a new round, silent nodes still last.
+                failed_in_call.clear();
+            }
+            tracing::debug!(node = %url, next = %next, error = %err, ?backoff, "metadata call failed; trying another node");
+            self.set_current(next);
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_millis(500));
         }
@@ -207,15 +259,13 @@ impl MetaClient {
         &self,
         media: &MediaKey,
         user_id: &str,
-        now_ms: u64,
-        expires_at_ms: u64,
+        ttl: Duration,
         max_pending_per_user: u32,
     ) -> Result<MediaRecord, MetaError> {
         let req = pb::CreatePendingRequest {
             media: Some(media.into()),
             user_id: user_id.to_owned(),
-            now_ms,
-            expires_at_ms,
+            ttl_ms: ttl.as_millis() as u64,
             max_pending_per_user,
         };
         let resp = self
@@ -228,19 +278,18 @@ impl MetaClient {
         MediaRecord::try_from(media).map_err(MetaError::from)
     }
 
-    /// Records a finished upload; safe to retry (deduplicated by `upload_id`).
+    /// Records a finished upload; safe to retry (the same commit gets the same answer).
     pub async fn commit_upload(&self, c: &CommitRequest) -> Result<CommitOutcome, MetaError> {
         let req = pb::CommitUploadRequest {
-            upload_id: c.upload_id.clone(),
             media: Some(pb::MediaKey {
                 server_name: c.server_name.clone(),
                 media_id: c.media_id.clone().unwrap_or_default(),
             }),
             user_id: c.user_id.clone(),
-            now_ms: c.now_ms,
             content: Some((&c.content).into()),
             content_type: c.content_type.clone(),
             filename: c.filename.clone(),
+            lost_key: c.lost_key.clone(),
         };
         let resp = self
             .retrying(Retry::Write, |mut cl| {
@@ -255,18 +304,48 @@ impl MetaClient {
             media: MediaRecord::try_from(media).map_err(MetaError::from)?,
             content: ContentRecord::try_from(content).map_err(MetaError::from)?,
             deduplicated: r.deduplicated,
+            generation: r.generation,
         })
     }
 
-    pub async fn expire_pending(&self, now_ms: u64) -> Result<u64, MetaError> {
-        let req = pb::ExpirePendingRequest { now_ms };
-        let resp = self.retrying(Retry::Write, |mut cl| async move { cl.expire_pending(req).await }).await?;
-        Ok(resp.into_inner().removed)
+    /// Starts an orphan sweep (see [`crate::command::Command::BeginSweep`]); safe to retry.
+    pub async fn begin_sweep(&self, min_interval: Duration) -> Result<Generations, MetaError> {
+        let req = pb::BeginSweepRequest { min_interval_ms: min_interval.as_millis() as u64 };
+        let resp = self.retrying(Retry::Write, |mut cl| async move { cl.begin_sweep(req).await }).await?;
+        let g = resp.into_inner();
+        Ok(Generations { generation: g.generation, sealed: g.sealed })
     }
 
-    /// The mxc record and, once uploaded, its content record.
-    pub async fn get_media(&self, key: &MediaKey) -> Result<Option<(MediaRecord, Option<ContentRecord>)>, MetaError> {
-        let req = pb::GetMediaRequest { media: Some(key.into()) };
+    /// The current reclaim generations (linearizable).
+    pub async fn generations(&self) -> Result<Generations, MetaError> {
+        let resp = self
+            .retrying(Retry::Read, |mut cl| async move { cl.get_generations(pb::GetGenerationsRequest {}).await })
+            .await?;
+        let g = resp.into_inner();
+        Ok(Generations { generation: g.generation, sealed: g.sealed })
+    }
+
+    /// Marks `cid`'s stored bytes under `blob_key` as lost; safe to retry. Returns whether
+    /// the record still named that key.
+    pub async fn report_lost(&self, cid: &Cid, blob_key: &str) -> Result<bool, MetaError> {
+        let req = pb::ReportLostRequest { cid: cid.to_bytes(), blob_key: blob_key.to_owned() };
+        let resp = self
+            .retrying(Retry::Write, |mut cl| {
+                let req = req.clone();
+                async move { cl.report_lost(req).await }
+            })
+            .await?;
+        Ok(resp.into_inner().marked)
+    }
+
+    /// The mxc record and, once uploaded, its content record. `linearizable`: confirmed
+    /// through the leader even when the node has it (after a named blob went missing).
+    pub async fn get_media(
+        &self,
+        key: &MediaKey,
+        linearizable: bool,
+    ) -> Result<Option<(MediaRecord, Option<ContentRecord>)>, MetaError> {
+        let req = pb::GetMediaRequest { media: Some(key.into()), linearizable };
         let resp = self
             .retrying(Retry::Read, |mut cl| {
                 let req = req.clone();
@@ -318,7 +397,7 @@ impl MetaClient {
         let stream = match client.watch_changes(pb::WatchChangesRequest {}).await {
             Ok(s) => s.into_inner(),
             Err(status) => {
-                self.set_current(self.next_after(&url));
+                self.set_current(self.next_after(&url, &[url.clone()].into_iter().collect()));
                 return Err(meta_error_from_status(&status));
             }
         };
@@ -344,4 +423,36 @@ impl MetaClient {
 
 fn wire(what: &str) -> MetaError {
     MetaError::Internal(format!("malformed answer from the metadata service: {what}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eps() -> Vec<String> {
+        ["a", "b", "c"].iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_node_that_just_went_silent_is_tried_last() {
+        let now = tokio::time::Instant::now();
+        let mut silent = HashMap::new();
+        let mut in_call = std::collections::HashSet::new();
+        // Plain round robin while nobody is silent.
+        assert_eq!(pick_next(&eps(), "a", &in_call, &silent), "b");
+        assert_eq!(pick_next(&eps(), "c", &in_call, &silent), "a");
+        // "a" swallowed the call; "b" answered "no leader yet": the next try is "c", then
+        // "b" again, never back to the silent "a" while others remain.
+        silent.insert("a".to_string(), now);
+        in_call.insert("a".to_string());
+        assert_eq!(pick_next(&eps(), "a", &in_call, &silent), "b");
+        in_call.insert("b".to_string());
+        assert_eq!(pick_next(&eps(), "b", &in_call, &silent), "c");
+        in_call.insert("c".to_string());
+        assert_eq!(pick_next(&eps(), "c", &in_call, &silent), "b", "all tried: the silent node still last");
+        // Across calls, a node silent long ago comes before one silent just now.
+        let in_call = std::collections::HashSet::new();
+        silent.insert("b".to_string(), now + Duration::from_secs(1));
+        assert_eq!(pick_next(&eps(), "c", &in_call, &silent), "a");
+    }
 }

@@ -1,8 +1,11 @@
 //! The commands of the metadata state machine and their outputs.
 //!
-//! A command carries everything its result depends on (including the time, `now_ms`, chosen
-//! by the proposer) so that applying it is deterministic on every replica.
+//! A command carries everything its result depends on, so applying it is deterministic on
+//! every replica. Time (`now_ms`) is the leader's clock, stamped when the leader proposes the
+//! command (never a caller's), and the state machine only lets it move forward: a caller with a
+//! wrong clock cannot expire anything.
 
+use cid::Cid;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{ContentRecord, MediaKey, MediaRecord};
@@ -11,12 +14,12 @@ use crate::model::{ContentRecord, MediaKey, MediaRecord};
 #[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
-    /// Reserve `media` for an asynchronous upload by `user_id`.
-    CreatePending { media: MediaKey, user_id: String, now_ms: u64, expires_at_ms: u64, max_pending_per_user: u32 },
-    /// Record a finished upload. `media.media_id == None` means a synchronous upload whose
-    /// media ID is the CID.
+    /// Reserve `media` for an asynchronous upload by `user_id`, for `ttl_ms`.
+    CreatePending { media: MediaKey, user_id: String, now_ms: u64, ttl_ms: u64, max_pending_per_user: u32 },
+    /// Record a finished upload. `media_id == None` means a synchronous upload whose media ID
+    /// is the CID. Idempotent by what it says: the same upload committed again (a retry whose
+    /// first answer was lost) gets the same answer, whenever it arrives.
     CommitUpload {
-        upload_id: String,
         server_name: String,
         media_id: Option<String>,
         user_id: String,
@@ -24,10 +27,34 @@ pub enum Command {
         content: ContentRecord,
         content_type: String,
         filename: Option<String>,
+        /// The caller found the stored copy under this key missing or corrupt: if the content
+        /// record still points there, this upload's bytes replace it.
+        lost_key: Option<String>,
     },
-    /// Drop pending reservations that expired before `now_ms`, and idempotency records older
-    /// than a day.
-    ExpirePending { now_ms: u64 },
+    /// Drop at most `limit` pending reservations that expired by `now_ms` (oldest first).
+    Expire { now_ms: u64, limit: u32 },
+    /// Start an orphan sweep: advance the reclaim generation (at most once per
+    /// `min_interval_ms` of leader time) and seal every generation two behind it.
+    BeginSweep { now_ms: u64, min_interval_ms: u64 },
+    /// The stored bytes of `cid` under `blob_key` are missing or corrupt.
+    ReportLost {
+        #[serde(with = "crate::model::cid_bytes")]
+        cid: Cid,
+        blob_key: String,
+    },
+}
+
+impl Command {
+    /// Stamps the proposing leader's clock on the command.
+    pub fn stamp(&mut self, now: u64) {
+        match self {
+            Command::CreatePending { now_ms, .. }
+            | Command::CommitUpload { now_ms, .. }
+            | Command::Expire { now_ms, .. }
+            | Command::BeginSweep { now_ms, .. } => *now_ms = now,
+            Command::ReportLost { .. } => {}
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,8 +64,21 @@ pub enum CommandOutput {
     Expired {
         removed: u64,
     },
+    Sweep(Generations),
+    Lost {
+        /// False when the record no longer pointed at that key (already repaired or reported).
+        marked: bool,
+    },
     /// A raft entry with no command (leader no-op, membership change).
     Nothing,
+}
+
+/// The reclaim generations: uploads name their objects under `generation`; no commit may name
+/// an object of a generation `<= sealed`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Generations {
+    pub generation: u64,
+    pub sealed: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,6 +86,9 @@ pub struct CommitOutcome {
     pub media: MediaRecord,
     /// The content record the mxc references now.
     pub content: ContentRecord,
-    /// The caller's blob is not referenced (the content was already stored elsewhere).
+    /// The caller's objects are not referenced, and no commit can ever reference them (the
+    /// state machine tombstoned them in this same command): the caller may delete them.
     pub deduplicated: bool,
+    /// The current reclaim generation, for the caller's next uploads.
+    pub generation: u64,
 }

@@ -18,6 +18,10 @@ pub enum CommandError {
     PendingLimit { limit: u32 },
     #[error("invalid request: {0}")]
     InvalidArgument(String),
+    /// The upload names an object the sweeper may have reclaimed (its generation is sealed,
+    /// or it was released): store the bytes again under `generation` and commit that.
+    #[error("the uploaded object may have been reclaimed; store it again under generation {generation}")]
+    Reclaimed { generation: u64 },
 }
 
 /// This node's storage failed. Fatal for a state machine: stop and let an operator look.

@@ -72,6 +72,66 @@ pub struct ContentRecord {
     /// How many mxc records reference this content.
     pub refcount: u64,
     pub created_at_ms: u64,
+    /// The stored bytes were found missing or corrupt: downloads answer data loss until an
+    /// upload of the same bytes repairs the record.
+    pub lost: bool,
+}
+
+/// The blob-store keys of uploads: `blobs/<generation, 12 digits>/<random>`, plus
+/// `<blob key>.idx` for the block index. The generation is the reclaim generation current when
+/// the upload started (see `docs/storage.md`): the orphan sweeper only deletes unreferenced
+/// objects of *sealed* generations, and the metadata service refuses any commit that names a
+/// key of a sealed generation, so an object can never be deleted while a commit of it is still
+/// possible.
+pub mod blob_key {
+    /// Width of the zero-padded generation, so keys of one generation share a prefix and sort
+    /// by generation.
+    const WIDTH: usize = 12;
+
+    /// A fresh object key for an upload under `generation`.
+    pub fn new(generation: u64, random: &str) -> String {
+        format!("blobs/{generation:0WIDTH$}/{random}")
+    }
+
+    /// The generation a key was made under. Keys of the old layout (`blobs/<random>`, no
+    /// generation) are generation 0, sealed from the start. `None` for anything else.
+    pub fn generation(key: &str) -> Option<u64> {
+        let rest = key.strip_prefix("blobs/")?;
+        match rest.split_once('/') {
+            Some((generation, name)) if generation.len() == WIDTH && !name.is_empty() && !name.contains('/') => {
+                generation.parse().ok()
+            }
+            Some(_) => None,
+            None if !rest.is_empty() => Some(0),
+            None => None,
+        }
+    }
+
+    /// The first key of generation `generation + 1`: every key of generations `..=generation`
+    /// sorts before it.
+    pub fn after_generation(generation: u64) -> String {
+        format!("blobs/{:0WIDTH$}/", generation.saturating_add(1))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn keys_carry_their_generation_and_sort_by_it() {
+            let k = new(7, "abc");
+            assert_eq!(k, "blobs/000000000007/abc");
+            assert_eq!(generation(&k), Some(7));
+            assert_eq!(generation(&format!("{k}.idx")), Some(7));
+            assert_eq!(generation("blobs/0123abc"), Some(0));
+            assert_eq!(generation("blobs/7/abc"), None);
+            assert_eq!(generation("blobs/000000000007/a/b"), None);
+            assert_eq!(generation("other/x"), None);
+            assert_eq!(generation("blobs/"), None);
+            assert!(new(7, "zzz") < after_generation(7));
+            assert!(new(8, "000") >= after_generation(7));
+        }
+    }
 }
 
 /// Serde as the CID's binary form: compact and canonical.

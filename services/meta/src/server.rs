@@ -27,7 +27,13 @@ pub struct MetaService {
     node_id: u64,
     sm: Arc<StateMachine>,
     node: RaftNode,
+    /// The last state digest and the applied index it was computed at: a digest reads the
+    /// whole state, so it is computed once per state, by one caller at a time.
+    digest: Arc<tokio::sync::Mutex<Option<DigestAt>>>,
 }
+
+/// A state digest and the applied index it was computed at.
+type DigestAt = (u64, [u8; 32]);
 
 /// `UNAVAILABLE`, naming the leader (when known) for the client to retry there.
 fn forward(f: &ForwardToLeader<NodeId, BasicNode>) -> Status {
@@ -70,7 +76,7 @@ fn raft_read_status(e: RaftError<NodeId, CheckIsLeaderError<NodeId, BasicNode>>)
 
 impl MetaService {
     pub fn new(node: RaftNode) -> Self {
-        Self { node_id: node.id, sm: node.sm.clone(), node }
+        Self { node_id: node.id, sm: node.sm.clone(), node, digest: Default::default() }
     }
 
     /// The tonic service to mount on a server.
@@ -88,7 +94,10 @@ impl MetaService {
     /// out, so clients fail over or give up instead of hanging. A write abandoned this way may
     /// still commit once a majority returns: a retried commit is deduplicated by its upload
     /// ID; an abandoned reservation (`CreatePending`) holds its slot until it expires.
-    async fn apply(&self, cmd: Command) -> Result<CommandOutput, Status> {
+    async fn apply(&self, mut cmd: Command) -> Result<CommandOutput, Status> {
+        // Time is the leader's: a follower refuses the write anyway, so the clock stamped here
+        // is the one of the node that proposes it.
+        cmd.stamp(now_ms());
         let mut quorum_lost = self.node.quorum_lost.clone();
         if let Some(ms) = *quorum_lost.borrow_and_update() {
             return Err(no_quorum(ms));
@@ -129,6 +138,10 @@ impl MetaService {
     }
 }
 
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
 fn required<T>(field: Option<T>, name: &str) -> Result<T, Status> {
     field.ok_or_else(|| Status::invalid_argument(format!("missing field {name}")))
 }
@@ -147,8 +160,8 @@ impl Meta for MetaService {
         let cmd = Command::CreatePending {
             media: required(r.media, "media")?.into(),
             user_id: r.user_id,
-            now_ms: r.now_ms,
-            expires_at_ms: r.expires_at_ms,
+            now_ms: 0,
+            ttl_ms: r.ttl_ms,
             max_pending_per_user: r.max_pending_per_user,
         };
         match self.apply(cmd).await? {
@@ -166,42 +179,61 @@ impl Meta for MetaService {
         let r = req.into_inner();
         let media = required(r.media, "media")?;
         let content = ContentRecord::try_from(required(r.content, "content")?)?;
-        if r.upload_id.is_empty() {
-            return Err(Status::invalid_argument("missing upload_id"));
-        }
         let cmd = Command::CommitUpload {
-            upload_id: r.upload_id,
             server_name: media.server_name,
             media_id: Some(media.media_id).filter(|m| !m.is_empty()),
             user_id: r.user_id,
-            now_ms: r.now_ms,
-            content,
+            now_ms: 0,
+            content: ContentRecord { refcount: 0, created_at_ms: 0, lost: false, ..content },
             content_type: r.content_type,
             filename: r.filename,
+            lost_key: r.lost_key,
         };
         match self.apply(cmd).await? {
             CommandOutput::Committed(o) => Ok(Response::new(pb::CommitUploadResponse {
                 media: Some((&o.media).into()),
                 content: Some((&o.content).into()),
                 deduplicated: o.deduplicated,
+                generation: o.generation,
             })),
             other => Err(unexpected(other)),
         }
     }
 
-    async fn expire_pending(
+    async fn begin_sweep(&self, req: Request<pb::BeginSweepRequest>) -> Result<Response<pb::Generations>, Status> {
+        let min_interval_ms = req.into_inner().min_interval_ms;
+        match self.apply(Command::BeginSweep { now_ms: 0, min_interval_ms }).await? {
+            CommandOutput::Sweep(g) => {
+                Ok(Response::new(pb::Generations { generation: g.generation, sealed: g.sealed }))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn get_generations(
         &self,
-        req: Request<pb::ExpirePendingRequest>,
-    ) -> Result<Response<pb::ExpirePendingResponse>, Status> {
-        let now_ms = req.into_inner().now_ms;
-        match self.apply(Command::ExpirePending { now_ms }).await? {
-            CommandOutput::Expired { removed } => Ok(Response::new(pb::ExpirePendingResponse { removed })),
+        _req: Request<pb::GetGenerationsRequest>,
+    ) -> Result<Response<pb::Generations>, Status> {
+        let g = self.read(|sm| sm.generations()).await?;
+        Ok(Response::new(pb::Generations { generation: g.generation, sealed: g.sealed }))
+    }
+
+    async fn report_lost(
+        &self,
+        req: Request<pb::ReportLostRequest>,
+    ) -> Result<Response<pb::ReportLostResponse>, Status> {
+        let r = req.into_inner();
+        let cid = cid_from_wire(&r.cid)?;
+        match self.apply(Command::ReportLost { cid, blob_key: r.blob_key }).await? {
+            CommandOutput::Lost { marked } => Ok(Response::new(pb::ReportLostResponse { marked })),
             other => Err(unexpected(other)),
         }
     }
 
     async fn get_media(&self, req: Request<pb::GetMediaRequest>) -> Result<Response<pb::GetMediaResponse>, Status> {
-        let key: MediaKey = required(req.into_inner().media, "media")?.into();
+        let r = req.into_inner();
+        let linearizable = r.linearizable;
+        let key: MediaKey = required(r.media, "media")?.into();
         let lookup = |sm: &StateMachine, key: &MediaKey| -> Result<_, StorageError> {
             let media = sm.get_media(key)?;
             let content = match media.as_ref().and_then(|m| m.cid()) {
@@ -210,11 +242,14 @@ impl Meta for MetaService {
             };
             Ok((media, content))
         };
-        // An mxc with content stays so (until deletion exists; then the change feed tells
-        // edges): a local answer of "ready" is never stale. "Missing" or "pending" might be,
-        // so those are confirmed through the leader.
+        // An mxc with content keeps it (until deletion exists; then the change feed tells
+        // edges), so a local "ready" is served as is. Its content record may since have been
+        // repaired onto another blob: an edge that finds the named blob missing asks again
+        // with `linearizable`. "Missing" or "pending" might be stale, so those are confirmed
+        // through the leader.
         let k = key.clone();
-        let (media, content) = match self.read_local(move |sm| lookup(sm, &k)).await? {
+        let local = if linearizable { (None, None) } else { self.read_local(move |sm| lookup(sm, &k)).await? };
+        let (media, content) = match local {
             found @ (Some(_), Some(_)) => found,
             _ => self.read(move |sm| lookup(sm, &key)).await?,
         };
@@ -276,13 +311,23 @@ impl Meta for MetaService {
         let want_digest = req.into_inner().digest;
         let node_id = self.node_id;
         // The node's own view, without a leader round trip: operators ask every node.
-        let (last_applied, (media_count, content_count), digest) = self
-            .read_local(move |sm| {
-                let digest = if want_digest { Some(sm.digest()?) } else { None };
-                Ok((sm.last_applied()?, sm.counts()?, digest))
-            })
-            .await?;
-        let state_digest = digest.map(|d| crate::raft::backup::hex(&d)).unwrap_or_default();
+        let (last_applied, (media_count, content_count)) =
+            self.read_local(move |sm| Ok((sm.last_applied()?, sm.counts()?))).await?;
+        let state_digest = if want_digest {
+            // One full read at a time, and none again until the state changes: any metadata
+            // client may ask, so asking must not be a way to load the node.
+            let Ok(mut cached) = self.digest.try_lock() else {
+                return Err(Status::resource_exhausted("a state digest is being computed; ask again shortly"));
+            };
+            let (at, digest) = match *cached {
+                Some((at, d)) if at == self.sm.last_applied().map_err(|e| status_from_storage_error(&e))? => (at, d),
+                _ => self.read_local(|sm| Ok((sm.last_applied()?, sm.digest()?))).await?,
+            };
+            *cached = Some((at, digest));
+            crate::raft::backup::hex(&digest)
+        } else {
+            String::new()
+        };
         Ok(Response::new(pb::StatusResponse { node_id, last_applied, media_count, content_count, state_digest }))
     }
 }

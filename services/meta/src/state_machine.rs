@@ -13,9 +13,9 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use serde::{Serialize, de::DeserializeOwned};
 use std::path::Path;
 
-use crate::command::{Command, CommandOutput, CommitOutcome};
+use crate::command::{Command, CommandOutput, CommitOutcome, Generations};
 use crate::error::{CommandError, StorageError};
-use crate::model::{ContentRecord, MediaKey, MediaRecord, MediaState};
+use crate::model::{ContentRecord, MediaKey, MediaRecord, MediaState, blob_key};
 
 /// (server_name, media_id) → postcard(MediaRecord)
 const MEDIA: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("media");
@@ -23,22 +23,30 @@ const MEDIA: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("media"
 const CONTENT: TableDefinition<&[u8], &[u8]> = TableDefinition::new("content");
 /// (user_id, server_name, media_id) → expires_at_ms, for every pending reservation
 const PENDING: TableDefinition<(&str, &str, &str), u64> = TableDefinition::new("pending");
-/// upload_id → postcard((now_ms, CommitOutcome)): answers to retried commits
-const UPLOADS: TableDefinition<&str, &[u8]> = TableDefinition::new("uploads");
-/// (committed_at_ms, upload_id) → (): `UPLOADS` by age, so expiry reads only what expires
-const UPLOADS_BY_TIME: TableDefinition<(u64, &str), ()> = TableDefinition::new("uploads_by_time");
+/// (expires_at_ms, server_name, media_id) → user_id: `PENDING` by expiry, so expiring reads
+/// only what expires
+const PENDING_BY_EXPIRY: TableDefinition<(u64, &str, &str), &str> = TableDefinition::new("pending_by_expiry");
 /// blob-store object key → binary CID, for every object a content record references
 const BLOB_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("blob_keys");
-/// bookkeeping: "last_applied"
+/// object keys of unsealed generations that no commit may ever reference (released
+/// duplicates); dropped once their generation is sealed, which refuses them anyway
+const TOMBSTONES: TableDefinition<&str, ()> = TableDefinition::new("tombstones");
+/// bookkeeping: "last_applied", and the clock and reclaim generations (see [`META_KEYS`])
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// opaque values the raft layer stores with the state (last applied log ID, membership)
 const EXTRA: TableDefinition<&str, &[u8]> = TableDefinition::new("extra");
 
+/// The state machine's clock: the largest leader time any command carried.
+const CLOCK: &str = "clock_ms";
+/// The current reclaim generation (uploads name objects under it); 1 in a new state.
+const GENERATION: &str = "generation";
+/// Generations up to this one are sealed: no commit may name their objects.
+const SEALED: &str = "sealed";
+/// Leader time of the last generation advance.
+const ADVANCED_AT: &str = "advanced_at_ms";
+
 /// redb page cache of the state database.
 const STATE_CACHE_BYTES: usize = 128 << 20;
-
-/// How long a commit's answer is kept for retries of the same `upload_id`.
-const UPLOAD_RECORD_TTL_MS: u64 = 24 * 60 * 60 * 1000;
 
 type Applied = Result<CommandOutput, CommandError>;
 
@@ -55,9 +63,9 @@ impl StateMachine {
         txn.open_table(MEDIA)?;
         txn.open_table(CONTENT)?;
         txn.open_table(PENDING)?;
-        txn.open_table(UPLOADS)?;
-        txn.open_table(UPLOADS_BY_TIME)?;
+        txn.open_table(PENDING_BY_EXPIRY)?;
         txn.open_table(BLOB_KEYS)?;
+        txn.open_table(TOMBSTONES)?;
         txn.open_table(META)?;
         txn.open_table(EXTRA)?;
         txn.commit()?;
@@ -92,9 +100,10 @@ impl StateMachine {
                 media: txn.open_table(MEDIA)?,
                 content: txn.open_table(CONTENT)?,
                 pending: txn.open_table(PENDING)?,
-                uploads: txn.open_table(UPLOADS)?,
-                uploads_by_time: txn.open_table(UPLOADS_BY_TIME)?,
+                pending_by_expiry: txn.open_table(PENDING_BY_EXPIRY)?,
                 blob_keys: txn.open_table(BLOB_KEYS)?,
+                tombstones: txn.open_table(TOMBSTONES)?,
+                meta: txn.open_table(META)?,
             };
             for (_, cmd) in entries {
                 results.push(match cmd {
@@ -103,7 +112,7 @@ impl StateMachine {
                 });
             }
             if let Some((index, _)) = entries.last() {
-                txn.open_table(META)?.insert("last_applied", *index)?;
+                tables.meta.insert("last_applied", *index)?;
             }
             let mut extra = txn.open_table(EXTRA)?;
             for (k, v) in extras {
@@ -151,9 +160,9 @@ impl StateMachine {
                 expires_at_ms: v.value(),
             })?;
         }
-        for entry in txn.open_table(UPLOADS)?.iter()? {
-            let (k, v) = entry?;
-            put(&SnapshotRecord::Upload { id: k.value().into(), value: v.value().to_vec() })?;
+        for entry in txn.open_table(TOMBSTONES)?.iter()? {
+            let (k, _) = entry?;
+            put(&SnapshotRecord::Tombstone { key: k.value().into() })?;
         }
         for entry in txn.open_table(META)?.iter()? {
             let (k, v) = entry?;
@@ -178,16 +187,16 @@ impl StateMachine {
             let mut media = txn.open_table(MEDIA)?;
             let mut content = txn.open_table(CONTENT)?;
             let mut pending = txn.open_table(PENDING)?;
-            let mut uploads = txn.open_table(UPLOADS)?;
-            let mut uploads_by_time = txn.open_table(UPLOADS_BY_TIME)?;
+            let mut pending_by_expiry = txn.open_table(PENDING_BY_EXPIRY)?;
             let mut blob_keys = txn.open_table(BLOB_KEYS)?;
+            let mut tombstones = txn.open_table(TOMBSTONES)?;
             let mut meta = txn.open_table(META)?;
             media.retain(|_, _| false)?;
             content.retain(|_, _| false)?;
             pending.retain(|_, _| false)?;
-            uploads.retain(|_, _| false)?;
-            uploads_by_time.retain(|_, _| false)?;
+            pending_by_expiry.retain(|_, _| false)?;
             blob_keys.retain(|_, _| false)?;
+            tombstones.retain(|_, _| false)?;
             meta.retain(|_, _| false)?;
             let mut buf = Vec::new();
             loop {
@@ -210,11 +219,10 @@ impl StateMachine {
                     }
                     SnapshotRecord::Pending { user, server, id, expires_at_ms } => {
                         pending.insert((user.as_str(), server.as_str(), id.as_str()), expires_at_ms)?;
+                        pending_by_expiry.insert((expires_at_ms, server.as_str(), id.as_str()), user.as_str())?;
                     }
-                    SnapshotRecord::Upload { id, value } => {
-                        let (at, _): (u64, CommitOutcome) = decode("snapshot", &value)?;
-                        uploads.insert(id.as_str(), value.as_slice())?;
-                        uploads_by_time.insert((at, id.as_str()), ())?;
+                    SnapshotRecord::Tombstone { key } => {
+                        tombstones.insert(key.as_str(), ())?;
                     }
                     SnapshotRecord::Meta { key, value } => {
                         meta.insert(key.as_str(), value)?;
@@ -249,6 +257,20 @@ impl StateMachine {
         let table = txn.open_table(CONTENT)?;
         let found = table.get(cid.to_bytes().as_slice())?;
         found.map(|v| decode("content", v.value())).transpose()
+    }
+
+    /// The reclaim generations as of this node's state.
+    pub fn generations(&self) -> Result<Generations, StorageError> {
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        let get = |k: &str| -> Result<Option<u64>, StorageError> { Ok(meta.get(k)?.map(|v| v.value())) };
+        Ok(Generations { generation: get(GENERATION)?.unwrap_or(1), sealed: get(SEALED)?.unwrap_or(0) })
+    }
+
+    /// Whether `key` is tombstoned (tests).
+    pub fn is_tombstoned(&self, key: &str) -> Result<bool, StorageError> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(TOMBSTONES)?.get(key)?.is_some())
     }
 
     /// Number of (media, content) records.
@@ -290,19 +312,28 @@ struct Tables<'txn> {
     media: redb::Table<'txn, (&'static str, &'static str), &'static [u8]>,
     content: redb::Table<'txn, &'static [u8], &'static [u8]>,
     pending: redb::Table<'txn, (&'static str, &'static str, &'static str), u64>,
-    uploads: redb::Table<'txn, &'static str, &'static [u8]>,
-    uploads_by_time: redb::Table<'txn, (u64, &'static str), ()>,
+    pending_by_expiry: redb::Table<'txn, (u64, &'static str, &'static str), &'static str>,
     blob_keys: redb::Table<'txn, &'static str, &'static [u8]>,
+    tombstones: redb::Table<'txn, &'static str, ()>,
+    meta: redb::Table<'txn, &'static str, u64>,
+}
+
+/// What a commit's content is to the stored content record.
+enum Attached {
+    /// The caller's objects hold the content now (new content, a repair, or a retry).
+    Ours(ContentRecord),
+    /// The content is stored elsewhere; the caller's objects are released.
+    Duplicate(ContentRecord),
 }
 
 impl Tables<'_> {
     fn apply(&mut self, cmd: &Command) -> Result<Applied, StorageError> {
         match cmd {
-            Command::CreatePending { media, user_id, now_ms, expires_at_ms, max_pending_per_user } => {
-                self.create_pending(media, user_id, *now_ms, *expires_at_ms, *max_pending_per_user)
+            Command::CreatePending { media, user_id, now_ms, ttl_ms, max_pending_per_user } => {
+                let now = self.clock(*now_ms)?;
+                self.create_pending(media, user_id, now, *ttl_ms, *max_pending_per_user)
             }
             Command::CommitUpload {
-                upload_id,
                 server_name,
                 media_id,
                 user_id,
@@ -310,28 +341,49 @@ impl Tables<'_> {
                 content,
                 content_type,
                 filename,
+                lost_key,
             } => {
-                if let Some(v) = self.uploads.get(upload_id.as_str())? {
-                    let (_, outcome): (u64, CommitOutcome) = decode("uploads", v.value())?;
-                    return Ok(Ok(CommandOutput::Committed(outcome)));
-                }
-                let result = self.commit_upload(
+                let now = self.clock(*now_ms)?;
+                let upload = Upload {
                     server_name,
-                    media_id.as_deref(),
+                    media_id: media_id.as_deref(),
                     user_id,
-                    *now_ms,
                     content,
                     content_type,
-                    filename.as_deref(),
-                )?;
-                if let Ok(outcome) = &result {
-                    self.uploads.insert(upload_id.as_str(), encode(&(*now_ms, outcome))?.as_slice())?;
-                    self.uploads_by_time.insert((*now_ms, upload_id.as_str()), ())?;
-                }
-                Ok(result.map(CommandOutput::Committed))
+                    filename: filename.as_deref(),
+                    lost_key: lost_key.as_deref(),
+                };
+                Ok(self.commit_upload(&upload, now)?.map(CommandOutput::Committed))
             }
-            Command::ExpirePending { now_ms } => self.expire(*now_ms),
+            Command::Expire { now_ms, limit } => {
+                let now = self.clock(*now_ms)?;
+                self.expire(now, *limit)
+            }
+            Command::BeginSweep { now_ms, min_interval_ms } => {
+                let now = self.clock(*now_ms)?;
+                self.begin_sweep(now, *min_interval_ms)
+            }
+            Command::ReportLost { cid, blob_key } => self.report_lost(cid, blob_key),
         }
+    }
+
+    fn meta_value(&self, key: &str) -> Result<Option<u64>, StorageError> {
+        Ok(self.meta.get(key)?.map(|v| v.value()))
+    }
+
+    /// The time a command runs at: the leader's clock as stamped, never earlier than any
+    /// command before it.
+    fn clock(&mut self, proposed: u64) -> Result<u64, StorageError> {
+        let now = self.meta_value(CLOCK)?.unwrap_or(0).max(proposed);
+        self.meta.insert(CLOCK, now)?;
+        Ok(now)
+    }
+
+    fn generations(&self) -> Result<Generations, StorageError> {
+        Ok(Generations {
+            generation: self.meta_value(GENERATION)?.unwrap_or(1),
+            sealed: self.meta_value(SEALED)?.unwrap_or(0),
+        })
     }
 
     fn get_media(&self, server: &str, media_id: &str) -> Result<Option<MediaRecord>, StorageError> {
@@ -350,11 +402,11 @@ impl Tables<'_> {
         media: &MediaKey,
         user_id: &str,
         now_ms: u64,
-        expires_at_ms: u64,
+        ttl_ms: u64,
         max_pending: u32,
     ) -> Result<Applied, StorageError> {
-        if media.server_name.is_empty() || media.media_id.is_empty() || user_id.is_empty() {
-            return Ok(Err(CommandError::InvalidArgument("empty server name, media ID or user".into())));
+        if media.server_name.is_empty() || media.media_id.is_empty() || user_id.is_empty() || ttl_ms == 0 {
+            return Ok(Err(CommandError::InvalidArgument("empty server name, media ID, user or lifetime".into())));
         }
         if self.get_media(&media.server_name, &media.media_id)?.is_some() {
             return Ok(Err(CommandError::AlreadyExists));
@@ -372,6 +424,7 @@ impl Tables<'_> {
         if live >= max_pending {
             return Ok(Err(CommandError::PendingLimit { limit: max_pending }));
         }
+        let expires_at_ms = now_ms.saturating_add(ttl_ms);
         let record = MediaRecord {
             key: media.clone(),
             uploader: user_id.to_owned(),
@@ -379,41 +432,48 @@ impl Tables<'_> {
             state: MediaState::Pending { expires_at_ms },
         };
         self.put_media(&record)?;
-        self.pending.insert((user_id, media.server_name.as_str(), media.media_id.as_str()), expires_at_ms)?;
+        let (server, id) = (media.server_name.as_str(), media.media_id.as_str());
+        self.pending.insert((user_id, server, id), expires_at_ms)?;
+        self.pending_by_expiry.insert((expires_at_ms, server, id), user_id)?;
         Ok(Ok(CommandOutput::Pending(record)))
     }
 
-    #[allow(clippy::too_many_arguments)]
+    fn remove_pending(&mut self, user: &str, server: &str, media_id: &str) -> Result<(), StorageError> {
+        if let Some(expires) = self.pending.remove((user, server, media_id))?.map(|v| v.value()) {
+            self.pending_by_expiry.remove((expires, server, media_id))?;
+        }
+        Ok(())
+    }
+
     fn commit_upload(
         &mut self,
-        server_name: &str,
-        media_id: Option<&str>,
-        user_id: &str,
+        u: &Upload<'_>,
         now_ms: u64,
-        content: &ContentRecord,
-        content_type: &str,
-        filename: Option<&str>,
     ) -> Result<Result<CommitOutcome, CommandError>, StorageError> {
-        if server_name.is_empty() || user_id.is_empty() || content.blob_key.is_empty() {
+        let content = u.content;
+        if u.server_name.is_empty() || u.user_id.is_empty() || content.blob_key.is_empty() {
             return Ok(Err(CommandError::InvalidArgument("empty server name, user or blob key".into())));
         }
         let cid_string = content.cid.to_string();
         // Synchronous uploads are named by their CID; an asynchronous one fills a reservation
         // (even if a client picked a reservation ID that looks like a CID).
-        let is_sync = media_id.is_none();
-        let media_id = media_id.unwrap_or(&cid_string);
-        let existing = self.get_media(server_name, media_id)?;
+        let is_sync = u.media_id.is_none();
+        let media_id = u.media_id.unwrap_or(&cid_string);
+        let existing = self.get_media(u.server_name, media_id)?;
         let created_at_ms = match &existing {
-            // A synchronous upload of bytes this server already has: same mxc, nothing new.
-            Some(record @ MediaRecord { state: MediaState::Ready { cid, .. }, .. })
-                if is_sync && *cid == content.cid =>
+            // The same bytes again: a synchronous upload of bytes this server already has, or
+            // a retried commit of a reservation whose first answer was lost (same uploader;
+            // a reservation ID is random, so it is never the CID of what fills it, and a PUT
+            // to a CID-named mxc stays a conflict). Same mxc, no new reference; the caller's
+            // objects repair lost content or are released.
+            Some(record @ MediaRecord { state: MediaState::Ready { cid, .. }, uploader, .. })
+                if *cid == content.cid && (is_sync || (uploader == u.user_id && media_id != cid_string)) =>
             {
-                let stored = self.get_content(&content.cid)?.ok_or(StorageError::Corrupt {
-                    table: "content",
-                    detail: format!("{} references missing content {cid}", record.key),
-                })?;
-                let deduplicated = stored.blob_key != content.blob_key;
-                return Ok(Ok(CommitOutcome { media: record.clone(), content: stored, deduplicated }));
+                let attached = match self.attach(content, u.lost_key, now_ms, 0)? {
+                    Ok(a) => a,
+                    Err(e) => return Ok(Err(e)),
+                };
+                return Ok(Ok(self.outcome(record.clone(), attached)?));
             }
             Some(MediaRecord { state: MediaState::Ready { .. }, .. }) => {
                 return Ok(Err(CommandError::AlreadyExists));
@@ -422,48 +482,150 @@ impl Tables<'_> {
                 return Ok(Err(CommandError::AlreadyExists));
             }
             Some(MediaRecord { state: MediaState::Pending { expires_at_ms }, uploader, created_at_ms, .. }) => {
-                if uploader != user_id {
+                if uploader != u.user_id {
                     return Ok(Err(CommandError::PermissionDenied));
                 }
                 if *expires_at_ms <= now_ms {
                     return Ok(Err(CommandError::NotFound));
                 }
-                self.pending.remove((user_id, server_name, media_id))?;
                 *created_at_ms
             }
             None if is_sync => now_ms,
             None => return Ok(Err(CommandError::NotFound)),
         };
-
-        let (stored, deduplicated) = match self.get_content(&content.cid)? {
-            Some(mut stored) => {
-                stored.refcount += 1;
-                let dedup = stored.blob_key != content.blob_key;
-                (stored, dedup)
-            }
-            None => {
-                let cid = content.cid.to_bytes();
-                self.blob_keys.insert(content.blob_key.as_str(), cid.as_slice())?;
-                if let Some(idx) = &content.index_key {
-                    self.blob_keys.insert(idx.as_str(), cid.as_slice())?;
-                }
-                (ContentRecord { refcount: 1, created_at_ms: now_ms, ..content.clone() }, false)
-            }
+        let attached = match self.attach(content, u.lost_key, now_ms, 1)? {
+            Ok(a) => a,
+            Err(e) => return Ok(Err(e)),
         };
-        self.content.insert(stored.cid.to_bytes().as_slice(), encode(&stored)?.as_slice())?;
+        if !is_sync {
+            self.remove_pending(u.user_id, u.server_name, media_id)?;
+        }
         let media = MediaRecord {
-            key: MediaKey::new(server_name, media_id),
-            uploader: user_id.to_owned(),
+            key: MediaKey::new(u.server_name, media_id),
+            uploader: u.user_id.to_owned(),
             created_at_ms,
             state: MediaState::Ready {
                 cid: content.cid,
-                content_type: content_type.to_owned(),
-                filename: filename.map(str::to_owned),
+                content_type: u.content_type.to_owned(),
+                filename: u.filename.map(str::to_owned),
                 uploaded_at_ms: now_ms,
             },
         };
         self.put_media(&media)?;
-        Ok(Ok(CommitOutcome { media, content: stored, deduplicated }))
+        Ok(Ok(self.outcome(media, attached)?))
+    }
+
+    fn outcome(&self, media: MediaRecord, attached: Attached) -> Result<CommitOutcome, StorageError> {
+        let generation = self.generations()?.generation;
+        Ok(match attached {
+            Attached::Ours(content) => CommitOutcome { media, content, deduplicated: false, generation },
+            Attached::Duplicate(content) => CommitOutcome { media, content, deduplicated: true, generation },
+        })
+    }
+
+    /// Attaches an upload's objects to the content record of its CID, adding `add_refs`
+    /// references. Checks everything before writing anything.
+    fn attach(
+        &mut self,
+        ours: &ContentRecord,
+        lost_key: Option<&str>,
+        now_ms: u64,
+        add_refs: u64,
+    ) -> Result<Result<Attached, CommandError>, StorageError> {
+        let stored = self.get_content(&ours.cid)?;
+        let repairs = |s: &ContentRecord| s.lost || lost_key == Some(s.blob_key.as_str());
+        let record = match stored {
+            // A retry of the commit that stored these very objects.
+            Some(mut s) if s.blob_key == ours.blob_key => {
+                s.refcount += add_refs;
+                self.put_content(&s)?;
+                return Ok(Ok(Attached::Ours(s)));
+            }
+            Some(mut s) if !repairs(&s) => {
+                s.refcount += add_refs;
+                self.put_content(&s)?;
+                self.release(ours)?;
+                return Ok(Ok(Attached::Duplicate(s)));
+            }
+            // Lost (reported, or found missing by this caller): these objects replace it. The
+            // caller named the lost key itself, so its own released objects may come back.
+            Some(s) => {
+                if let Err(e) = self.check_new_objects(ours, true)? {
+                    return Ok(Err(e));
+                }
+                self.unregister(&s)?;
+                ContentRecord {
+                    refcount: s.refcount + add_refs,
+                    created_at_ms: s.created_at_ms,
+                    lost: false,
+                    ..ours.clone()
+                }
+            }
+            None => {
+                if let Err(e) = self.check_new_objects(ours, false)? {
+                    return Ok(Err(e));
+                }
+                ContentRecord { refcount: add_refs.max(1), created_at_ms: now_ms, lost: false, ..ours.clone() }
+            }
+        };
+        self.register(&record)?;
+        self.put_content(&record)?;
+        Ok(Ok(Attached::Ours(record)))
+    }
+
+    /// Whether a content record may reference `c`'s objects: well-formed keys of unsealed,
+    /// issued generations, not released (unless `revive`), not referenced by other content.
+    fn check_new_objects(&self, c: &ContentRecord, revive: bool) -> Result<Result<(), CommandError>, StorageError> {
+        let g = self.generations()?;
+        for key in object_keys(c) {
+            let Some(generation) = blob_key::generation(key) else {
+                return Ok(Err(CommandError::InvalidArgument(format!("malformed blob key {key:?}"))));
+            };
+            // A generation not issued yet (an edge that knew a cluster restored from an older
+            // backup) would escape sealing: such objects are stored again under the current one.
+            let unissued = generation > g.generation;
+            if generation <= g.sealed || unissued || (!revive && self.tombstones.get(key)?.is_some()) {
+                return Ok(Err(CommandError::Reclaimed { generation: g.generation }));
+            }
+            if self.blob_keys.get(key)?.is_some() {
+                return Ok(Err(CommandError::InvalidArgument(format!("blob key {key:?} already holds other content"))));
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    fn register(&mut self, c: &ContentRecord) -> Result<(), StorageError> {
+        let cid = c.cid.to_bytes();
+        for key in object_keys(c) {
+            self.blob_keys.insert(key, cid.as_slice())?;
+            self.tombstones.remove(key)?;
+        }
+        Ok(())
+    }
+
+    fn unregister(&mut self, c: &ContentRecord) -> Result<(), StorageError> {
+        for key in object_keys(c) {
+            self.blob_keys.remove(key)?;
+        }
+        Ok(())
+    }
+
+    /// Makes sure no commit will ever reference `c`'s objects, so their owner may delete them.
+    /// Keys of sealed generations are refused anyway and need no tombstone.
+    fn release(&mut self, c: &ContentRecord) -> Result<(), StorageError> {
+        let sealed = self.generations()?.sealed;
+        for key in object_keys(c) {
+            let unsealed = blob_key::generation(key).is_some_and(|g| g > sealed);
+            if unsealed && self.blob_keys.get(key)?.is_none() {
+                self.tombstones.insert(key, ())?;
+            }
+        }
+        Ok(())
+    }
+
+    fn put_content(&mut self, c: &ContentRecord) -> Result<(), StorageError> {
+        self.content.insert(c.cid.to_bytes().as_slice(), encode(c)?.as_slice())?;
+        Ok(())
     }
 
     fn get_content(&self, cid: &Cid) -> Result<Option<ContentRecord>, StorageError> {
@@ -471,32 +633,79 @@ impl Tables<'_> {
         found.map(|v| decode("content", v.value())).transpose()
     }
 
-    fn expire(&mut self, now_ms: u64) -> Result<Applied, StorageError> {
-        let mut expired = Vec::new();
-        for entry in self.pending.iter()? {
-            let (k, v) = entry?;
-            if v.value() <= now_ms {
-                let (user, server, media) = k.value();
-                expired.push((user.to_owned(), server.to_owned(), media.to_owned()));
+    fn report_lost(&mut self, cid: &Cid, blob_key: &str) -> Result<Applied, StorageError> {
+        let marked = match self.get_content(cid)? {
+            Some(mut c) if c.blob_key == blob_key && !c.lost => {
+                c.lost = true;
+                self.put_content(&c)?;
+                true
             }
+            _ => false,
+        };
+        Ok(Ok(CommandOutput::Lost { marked }))
+    }
+
+    /// Removes up to `limit` reservations that expired by `now_ms`, read from the expiry index.
+    fn expire(&mut self, now_ms: u64, limit: u32) -> Result<Applied, StorageError> {
+        let mut expired = Vec::new();
+        for entry in self.pending_by_expiry.iter()? {
+            if expired.len() >= limit as usize {
+                break;
+            }
+            let (k, user) = entry?;
+            let (at, server, media) = k.value();
+            if at > now_ms {
+                break;
+            }
+            expired.push((at, server.to_owned(), media.to_owned(), user.value().to_owned()));
         }
-        for (user, server, media) in &expired {
+        for (at, server, media, user) in &expired {
+            self.pending_by_expiry.remove((*at, server.as_str(), media.as_str()))?;
             self.pending.remove((user.as_str(), server.as_str(), media.as_str()))?;
-            self.media.remove((server.as_str(), media.as_str()))?;
-        }
-        let cutoff = now_ms.saturating_sub(UPLOAD_RECORD_TTL_MS);
-        let mut stale = Vec::new();
-        for entry in self.uploads_by_time.range(..(cutoff, ""))? {
-            let (k, _) = entry?;
-            let (at, id) = k.value();
-            stale.push((at, id.to_owned()));
-        }
-        for (at, id) in &stale {
-            self.uploads.remove(id.as_str())?;
-            self.uploads_by_time.remove((*at, id.as_str()))?;
+            // Only a reservation still waiting for content goes; a filled one is Ready.
+            if let Some(MediaRecord { state: MediaState::Pending { .. }, .. }) = self.get_media(server, media)? {
+                self.media.remove((server.as_str(), media.as_str()))?;
+            }
         }
         Ok(Ok(CommandOutput::Expired { removed: expired.len() as u64 }))
     }
+
+    /// Advances the reclaim generation (at most once per `min_interval_ms` of leader time) and
+    /// seals the generation two behind it: objects of a sealed generation can no longer be
+    /// committed, so the sweeper may delete those nobody references. An upload has at least
+    /// one whole interval to commit before its generation is sealed; a slower one is refused
+    /// and stores its bytes again.
+    fn begin_sweep(&mut self, now_ms: u64, min_interval_ms: u64) -> Result<Applied, StorageError> {
+        let mut g = self.generations()?;
+        let last = self.meta_value(ADVANCED_AT)?;
+        if last.is_none_or(|at| now_ms.saturating_sub(at) >= min_interval_ms) {
+            g.generation += 1;
+            g.sealed = g.sealed.max(g.generation.saturating_sub(2));
+            self.meta.insert(GENERATION, g.generation)?;
+            self.meta.insert(SEALED, g.sealed)?;
+            self.meta.insert(ADVANCED_AT, now_ms)?;
+            // Released keys of sealed generations are refused by the seal itself.
+            let end = blob_key::after_generation(g.sealed);
+            self.tombstones.retain_in::<&str, _>(..end.as_str(), |_, _| false)?;
+        }
+        Ok(Ok(CommandOutput::Sweep(g)))
+    }
+}
+
+/// The fields of a `CommitUpload`.
+struct Upload<'a> {
+    server_name: &'a str,
+    media_id: Option<&'a str>,
+    user_id: &'a str,
+    content: &'a ContentRecord,
+    content_type: &'a str,
+    filename: Option<&'a str>,
+    lost_key: Option<&'a str>,
+}
+
+/// The objects a content record names: its bytes and, for a multi-block file, its index.
+fn object_keys(c: &ContentRecord) -> impl Iterator<Item = &str> {
+    std::iter::once(c.blob_key.as_str()).chain(c.index_key.as_deref())
 }
 
 /// A writer that hashes (sha2-256) everything written through it.
@@ -548,9 +757,8 @@ enum SnapshotRecord {
         id: String,
         expires_at_ms: u64,
     },
-    Upload {
-        id: String,
-        value: Vec<u8>,
+    Tombstone {
+        key: String,
     },
     Meta {
         key: String,

@@ -117,7 +117,6 @@ impl RaftNetwork<TypeConfig> for Conn {
 fn upload(n: u64) -> Command {
     let cid = cid::Cid::new_v1(0x55, multihash::Multihash::<64>::wrap(0x12, &n.to_le_bytes()).expect("fits"));
     Command::CommitUpload {
-        upload_id: format!("u{n}"),
         server_name: "hs".into(),
         media_id: None,
         user_id: "@a:hs".into(),
@@ -126,13 +125,15 @@ fn upload(n: u64) -> Command {
             cid,
             size: 8,
             chunk_size: 1 << 20,
-            blob_key: format!("blobs/{n}"),
+            blob_key: mxcas_meta::model::blob_key::new(1, &n.to_string()),
             index_key: None,
             refcount: 0,
             created_at_ms: n,
+            lost: false,
         },
         content_type: "application/octet-stream".into(),
         filename: None,
+        lost_key: None,
     }
 }
 

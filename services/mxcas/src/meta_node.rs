@@ -80,5 +80,10 @@ pub async fn start(config: &Config, cancel: CancellationToken, tracker: &TaskTra
             tracing::warn!(error = %e, "raft did not shut down cleanly");
         }
     });
+    tracker.spawn(mxcas_meta::raft::expire_reservations(
+        node.clone(),
+        std::time::Duration::from_secs(10),
+        cancel.clone(),
+    ));
     Ok(MetaNode { node, addr, advertise })
 }

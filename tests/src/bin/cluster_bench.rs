@@ -24,21 +24,21 @@ fn commit_request(n: u64) -> pb::CommitUploadRequest {
     let bytes = n.to_le_bytes();
     let cid = mxcas_edge::unixfs::raw_cid(&bytes);
     pb::CommitUploadRequest {
-        upload_id: format!("bench-{n}"),
         media: Some(pb::MediaKey { server_name: "localhost".into(), media_id: String::new() }),
         user_id: "@bench:localhost".into(),
-        now_ms: 1,
         content: Some(pb::Content {
             cid: cid.to_bytes(),
             size: 8,
             chunk_size: 1 << 20,
-            blob_key: format!("blobs/bench{n:016x}"),
+            blob_key: mxcas_meta::model::blob_key::new(1, &format!("bench{n:016x}")),
             index_key: String::new(),
             refcount: 0,
             created_at_ms: 1,
+            lost: false,
         }),
         content_type: "application/octet-stream".into(),
         filename: None,
+        lost_key: None,
     }
 }
 

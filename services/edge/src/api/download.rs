@@ -24,7 +24,7 @@ use super::AppState;
 use super::error::ApiError;
 use super::headers::{CONTENT_SECURITY_POLICY, content_disposition};
 use super::range::{RangeDecision, decide};
-use crate::cache::BlockCache;
+use crate::cache::{BlockCache, BlockError};
 use crate::media::Resolved;
 
 /// A request without `timeout_ms` waits this long for an async upload (the spec's default).
@@ -86,7 +86,48 @@ async fn serve(
     .min(state.media.config.max_download_wait);
     let key = MediaKey::new(path.server_name, path.media_id);
     let resolved = state.media.resolve(&key, wait, legacy).await?;
-    respond(state, method, headers, &resolved, path.file_name.as_deref(), legacy).await
+    let file_name = path.file_name.as_deref();
+    // A missing or corrupt first block may mean the record moved (repaired by a re-upload)
+    // since this edge read it: ask again once, then answer the loss.
+    let failure = if resolved.content.lost {
+        BlockError::Missing { key: resolved.content.blob_key.clone() }
+    } else {
+        match respond(state, method.clone(), headers, &resolved, file_name, legacy).await {
+            Err(Failure::Block(e)) if e.is_data_loss() => e,
+            other => return other.map_err(ApiError::from),
+        }
+    };
+    let fresh = state.media.after_read_failure(&resolved, &failure, false).await?;
+    match respond(state, method, headers, &fresh, file_name, legacy).await {
+        // Twice, from the leader's current record: reported and answered as lost.
+        Err(Failure::Block(e)) if e.is_data_loss() => match state.media.after_read_failure(&fresh, &e, true).await {
+            Ok(_) => Err(ApiError::data_loss()),
+            Err(e) => Err(e),
+        },
+        other => other.map_err(ApiError::from),
+    }
+}
+
+/// Why a response could not be made.
+enum Failure {
+    Api(ApiError),
+    /// Reading the first block failed.
+    Block(BlockError),
+}
+
+impl From<ApiError> for Failure {
+    fn from(e: ApiError) -> Self {
+        Failure::Api(e)
+    }
+}
+
+impl From<Failure> for ApiError {
+    fn from(f: Failure) -> Self {
+        match f {
+            Failure::Api(e) => e,
+            Failure::Block(e) => e.into(),
+        }
+    }
 }
 
 async fn respond(
@@ -96,9 +137,9 @@ async fn respond(
     r: &Resolved,
     file_name: Option<&str>,
     legacy: bool,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Failure> {
     let MediaState::Ready { cid, content_type, filename, .. } = &r.media.state else {
-        return Err(ApiError::internal("media has no content"));
+        return Err(ApiError::internal("media has no content").into());
     };
     let size = r.content.size;
     let etag = format!("\"{cid}\"");
@@ -167,13 +208,15 @@ async fn respond(
         let to = end.min(range.end) - range.start;
         bytes.slice(from as usize..to as usize)
     };
-    let first = blocks.block(&r.content, first_block).await?;
+    let first = blocks.block(&r.content, first_block).await.map_err(Failure::Block)?;
     let head = slice(first_block, first);
     let content = r.content.clone();
+    let (media, resolved) = (state.media.clone(), r.clone());
     let rest = stream::unfold(first_block + 1, move |i| {
         let blocks = blocks.clone();
         let content = content.clone();
         let slice = slice.clone();
+        let (media, resolved) = (media.clone(), resolved.clone());
         async move {
             if i > last_block {
                 return None;
@@ -182,6 +225,11 @@ async fn respond(
                 Ok(bytes) => Some((Ok::<Bytes, std::io::Error>(slice(i, bytes)), i + 1)),
                 Err(e) => {
                     tracing::error!(cid = %content.cid, block = i, error = %e, "aborting response body");
+                    if e.is_data_loss() {
+                        // Past the status line: the client sees a cut body; the loss is recorded.
+                        let err = e.clone();
+                        tokio::spawn(async move { media.after_read_failure(&resolved, &err, true).await });
+                    }
                     Some((Err(std::io::Error::other(e.to_string())), last_block + 1))
                 }
             }

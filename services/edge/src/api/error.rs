@@ -9,6 +9,9 @@ use mxcas_meta::{CommandError, MetaError};
 use crate::cache::BlockError;
 use crate::ingest::IngestError;
 
+/// Errcode of [`ApiError::data_loss`] (namespaced as the spec asks of non-`M_` codes).
+pub const DATA_LOSS: &str = "IO.MXCAS.DATA_LOSS";
+
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
@@ -32,6 +35,15 @@ impl ApiError {
     }
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN", message)
+    }
+    /// The stored bytes of this media are missing or corrupt. Permanent until someone uploads
+    /// the same bytes again (which repairs it): not "retry later".
+    pub fn data_loss() -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            DATA_LOSS,
+            "The stored bytes of this media are lost (missing or corrupt in storage); uploading the same file again restores it",
+        )
     }
     pub fn unavailable(message: impl Into<String>, retry_after_ms: u64) -> Self {
         Self {
@@ -76,6 +88,9 @@ impl From<MetaError> for ApiError {
                     format!("Too many pending uploads (limit {limit}); upload content to one or wait for it to expire"),
                 )
             },
+            MetaError::Rejected(CommandError::Reclaimed { .. }) => {
+                ApiError::unavailable("The upload took too long to be recorded; upload it again", 1_000)
+            }
             MetaError::Rejected(CommandError::InvalidArgument(m)) => {
                 tracing::error!(error = %m, "metadata service rejected a request as malformed");
                 ApiError::internal("Internal error")
@@ -99,9 +114,8 @@ impl From<BlockError> for ApiError {
                 tracing::error!(error = %m, "blob store read failed");
                 ApiError::unavailable("Media storage is temporarily unavailable; retry later", 2_000)
             }
-            BlockError::Corrupt { .. } | BlockError::OutOfRange { .. } => {
-                ApiError::internal("Stored media failed verification; an operator has been alerted")
-            }
+            BlockError::Missing { .. } | BlockError::Corrupt { .. } => ApiError::data_loss(),
+            BlockError::OutOfRange { .. } => ApiError::internal("Internal error: a block past the end of the media"),
         }
     }
 }

@@ -13,6 +13,7 @@ impl From<&ContentRecord> for pb::Content {
             index_key: c.index_key.clone().unwrap_or_default(),
             refcount: c.refcount,
             created_at_ms: c.created_at_ms,
+            lost: c.lost,
         }
     }
 }
@@ -32,6 +33,7 @@ impl TryFrom<pb::Content> for ContentRecord {
             index_key: Some(c.index_key).filter(|k| !k.is_empty()),
             refcount: c.refcount,
             created_at_ms: c.created_at_ms,
+            lost: c.lost,
         })
     }
 }

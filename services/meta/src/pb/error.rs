@@ -9,6 +9,7 @@ pub const LEADER_METADATA: &str = "x-mxcas-leader";
 
 /// Key of the binary status detail that carries a [`CommandError`] across the wire exactly.
 const DETAIL_PENDING_LIMIT: &str = "pending-limit:";
+const DETAIL_RECLAIMED: &str = "reclaimed:";
 
 pub fn status_from_command_error(e: &CommandError) -> Status {
     match e {
@@ -19,6 +20,9 @@ pub fn status_from_command_error(e: &CommandError) -> Status {
             Status::resource_exhausted(format!("{DETAIL_PENDING_LIMIT}{limit}: {e}"))
         }
         CommandError::InvalidArgument(m) => Status::invalid_argument(m.clone()),
+        CommandError::Reclaimed { generation } => {
+            Status::failed_precondition(format!("{DETAIL_RECLAIMED}{generation}: {e}"))
+        }
     }
 }
 
@@ -45,6 +49,12 @@ pub fn meta_error_from_status(s: &Status) -> MetaError {
             CommandError::PendingLimit { limit }.into()
         }
         Code::InvalidArgument => CommandError::InvalidArgument(msg).into(),
+        Code::FailedPrecondition if msg.starts_with(DETAIL_RECLAIMED) => {
+            match msg[DETAIL_RECLAIMED.len()..].split(':').next().and_then(|n| n.parse().ok()) {
+                Some(generation) => CommandError::Reclaimed { generation }.into(),
+                None => MetaError::Internal(format!("malformed reclaimed status: {msg}")),
+            }
+        }
         Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Aborted | Code::Unknown => {
             MetaError::Unavailable(msg)
         }

@@ -252,13 +252,13 @@ mod tests {
             cid,
             size: 5,
             chunk_size: 1 << 20,
-            blob_key: "blobs/x".into(),
+            blob_key: crate::model::blob_key::new(1, "x"),
             index_key: None,
             refcount: 0,
             created_at_ms: 0,
+            lost: false,
         };
         let cmd = Command::CommitUpload {
-            upload_id: "u1".into(),
             server_name: "hs".into(),
             media_id: None,
             user_id: "@a:hs".into(),
@@ -266,6 +266,7 @@ mod tests {
             content,
             content_type: "text/plain".into(),
             filename: None,
+            lost_key: None,
         };
         let last = Some(LogId::new(CommittedLeaderId::new(3, 1), 2));
         let extras = [(crate::raft::sm_store::LAST_APPLIED, serde_json::to_vec(&last).expect("json"))];

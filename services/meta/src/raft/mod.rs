@@ -234,3 +234,48 @@ fn sto_err(
 ) -> openraft::StorageError<NodeId> {
     openraft::StorageIOError::new(subject, verb, openraft::AnyError::error(e.to_string())).into()
 }
+
+/// Reservations expired per raft entry: one entry stays small however many expire at once.
+const EXPIRE_BATCH: u32 = 1000;
+
+/// Expires unused reservations, from the leader only (one proposer for the whole cluster,
+/// whatever the number of edges), in batches of [`EXPIRE_BATCH`] read from the expiry index,
+/// stamped with the leader's clock. Runs until `cancel`.
+pub async fn expire_reservations(node: RaftNode, every: Duration, cancel: tokio_util::sync::CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if node.raft.metrics().borrow().state != openraft::ServerState::Leader {
+            continue;
+        }
+        loop {
+            let mut cmd = Command::Expire { now_ms: 0, limit: EXPIRE_BATCH };
+            cmd.stamp(crate::server::now_ms());
+            let removed = tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = node.raft.client_write(cmd) => match r.map(|r| r.data.0) {
+                    Ok(Ok(CommandOutput::Expired { removed })) => removed,
+                    Ok(other) => {
+                        tracing::warn!(outcome = ?other, "unexpected answer to reservation expiry");
+                        break;
+                    }
+                    // Lost leadership or stopping: the next leader takes over.
+                    Err(e) => {
+                        tracing::debug!(error = %e, "reservation expiry not applied");
+                        break;
+                    }
+                },
+            };
+            if removed > 0 {
+                tracing::info!(removed, "expired unused media reservations");
+            }
+            if removed < EXPIRE_BATCH as u64 {
+                break;
+            }
+        }
+    }
+}

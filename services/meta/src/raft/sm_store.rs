@@ -40,13 +40,19 @@ pub struct SmStore {
     sm: Arc<StateMachine>,
     dir: PathBuf,
     changes: Option<tokio::sync::broadcast::Sender<super::Change>>,
+    /// Held while the current-snapshot pointer is read and moved: a build and an install
+    /// finishing at once must not interleave there.
+    pointer: Arc<std::sync::Mutex<()>>,
 }
+
+/// Longest snapshot ID accepted from a peer (ours are about 40 characters).
+const MAX_SNAPSHOT_ID: usize = 200;
 
 impl SmStore {
     pub async fn open(sm: Arc<StateMachine>, dir: PathBuf) -> std::result::Result<Self, crate::error::StorageError> {
         std::fs::create_dir_all(&dir)
             .map_err(|e| crate::error::StorageError::Database(format!("{}: {e}", dir.display())))?;
-        Ok(Self { sm, dir, changes: None })
+        Ok(Self { sm, dir, changes: None, pointer: Default::default() })
     }
 
     /// Publishes every applied change to a mutable fact on `changes`.
@@ -73,10 +79,10 @@ impl SmStore {
         &self,
         subject: ErrorSubject<NodeId>,
         verb: ErrorVerb,
-        f: impl FnOnce(&StateMachine, &std::path::Path) -> std::result::Result<T, String> + Send + 'static,
+        f: impl FnOnce(&StateMachine, &Pointer) -> std::result::Result<T, String> + Send + 'static,
     ) -> Result<T> {
-        let (sm, dir) = (self.sm.clone(), self.dir.clone());
-        match tokio::task::spawn_blocking(move || f(&sm, &dir)).await {
+        let (sm, pointer) = (self.sm.clone(), Pointer { dir: self.dir.clone(), lock: self.pointer.clone() });
+        match tokio::task::spawn_blocking(move || f(&sm, &pointer)).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(sto_err(subject, verb, e)),
             Err(e) => Err(sto_err(subject, verb, e)),
@@ -123,8 +129,16 @@ pub(crate) fn import_at_position(
     sm.import(input, &extras)
 }
 
-/// Writes the state to a new snapshot file and records it as the current snapshot.
-fn build(sm: &StateMachine, dir: &std::path::Path) -> std::result::Result<Meta, String> {
+/// The snapshot directory and the lock on the current-snapshot pointer.
+struct Pointer {
+    dir: PathBuf,
+    lock: Arc<std::sync::Mutex<()>>,
+}
+
+/// Writes the state to a new snapshot file and records it as the current snapshot (unless a
+/// newer one was installed meanwhile). Returns the snapshot's metadata and file.
+fn build(sm: &StateMachine, pointer: &Pointer) -> std::result::Result<(Meta, PathBuf), String> {
+    let dir = &pointer.dir;
     let tmp = dir.join(format!("building-{}.tmp", std::process::id()));
     let file = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
     let mut w = BufWriter::new(file);
@@ -140,37 +154,65 @@ fn build(sm: &StateMachine, dir: &std::path::Path) -> std::result::Result<Meta, 
     let meta = Meta { last_log_id, last_membership, snapshot_id };
     let path = dir.join(format!("{}.snap", meta.snapshot_id));
     std::fs::rename(&tmp, &path).map_err(|e| e.to_string())?;
-    remember(sm, dir, &meta, &path)?;
-    tracing::info!(snapshot = %meta.snapshot_id, records, "built snapshot");
-    Ok(meta)
+    if remember(sm, pointer, &meta, &path)? {
+        tracing::info!(snapshot = %meta.snapshot_id, records, "built snapshot");
+        Ok((meta, path))
+    } else {
+        // An installed snapshot is newer than this build: serve that one.
+        let current = current(sm)?.ok_or("current snapshot vanished")?;
+        tracing::info!(snapshot = %meta.snapshot_id, newer = %current.meta.snapshot_id, "built snapshot superseded");
+        Ok((current.meta, current.file))
+    }
 }
 
-/// Records `path` as the current snapshot and removes older snapshot files.
+fn current(sm: &StateMachine) -> std::result::Result<Option<StoredSnapshot>, String> {
+    SmStore::read_extra(sm, CURRENT_SNAPSHOT)
+}
+
+/// Records `path` as the current snapshot and removes older snapshot files, unless the
+/// current one is newer (a build that finished after an install): then `path` is removed and
+/// the pointer stays. The pointer only ever moves forward. Returns whether it moved.
 fn remember(
     sm: &StateMachine,
-    dir: &std::path::Path,
+    pointer: &Pointer,
     meta: &Meta,
     path: &std::path::Path,
-) -> std::result::Result<(), String> {
-    if let Ok(d) = std::fs::File::open(dir) {
+) -> std::result::Result<bool, String> {
+    let _held = pointer.lock.lock().map_err(|_| "snapshot pointer lock poisoned".to_owned())?;
+    if let Ok(d) = std::fs::File::open(&pointer.dir) {
         let _ = d.sync_all();
+    }
+    if let Some(cur) = current(sm)?
+        && cur.meta.last_log_id > meta.last_log_id
+    {
+        if cur.file != path {
+            let _ = std::fs::remove_file(path);
+        }
+        return Ok(false);
     }
     let stored = StoredSnapshot { meta: meta.clone(), file: path.to_owned() };
     let bytes = serde_json::to_vec(&stored).map_err(|e| e.to_string())?;
     sm.apply_entries(&[], &[(CURRENT_SNAPSHOT, bytes)]).map_err(|e| e.to_string())?;
-    for entry in std::fs::read_dir(dir).map_err(|e| e.to_string())?.flatten() {
+    for entry in std::fs::read_dir(&pointer.dir).map_err(|e| e.to_string())?.flatten() {
         let p = entry.path();
         if p != path && p.extension().is_some_and(|x| x == "snap") {
             let _ = std::fs::remove_file(&p);
         }
     }
-    Ok(())
+    Ok(true)
+}
+
+/// The file a snapshot received from a peer is kept in: named from its log position and a
+/// local stamp, never from the peer-supplied snapshot ID.
+fn installed_path(dir: &std::path::Path, meta: &Meta) -> PathBuf {
+    let (term, index) = meta.last_log_id.map(|l| (l.leader_id.term, l.index)).unwrap_or((0, 0));
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros()).unwrap_or(0);
+    dir.join(format!("installed-{term}-{index}-{stamp}.snap"))
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SmStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>> {
-        let meta = self.blocking(ErrorSubject::StateMachine, ErrorVerb::Write, build).await?;
-        let path = self.dir.join(format!("{}.snap", meta.snapshot_id));
+        let (meta, path) = self.blocking(ErrorSubject::StateMachine, ErrorVerb::Write, build).await?;
         let file = tokio::fs::File::open(&path)
             .await
             .map_err(|e| sto_err(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Read, e))?;
@@ -259,10 +301,13 @@ impl RaftStateMachine<TypeConfig> for SmStore {
         let received = snapshot.into_std().await;
         let meta = meta.clone();
         let subject = ErrorSubject::Snapshot(Some(meta.signature()));
-        self.blocking(subject, ErrorVerb::Write, move |sm, dir| {
+        if meta.snapshot_id.len() > MAX_SNAPSHOT_ID || meta.snapshot_id.chars().any(|c| c.is_control()) {
+            return Err(sto_err(subject, ErrorVerb::Write, "refusing a snapshot with a malformed ID"));
+        }
+        self.blocking(subject, ErrorVerb::Write, move |sm, pointer| {
             let mut received = received;
             received.rewind().map_err(|e| e.to_string())?;
-            let path = dir.join(format!("{}.snap", meta.snapshot_id));
+            let path = installed_path(&pointer.dir, &meta);
             let mut copy = std::fs::File::create(&path).map_err(|e| e.to_string())?;
             std::io::copy(&mut received, &mut copy).map_err(|e| e.to_string())?;
             copy.flush().map_err(|e| e.to_string())?;
@@ -270,7 +315,7 @@ impl RaftStateMachine<TypeConfig> for SmStore {
             let mut reader = BufReader::new(std::fs::File::open(&path).map_err(|e| e.to_string())?);
             let records = import_at_position(sm, &mut reader, meta.last_log_id, &meta.last_membership)
                 .map_err(|e| e.to_string())?;
-            remember(sm, dir, &meta, &path)?;
+            remember(sm, pointer, &meta, &path)?;
             tracing::info!(snapshot = %meta.snapshot_id, records, "installed snapshot");
             Ok(())
         })
@@ -278,9 +323,8 @@ impl RaftStateMachine<TypeConfig> for SmStore {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>> {
-        let stored: Option<StoredSnapshot> = self
-            .blocking(ErrorSubject::Snapshot(None), ErrorVerb::Read, |sm, _| SmStore::read_extra(sm, CURRENT_SNAPSHOT))
-            .await?;
+        let stored: Option<StoredSnapshot> =
+            self.blocking(ErrorSubject::Snapshot(None), ErrorVerb::Read, |sm, _| current(sm)).await?;
         let Some(stored) = stored else { return Ok(None) };
         match tokio::fs::File::open(&stored.file).await {
             Ok(file) => Ok(Some(Snapshot { meta: stored.meta, snapshot: Box::new(file) })),
@@ -289,5 +333,50 @@ impl RaftStateMachine<TypeConfig> for SmStore {
                 Ok(None)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta_at(index: u64, id: &str) -> Meta {
+        Meta {
+            last_log_id: Some(LogId::new(openraft::CommittedLeaderId::new(1, 1), index)),
+            last_membership: StoredMembership::default(),
+            snapshot_id: id.into(),
+        }
+    }
+
+    #[test]
+    fn the_current_snapshot_only_moves_forward() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sm = StateMachine::open(&dir.path().join("s.redb")).expect("open");
+        let pointer = Pointer { dir: dir.path().to_owned(), lock: Default::default() };
+        let installed = dir.path().join("installed.snap");
+        let built = dir.path().join("built.snap");
+        std::fs::write(&installed, b"new").expect("write");
+        std::fs::write(&built, b"old").expect("write");
+        // An install at index 20 lands first; a build exported at index 10 finishes after it.
+        assert!(remember(&sm, &pointer, &meta_at(20, "installed"), &installed).expect("remember"));
+        assert!(!remember(&sm, &pointer, &meta_at(10, "built"), &built).expect("remember"));
+        let cur = current(&sm).expect("read").expect("a current snapshot");
+        assert_eq!(cur.file, installed);
+        assert!(installed.exists(), "the installed snapshot must survive the late build");
+        assert!(!built.exists(), "the superseded build is removed");
+        // A newer one still moves it, and removes the older file.
+        let newer = dir.path().join("newer.snap");
+        std::fs::write(&newer, b"newer").expect("write");
+        assert!(remember(&sm, &pointer, &meta_at(30, "newer"), &newer).expect("remember"));
+        assert!(!installed.exists());
+    }
+
+    #[test]
+    fn a_peer_chosen_snapshot_id_never_names_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = installed_path(dir.path(), &meta_at(7, "../../../etc/passwd"));
+        assert_eq!(path.parent(), Some(dir.path()));
+        let name = path.file_name().and_then(|n| n.to_str()).expect("a file name");
+        assert!(name.starts_with("installed-1-7-") && name.ends_with(".snap"), "{name}");
     }
 }

@@ -7,21 +7,26 @@ fn cid(n: u8) -> Cid {
     Cid::new_v1(0x55, Multihash::<64>::wrap(0x12, &[n; 32]).expect("digest fits"))
 }
 
+/// An object key of generation 1 (the first generation of a new state).
+fn key(name: &str) -> String {
+    blob_key::new(1, name)
+}
+
 fn content(n: u8, blob: &str) -> ContentRecord {
     ContentRecord {
         cid: cid(n),
         size: 100,
         chunk_size: 1 << 20,
-        blob_key: blob.into(),
+        blob_key: key(blob),
         index_key: None,
         refcount: 0,
         created_at_ms: 0,
+        lost: false,
     }
 }
 
-fn commit(upload: &str, media_id: Option<&str>, user: &str, now: u64, c: ContentRecord) -> Command {
+fn commit(media_id: Option<&str>, user: &str, now: u64, c: ContentRecord) -> Command {
     Command::CommitUpload {
-        upload_id: upload.into(),
         server_name: "hs".into(),
         media_id: media_id.map(Into::into),
         user_id: user.into(),
@@ -29,15 +34,34 @@ fn commit(upload: &str, media_id: Option<&str>, user: &str, now: u64, c: Content
         content: c,
         content_type: "text/plain".into(),
         filename: Some("a.txt".into()),
+        lost_key: None,
     }
 }
 
-fn pending(id: &str, user: &str, now: u64, expires: u64, max: u32) -> Command {
+fn repair(c: ContentRecord, lost: &str) -> Command {
+    match commit(None, "@a:hs", 0, c) {
+        Command::CommitUpload { server_name, media_id, user_id, now_ms, content, content_type, filename, .. } => {
+            Command::CommitUpload {
+                server_name,
+                media_id,
+                user_id,
+                now_ms,
+                content,
+                content_type,
+                filename,
+                lost_key: Some(key(lost)),
+            }
+        }
+        _ => unreachable!(),
+    }
+}
+
+fn pending(id: &str, user: &str, now: u64, ttl: u64, max: u32) -> Command {
     Command::CreatePending {
         media: MediaKey::new("hs", id),
         user_id: user.into(),
         now_ms: now,
-        expires_at_ms: expires,
+        ttl_ms: ttl,
         max_pending_per_user: max,
     }
 }
@@ -67,52 +91,80 @@ impl Fixture {
             other => panic!("expected a commit, got {other:?}"),
         }
     }
+
+    fn sweep(&mut self, now: u64, min_interval: u64) -> Generations {
+        match self.apply(Command::BeginSweep { now_ms: now, min_interval_ms: min_interval }) {
+            Ok(CommandOutput::Sweep(g)) => g,
+            other => panic!("expected generations, got {other:?}"),
+        }
+    }
 }
 
 #[test]
 fn sync_upload_is_named_by_its_cid_and_deduplicated() {
     let mut f = Fixture::new();
-    let first = f.committed(commit("u1", None, "@a:hs", 10, content(1, "blobs/1")));
+    let first = f.committed(commit(None, "@a:hs", 10, content(1, "1")));
     assert_eq!(first.media.key, MediaKey::new("hs", cid(1).to_string()));
     assert!(!first.deduplicated);
     assert_eq!(first.content.refcount, 1);
+    assert_eq!(first.generation, 1);
 
-    // Same bytes again (another blob key): same mxc, the new blob is not referenced.
-    let second = f.committed(commit("u2", None, "@b:hs", 20, content(1, "blobs/2")));
+    // Same bytes again (another blob key): same mxc, the new blob is released for good.
+    let second = f.committed(commit(None, "@b:hs", 20, content(1, "2")));
     assert_eq!(second.media.key, first.media.key);
     assert!(second.deduplicated);
-    assert_eq!(second.content.blob_key, "blobs/1");
+    assert_eq!(second.content.blob_key, key("1"));
     assert_eq!(second.content.refcount, 1, "the same mxc is not a second reference");
+    assert!(f.sm.is_tombstoned(&key("2")).expect("read"));
     assert_eq!(f.sm.counts().expect("counts"), (1, 1));
     assert_eq!(f.sm.last_applied().expect("index"), 2);
 }
 
 #[test]
-fn retried_commit_returns_the_first_answer_without_double_counting() {
+fn retried_commit_gets_the_same_answer_however_late_and_whatever_the_clocks() {
     let mut f = Fixture::new();
     f.apply(pending("p1", "@a:hs", 0, 1000, 5)).expect("pending");
-    let once = f.committed(commit("same", Some("p1"), "@a:hs", 10, content(1, "blobs/1")));
-    let again = f.committed(commit("same", Some("p1"), "@a:hs", 11, content(1, "blobs/1")));
-    assert_eq!(once, again);
+    let once = f.committed(commit(Some("p1"), "@a:hs", 10, content(1, "1")));
+    // Time jumps to the end of the world (a caller cannot do this any more: only the leader
+    // stamps time, but even then): expiry must not change what a retry is told.
+    f.apply(Command::Expire { now_ms: u64::MAX, limit: 1000 }).expect("expire");
+    let again = f.committed(commit(Some("p1"), "@a:hs", 11, content(1, "1")));
+    assert_eq!(again.media, once.media);
+    assert_eq!(again.content, once.content);
+    assert!(!again.deduplicated, "the retry's blob is the referenced one: it must not be deleted");
     let stored = f.sm.get_content(&cid(1)).expect("read").expect("exists");
     assert_eq!(stored.refcount, 1);
+
+    // A sync upload retried after its rows would have expired: same answer, same blob kept.
+    let s1 = f.committed(commit(None, "@a:hs", 20, content(2, "2")));
+    let s2 = f.committed(commit(None, "@a:hs", 21, content(2, "2")));
+    assert_eq!((s1.media.key, s1.deduplicated), (s2.media.key, s2.deduplicated));
+    assert!(!s2.deduplicated);
+}
+
+#[test]
+fn the_clock_only_moves_forward() {
+    let mut f = Fixture::new();
+    f.apply(pending("p1", "@a:hs", 1_000, 500, 5)).expect("pending");
+    // A command stamped earlier (a leader with a slow clock) runs at the latest time seen.
+    match f.apply(pending("p2", "@a:hs", 10, 500, 5)) {
+        Ok(CommandOutput::Pending(m)) => assert_eq!(m.created_at_ms, 1_000),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]
 fn async_upload_rules() {
     let mut f = Fixture::new();
     f.apply(pending("p1", "@a:hs", 0, 1000, 5)).expect("pending");
-    assert_eq!(
-        f.apply(commit("x1", Some("p1"), "@b:hs", 10, content(1, "blobs/1"))),
-        Err(CommandError::PermissionDenied)
-    );
-    assert_eq!(f.apply(commit("x2", Some("nope"), "@a:hs", 10, content(1, "blobs/1"))), Err(CommandError::NotFound));
-    let ok = f.committed(commit("x3", Some("p1"), "@a:hs", 10, content(1, "blobs/1")));
+    assert_eq!(f.apply(commit(Some("p1"), "@b:hs", 10, content(1, "1"))), Err(CommandError::PermissionDenied));
+    assert_eq!(f.apply(commit(Some("nope"), "@a:hs", 10, content(1, "1"))), Err(CommandError::NotFound));
+    let ok = f.committed(commit(Some("p1"), "@a:hs", 10, content(1, "1")));
     assert_eq!(ok.media.key.media_id, "p1");
     assert_eq!(ok.media.created_at_ms, 0, "keeps the reservation time");
-    assert_eq!(f.apply(commit("x4", Some("p1"), "@a:hs", 11, content(2, "blobs/2"))), Err(CommandError::AlreadyExists));
+    assert_eq!(f.apply(commit(Some("p1"), "@a:hs", 11, content(2, "2"))), Err(CommandError::AlreadyExists));
     // The same content through a sync upload is a second reference to one blob.
-    let sync = f.committed(commit("x5", None, "@a:hs", 12, content(1, "blobs/3")));
+    let sync = f.committed(commit(None, "@a:hs", 12, content(1, "3")));
     assert!(sync.deduplicated);
     assert_eq!(sync.content.refcount, 2);
 }
@@ -121,31 +173,32 @@ fn async_upload_rules() {
 fn async_commit_to_a_cid_named_id_needs_a_reservation() {
     let mut f = Fixture::new();
     let id = cid(1).to_string();
-    assert_eq!(f.apply(commit("a1", Some(&id), "@a:hs", 10, content(1, "blobs/1"))), Err(CommandError::NotFound));
-    f.committed(commit("s1", None, "@a:hs", 10, content(1, "blobs/1")));
+    assert_eq!(f.apply(commit(Some(&id), "@a:hs", 10, content(1, "1"))), Err(CommandError::NotFound));
+    f.committed(commit(None, "@a:hs", 10, content(1, "1")));
     assert_eq!(
-        f.apply(commit("a2", Some(&id), "@a:hs", 10, content(1, "blobs/2"))),
+        f.apply(commit(Some(&id), "@a:hs", 10, content(1, "2"))),
         Err(CommandError::AlreadyExists),
         "a PUT to an existing mxc is never a silent success"
     );
 }
 
 #[test]
-fn expired_reservations_are_not_found_and_get_removed() {
+fn expiry_reads_the_index_in_bounded_batches() {
     let mut f = Fixture::new();
-    f.apply(pending("p1", "@a:hs", 0, 100, 5)).expect("pending");
-    assert_eq!(f.apply(commit("x", Some("p1"), "@a:hs", 100, content(1, "b"))), Err(CommandError::NotFound));
-    assert_eq!(f.apply(Command::ExpirePending { now_ms: 100 }), Ok(CommandOutput::Expired { removed: 1 }));
-    assert!(f.sm.get_media(&MediaKey::new("hs", "p1")).expect("read").is_none());
-
-    // Idempotency records live a day: a retry within it gets the first answer, after it the
-    // record is gone (and the same upload ID is a new commit).
-    let first = f.committed(commit("u-day", None, "@a:hs", 1_000, content(5, "blobs/5")));
-    f.apply(Command::ExpirePending { now_ms: 1_000 + 23 * 3_600_000 }).expect("expire");
-    assert_eq!(f.committed(commit("u-day", None, "@a:hs", 2_000, content(6, "blobs/6"))), first);
-    f.apply(Command::ExpirePending { now_ms: 1_001 + 24 * 3_600_000 }).expect("expire");
-    let later = f.committed(commit("u-day", None, "@a:hs", 3_000, content(6, "blobs/6")));
-    assert_ne!(later, first);
+    for i in 0..5 {
+        f.apply(pending(&format!("p{i}"), "@a:hs", 0, 100 + i, 9)).expect("pending");
+    }
+    f.apply(pending("late", "@a:hs", 0, 10_000, 9)).expect("pending");
+    assert_eq!(f.apply(commit(Some("p0"), "@a:hs", 100, content(1, "1"))), Err(CommandError::NotFound));
+    assert_eq!(f.apply(Command::Expire { now_ms: 200, limit: 3 }), Ok(CommandOutput::Expired { removed: 3 }));
+    assert_eq!(f.apply(Command::Expire { now_ms: 200, limit: 3 }), Ok(CommandOutput::Expired { removed: 2 }));
+    assert_eq!(f.apply(Command::Expire { now_ms: 200, limit: 3 }), Ok(CommandOutput::Expired { removed: 0 }));
+    assert!(f.sm.get_media(&MediaKey::new("hs", "p0")).expect("read").is_none());
+    assert!(f.sm.get_media(&MediaKey::new("hs", "late")).expect("read").is_some());
+    // A filled reservation leaves the index: expiry never removes uploaded media.
+    f.committed(commit(Some("late"), "@a:hs", 300, content(2, "2")));
+    assert_eq!(f.apply(Command::Expire { now_ms: 20_000, limit: 3 }), Ok(CommandOutput::Expired { removed: 0 }));
+    assert!(f.sm.get_media(&MediaKey::new("hs", "late")).expect("read").is_some());
 }
 
 #[test]
@@ -164,9 +217,79 @@ fn rejected_commands_leave_no_trace() {
     let mut f = Fixture::new();
     f.apply(pending("p1", "@a:hs", 0, 1000, 5)).expect("pending");
     let before = f.sm.counts().expect("counts");
-    let _ = f.apply(commit("x", Some("p1"), "@b:hs", 10, content(9, "b")));
+    let _ = f.apply(commit(Some("p1"), "@b:hs", 10, content(9, "b")));
     assert_eq!(f.sm.counts().expect("counts"), before);
     assert!(f.sm.get_content(&cid(9)).expect("read").is_none());
+    assert_eq!(f.sm.referenced(&[key("b")]).expect("referenced"), vec![false]);
+}
+
+#[test]
+fn sealed_generations_and_released_keys_are_never_committed() {
+    let mut f = Fixture::new();
+    assert_eq!(f.sweep(0, 100), Generations { generation: 2, sealed: 0 });
+    assert_eq!(f.sweep(50, 100), Generations { generation: 2, sealed: 0 }, "at most once per interval");
+    // An upload stored under generation 1 commits while generation 1 is not sealed...
+    let early = f.committed(commit(None, "@a:hs", 60, content(1, "1")));
+    assert_eq!(early.generation, 2);
+    // ...and its released duplicate is refused later, even to a retry.
+    f.committed(commit(None, "@a:hs", 60, content(1, "dup")));
+    assert!(f.sm.is_tombstoned(&key("dup")).expect("read"));
+    let dup_as_new = ContentRecord { cid: cid(7), ..content(1, "dup") };
+    assert_eq!(f.apply(commit(None, "@a:hs", 70, dup_as_new)), Err(CommandError::Reclaimed { generation: 2 }));
+
+    assert_eq!(f.sweep(200, 100), Generations { generation: 3, sealed: 1 });
+    assert!(!f.sm.is_tombstoned(&key("dup")).expect("read"), "tombstones of sealed generations are dropped");
+    // Generation 1 is sealed: an upload stored under it (a commit that was paused across two
+    // sweeps) is refused, so the sweeper may delete its object.
+    assert_eq!(f.apply(commit(None, "@a:hs", 210, content(2, "slow"))), Err(CommandError::Reclaimed { generation: 3 }));
+    // A retry of a commit that did land is still answered (its content is referenced).
+    let retry = f.committed(commit(None, "@a:hs", 210, content(1, "1")));
+    assert!(!retry.deduplicated);
+    // Keys of generations not issued yet are stored again under the current one; malformed
+    // keys are refused.
+    let future = ContentRecord { blob_key: blob_key::new(9, "x"), ..content(3, "") };
+    assert_eq!(f.apply(commit(None, "@a:hs", 220, future)), Err(CommandError::Reclaimed { generation: 3 }));
+    let odd = ContentRecord { blob_key: "elsewhere/x".into(), ..content(3, "") };
+    assert!(matches!(f.apply(commit(None, "@a:hs", 220, odd)), Err(CommandError::InvalidArgument(_))));
+    let current = ContentRecord { blob_key: blob_key::new(3, "x"), ..content(3, "") };
+    assert!(!f.committed(commit(None, "@a:hs", 220, current)).deduplicated);
+}
+
+#[test]
+fn lost_content_is_repaired_by_the_next_upload_of_the_same_bytes() {
+    let mut f = Fixture::new();
+    let first = f.committed(commit(None, "@a:hs", 10, content(1, "1")));
+    // A re-upload that found the stored copy missing names the lost key: its copy replaces it.
+    let dup = f.committed(commit(None, "@b:hs", 20, content(1, "2")));
+    assert!(dup.deduplicated);
+    let healed = f.committed(repair(content(1, "2"), "1"));
+    assert!(!healed.deduplicated);
+    assert_eq!(healed.media.key, first.media.key);
+    assert_eq!(healed.content.blob_key, key("2"));
+    assert_eq!(healed.content.refcount, 1);
+    assert_eq!(f.sm.referenced(&[key("1"), key("2")]).expect("referenced"), vec![false, true]);
+    assert!(!f.sm.is_tombstoned(&key("2")).expect("read"));
+    // The same repair again (a retry) is the same answer; a late, stale repair of the old key
+    // by someone else changes nothing and releases their copy.
+    assert_eq!(f.committed(repair(content(1, "2"), "1")).content.blob_key, key("2"));
+    let stale = f.committed(repair(content(1, "3"), "1"));
+    assert!(stale.deduplicated);
+    assert_eq!(stale.content.blob_key, key("2"));
+
+    // Reported lost by a download: downloads see it, and a plain re-upload repairs it.
+    assert_eq!(
+        f.apply(Command::ReportLost { cid: cid(1), blob_key: key("9") }),
+        Ok(CommandOutput::Lost { marked: false })
+    );
+    assert_eq!(
+        f.apply(Command::ReportLost { cid: cid(1), blob_key: key("2") }),
+        Ok(CommandOutput::Lost { marked: true })
+    );
+    assert!(f.sm.get_content(&cid(1)).expect("read").expect("exists").lost);
+    let again = f.committed(commit(None, "@c:hs", 30, content(1, "4")));
+    assert!(!again.deduplicated);
+    assert!(!again.content.lost);
+    assert_eq!(again.content.blob_key, key("4"));
 }
 
 #[test]
@@ -175,38 +298,45 @@ fn state_survives_reopen() {
     let path = dir.path().join("m.redb");
     {
         let sm = StateMachine::open(&path).expect("open");
-        sm.apply_batch(&[(1, commit("u", None, "@a:hs", 1, content(1, "blobs/1")))]).expect("apply");
+        sm.apply_batch(&[(1, commit(None, "@a:hs", 1, content(1, "1")))]).expect("apply");
     }
     let sm = StateMachine::open(&path).expect("reopen");
     assert_eq!(sm.last_applied().expect("index"), 1);
     assert!(sm.get_media(&MediaKey::new("hs", cid(1).to_string())).expect("read").is_some());
-    assert_eq!(sm.referenced_keys().expect("keys"), vec!["blobs/1".to_string()]);
-    assert_eq!(sm.referenced(&["blobs/1".into(), "blobs/2".into()]).expect("referenced"), vec![true, false]);
+    assert_eq!(sm.referenced_keys().expect("keys"), vec![key("1")]);
+    assert_eq!(sm.referenced(&[key("1"), key("2")]).expect("referenced"), vec![true, false]);
 }
 
 #[test]
 fn export_then_import_reproduces_the_state() {
     let mut f = Fixture::new();
     f.apply(pending("p1", "@a:hs", 0, 1000, 5)).expect("pending");
-    f.committed(commit("u1", None, "@a:hs", 10, content(1, "blobs/1")));
-    f.committed(commit("u2", Some("p1"), "@a:hs", 10, content(2, "blobs/2")));
+    f.committed(commit(None, "@a:hs", 10, content(1, "1")));
+    f.committed(commit(None, "@a:hs", 10, content(1, "dup")));
+    f.committed(commit(Some("p1"), "@a:hs", 10, content(2, "2")));
     f.apply(pending("p2", "@b:hs", 0, 1000, 5)).expect("pending");
+    f.sweep(20, 1);
     let mut snap = Vec::new();
     let (records, extras) = f.sm.export(&mut snap, &["nothing"]).expect("export");
     assert_eq!(extras, vec![None]);
-    assert!(records >= 6, "{records}");
+    assert!(records >= 7, "{records}");
 
     let other = Fixture::new();
-    other.sm.apply_batch(&[(1, commit("zz", None, "@z:hs", 1, content(9, "blobs/9")))]).expect("apply");
+    other.sm.apply_batch(&[(1, commit(None, "@z:hs", 1, content(9, "9")))]).expect("apply");
     other.sm.import(&mut snap.as_slice(), &[("k", b"v".to_vec())]).expect("import");
     assert!(other.sm.get_content(&cid(9)).expect("read").is_none(), "import replaces the old state");
     assert_eq!(other.sm.counts().expect("counts"), f.sm.counts().expect("counts"));
     assert_eq!(other.sm.last_applied().expect("index"), f.sm.last_applied().expect("index"));
+    assert_eq!(other.sm.generations().expect("gen"), f.sm.generations().expect("gen"));
+    assert!(other.sm.is_tombstoned(&key("dup")).expect("read"));
     assert_eq!(other.sm.extra("k").expect("extra"), Some(b"v".to_vec()));
-    assert_eq!(other.sm.referenced(&["blobs/1".into(), "blobs/9".into()]).expect("referenced"), vec![true, false]);
+    assert_eq!(other.sm.referenced(&[key("1"), key("9")]).expect("referenced"), vec![true, false]);
     let mut again = Vec::new();
     other.sm.export(&mut again, &[]).expect("export");
     assert_eq!(again, snap, "export is deterministic");
+    // The expiry index came back with the reservations.
+    let mut other = Fixture { next: 100, ..other };
+    assert_eq!(other.apply(Command::Expire { now_ms: 5_000, limit: 10 }), Ok(CommandOutput::Expired { removed: 1 }));
 
     // A truncated snapshot is refused and leaves the state alone.
     let before = other.sm.counts().expect("counts");

@@ -1,0 +1,277 @@
+//! Reclaiming, repair and data loss, with a real one-node metadata service (raft over redb,
+//! gRPC on loopback) and a real local blob store, driven through the HTTP API. The bad
+//! interleavings are forced with pause points, not hoped for with sleeps.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mxcas_edge::media::MediaService;
+use mxcas_edge::pause;
+use mxcas_edge::sweeper::sweep_once;
+use mxcas_meta::MetaClient;
+use mxcas_meta::client::ClientConfig;
+use mxcas_meta::raft::{BasicNode, RaftNode, RaftSettings};
+use mxcas_meta::server::MetaService;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+const TOKEN: &str = "reclaim-test-token";
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    api: String,
+    media: Arc<MediaService>,
+    http: reqwest::Client,
+    cancel: CancellationToken,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// Bytes that differ per `seed` (no two tests share content).
+fn bytes(seed: u8, len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i as u64 * 31 + seed as u64 * 7919 + (i as u64 >> 10)) as u8).collect()
+}
+
+async fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cancel = CancellationToken::new();
+    let node = RaftNode::start(1, &dir.path().join("meta"), &RaftSettings::default()).await.expect("raft");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let service = MetaService::new(node.clone()).into_server();
+    let c = cancel.clone();
+    tokio::spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let _ = tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, c.cancelled_owned())
+            .await;
+    });
+    node.initialize([(1, BasicNode { addr: addr.clone() })].into_iter().collect()).await.expect("init");
+    node.wait_for_leader(Duration::from_secs(10)).await.expect("leader");
+    let meta = MetaClient::new(&[addr], ClientConfig::default()).expect("client");
+    let settings = mxcas_edge::EdgeSettings {
+        server_name: "localhost".into(),
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        admin_listen: "127.0.0.1:0".parse().expect("addr"),
+        data_dir: dir.path().to_owned(),
+        media: Default::default(),
+        cache: Default::default(),
+        auth: mxcas_edge::config::AuthConfig {
+            tokens: BTreeMap::from([(TOKEN.to_owned(), "@alice:localhost".to_owned())]),
+            tokens_file: None,
+        },
+        store: mxcas_edge::store::StoreConfig::Fs { path: None },
+        sweeper: mxcas_edge::sweeper::SweeperConfig { enabled: false, ..Default::default() },
+    };
+    let edge = mxcas_edge::start(settings, meta, cancel.clone(), &TaskTracker::new()).await.expect("edge");
+    Fixture { api: format!("http://{}", edge.api_addr), media: edge.media, dir, http: reqwest::Client::new(), cancel }
+}
+
+impl Fixture {
+    async fn upload(&self, body: Vec<u8>) -> reqwest::Response {
+        self.http
+            .post(format!("{}/_matrix/media/v3/upload", self.api))
+            .bearer_auth(TOKEN)
+            .header("content-type", "application/octet-stream")
+            .body(body)
+            .send()
+            .await
+            .expect("upload request")
+    }
+
+    async fn upload_ok(&self, body: Vec<u8>) -> String {
+        let resp = self.upload(body).await;
+        assert_eq!(resp.status(), 200, "{:?}", resp.text().await);
+        let json: serde_json::Value = resp.json().await.expect("json");
+        let uri = json["content_uri"].as_str().expect("content_uri");
+        uri.rsplit('/').next().expect("media id").to_owned()
+    }
+
+    async fn download(&self, media_id: &str) -> reqwest::Response {
+        self.http
+            .get(format!("{}/_matrix/client/v1/media/download/localhost/{media_id}", self.api))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .expect("download request")
+    }
+
+    /// Every file in the local store (objects and staging files).
+    fn stored_files(&self) -> Vec<std::path::PathBuf> {
+        let mut out = Vec::new();
+        let mut dirs = vec![self.dir.path().join("blobs")];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    dirs.push(e.path());
+                } else {
+                    out.push(e.path());
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    async fn sweep(&self) -> mxcas_edge::sweeper::Swept {
+        sweep_once(&self.media.store, &self.media.meta, Duration::ZERO).await.expect("sweep")
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        let text = self.media.metrics.encode();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweep_during_a_paused_commit_never_ends_in_a_200_for_deleted_bytes() {
+    let f = fixture().await;
+    let mut paused = f.media.pause.arm(pause::BEFORE_COMMIT);
+    let body = bytes(1, 3 * 1024 * 1024 + 5);
+    let upload = tokio::spawn({
+        let (http, api) = (f.http.clone(), f.api.clone());
+        let body = body.clone();
+        async move {
+            http.post(format!("{api}/_matrix/media/v3/upload"))
+                .bearer_auth(TOKEN)
+                .header("content-type", "application/octet-stream")
+                .body(body)
+                .send()
+                .await
+                .expect("upload")
+        }
+    });
+    paused.reached().await;
+    // The bytes are durable and not yet committed. Two sweeps seal the upload's generation
+    // and delete its unreferenced objects (the old sweeper did the same from their age).
+    assert_eq!(f.stored_files().len(), 2, "blob and block index stored");
+    f.sweep().await;
+    let swept = f.sweep().await;
+    assert_eq!(swept.deleted, 2, "{swept:?}");
+    assert!(f.stored_files().is_empty());
+    paused.release();
+    let resp = upload.await.expect("task");
+    let status = resp.status();
+    let text = resp.text().await.expect("body");
+    assert_ne!(status, 200, "the upload's bytes are gone: it must not be acknowledged ({text})");
+    assert_eq!(status, 503, "{text}");
+    // Nothing refers to the lost bytes; the same upload again works.
+    let id = f.upload_ok(body.clone()).await;
+    assert_eq!(f.download(&id).await.bytes().await.expect("body").as_ref(), body.as_slice());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_whose_generation_was_sealed_is_stored_again_and_kept() {
+    let f = fixture().await;
+    let mut paused = f.media.pause.arm(pause::BEFORE_COMMIT);
+    let body = bytes(2, 2 * 1024 * 1024 + 17);
+    let upload = tokio::spawn({
+        let (http, api, body) = (f.http.clone(), f.api.clone(), body.clone());
+        async move {
+            http.post(format!("{api}/_matrix/media/v3/upload"))
+                .bearer_auth(TOKEN)
+                .body(body)
+                .send()
+                .await
+                .expect("upload")
+        }
+    });
+    paused.reached().await;
+    // Seal the generation without deleting anything (a sweeper that stopped between the two).
+    f.media.meta.begin_sweep(Duration::ZERO).await.expect("advance");
+    let g = f.media.meta.begin_sweep(Duration::ZERO).await.expect("advance");
+    assert!(g.sealed >= 1, "{g:?}");
+    paused.release();
+    let resp = upload.await.expect("task");
+    assert_eq!(resp.status(), 200);
+    let json: serde_json::Value = resp.json().await.expect("json");
+    let id = json["content_uri"].as_str().expect("uri").rsplit('/').next().expect("id").to_owned();
+    assert_eq!(f.metric("mxcas_edge_upload_restores_total"), 1.0);
+    // The original objects are now orphans of a sealed generation: the sweeper takes them,
+    // and the media stays whole.
+    let swept = f.sweep().await;
+    assert_eq!(swept.deleted, 2, "{swept:?}");
+    assert_eq!(f.stored_files().len(), 2);
+    assert_eq!(f.download(&id).await.bytes().await.expect("body").as_ref(), body.as_slice());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reupload_repairs_content_whose_blob_was_deleted() {
+    let f = fixture().await;
+    let body = bytes(3, 3 * 1024 * 1024 + 1);
+    let id = f.upload_ok(body.clone()).await;
+    for file in f.stored_files().iter().filter(|p| p.extension().is_none()) {
+        std::fs::remove_file(file).expect("delete the blob");
+    }
+    // The same bytes again: same mxc, and the fresh copy replaces the missing one instead of
+    // being deleted as a duplicate.
+    assert_eq!(f.upload_ok(body.clone()).await, id);
+    assert_eq!(f.metric("mxcas_edge_repairs_total"), 1.0);
+    let resp = f.download(&id).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.bytes().await.expect("body").as_ref(), body.as_slice());
+    // And only the new copy is kept.
+    assert_eq!(f.sweep().await.deleted + f.sweep().await.deleted, 1, "the old block index is an orphan now");
+    assert_eq!(f.download(&id).await.bytes().await.expect("body").as_ref(), body.as_slice());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_or_corrupt_bytes_are_data_loss_until_the_same_bytes_arrive_again() {
+    let f = fixture().await;
+    // A small (one-block) file whose object is overwritten with other bytes of the same size.
+    let small = bytes(4, 5000);
+    let small_id = f.upload_ok(small.clone()).await;
+    let object = f.stored_files().pop().expect("one object");
+    std::fs::write(&object, bytes(5, 5000)).expect("corrupt");
+    // A large file whose object disappears.
+    let large = bytes(6, 2 * 1024 * 1024 + 3);
+    let large_id = f.upload_ok(large.clone()).await;
+    for file in f.stored_files().iter().filter(|p| p.extension().is_none() && **p != object) {
+        std::fs::remove_file(file).expect("delete");
+    }
+    for id in [&small_id, &large_id] {
+        for _ in 0..2 {
+            let resp = f.download(id).await;
+            assert_eq!(resp.status(), 500);
+            assert!(!resp.headers().contains_key("retry-after"), "data loss is not 'retry later'");
+            let json: serde_json::Value = resp.json().await.expect("json");
+            assert_eq!(json["errcode"], "IO.MXCAS.DATA_LOSS", "{json}");
+        }
+    }
+    assert!(f.metric("mxcas_edge_data_loss_total") >= 2.0);
+    // Uploading the same bytes again repairs each.
+    assert_eq!(f.upload_ok(small.clone()).await, small_id);
+    assert_eq!(f.upload_ok(large.clone()).await, large_id);
+    assert_eq!(f.download(&small_id).await.bytes().await.expect("body").as_ref(), small.as_slice());
+    assert_eq!(f.download(&large_id).await.bytes().await.expect("body").as_ref(), large.as_slice());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staging_files_of_a_killed_multipart_upload_are_swept() {
+    let f = fixture().await;
+    let generation = f.media.meta.generations().await.expect("generations").generation;
+    let key = mxcas_edge::store::BlobStore::new_blob_key(generation);
+    {
+        // What a process killed mid-upload leaves: a multipart upload never finished or aborted.
+        let mut mp = f.media.store.start_multipart(&key).await.expect("multipart");
+        mp.put(bytes::Bytes::from(vec![1u8; 9 << 20]));
+        mp.wait_for_capacity(0).await.expect("part written");
+        std::mem::forget(mp);
+    }
+    let staged: Vec<_> = f.stored_files().into_iter().filter(|p| p.to_string_lossy().contains('#')).collect();
+    assert!(!staged.is_empty(), "object_store stages the upload as <key>#N: {:?}", f.stored_files());
+    assert!(f.media.store.list("blobs").await.expect("list").is_empty(), "and its listing hides it");
+    // Once its generation is sealed, the sweeper removes it.
+    f.sweep().await;
+    let swept = f.sweep().await;
+    assert_eq!(swept.staging_deleted, staged.len() as u64, "{swept:?}");
+    assert!(f.stored_files().is_empty(), "{:?}", f.stored_files());
+}
