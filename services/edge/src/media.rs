@@ -62,6 +62,10 @@ pub struct MediaService {
     pub pause: PausePoints,
 }
 
+/// A change feed with no message (the leader sends ALIVE every second) for this long is left
+/// for another node.
+const FEED_SILENCE: Duration = Duration::from_secs(3);
+
 /// Commit attempts of one upload (a commit may be refused as reclaimed, or find the stored
 /// copy lost, and go again).
 const COMMIT_ROUNDS: usize = 4;
@@ -77,7 +81,11 @@ impl MediaService {
         metrics: Arc<Metrics>,
     ) -> Result<Self, String> {
         let freeze_after_ms = config.freeze_after_ms()?;
-        let resolved = Cache::builder().max_capacity(100_000).time_to_live(cache.media_ttl).build();
+        let resolved = Cache::builder()
+            .max_capacity(100_000)
+            .time_to_live(cache.media_ttl)
+            .support_invalidation_closures()
+            .build();
         let upload_slots = Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_uploads as usize));
         Ok(Self {
             server_name,
@@ -277,7 +285,7 @@ impl MediaService {
     async fn check_reservation(&self, user: &str, media_id: &str) -> Result<(), ApiError> {
         let key = MediaKey::new(&self.server_name, media_id);
         let rejected = |e: mxcas_meta::CommandError| ApiError::from(MetaError::Rejected(e));
-        match self.meta.get_media(&key, false).await? {
+        match self.meta.get_media(&key).await? {
             None => Err(rejected(mxcas_meta::CommandError::NotFound)),
             Some((MediaRecord { state: MediaState::Ready { .. }, .. }, _)) => {
                 Err(rejected(mxcas_meta::CommandError::AlreadyExists))
@@ -309,7 +317,7 @@ impl MediaService {
         }
         let resolved = match self.resolved.get(key).await {
             Some(r) => r,
-            None => self.resolve_uncached(key, wait, false).await?,
+            None => self.resolve_uncached(key, wait).await?,
         };
         if legacy
             && let Some(freeze) = self.freeze_after_ms
@@ -334,9 +342,12 @@ impl MediaService {
         let key = &stale.media.key;
         self.resolved.invalidate(key).await;
         if !retried {
-            let fresh = self.resolve_uncached(key, Duration::ZERO, true).await?;
+            let fresh = self.resolve_uncached(key, Duration::ZERO).await?;
             if fresh.content.lost {
                 return Err(ApiError::data_loss());
+            }
+            if fresh.content.blob_key != stale.content.blob_key {
+                self.metrics.stale_records.inc();
             }
             return Ok(fresh);
         }
@@ -353,7 +364,7 @@ impl MediaService {
         Err(ApiError::data_loss())
     }
 
-    async fn resolve_uncached(&self, key: &MediaKey, wait: Duration, linearizable: bool) -> Result<Resolved, ApiError> {
+    async fn resolve_uncached(&self, key: &MediaKey, wait: Duration) -> Result<Resolved, ApiError> {
         let deadline = tokio::time::Instant::now() + wait;
         let notify = self.waiter(key);
         let result = loop {
@@ -364,7 +375,7 @@ impl MediaService {
             tokio::pin!(changed, resynced);
             changed.as_mut().enable();
             resynced.as_mut().enable();
-            match self.meta.get_media(key, linearizable).await {
+            match self.meta.get_media(key).await {
                 Err(e) => break Err(e.into()),
                 Ok(None) => break Err(ApiError::not_found("Media not found")),
                 Ok(Some((media @ MediaRecord { state: MediaState::Ready { .. }, .. }, Some(content)))) => {
@@ -415,46 +426,85 @@ impl MediaService {
     }
 
     /// Follows the metadata service's change feed (runs until `cancel`): wakes downloads
-    /// waiting on an mxc as soon as it has content, and every waiter after a gap.
+    /// waiting on an mxc as soon as it has content, drops cached records whose content
+    /// changed, and everything after a gap. The feed is the leader's; a leader that stops
+    /// proving it leads (no ALIVE for [`FEED_SILENCE`]) is left, and the feed resumes from the
+    /// last index seen on whichever node leads, so no change is missed across a reconnect.
     pub async fn watch_loop(self: Arc<Self>, cancel: tokio_util::sync::CancellationToken) {
         use futures::StreamExt;
+        use mxcas_meta::client::Change;
+        let mut after = 0u64;
         loop {
             let stream = tokio::select! {
                 _ = cancel.cancelled() => return,
-                s = self.meta.watch_changes() => s,
+                s = self.meta.watch_changes(after) => s,
             };
             match stream {
-                Ok(mut stream) => {
-                    // Anything may have happened while we were not watching.
-                    self.resync.notify_waiters();
+                Ok(stream) => {
+                    let mut stream = std::pin::pin!(stream);
+                    if after == 0 {
+                        // First subscription: anything may have happened before.
+                        self.resync().await;
+                    }
                     loop {
                         let item = tokio::select! {
                             _ = cancel.cancelled() => return,
-                            item = stream.next() => item,
+                            item = tokio::time::timeout(FEED_SILENCE, stream.next()) => item,
                         };
-                        match item {
-                            Some(Ok(mxcas_meta::client::Change::Ready(key))) => {
+                        let (index, change) = match item {
+                            Ok(Some(Ok(c))) => c,
+                            Ok(Some(Err(e))) => {
+                                tracing::debug!(error = %e, "change feed ended; resuming elsewhere");
+                                break;
+                            }
+                            Ok(None) => break,
+                            Err(_) => {
+                                tracing::debug!("change feed silent; resuming elsewhere");
+                                break;
+                            }
+                        };
+                        match change {
+                            Change::Ready(key) => {
+                                self.count_feed("ready");
                                 let w = self.waiters.lock().unwrap_or_else(|p| p.into_inner()).get(&key).cloned();
                                 if let Some(n) = w {
                                     n.notify_waiters();
                                 }
                             }
-                            Some(Ok(mxcas_meta::client::Change::Resync)) => self.resync.notify_waiters(),
-                            Some(Err(e)) => {
-                                tracing::debug!(error = %e, "change feed interrupted");
-                                break;
+                            Change::Content(cid) => {
+                                self.count_feed("content");
+                                if let Err(e) = self.resolved.invalidate_entries_if(move |_, r| r.content.cid == cid) {
+                                    tracing::warn!(error = %e, "cannot drop cached records; dropping all");
+                                    self.resolved.invalidate_all();
+                                }
                             }
-                            None => break,
+                            Change::Resync => {
+                                self.count_feed("resync");
+                                self.resync().await;
+                            }
+                            Change::Alive => {}
                         }
+                        after = after.max(index);
                     }
+                    self.count_feed("reconnect");
                 }
                 Err(e) => tracing::debug!(error = %e, "cannot subscribe to the change feed; retrying"),
             }
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             }
         }
+    }
+
+    fn count_feed(&self, kind: &'static str) {
+        self.metrics.feed.get_or_create(&crate::metrics::KindLabels { kind }).inc();
+    }
+
+    /// Changes may have been missed: drop every cached record and wake every waiter.
+    async fn resync(&self) {
+        self.resolved.invalidate_all();
+        self.resync.notify_waiters();
     }
 
     /// Keeps the reclaim generation fresh for new uploads (runs until `cancel`): an upload

@@ -18,6 +18,12 @@ pub struct RouteLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// Change feed: `ready`, `content`, `resync`, `reconnect`.
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     /// `hit`, `miss`, `coalesced` or `error`.
     pub result: &'static str,
@@ -41,6 +47,11 @@ pub struct Metrics {
     pub repairs: Counter,
     /// Uploads whose objects were stored again because their generation was sealed.
     pub restored: Counter,
+    /// Change-feed events received, by kind.
+    pub feed: Family<KindLabels, Counter>,
+    /// Reads that found a cached record stale (its object gone because the record moved)
+    /// and recovered by asking the leader: what the change feed should have prevented.
+    pub stale_records: Counter,
 }
 
 impl Default for Metrics {
@@ -94,7 +105,21 @@ impl Metrics {
             "Uploads stored again under a new generation because theirs was sealed before they committed",
             restored.clone(),
         );
+        let feed = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "feed_events",
+            "Change-feed events received: ready, content, resync, reconnect",
+            feed.clone(),
+        );
+        let stale_records = Counter::default();
+        registry.register(
+            "stale_records",
+            "Downloads that found a cached record stale and asked the metadata leader again",
+            stale_records.clone(),
+        );
         Self {
+            feed,
+            stale_records,
             data_loss,
             repairs,
             restored,

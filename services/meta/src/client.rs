@@ -80,8 +80,12 @@ struct Inner {
 pub enum Change {
     /// The mxc now has content.
     Ready(MediaKey),
+    /// The content record of this CID changed: drop cached copies.
+    Content(Cid),
     /// Changes were missed: treat every cached mutable fact as stale.
     Resync,
+    /// The leader still leads; every change up to the index was sent.
+    Alive,
 }
 
 /// A finished upload as the edge stored it, to be committed.
@@ -338,14 +342,9 @@ impl MetaClient {
         Ok(resp.into_inner().marked)
     }
 
-    /// The mxc record and, once uploaded, its content record. `linearizable`: confirmed
-    /// through the leader even when the node has it (after a named blob went missing).
-    pub async fn get_media(
-        &self,
-        key: &MediaKey,
-        linearizable: bool,
-    ) -> Result<Option<(MediaRecord, Option<ContentRecord>)>, MetaError> {
-        let req = pb::GetMediaRequest { media: Some(key.into()), linearizable };
+    /// The mxc record and, once uploaded, its content record (a linearizable read).
+    pub async fn get_media(&self, key: &MediaKey) -> Result<Option<(MediaRecord, Option<ContentRecord>)>, MetaError> {
+        let req = pb::GetMediaRequest { media: Some(key.into()) };
         let resp = self
             .retrying(Retry::Read, |mut cl| {
                 let req = req.clone();
@@ -386,28 +385,33 @@ impl MetaClient {
         Ok(referenced)
     }
 
-    /// Subscribes to the change feed of one metadata node (the current one; call again after
-    /// the stream ends, which also moves on to the next node if that one is down).
+    /// Subscribes to the change feed (served by the leader; followers redirect there) from
+    /// after log index `after` (0: from now). Items are `(index, change)`; resume after the
+    /// last index seen by calling again once the stream ends or stays silent.
     pub async fn watch_changes(
         &self,
-    ) -> Result<impl futures::Stream<Item = Result<Change, MetaError>> + Send + 'static, MetaError> {
+        after: u64,
+    ) -> Result<impl futures::Stream<Item = Result<(u64, Change), MetaError>> + Send + 'static, MetaError> {
         use futures::StreamExt;
-        let url = self.current();
-        let mut client = self.client_for(&url)?;
-        let stream = match client.watch_changes(pb::WatchChangesRequest {}).await {
-            Ok(s) => s.into_inner(),
-            Err(status) => {
-                self.set_current(self.next_after(&url, &[url.clone()].into_iter().collect()));
-                return Err(meta_error_from_status(&status));
-            }
-        };
-        Ok(stream.map(|item| match item {
-            Ok(c) if c.kind == pb::change::Kind::Ready as i32 => match c.media {
-                Some(m) => Ok(Change::Ready(m.into())),
-                None => Ok(Change::Resync),
-            },
-            Ok(_) => Ok(Change::Resync),
-            Err(status) => Err(meta_error_from_status(&status)),
+        let req = pb::WatchChangesRequest { after_index: after };
+        let stream =
+            self.retrying(Retry::Read, |mut cl| async move { cl.watch_changes(req).await }).await?.into_inner();
+        Ok(stream.map(|item| {
+            let c = item.map_err(|status| meta_error_from_status(&status))?;
+            let kind = pb::change::Kind::try_from(c.kind).unwrap_or(pb::change::Kind::Resync);
+            let change = match kind {
+                pb::change::Kind::Ready => match c.media {
+                    Some(m) => Change::Ready(m.into()),
+                    None => Change::Resync,
+                },
+                pb::change::Kind::Content => match Cid::try_from(c.cid.as_slice()) {
+                    Ok(cid) => Change::Content(cid),
+                    Err(_) => Change::Resync,
+                },
+                pb::change::Kind::Alive => Change::Alive,
+                pb::change::Kind::Resync | pb::change::Kind::Unspecified => Change::Resync,
+            };
+            Ok((c.index, change))
         }))
     }
 

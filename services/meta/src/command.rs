@@ -92,3 +92,14 @@ pub struct CommitOutcome {
     /// The current reclaim generation, for the caller's next uploads.
     pub generation: u64,
 }
+
+/// A change to a mutable fact, as the change feed carries it (and the state keeps the recent
+/// ones, by log index, so a watcher can resume where it stopped).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Changed {
+    /// The mxc has content now.
+    Ready(MediaKey),
+    /// The content record of this CID changed (repaired onto other objects, or found lost):
+    /// cached copies of it are stale. Removal of media will be announced the same way.
+    Content(#[serde(with = "crate::model::cid_bytes")] Cid),
+}

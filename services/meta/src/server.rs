@@ -2,9 +2,18 @@
 //!
 //! Writes are proposed to raft and answered once committed and applied (fsync on a majority,
 //! then on this node's state machine); a follower answers `UNAVAILABLE` with the leader's
-//! address in the `x-mxcas-leader` metadata so clients retry there. Reads first confirm this
-//! node is the leader with a current view (openraft's read index, `ensure_linearizable`), then
-//! read the local redb state on a blocking thread. Errors map to statuses in [`crate::pb`].
+//! address in the `x-mxcas-leader` metadata so clients retry there.
+//!
+//! The read contract: every read an edge makes (media, content, references, generations) is
+//! linearizable. It is answered by the leader after a read-index round (openraft's
+//! `ensure_linearizable`: a heartbeat to a majority confirms the leadership, then the local
+//! state is read once it has applied up to the commit index), so an isolated or lagging node
+//! serves no reads at all. Read-index rounds are batched ([`ReadIndex`]): every read waits for
+//! one round that started after it arrived, so a burst of reads costs one quorum round. What an
+//! edge may serve without asking is its own cache (ready records, for at most
+//! `[cache] media_ttl`), which the change feed ([`Meta::watch_changes`], leader only, resumable
+//! from a log index) keeps current. `Status` is a node's own view, for operators. Errors map
+//! to statuses in [`crate::pb`].
 
 use std::sync::Arc;
 
@@ -22,11 +31,68 @@ use crate::pb::{LEADER_METADATA, cid_from_wire, status_from_command_error, statu
 use crate::raft::{NodeId, RaftNode};
 use crate::state_machine::StateMachine;
 
+/// Longest a read-index round may take before the read is refused as unavailable (a leader
+/// cut off from its majority cannot confirm its leadership).
+const READ_INDEX_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How often the change feed proves the leader still leads (an ALIVE message).
+const FEED_ALIVE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Changes read from the recorded history per step while a watcher catches up.
+const FEED_REPLAY_BATCH: usize = 10_000;
+
+/// Batches read-index rounds: a read joins the next round to start, and each round answers
+/// every read that was waiting when it started.
+#[derive(Clone)]
+struct ReadIndex {
+    tx: tokio::sync::mpsc::UnboundedSender<tokio::sync::oneshot::Sender<Result<(), Status>>>,
+}
+
+impl ReadIndex {
+    fn start(node: &RaftNode) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<tokio::sync::oneshot::Sender<Result<(), Status>>>();
+        let raft = node.raft.clone();
+        let quorum_lost = node.quorum_lost.clone();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut waiting = vec![first];
+                while let Ok(more) = rx.try_recv() {
+                    waiting.push(more);
+                }
+                let result = if let Some(ms) = *quorum_lost.borrow() {
+                    Err(no_quorum(ms))
+                } else {
+                    match tokio::time::timeout(READ_INDEX_TIMEOUT, raft.ensure_linearizable()).await {
+                        Ok(Ok(_)) => Ok(()),
+                        Ok(Err(e)) => Err(raft_read_status(e)),
+                        Err(_) => Err(Status::unavailable(format!(
+                            "this metadata node could not confirm its leadership within {READ_INDEX_TIMEOUT:?}"
+                        ))),
+                    }
+                };
+                for w in waiting {
+                    let _ = w.send(result.clone());
+                }
+            }
+        });
+        Self { tx }
+    }
+
+    /// Returns once this node is confirmed leader and has applied everything committed before
+    /// the call.
+    async fn confirm(&self) -> Result<(), Status> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.tx.send(tx).map_err(|_| Status::unavailable("metadata node stopping"))?;
+        rx.await.map_err(|_| Status::unavailable("metadata node stopping"))?
+    }
+}
+
 #[derive(Clone)]
 pub struct MetaService {
     node_id: u64,
     sm: Arc<StateMachine>,
     node: RaftNode,
+    read_index: ReadIndex,
     /// The last state digest and the applied index it was computed at: a digest reads the
     /// whole state, so it is computed once per state, by one caller at a time.
     digest: Arc<tokio::sync::Mutex<Option<DigestAt>>>,
@@ -76,7 +142,8 @@ fn raft_read_status(e: RaftError<NodeId, CheckIsLeaderError<NodeId, BasicNode>>)
 
 impl MetaService {
     pub fn new(node: RaftNode) -> Self {
-        Self { node_id: node.id, sm: node.sm.clone(), node, digest: Default::default() }
+        let read_index = ReadIndex::start(&node);
+        Self { node_id: node.id, sm: node.sm.clone(), node, read_index, digest: Default::default() }
     }
 
     /// The tonic service to mount on a server.
@@ -120,12 +187,11 @@ impl MetaService {
         &self,
         f: impl FnOnce(&StateMachine) -> Result<T, StorageError> + Send + 'static,
     ) -> Result<T, Status> {
-        self.node.raft.ensure_linearizable().await.map_err(raft_read_status)?;
+        self.read_index.confirm().await?;
         self.read_local(f).await
     }
 
-    /// Reads this node's state as it is. Only for answers that cannot be stale: facts that
-    /// never change once true (an mxc that has content and its CID, a CID's blob).
+    /// Reads this node's state as it is (operators' status only).
     async fn read_local<T: Send + 'static>(
         &self,
         f: impl FnOnce(&StateMachine) -> Result<T, StorageError> + Send + 'static,
@@ -140,6 +206,55 @@ impl MetaService {
 
 pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn change_to_wire(index: u64, what: &crate::command::Changed) -> pb::Change {
+    use crate::command::Changed;
+    match what {
+        Changed::Ready(key) => {
+            pb::Change { kind: pb::change::Kind::Ready as i32, index, media: Some(key.into()), cid: Vec::new() }
+        }
+        Changed::Content(cid) => {
+            pb::Change { kind: pb::change::Kind::Content as i32, index, media: None, cid: cid.to_bytes() }
+        }
+    }
+}
+
+/// Sends the recorded changes after `*last` (moving `*last` on), first a RESYNC when some are
+/// no longer recorded (or, when `first`, if the watcher is too far behind). Errs when the
+/// watcher is gone.
+async fn replay(
+    sm: &Arc<StateMachine>,
+    tx: &tokio::sync::mpsc::Sender<Result<pb::Change, Status>>,
+    last: &mut u64,
+    first: bool,
+) -> Result<(), ()> {
+    let mut resync_checked = false;
+    loop {
+        let (sm2, after) = (sm.clone(), *last);
+        let read = tokio::task::spawn_blocking(move || sm2.changes_since(after, FEED_REPLAY_BATCH)).await;
+        let (complete, batch) = match read {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return tx.send(Err(status_from_storage_error(&e))).await.map_err(|_| ()).and(Err(())),
+            Err(e) => return tx.send(Err(Status::internal(e.to_string()))).await.map_err(|_| ()).and(Err(())),
+        };
+        if !resync_checked {
+            resync_checked = true;
+            if !complete {
+                let resync =
+                    pb::Change { kind: pb::change::Kind::Resync as i32, index: after, media: None, cid: Vec::new() };
+                tx.send(Ok(resync)).await.map_err(|_| ())?;
+            }
+            let _ = first;
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        for (index, what) in batch {
+            *last = (*last).max(index);
+            tx.send(Ok(change_to_wire(index, &what))).await.map_err(|_| ())?;
+        }
+    }
 }
 
 fn required<T>(field: Option<T>, name: &str) -> Result<T, Status> {
@@ -231,28 +346,17 @@ impl Meta for MetaService {
     }
 
     async fn get_media(&self, req: Request<pb::GetMediaRequest>) -> Result<Response<pb::GetMediaResponse>, Status> {
-        let r = req.into_inner();
-        let linearizable = r.linearizable;
-        let key: MediaKey = required(r.media, "media")?.into();
-        let lookup = |sm: &StateMachine, key: &MediaKey| -> Result<_, StorageError> {
-            let media = sm.get_media(key)?;
-            let content = match media.as_ref().and_then(|m| m.cid()) {
-                Some(cid) => sm.get_content(cid)?,
-                None => None,
-            };
-            Ok((media, content))
-        };
-        // An mxc with content keeps it (until deletion exists; then the change feed tells
-        // edges), so a local "ready" is served as is. Its content record may since have been
-        // repaired onto another blob: an edge that finds the named blob missing asks again
-        // with `linearizable`. "Missing" or "pending" might be stale, so those are confirmed
-        // through the leader.
-        let k = key.clone();
-        let local = if linearizable { (None, None) } else { self.read_local(move |sm| lookup(sm, &k)).await? };
-        let (media, content) = match local {
-            found @ (Some(_), Some(_)) => found,
-            _ => self.read(move |sm| lookup(sm, &key)).await?,
-        };
+        let key: MediaKey = required(req.into_inner().media, "media")?.into();
+        let (media, content) = self
+            .read(move |sm| {
+                let media = sm.get_media(&key)?;
+                let content = match media.as_ref().and_then(|m| m.cid()) {
+                    Some(cid) => sm.get_content(cid)?,
+                    None => None,
+                };
+                Ok((media, content))
+            })
+            .await?;
         Ok(Response::new(pb::GetMediaResponse {
             media: media.as_ref().map(Into::into),
             content: content.as_ref().map(Into::into),
@@ -264,11 +368,7 @@ impl Meta for MetaService {
         req: Request<pb::GetContentRequest>,
     ) -> Result<Response<pb::GetContentResponse>, Status> {
         let cid = cid_from_wire(&req.into_inner().cid)?;
-        // A CID's content record, once there, names the same bytes forever.
-        let content = match self.read_local(move |sm| sm.get_content(&cid)).await? {
-            Some(c) => Some(c),
-            None => self.read(move |sm| sm.get_content(&cid)).await?,
-        };
+        let content = self.read(move |sm| sm.get_content(&cid)).await?;
         Ok(Response::new(pb::GetContentResponse { content: content.as_ref().map(Into::into) }))
     }
 
@@ -289,22 +389,62 @@ impl Meta for MetaService {
 
     async fn watch_changes(
         &self,
-        _req: Request<pb::WatchChangesRequest>,
+        req: Request<pb::WatchChangesRequest>,
     ) -> Result<Response<Self::WatchChangesStream>, Status> {
-        use tokio_stream::StreamExt;
-        use tokio_stream::wrappers::BroadcastStream;
-        use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
-        let stream = BroadcastStream::new(self.node.changes.subscribe()).map(|item| {
-            Ok(match item {
-                Ok(c) => {
-                    pb::Change { kind: pb::change::Kind::Ready as i32, index: c.index, media: Some((&c.media).into()) }
+        // Only the leader can prove its feed is current (a follower would redirect here).
+        self.read_index.confirm().await?;
+        let mut after = req.into_inner().after_index;
+        // Subscribe before reading the history, so nothing falls between the two.
+        let mut live = self.node.changes.subscribe();
+        let (sm, read_index) = (self.sm.clone(), self.read_index.clone());
+        if after == 0 {
+            after = sm.last_applied().map_err(|e| status_from_storage_error(&e))?;
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::Change, Status>>(1024);
+        tokio::spawn(async move {
+            let mut last = after;
+            if replay(&sm, &tx, &mut last, true).await.is_err() {
+                return;
+            }
+            let mut alive = tokio::time::interval(FEED_ALIVE_EVERY);
+            loop {
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    item = live.recv() => match item {
+                        Ok(c) if c.index <= last => {}
+                        Ok(c) => {
+                            last = c.index;
+                            if let Some(what) = c.what
+                                && tx.send(Ok(change_to_wire(c.index, &what))).await.is_err()
+                            {
+                                return;
+                            }
+                        }
+                        // Fell behind the live feed: catch up from the recorded history.
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                            if replay(&sm, &tx, &mut last, false).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    },
+                    _ = alive.tick() => {
+                        let kind = pb::change::Kind::Alive as i32;
+                        let msg = match read_index.confirm().await {
+                            Ok(()) => Ok(pb::Change { kind, index: last, media: None, cid: Vec::new() }),
+                            // No longer (provably) the leader: end the feed; the watcher
+                            // resumes from `last` elsewhere.
+                            Err(status) => Err(status),
+                        };
+                        let end = msg.is_err();
+                        if tx.send(msg).await.is_err() || end {
+                            return;
+                        }
+                    }
                 }
-                Err(BroadcastStreamRecvError::Lagged(_)) => {
-                    pb::Change { kind: pb::change::Kind::Resync as i32, index: 0, media: None }
-                }
-            })
+            }
         });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 
     async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {

@@ -13,7 +13,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use serde::{Serialize, de::DeserializeOwned};
 use std::path::Path;
 
-use crate::command::{Command, CommandOutput, CommitOutcome, Generations};
+use crate::command::{Changed, Command, CommandOutput, CommitOutcome, Generations};
 use crate::error::{CommandError, StorageError};
 use crate::model::{ContentRecord, MediaKey, MediaRecord, MediaState, blob_key};
 
@@ -31,6 +31,9 @@ const BLOB_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("blob_keys"
 /// object keys of unsealed generations that no commit may ever reference (released
 /// duplicates); dropped once their generation is sealed, which refuses them anyway
 const TOMBSTONES: TableDefinition<&str, ()> = TableDefinition::new("tombstones");
+/// log index → postcard(Vec<Changed>): the recent changes, for watchers resuming from an index.
+/// Not part of snapshots (a node that installed one answers older resumes with "resync").
+const CHANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("changes");
 /// bookkeeping: "last_applied", and the clock and reclaim generations (see [`META_KEYS`])
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// opaque values the raft layer stores with the state (last applied log ID, membership)
@@ -44,11 +47,20 @@ const GENERATION: &str = "generation";
 const SEALED: &str = "sealed";
 /// Leader time of the last generation advance.
 const ADVANCED_AT: &str = "advanced_at_ms";
+/// Every change after this log index is recorded (later than an installed snapshot's position
+/// and than the pruned history). This node's own bookkeeping: not in snapshots.
+const CHANGES_FROM: &str = "changes_from";
+
+/// Changes kept for resuming watchers: a watcher further behind resyncs.
+pub const CHANGES_KEPT: u64 = 100_000;
 
 /// redb page cache of the state database.
 const STATE_CACHE_BYTES: usize = 128 << 20;
 
 type Applied = Result<CommandOutput, CommandError>;
+
+/// One result per entry (`None` for raft's own), and the changes made, by log index.
+pub type AppliedWithChanges = (Vec<Option<Applied>>, Vec<(u64, Changed)>);
 
 pub struct StateMachine {
     db: Database,
@@ -66,6 +78,7 @@ impl StateMachine {
         txn.open_table(PENDING_BY_EXPIRY)?;
         txn.open_table(BLOB_KEYS)?;
         txn.open_table(TOMBSTONES)?;
+        txn.open_table(CHANGES)?;
         txn.open_table(META)?;
         txn.open_table(EXTRA)?;
         txn.commit()?;
@@ -93,8 +106,19 @@ impl StateMachine {
         entries: &[(u64, Option<&Command>)],
         extras: &[(&str, Vec<u8>)],
     ) -> Result<Vec<Option<Applied>>, StorageError> {
+        Ok(self.apply_entries_with_changes(entries, extras)?.0)
+    }
+
+    /// [`Self::apply_entries`], also returning the changes to mutable facts the entries made
+    /// (recorded in the same transaction, by log index).
+    pub fn apply_entries_with_changes(
+        &self,
+        entries: &[(u64, Option<&Command>)],
+        extras: &[(&str, Vec<u8>)],
+    ) -> Result<AppliedWithChanges, StorageError> {
         let txn = self.db.begin_write()?;
         let mut results = Vec::with_capacity(entries.len());
+        let mut all_changes = Vec::new();
         {
             let mut tables = Tables {
                 media: txn.open_table(MEDIA)?,
@@ -104,15 +128,30 @@ impl StateMachine {
                 blob_keys: txn.open_table(BLOB_KEYS)?,
                 tombstones: txn.open_table(TOMBSTONES)?,
                 meta: txn.open_table(META)?,
+                changed: Vec::new(),
             };
-            for (_, cmd) in entries {
+            let mut changes = txn.open_table(CHANGES)?;
+            for (index, cmd) in entries {
                 results.push(match cmd {
                     Some(cmd) => Some(tables.apply(cmd)?),
                     None => None,
                 });
+                if !tables.changed.is_empty() {
+                    let made: Vec<Changed> = std::mem::take(&mut tables.changed);
+                    changes.insert(*index, encode(&made)?.as_slice())?;
+                    all_changes.extend(made.into_iter().map(|c| (*index, c)));
+                }
             }
             if let Some((index, _)) = entries.last() {
                 tables.meta.insert("last_applied", *index)?;
+                // Keep the changes of the last CHANGES_KEPT entries; every change after
+                // CHANGES_FROM is recorded.
+                let oldest_kept = index.saturating_sub(CHANGES_KEPT);
+                if oldest_kept > 0 {
+                    changes.retain_in(..oldest_kept, |_, _| false)?;
+                    let from = tables.meta_value(CHANGES_FROM)?.unwrap_or(0).max(oldest_kept - 1);
+                    tables.meta.insert(CHANGES_FROM, from)?;
+                }
             }
             let mut extra = txn.open_table(EXTRA)?;
             for (k, v) in extras {
@@ -120,7 +159,28 @@ impl StateMachine {
             }
         }
         txn.commit()?;
-        Ok(results)
+        Ok((results, all_changes))
+    }
+
+    /// The recorded changes after log index `after`, at most `limit`, and whether every change
+    /// since `after` is still recorded (false: the caller missed some and must resync).
+    pub fn changes_since(&self, after: u64, limit: usize) -> Result<(bool, Vec<(u64, Changed)>), StorageError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(CHANGES)?;
+        // Recorded are the changes after CHANGES_FROM: not those pruned, nor those before an
+        // installed snapshot.
+        let since = txn.open_table(META)?.get(CHANGES_FROM)?.map(|v| v.value()).unwrap_or(0);
+        let complete = after >= since;
+        let mut out = Vec::new();
+        for entry in table.range(after.saturating_add(1)..)? {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = entry?;
+            let made: Vec<Changed> = decode("changes", v.value())?;
+            out.extend(made.into_iter().map(|c| (k.value(), c)));
+        }
+        Ok((complete, out))
     }
 
     /// A value stored by [`Self::apply_entries`] or [`Self::import`].
@@ -166,7 +226,10 @@ impl StateMachine {
         }
         for entry in txn.open_table(META)?.iter()? {
             let (k, v) = entry?;
-            put(&SnapshotRecord::Meta { key: k.value().into(), value: v.value() })?;
+            // Where this node's change history starts is its own, not replicated state.
+            if k.value() != CHANGES_FROM {
+                put(&SnapshotRecord::Meta { key: k.value().into(), value: v.value() })?;
+            }
         }
         let records = n;
         write_record(out, &SnapshotRecord::End { records })?;
@@ -191,6 +254,7 @@ impl StateMachine {
             let mut blob_keys = txn.open_table(BLOB_KEYS)?;
             let mut tombstones = txn.open_table(TOMBSTONES)?;
             let mut meta = txn.open_table(META)?;
+            txn.open_table(CHANGES)?.retain(|_, _| false)?;
             media.retain(|_, _| false)?;
             content.retain(|_, _| false)?;
             pending.retain(|_, _| false)?;
@@ -225,7 +289,9 @@ impl StateMachine {
                         tombstones.insert(key.as_str(), ())?;
                     }
                     SnapshotRecord::Meta { key, value } => {
-                        meta.insert(key.as_str(), value)?;
+                        if key != CHANGES_FROM {
+                            meta.insert(key.as_str(), value)?;
+                        }
                     }
                     SnapshotRecord::End { records } => {
                         if records != count {
@@ -236,6 +302,9 @@ impl StateMachine {
                 }
                 count += 1;
             }
+            // No change before this state is recorded here: older resumes must resync.
+            let position = meta.get("last_applied")?.map(|v| v.value()).unwrap_or(0);
+            meta.insert(CHANGES_FROM, position)?;
             let mut extra = txn.open_table(EXTRA)?;
             for (k, v) in extras {
                 extra.insert(*k, v.as_slice())?;
@@ -316,6 +385,8 @@ struct Tables<'txn> {
     blob_keys: redb::Table<'txn, &'static str, &'static [u8]>,
     tombstones: redb::Table<'txn, &'static str, ()>,
     meta: redb::Table<'txn, &'static str, u64>,
+    /// Changes to mutable facts made by the command being applied.
+    changed: Vec<Changed>,
 }
 
 /// What a commit's content is to the stored content record.
@@ -512,6 +583,7 @@ impl Tables<'_> {
             },
         };
         self.put_media(&media)?;
+        self.changed.push(Changed::Ready(media.key.clone()));
         Ok(Ok(self.outcome(media, attached)?))
     }
 
@@ -554,6 +626,7 @@ impl Tables<'_> {
                     return Ok(Err(e));
                 }
                 self.unregister(&s)?;
+                self.changed.push(Changed::Content(s.cid));
                 ContentRecord {
                     refcount: s.refcount + add_refs,
                     created_at_ms: s.created_at_ms,
@@ -638,6 +711,7 @@ impl Tables<'_> {
             Some(mut c) if c.blob_key == blob_key && !c.lost => {
                 c.lost = true;
                 self.put_content(&c)?;
+                self.changed.push(Changed::Content(c.cid));
                 true
             }
             _ => false,

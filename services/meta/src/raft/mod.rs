@@ -91,7 +91,8 @@ impl Default for RaftSettings {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Change {
     pub index: u64,
-    pub media: crate::model::MediaKey,
+    /// `None`: a watermark, every change up to `index` has been published.
+    pub what: Option<crate::command::Changed>,
 }
 
 /// A running raft node and the state machine it drives.

@@ -258,24 +258,21 @@ impl RaftStateMachine<TypeConfig> for SmStore {
                         _ => (e.log_id.index, None),
                     })
                     .collect();
-                let results = sm.apply_entries(&items, &extras).map_err(|e| e.to_string())?;
-                let indexes: Vec<u64> = entries.iter().map(|e| e.log_id.index).collect();
-                Ok(indexes
-                    .into_iter()
-                    .zip(results)
-                    .map(|(i, r)| (i, Response(r.unwrap_or(Ok(CommandOutput::Nothing)))))
-                    .collect::<Vec<_>>())
+                let (results, changes) = sm.apply_entries_with_changes(&items, &extras).map_err(|e| e.to_string())?;
+                let responses: Vec<Response> =
+                    results.into_iter().map(|r| Response(r.unwrap_or(Ok(CommandOutput::Nothing)))).collect();
+                Ok((responses, changes))
             })
             .await?;
-        if let Some(changes) = &self.changes {
-            for (index, r) in &responses {
-                if let Response(Ok(CommandOutput::Committed(o))) = r {
-                    // No receiver is fine: nobody watches.
-                    let _ = changes.send(super::Change { index: *index, media: o.media.key.clone() });
-                }
+        let (responses, changes) = responses;
+        if let Some(feed) = &self.changes {
+            // No receiver is fine: nobody watches.
+            for (index, what) in changes {
+                let _ = feed.send(super::Change { index, what: Some(what) });
             }
+            let _ = feed.send(super::Change { index: last.index, what: None });
         }
-        Ok(responses.into_iter().map(|(_, r)| r).collect())
+        Ok(responses)
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {

@@ -2,6 +2,7 @@ use cid::Cid;
 use multihash::Multihash;
 
 use super::*;
+use crate::command::Changed;
 
 fn cid(n: u8) -> Cid {
     Cid::new_v1(0x55, Multihash::<64>::wrap(0x12, &[n; 32]).expect("digest fits"))
@@ -342,4 +343,34 @@ fn export_then_import_reproduces_the_state() {
     let before = other.sm.counts().expect("counts");
     assert!(other.sm.import(&mut &snap[..snap.len() - 3], &[]).is_err());
     assert_eq!(other.sm.counts().expect("counts"), before);
+}
+
+#[test]
+fn changes_are_recorded_for_resuming_watchers_and_gaps_say_resync() {
+    let mut f = Fixture::new();
+    f.committed(commit(None, "@a:hs", 10, content(1, "1")));
+    f.apply(Command::ReportLost { cid: cid(1), blob_key: key("1") }).expect("report");
+    f.apply(Command::Expire { now_ms: 20, limit: 10 }).expect("no change");
+    f.committed(commit(None, "@b:hs", 30, content(1, "2")));
+    let (complete, all) = f.sm.changes_since(0, 100).expect("read");
+    assert!(complete);
+    let media = MediaKey::new("hs", cid(1).to_string());
+    assert_eq!(
+        all,
+        vec![(1, Changed::Ready(media.clone())), (2, Changed::Content(cid(1))), (4, Changed::Content(cid(1))),],
+        "the repair (entry 4) is announced; an entry without changes is not"
+    );
+    let (complete, after_two) = f.sm.changes_since(2, 100).expect("read");
+    assert!(complete);
+    assert_eq!(after_two, vec![(4, Changed::Content(cid(1)))]);
+
+    // A node that installed a snapshot has no history before it: older resumes must resync.
+    let mut snap = Vec::new();
+    f.sm.export(&mut snap, &[]).expect("export");
+    let other = Fixture::new();
+    other.sm.import(&mut snap.as_slice(), &[]).expect("import");
+    assert_eq!(other.sm.changes_since(2, 100).expect("read"), (false, vec![]));
+    assert_eq!(other.sm.changes_since(4, 100).expect("read"), (true, vec![]));
+    // And the history is not part of the replicated state.
+    assert_eq!(other.sm.digest().expect("digest"), f.sm.digest().expect("digest"));
 }
