@@ -248,7 +248,8 @@ impl Node {
             .unwrap_or(0.0))
     }
 
-    /// Every file under the local blob directory (for Fs nodes).
+    /// Every file of uploads under the local blob directory (for Fs nodes; not the store's
+    /// identity marker).
     pub fn local_blobs(&self) -> Vec<PathBuf> {
         fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
             for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
@@ -257,7 +258,7 @@ impl Node {
             }
         }
         let mut out = Vec::new();
-        walk(&self.data_dir().join("blobs"), &mut out);
+        walk(&self.data_dir().join("blobs").join("blobs"), &mut out);
         out
     }
 }

@@ -179,7 +179,8 @@ async fn killed_edge_never_acknowledges_and_orphans_are_swept() -> anyhow::Resul
     let _serial = SERIAL.lock().await;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let s3 = SeaweedFs::start().await?;
-    let mut cluster = Cluster::start(3, MetaOptions::default()).await?;
+    let mut cluster =
+        Cluster::start(3, MetaOptions { extra: "reclaim_interval = \"500ms\"", ..MetaOptions::default() }).await?;
     let mut doomed =
         Node::start(NodeOptions { store: s3.store(), edge_meta: cluster.endpoints(), ..Default::default() }).await?;
     let sweeping = Node::start(NodeOptions {
@@ -232,7 +233,11 @@ async fn killed_edge_never_acknowledges_and_orphans_are_swept() -> anyhow::Resul
     let store = s3.object_store()?;
     use futures::TryStreamExt;
     use object_store::ObjectStore;
-    let keys: Vec<String> = store.list(None).map_ok(|m| m.location.to_string()).try_collect().await?;
+    let keys: Vec<String> = store
+        .list(Some(&object_store::path::Path::from("blobs")))
+        .map_ok(|m| m.location.to_string())
+        .try_collect()
+        .await?;
     assert_eq!(keys.len(), 2, "only the kept file's blob and block index remain: {keys:?}");
     Ok(())
 }
@@ -612,7 +617,11 @@ async fn a_reconnecting_edge_misses_no_change_across_a_partitioned_leader() -> a
     // of the same bytes through B repairs it onto new objects.
     let before_repair = cluster.metas[(new - 1) as usize].state().await?.last_applied;
     let store = s3.object_store()?;
-    let keys: Vec<String> = store.list(None).map_ok(|m| m.location.to_string()).try_collect().await?;
+    let keys: Vec<String> = store
+        .list(Some(&object_store::path::Path::from("blobs")))
+        .map_ok(|m| m.location.to_string())
+        .try_collect()
+        .await?;
     let blob = keys.iter().find(|k| !k.ends_with(".idx")).ok_or_else(|| anyhow::anyhow!("no blob in {keys:?}"))?;
     store.delete(&object_store::path::Path::from(blob.as_str())).await?;
     assert_eq!(b.upload_ok(body.clone()).await?, id);

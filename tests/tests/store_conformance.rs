@@ -16,7 +16,11 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 const MIB: usize = 1024 * 1024;
 
 async fn keys(store: &dyn ObjectStore) -> anyhow::Result<Vec<String>> {
-    let mut keys: Vec<String> = store.list(None).map_ok(|m| m.location.to_string()).try_collect().await?;
+    let mut keys: Vec<String> = store
+        .list(Some(&object_store::path::Path::from("blobs")))
+        .map_ok(|m| m.location.to_string())
+        .try_collect()
+        .await?;
     keys.sort();
     Ok(keys)
 }

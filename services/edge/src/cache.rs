@@ -144,7 +144,22 @@ impl BlockCache {
             }
         };
         let range = Self::block_range(content, i);
-        let bytes = self.store.get_range(&content.blob_key, range.clone()).await?;
+        let bytes = match self.store.get_range(&content.blob_key, range.clone()).await {
+            Ok(b) => b,
+            // A range past the end (a truncated object) is an error of its own on every
+            // backend: tell it from a transient failure by the object's size.
+            Err(StoreError::Backend(e)) => {
+                return match self.store.size(&content.blob_key).await {
+                    Ok(Some(size)) if size != content.size => {
+                        tracing::error!(cid = %content.cid, blob = %content.blob_key, size, want = content.size, "stored object is truncated");
+                        Err(BlockError::Corrupt { cid: cid_str(), block: i })
+                    }
+                    Ok(None) => Err(BlockError::Missing { key: content.blob_key.clone() }),
+                    _ => Err(StoreError::Backend(e).into()),
+                };
+            }
+            Err(e) => return Err(e.into()),
+        };
         let verified = bytes.len() as u64 == range.end - range.start
             && expected.is_some_and(|want| {
                 // Hashing a 1 MiB block takes under a millisecond; off the runtime anyway.

@@ -120,7 +120,63 @@ impl MediaService {
     /// Takes the generation the metadata service answered with. Not a maximum: a cluster
     /// restored from a backup may be at an older one, and keys must be of issued generations.
     fn learn_generation(&self, generation: u64) {
-        self.generation.store(generation, Ordering::Relaxed);
+        // Generations only grow (a restore jumps them far ahead), so a late answer never
+        // moves an edge back.
+        self.generation.fetch_max(generation, Ordering::Relaxed);
+    }
+
+    /// Checks that this edge's blob store is the cluster's: its `mxcas/store-id` object names
+    /// the identity the metadata records (registering one on first use). Only then may a
+    /// missing object be called lost; otherwise the store is misconfigured (wrong bucket,
+    /// unmounted directory), which is answered as unavailable and never recorded as loss.
+    pub async fn check_store_identity(&self) -> Result<(), ApiError> {
+        use crate::store::{STORE_ID_KEY, StoreError};
+        let misconfigured = |why: String| {
+            tracing::error!(
+                "blob store identity check failed: {why}; is this edge's [store] the cluster's bucket or directory?"
+            );
+            self.metrics.store_misconfigured.inc();
+            ApiError::unavailable("Media storage is misconfigured on this server; an operator must fix it", 30_000)
+        };
+        let unavailable = |e: StoreError| {
+            tracing::warn!(error = %e, "cannot read the blob store's identity");
+            ApiError::unavailable("Media storage is temporarily unavailable; retry later", 2_000)
+        };
+        let read = || async {
+            match self.store.get(STORE_ID_KEY).await {
+                Ok(b) => Ok(std::str::from_utf8(&b).ok().and_then(|s| s.trim().parse::<u64>().ok()).or(Some(0))),
+                Err(StoreError::NotFound(_)) => Ok(None),
+                Err(e) => Err(unavailable(e)),
+            }
+        };
+        let recorded = self.meta.generations().await?.store_id;
+        let in_store = read().await?;
+        match (recorded, in_store) {
+            (0, _) => {
+                // First use: the store's marker (made now if absent) becomes the cluster's.
+                let id = match in_store {
+                    Some(id) if id != 0 => id,
+                    Some(_) => return Err(misconfigured(format!("{STORE_ID_KEY} is malformed"))),
+                    None => {
+                        let fresh = rand::random::<u64>().max(1);
+                        self.store.put_if_absent(STORE_ID_KEY, fresh.to_string().into()).await.map_err(unavailable)?;
+                        read().await?.unwrap_or(0)
+                    }
+                };
+                let registered = self.meta.register_store(id).await?;
+                if registered != id {
+                    return Err(misconfigured(format!(
+                        "{STORE_ID_KEY} holds {id}, the cluster's store is {registered}"
+                    )));
+                }
+                Ok(())
+            }
+            (want, Some(found)) if found == want => Ok(()),
+            (want, Some(found)) => {
+                Err(misconfigured(format!("{STORE_ID_KEY} holds {found}, the cluster's store is {want}")))
+            }
+            (want, None) => Err(misconfigured(format!("{STORE_ID_KEY} (the cluster's store {want}) is missing"))),
+        }
     }
 
     /// Reserves a new media ID for `user` (`POST /create`). Returns `(mxc, expires_at_ms)`.
@@ -217,13 +273,17 @@ impl MediaService {
                 };
                 return Ok((how, outcome.media.key));
             }
-            // The bytes are stored already; ours are released. Make sure that copy exists
-            // before telling the client its media is safe.
+            // The bytes are stored already; ours are released (tombstoned: no commit can
+            // reference them now). Make sure that copy exists before telling the client its
+            // media is safe.
             match self.stored_copy_intact(&outcome.content).await {
-                Ok(true) | Err(_) => {
+                Ok(true) => {
                     self.store.delete_later(object_keys(&request.content));
                     return Ok((Committed::Deduplicated, outcome.media.key));
                 }
+                // Cannot tell: keep our copy (the sweeper takes it once sealed) and let the
+                // client retry, which deduplicates and checks again.
+                Err(e) => return Err(e),
                 Ok(false) => {
                     self.metrics.data_loss.inc();
                     tracing::error!(
@@ -231,6 +291,11 @@ impl MediaService {
                         blob = %outcome.content.blob_key,
                         "stored copy of re-uploaded content is missing or corrupt; repairing it with the new upload"
                     );
+                    // Our keys were released by that answer: repair with a fresh copy of them.
+                    let released = object_keys(&request.content);
+                    let generation = self.current_generation().await?;
+                    self.restore(&mut request.content, generation).await?;
+                    self.store.delete_later(released);
                     request.lost_key = Some(outcome.content.blob_key.clone());
                 }
             }
@@ -262,22 +327,31 @@ impl MediaService {
         Ok(())
     }
 
-    /// Whether the stored copy of `content` is there: a one-block file is read and verified
-    /// (from the cache when hot); a larger one is checked by the sizes of its objects.
+    /// Whether the stored copy of `content` is there, asked of the store itself (a cached
+    /// block proves nothing about the object): its blob and block index must exist with the
+    /// right sizes, and a one-block file is read and verified. An error means "cannot tell".
     async fn stored_copy_intact(&self, content: &ContentRecord) -> Result<bool, ApiError> {
-        if content.index_key.is_none() {
-            return match self.blocks.block(content, 0).await {
-                Ok(_) => Ok(true),
-                Err(e) if e.is_data_loss() => Ok(false),
-                Err(e) => Err(e.into()),
-            };
-        }
-        let blob = self.store.size(&content.blob_key).await.map_err(BlockError::from)?;
-        let index = match &content.index_key {
-            Some(k) => self.store.size(k).await.map_err(BlockError::from)?,
-            None => Some(0),
+        use crate::store::StoreError;
+        let unavailable = |e: StoreError| {
+            tracing::warn!(error = %e, "cannot check the stored copy of a deduplicated upload");
+            ApiError::unavailable("Media storage is temporarily unavailable; retry the upload", 2_000)
         };
-        Ok(blob == Some(content.size) && index.is_some())
+        let blob_ok = self.store.size(&content.blob_key).await.map_err(unavailable)? == Some(content.size);
+        let intact = blob_ok
+            && match &content.index_key {
+                Some(index) => self.store.size(index).await.map_err(unavailable)?.is_some(),
+                None => match self.store.get(&content.blob_key).await {
+                    Ok(bytes) => crate::unixfs::sha256_digest(&content.cid)
+                        .is_some_and(|want| <[u8; 32]>::from(<sha2::Sha256 as sha2::Digest>::digest(&bytes)) == want),
+                    Err(StoreError::NotFound(_)) => false,
+                    Err(e) => return Err(unavailable(e)),
+                },
+            };
+        if !intact {
+            // Only this cluster's store may say the copy is gone.
+            self.check_store_identity().await?;
+        }
+        Ok(intact)
     }
 
     /// Fails fast, before any byte is read, when `media_id` cannot take this user's upload
@@ -343,14 +417,13 @@ impl MediaService {
         self.resolved.invalidate(key).await;
         if !retried {
             let fresh = self.resolve_uncached(key, Duration::ZERO).await?;
-            if fresh.content.lost {
-                return Err(ApiError::data_loss());
-            }
             if fresh.content.blob_key != stale.content.blob_key {
                 self.metrics.stale_records.inc();
             }
             return Ok(fresh);
         }
+        // Twice, from the leader's current record: lost, if this store is the cluster's.
+        self.check_store_identity().await?;
         self.metrics.data_loss.inc();
         tracing::error!(
             cid = %stale.content.cid,
@@ -358,7 +431,9 @@ impl MediaService {
             %error,
             "stored media is lost: its object is missing or fails verification; an upload of the same bytes repairs it"
         );
-        if let Err(e) = self.meta.report_lost(&stale.content.cid, &stale.content.blob_key).await {
+        if !stale.content.lost
+            && let Err(e) = self.meta.report_lost(&stale.content.cid, &stale.content.blob_key).await
+        {
             tracing::warn!(error = %e, "could not record the loss in the metadata service");
         }
         Err(ApiError::data_loss())
@@ -511,13 +586,21 @@ impl MediaService {
     /// stored under a generation that gets sealed before it commits has to be copied.
     pub async fn generation_loop(self: Arc<Self>, cancel: tokio_util::sync::CancellationToken) {
         let mut tick = tokio::time::interval(Duration::from_secs(30));
+        let mut identity_checked = false;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = tick.tick() => match self.meta.generations().await {
-                    Ok(g) => self.learn_generation(g.generation),
-                    Err(e) => tracing::debug!(error = %e, "could not refresh the reclaim generation"),
-                },
+                _ = tick.tick() => {
+                    // Register (or check) the store's identity early, so a wrong bucket shows
+                    // at start rather than at the first loss.
+                    if !identity_checked {
+                        identity_checked = self.check_store_identity().await.is_ok();
+                    }
+                }
+            }
+            match self.meta.generations().await {
+                Ok(g) => self.learn_generation(g.generation),
+                Err(e) => tracing::debug!(error = %e, "could not refresh the reclaim generation"),
             }
         }
     }

@@ -47,6 +47,8 @@ pub struct Metrics {
     pub repairs: Counter,
     /// Uploads whose objects were stored again because their generation was sealed.
     pub restored: Counter,
+    /// Identity checks that found this edge's blob store is not the cluster's.
+    pub store_misconfigured: Counter,
     /// Change-feed events received, by kind.
     pub feed: Family<KindLabels, Counter>,
     /// Reads that found a cached record stale (its object gone because the record moved)
@@ -117,7 +119,14 @@ impl Metrics {
             "Downloads that found a cached record stale and asked the metadata leader again",
             stale_records.clone(),
         );
+        let store_misconfigured = Counter::default();
+        registry.register(
+            "store_misconfigured",
+            "Blob store identity checks that failed (wrong bucket or unmounted directory; alert on any)",
+            store_misconfigured.clone(),
+        );
         Self {
+            store_misconfigured,
             feed,
             stale_records,
             data_loss,

@@ -88,6 +88,11 @@ impl From<object_store::Error> for StoreError {
     }
 }
 
+/// The object naming the blob store's identity (a random number, also recorded in the
+/// metadata): an edge whose store lacks it, or holds another, is looking at the wrong bucket
+/// or an unmounted directory, and must not call anything lost.
+pub const STORE_ID_KEY: &str = "mxcas/store-id";
+
 /// Threshold below which an upload is buffered and stored with one `put` (also the part size
 /// of multipart uploads; S3 needs at least 5 MiB per part).
 pub const PART_SIZE: usize = 8 << 20;
@@ -145,6 +150,16 @@ impl BlobStore {
     /// A fresh object key for an upload starting under reclaim generation `generation`.
     pub fn new_blob_key(generation: u64) -> String {
         mxcas_meta::model::blob_key::new(generation, &uuid::Uuid::new_v4().simple().to_string())
+    }
+
+    /// Writes `key` only if it does not exist; returns whether this call created it.
+    pub async fn put_if_absent(&self, key: &str, bytes: Bytes) -> Result<bool, StoreError> {
+        let opts = object_store::PutOptions { mode: object_store::PutMode::Create, ..Default::default() };
+        match self.inner.put_opts(&Path::from(key), PutPayload::from_bytes(bytes), opts).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// The size of `key`, or `None` when it does not exist.

@@ -317,7 +317,7 @@ impl MetaClient {
         let req = pb::BeginSweepRequest { min_interval_ms: min_interval.as_millis() as u64 };
         let resp = self.retrying(Retry::Write, |mut cl| async move { cl.begin_sweep(req).await }).await?;
         let g = resp.into_inner();
-        Ok(Generations { generation: g.generation, sealed: g.sealed })
+        Ok(Generations { generation: g.generation, sealed: g.sealed, store_id: g.store_id })
     }
 
     /// The current reclaim generations (linearizable).
@@ -326,7 +326,15 @@ impl MetaClient {
             .retrying(Retry::Read, |mut cl| async move { cl.get_generations(pb::GetGenerationsRequest {}).await })
             .await?;
         let g = resp.into_inner();
-        Ok(Generations { generation: g.generation, sealed: g.sealed })
+        Ok(Generations { generation: g.generation, sealed: g.sealed, store_id: g.store_id })
+    }
+
+    /// Records `id` as the blob store's identity unless one is recorded; returns the recorded
+    /// one. Safe to retry.
+    pub async fn register_store(&self, id: u64) -> Result<u64, MetaError> {
+        let req = pb::RegisterStoreRequest { store_id: id };
+        let resp = self.retrying(Retry::Write, |mut cl| async move { cl.register_store(req).await }).await?;
+        Ok(resp.into_inner().store_id)
     }
 
     /// Marks `cid`'s stored bytes under `blob_key` as lost; safe to retry. Returns whether

@@ -36,6 +36,9 @@ pub enum Command {
     /// Start an orphan sweep: advance the reclaim generation (at most once per
     /// `min_interval_ms` of leader time) and seal every generation two behind it.
     BeginSweep { now_ms: u64, min_interval_ms: u64 },
+    /// Records the blob store's identity (the number in its `mxcas/store-id` object) if none
+    /// is recorded yet; answers the recorded one.
+    RegisterStore { id: u64 },
     /// The stored bytes of `cid` under `blob_key` are missing or corrupt.
     ReportLost {
         #[serde(with = "crate::model::cid_bytes")]
@@ -52,7 +55,7 @@ impl Command {
             | Command::CommitUpload { now_ms, .. }
             | Command::Expire { now_ms, .. }
             | Command::BeginSweep { now_ms, .. } => *now_ms = now,
-            Command::ReportLost { .. } => {}
+            Command::ReportLost { .. } | Command::RegisterStore { .. } => {}
         }
     }
 }
@@ -69,6 +72,7 @@ pub enum CommandOutput {
         /// False when the record no longer pointed at that key (already repaired or reported).
         marked: bool,
     },
+    StoreId(u64),
     /// A raft entry with no command (leader no-op, membership change).
     Nothing,
 }
@@ -79,6 +83,8 @@ pub enum CommandOutput {
 pub struct Generations {
     pub generation: u64,
     pub sealed: u64,
+    /// The blob store's recorded identity (0: none yet).
+    pub store_id: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

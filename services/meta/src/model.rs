@@ -98,7 +98,12 @@ pub mod blob_key {
     pub fn generation(key: &str) -> Option<u64> {
         let rest = key.strip_prefix("blobs/")?;
         match rest.split_once('/') {
-            Some((generation, name)) if generation.len() == WIDTH && !name.is_empty() && !name.contains('/') => {
+            Some((generation, name))
+                if generation.len() == WIDTH
+                    && generation.bytes().all(|b| b.is_ascii_digit())
+                    && !name.is_empty()
+                    && !name.contains('/') =>
+            {
                 generation.parse().ok()
             }
             Some(_) => None,
@@ -125,6 +130,7 @@ pub mod blob_key {
             assert_eq!(generation(&format!("{k}.idx")), Some(7));
             assert_eq!(generation("blobs/0123abc"), Some(0));
             assert_eq!(generation("blobs/7/abc"), None);
+            assert_eq!(generation("blobs/+00000000007/abc"), None);
             assert_eq!(generation("blobs/000000000007/a/b"), None);
             assert_eq!(generation("other/x"), None);
             assert_eq!(generation("blobs/"), None);

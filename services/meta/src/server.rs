@@ -208,6 +208,10 @@ pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
+fn generations_to_wire(g: crate::command::Generations) -> pb::Generations {
+    pb::Generations { generation: g.generation, sealed: g.sealed, store_id: g.store_id }
+}
+
 fn change_to_wire(index: u64, what: &crate::command::Changed) -> pb::Change {
     use crate::command::Changed;
     match what {
@@ -316,11 +320,11 @@ impl Meta for MetaService {
     }
 
     async fn begin_sweep(&self, req: Request<pb::BeginSweepRequest>) -> Result<Response<pb::Generations>, Status> {
-        let min_interval_ms = req.into_inner().min_interval_ms;
+        // The interval is the service's: a caller asking for less cannot shorten the window
+        // uploads have to commit in.
+        let min_interval_ms = req.into_inner().min_interval_ms.max(self.node.reclaim_interval.as_millis() as u64);
         match self.apply(Command::BeginSweep { now_ms: 0, min_interval_ms }).await? {
-            CommandOutput::Sweep(g) => {
-                Ok(Response::new(pb::Generations { generation: g.generation, sealed: g.sealed }))
-            }
+            CommandOutput::Sweep(g) => Ok(Response::new(generations_to_wire(g))),
             other => Err(unexpected(other)),
         }
     }
@@ -330,7 +334,18 @@ impl Meta for MetaService {
         _req: Request<pb::GetGenerationsRequest>,
     ) -> Result<Response<pb::Generations>, Status> {
         let g = self.read(|sm| sm.generations()).await?;
-        Ok(Response::new(pb::Generations { generation: g.generation, sealed: g.sealed }))
+        Ok(Response::new(generations_to_wire(g)))
+    }
+
+    async fn register_store(
+        &self,
+        req: Request<pb::RegisterStoreRequest>,
+    ) -> Result<Response<pb::RegisterStoreResponse>, Status> {
+        let id = req.into_inner().store_id;
+        match self.apply(Command::RegisterStore { id }).await? {
+            CommandOutput::StoreId(store_id) => Ok(Response::new(pb::RegisterStoreResponse { store_id })),
+            other => Err(unexpected(other)),
+        }
     }
 
     async fn report_lost(
@@ -461,7 +476,7 @@ impl Meta for MetaService {
             };
             let (at, digest) = match *cached {
                 Some((at, d)) if at == self.sm.last_applied().map_err(|e| status_from_storage_error(&e))? => (at, d),
-                _ => self.read_local(|sm| Ok((sm.last_applied()?, sm.digest()?))).await?,
+                _ => self.read_local(|sm| sm.digest_at()).await?,
             };
             *cached = Some((at, digest));
             crate::raft::backup::hex(&digest)

@@ -47,6 +47,17 @@ const GENERATION: &str = "generation";
 const SEALED: &str = "sealed";
 /// Leader time of the last generation advance.
 const ADVANCED_AT: &str = "advanced_at_ms";
+/// The blob store's identity, recorded once (see `Command::RegisterStore`).
+const STORE_ID: &str = "store_id";
+/// Version of this database's layout; a database without it predates the format.
+const FORMAT: &str = "format";
+/// The layout this build reads and writes.
+const FORMAT_VERSION: u64 = 2;
+/// How far a restore from a backup moves the reclaim generation on (see `import`): further
+/// than any cluster gets (one advance per 10 minutes is 190 years), so every generation the
+/// old cluster issued is sealed in the restored one.
+const RESTORE_GENERATION_JUMP: u64 = 10_000_000;
+
 /// Every change after this log index is recorded (later than an installed snapshot's position
 /// and than the pruned history). This node's own bookkeeping: not in snapshots.
 const CHANGES_FROM: &str = "changes_from";
@@ -71,6 +82,24 @@ impl StateMachine {
     pub fn open(path: &Path) -> Result<Self, StorageError> {
         // redb's page cache would otherwise grow to 1 GiB; the working set of lookups is small.
         let db = Database::builder().set_cache_size(STATE_CACHE_BYTES).create(path)?;
+        {
+            let txn = db.begin_read()?;
+            let existing = match txn.open_table(META) {
+                Ok(meta) => Some(meta.get(FORMAT)?.map(|v| v.value()).unwrap_or(1)),
+                Err(redb::TableError::TableDoesNotExist(_)) => None,
+                Err(e) => return Err(e.into()),
+            };
+            if let Some(found) = existing
+                && found != FORMAT_VERSION
+            {
+                return Err(StorageError::Database(format!(
+                    "{} holds metadata in format {found}; this mxcas reads format {FORMAT_VERSION} only. \
+                     Run the mxcas version that wrote it, or start this node with an empty data directory \
+                     and let it catch up from the cluster",
+                    path.display()
+                )));
+            }
+        }
         let txn = db.begin_write()?;
         txn.open_table(MEDIA)?;
         txn.open_table(CONTENT)?;
@@ -79,7 +108,7 @@ impl StateMachine {
         txn.open_table(BLOB_KEYS)?;
         txn.open_table(TOMBSTONES)?;
         txn.open_table(CHANGES)?;
-        txn.open_table(META)?;
+        txn.open_table(META)?.insert(FORMAT, FORMAT_VERSION)?;
         txn.open_table(EXTRA)?;
         txn.commit()?;
         Ok(Self { db })
@@ -195,6 +224,14 @@ impl StateMachine {
     /// that same state)`.
     pub fn export(&self, out: &mut impl std::io::Write, extra_keys: &[&str]) -> Result<Exported, StorageError> {
         let txn = self.db.begin_read()?;
+        Self::export_from(&txn, out, extra_keys)
+    }
+
+    fn export_from(
+        txn: &redb::ReadTransaction,
+        out: &mut impl std::io::Write,
+        extra_keys: &[&str],
+    ) -> Result<Exported, StorageError> {
         let mut n = 0u64;
         let mut put = |rec: &SnapshotRecord| -> Result<(), StorageError> {
             write_record(out, rec)?;
@@ -328,12 +365,32 @@ impl StateMachine {
         found.map(|v| decode("content", v.value())).transpose()
     }
 
+    /// After a restore from a backup: moves the reclaim generation past any the old cluster
+    /// can have issued since, and seals everything before it. Objects of those generations
+    /// (uploads that raced the old cluster's end) are refused, so edges store them again.
+    pub fn seal_for_restore(&self) -> Result<(), StorageError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            let generation = meta.get(GENERATION)?.map(|v| v.value()).unwrap_or(1) + RESTORE_GENERATION_JUMP;
+            meta.insert(GENERATION, generation)?;
+            meta.insert(SEALED, generation - 1)?;
+            txn.open_table(TOMBSTONES)?.retain(|_, _| false)?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
     /// The reclaim generations as of this node's state.
     pub fn generations(&self) -> Result<Generations, StorageError> {
         let txn = self.db.begin_read()?;
         let meta = txn.open_table(META)?;
         let get = |k: &str| -> Result<Option<u64>, StorageError> { Ok(meta.get(k)?.map(|v| v.value())) };
-        Ok(Generations { generation: get(GENERATION)?.unwrap_or(1), sealed: get(SEALED)?.unwrap_or(0) })
+        Ok(Generations {
+            generation: get(GENERATION)?.unwrap_or(1),
+            sealed: get(SEALED)?.unwrap_or(0),
+            store_id: get(STORE_ID)?.unwrap_or(0),
+        })
     }
 
     /// Whether `key` is tombstoned (tests).
@@ -353,6 +410,15 @@ impl StateMachine {
         let mut w = Hashing::new(std::io::sink());
         self.export(&mut w, &[])?;
         Ok(sha2::Digest::finalize(w.hash).into())
+    }
+
+    /// `(last applied index, digest)` from one consistent read.
+    pub fn digest_at(&self) -> Result<(u64, [u8; 32]), StorageError> {
+        let txn = self.db.begin_read()?;
+        let applied = txn.open_table(META)?.get("last_applied")?.map(|v| v.value()).unwrap_or(0);
+        let mut w = Hashing::new(std::io::sink());
+        Self::export_from(&txn, &mut w, &[])?;
+        Ok((applied, sha2::Digest::finalize(w.hash).into()))
     }
 
     /// For each object key, whether a content record references it.
@@ -435,6 +501,17 @@ impl Tables<'_> {
                 self.begin_sweep(now, *min_interval_ms)
             }
             Command::ReportLost { cid, blob_key } => self.report_lost(cid, blob_key),
+            Command::RegisterStore { id } => {
+                let stored = match self.meta_value(STORE_ID)? {
+                    Some(existing) => existing,
+                    None if *id != 0 => {
+                        self.meta.insert(STORE_ID, *id)?;
+                        *id
+                    }
+                    None => return Ok(Err(CommandError::InvalidArgument("store id 0".into()))),
+                };
+                Ok(Ok(CommandOutput::StoreId(stored)))
+            }
         }
     }
 
@@ -454,6 +531,7 @@ impl Tables<'_> {
         Ok(Generations {
             generation: self.meta_value(GENERATION)?.unwrap_or(1),
             sealed: self.meta_value(SEALED)?.unwrap_or(0),
+            store_id: self.meta_value(STORE_ID)?.unwrap_or(0),
         })
     }
 
@@ -619,10 +697,11 @@ impl Tables<'_> {
                 self.release(ours)?;
                 return Ok(Ok(Attached::Duplicate(s)));
             }
-            // Lost (reported, or found missing by this caller): these objects replace it. The
-            // caller named the lost key itself, so its own released objects may come back.
+            // Lost (reported, or found missing by this caller): these objects replace it.
+            // Released objects never come back (their owner may have deleted them): a caller
+            // repairing after a duplicate answer stores fresh copies first.
             Some(s) => {
-                if let Err(e) = self.check_new_objects(ours, true)? {
+                if let Err(e) = self.check_new_objects(ours)? {
                     return Ok(Err(e));
                 }
                 self.unregister(&s)?;
@@ -635,7 +714,7 @@ impl Tables<'_> {
                 }
             }
             None => {
-                if let Err(e) = self.check_new_objects(ours, false)? {
+                if let Err(e) = self.check_new_objects(ours)? {
                     return Ok(Err(e));
                 }
                 ContentRecord { refcount: add_refs.max(1), created_at_ms: now_ms, lost: false, ..ours.clone() }
@@ -647,8 +726,8 @@ impl Tables<'_> {
     }
 
     /// Whether a content record may reference `c`'s objects: well-formed keys of unsealed,
-    /// issued generations, not released (unless `revive`), not referenced by other content.
-    fn check_new_objects(&self, c: &ContentRecord, revive: bool) -> Result<Result<(), CommandError>, StorageError> {
+    /// issued generations, never released, not referenced by other content.
+    fn check_new_objects(&self, c: &ContentRecord) -> Result<Result<(), CommandError>, StorageError> {
         let g = self.generations()?;
         for key in object_keys(c) {
             let Some(generation) = blob_key::generation(key) else {
@@ -657,7 +736,7 @@ impl Tables<'_> {
             // A generation not issued yet (an edge that knew a cluster restored from an older
             // backup) would escape sealing: such objects are stored again under the current one.
             let unissued = generation > g.generation;
-            if generation <= g.sealed || unissued || (!revive && self.tombstones.get(key)?.is_some()) {
+            if generation <= g.sealed || unissued || self.tombstones.get(key)?.is_some() {
                 return Ok(Err(CommandError::Reclaimed { generation: g.generation }));
             }
             if self.blob_keys.get(key)?.is_some() {
@@ -686,10 +765,11 @@ impl Tables<'_> {
     /// Makes sure no commit will ever reference `c`'s objects, so their owner may delete them.
     /// Keys of sealed generations are refused anyway and need no tombstone.
     fn release(&mut self, c: &ContentRecord) -> Result<(), StorageError> {
-        let sealed = self.generations()?.sealed;
+        let g = self.generations()?;
         for key in object_keys(c) {
-            let unsealed = blob_key::generation(key).is_some_and(|g| g > sealed);
-            if unsealed && self.blob_keys.get(key)?.is_none() {
+            // Keys of sealed or unissued generations are refused anyway: no tombstone needed.
+            let open = blob_key::generation(key).is_some_and(|k| k > g.sealed && k <= g.generation);
+            if open && self.blob_keys.get(key)?.is_none() {
                 self.tombstones.insert(key, ())?;
             }
         }

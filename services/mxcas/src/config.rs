@@ -67,6 +67,11 @@ pub struct MetaSection {
     /// edge) instead of holding them until quorum returns. Default 2s.
     #[serde(with = "humantime_serde")]
     pub quorum_lease: Duration,
+    /// Least time (leader clock) between two reclaim-generation advances, whatever sweepers
+    /// ask: an upload has about this long from start to commit before its objects must be
+    /// copied, and at least this long to finish writing them. Default 10m.
+    #[serde(with = "humantime_serde")]
+    pub reclaim_interval: Duration,
 }
 
 impl Default for MetaSection {
@@ -83,6 +88,7 @@ impl Default for MetaSection {
             snapshot_every: r.snapshot_every,
             rpc_timeout: r.rpc_timeout,
             quorum_lease: r.quorum_lease,
+            reclaim_interval: r.reclaim_interval,
         }
     }
 }
@@ -99,6 +105,7 @@ impl MetaSection {
             bind_outgoing: self.bind_outgoing,
             quorum_lease: self.quorum_lease,
             tls,
+            reclaim_interval: self.reclaim_interval,
         }
     }
 }

@@ -89,13 +89,10 @@ async fn serve(
     let file_name = path.file_name.as_deref();
     // A missing or corrupt first block may mean the record moved (repaired by a re-upload)
     // since this edge read it: ask again once, then answer the loss.
-    let failure = if resolved.content.lost {
-        BlockError::Missing { key: resolved.content.blob_key.clone() }
-    } else {
-        match respond(state, method.clone(), headers, &resolved, file_name, legacy).await {
-            Err(Failure::Block(e)) if e.is_data_loss() => e,
-            other => return other.map_err(ApiError::from),
-        }
+    // A record marked lost is still tried: the mark is a report, the read is the proof.
+    let failure = match respond(state, method.clone(), headers, &resolved, file_name, legacy).await {
+        Err(Failure::Block(e)) if e.is_data_loss() => e,
+        other => return other.map_err(ApiError::from),
     };
     let fresh = state.media.after_read_failure(&resolved, &failure, false).await?;
     match respond(state, method, headers, &fresh, file_name, legacy).await {

@@ -69,6 +69,10 @@ pub struct RaftSettings {
     pub quorum_lease: Duration,
     /// Mutual TLS for raft RPCs to peers (`None`: plain HTTP/2).
     pub tls: Option<crate::tls::Tls>,
+    /// Least leader time between two reclaim-generation advances, whatever sweepers ask: an
+    /// upload has about this long between starting and committing before its objects must
+    /// be copied. The service's setting, not a caller's.
+    pub reclaim_interval: Duration,
 }
 
 impl Default for RaftSettings {
@@ -83,6 +87,7 @@ impl Default for RaftSettings {
             bind_outgoing: None,
             quorum_lease: Duration::from_secs(2),
             tls: None,
+            reclaim_interval: Duration::from_secs(600),
         }
     }
 }
@@ -110,6 +115,8 @@ pub struct RaftNode {
     pub log: log_store::LogStore,
     /// The node's directory (stores, snapshots, temporary exports).
     pub dir: std::path::PathBuf,
+    /// See [`RaftSettings::reclaim_interval`].
+    pub reclaim_interval: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -162,7 +169,8 @@ impl RaftNode {
         let raft =
             Raft::new(id, config, network, log.clone(), sm_store).await.map_err(|e| StartError::Raft(e.to_string()))?;
         let quorum_lost = watch_quorum(&raft, settings.quorum_lease);
-        Ok(Self { id, raft, sm, changes, quorum_lost, log, dir: dir.to_owned() })
+        let reclaim_interval = settings.reclaim_interval;
+        Ok(Self { id, raft, sm, changes, quorum_lost, log, dir: dir.to_owned(), reclaim_interval })
     }
 
     /// Makes `members` the first voters of a new cluster; a no-op when this node already

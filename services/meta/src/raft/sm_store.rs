@@ -179,6 +179,16 @@ fn remember(
     path: &std::path::Path,
 ) -> std::result::Result<bool, String> {
     let _held = pointer.lock.lock().map_err(|_| "snapshot pointer lock poisoned".to_owned())?;
+    remember_locked(sm, pointer, meta, path)
+}
+
+/// [`remember`] with the pointer lock already held.
+fn remember_locked(
+    sm: &StateMachine,
+    pointer: &Pointer,
+    meta: &Meta,
+    path: &std::path::Path,
+) -> std::result::Result<bool, String> {
     if let Ok(d) = std::fs::File::open(&pointer.dir) {
         let _ = d.sync_all();
     }
@@ -302,6 +312,10 @@ impl RaftStateMachine<TypeConfig> for SmStore {
             return Err(sto_err(subject, ErrorVerb::Write, "refusing a snapshot with a malformed ID"));
         }
         self.blocking(subject, ErrorVerb::Write, move |sm, pointer| {
+            // Held from the copy to the pointer: a build finishing meanwhile must neither
+            // delete this file nor move the pointer.
+            let lock = pointer.lock.clone();
+            let _held = lock.lock().map_err(|_| "snapshot pointer lock poisoned".to_owned())?;
             let mut received = received;
             received.rewind().map_err(|e| e.to_string())?;
             let path = installed_path(&pointer.dir, &meta);
@@ -312,7 +326,7 @@ impl RaftStateMachine<TypeConfig> for SmStore {
             let mut reader = BufReader::new(std::fs::File::open(&path).map_err(|e| e.to_string())?);
             let records = import_at_position(sm, &mut reader, meta.last_log_id, &meta.last_membership)
                 .map_err(|e| e.to_string())?;
-            remember(sm, pointer, &meta, &path)?;
+            remember_locked(sm, pointer, &meta, &path)?;
             tracing::info!(snapshot = %meta.snapshot_id, records, "installed snapshot");
             Ok(())
         })

@@ -227,8 +227,8 @@ fn rejected_commands_leave_no_trace() {
 #[test]
 fn sealed_generations_and_released_keys_are_never_committed() {
     let mut f = Fixture::new();
-    assert_eq!(f.sweep(0, 100), Generations { generation: 2, sealed: 0 });
-    assert_eq!(f.sweep(50, 100), Generations { generation: 2, sealed: 0 }, "at most once per interval");
+    assert_eq!(f.sweep(0, 100), Generations { generation: 2, sealed: 0, store_id: 0 });
+    assert_eq!(f.sweep(50, 100), Generations { generation: 2, sealed: 0, store_id: 0 }, "at most once per interval");
     // An upload stored under generation 1 commits while generation 1 is not sealed...
     let early = f.committed(commit(None, "@a:hs", 60, content(1, "1")));
     assert_eq!(early.generation, 2);
@@ -238,7 +238,7 @@ fn sealed_generations_and_released_keys_are_never_committed() {
     let dup_as_new = ContentRecord { cid: cid(7), ..content(1, "dup") };
     assert_eq!(f.apply(commit(None, "@a:hs", 70, dup_as_new)), Err(CommandError::Reclaimed { generation: 2 }));
 
-    assert_eq!(f.sweep(200, 100), Generations { generation: 3, sealed: 1 });
+    assert_eq!(f.sweep(200, 100), Generations { generation: 3, sealed: 1, store_id: 0 });
     assert!(!f.sm.is_tombstoned(&key("dup")).expect("read"), "tombstones of sealed generations are dropped");
     // Generation 1 is sealed: an upload stored under it (a commit that was paused across two
     // sweeps) is refused, so the sweeper may delete its object.
@@ -260,9 +260,11 @@ fn sealed_generations_and_released_keys_are_never_committed() {
 fn lost_content_is_repaired_by_the_next_upload_of_the_same_bytes() {
     let mut f = Fixture::new();
     let first = f.committed(commit(None, "@a:hs", 10, content(1, "1")));
-    // A re-upload that found the stored copy missing names the lost key: its copy replaces it.
-    let dup = f.committed(commit(None, "@b:hs", 20, content(1, "2")));
+    // A re-upload that found the stored copy missing names the lost key: a fresh copy of its
+    // bytes replaces it. Its released keys never come back (it may have deleted them).
+    let dup = f.committed(commit(None, "@b:hs", 20, content(1, "dup")));
     assert!(dup.deduplicated);
+    assert_eq!(f.apply(repair(content(1, "dup"), "1")), Err(CommandError::Reclaimed { generation: 1 }));
     let healed = f.committed(repair(content(1, "2"), "1"));
     assert!(!healed.deduplicated);
     assert_eq!(healed.media.key, first.media.key);
@@ -373,4 +375,26 @@ fn changes_are_recorded_for_resuming_watchers_and_gaps_say_resync() {
     assert_eq!(other.sm.changes_since(4, 100).expect("read"), (true, vec![]));
     // And the history is not part of the replicated state.
     assert_eq!(other.sm.digest().expect("digest"), f.sm.digest().expect("digest"));
+}
+
+#[test]
+fn the_store_identity_is_recorded_once() {
+    let mut f = Fixture::new();
+    assert_eq!(f.apply(Command::RegisterStore { id: 7 }), Ok(CommandOutput::StoreId(7)));
+    assert_eq!(f.apply(Command::RegisterStore { id: 9 }), Ok(CommandOutput::StoreId(7)), "the first one stays");
+    assert_eq!(f.sm.generations().expect("read").store_id, 7);
+}
+
+#[test]
+fn a_database_of_another_format_is_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("m.redb");
+    {
+        let db = redb::Database::create(&path).expect("create");
+        let txn = db.begin_write().expect("txn");
+        txn.open_table(META).expect("meta").insert("last_applied", 5).expect("insert");
+        txn.commit().expect("commit");
+    }
+    let err = StateMachine::open(&path).err().expect("an old layout is refused");
+    assert!(err.to_string().contains("format 1"), "{err}");
 }
