@@ -74,6 +74,10 @@ URI=$(curl -sf -H 'Authorization: Bearer bench-token-123456' --data-binary @"$WO
 MXCAS_URL="http://127.0.0.1:18008/_matrix/client/v1/media/download/localhost/$URI"
 curl -sf -H 'Authorization: Bearer bench-token-123456' "$MXCAS_URL" | cmp - "$WORK/small"
 mkdir -p "$WORK/www"; cp "$WORK/small" "$WORK/www/small"
+# nginx started as root serves as `nobody`: mktemp's 0700 directory would answer 403 to
+# every request (very fast, and wrong). Make the served tree readable, and check below that
+# the baseline really answers 200 with the file's bytes before timing it.
+chmod a+rx "$WORK" "$WORK/www"; chmod a+r "$WORK/www/small"
 cat > "$WORK/nginx.conf" <<NGINX
 worker_processes auto;
 pid $WORK/nginx.pid;
@@ -88,7 +92,16 @@ NGINX
 nginx -c "$WORK/nginx.conf" -g 'daemon off;' &
 PIDS+=("$!")
 for _ in $(seq 50); do curl -sf http://127.0.0.1:18080/small >/dev/null && break; sleep 0.1; done
-rps() { wrk -t2 -c64 -d"$DURATION" "$@" | awk '/Requests\/sec/ {print $2}'; }
+if ! curl -sf http://127.0.0.1:18080/small | cmp -s - "$WORK/small"; then
+  echo "error: the nginx baseline does not serve the file (status $(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:18080/small)); see $WORK/nginx.err" >&2
+  exit 1
+fi
+# wrk counts every answer; a run with non-2xx answers is not a measurement.
+rps() {
+  local out; out=$(wrk -t2 -c64 -d"$DURATION" "$@")
+  if echo "$out" | grep -q 'Non-2xx'; then echo "error: wrk saw non-2xx answers from $*:" >&2; echo "$out" >&2; exit 1; fi
+  echo "$out" | awk '/Requests\/sec/ {print $2}'
+}
 MXCAS_RPS=$(rps -H 'Authorization: Bearer bench-token-123456' "$MXCAS_URL")
 NGINX_RPS=$(rps http://127.0.0.1:18080/small)
 

@@ -11,6 +11,7 @@
 //! `MXCAS_ORACLE_DIR`.
 
 pub mod cluster;
+pub mod etcd;
 pub mod load;
 pub mod node;
 pub mod oracle;

@@ -60,13 +60,39 @@ pub struct Swept {
     pub staging_deleted: u64,
 }
 
-/// One sweep: seal, then delete what sealed generations hold that nobody references.
+/// Every this many sweeps, a sweep lists every sealed generation again (objects of an old
+/// generation become unreferenced later when their content is repaired onto new ones); the
+/// others list only generations sealed since the last sweep.
+const FULL_SWEEP_EVERY: u64 = 36;
+
+/// One full sweep: seal, then delete what any sealed generation holds that nobody references.
 pub async fn sweep_once(store: &BlobStore, meta: &MetaClient, min_interval: Duration) -> Result<Swept, String> {
+    sweep(store, meta, min_interval, None).await
+}
+
+/// One sweep: seal, then delete what sealed generations after `after` (all of them when
+/// `None`) hold that nobody references.
+pub async fn sweep(
+    store: &BlobStore,
+    meta: &MetaClient,
+    min_interval: Duration,
+    after: Option<u64>,
+) -> Result<Swept, String> {
     let generations = meta.begin_sweep(min_interval).await.map_err(|e| e.to_string())?;
     let sealed = generations.sealed;
     let mut swept = Swept { sealed, ..Swept::default() };
     let is_sealed = |key: &str| blob_key::generation(key).is_some_and(|g| g <= sealed);
-    let mut batches = store.list_meta("blobs").try_chunks(BATCH).map_err(|e| e.1.to_string()).boxed();
+    let listing = match after {
+        None => store.list_meta("blobs"),
+        // Only the generations sealed since: one prefix each (usually one).
+        Some(after) => {
+            let prefixes: Vec<String> =
+                (after.saturating_add(1)..=sealed).map(|g| blob_key::after_generation(g.saturating_sub(1))).collect();
+            let store = store.clone();
+            futures::stream::iter(prefixes).flat_map(move |p| store.list_meta(p.trim_end_matches('/'))).boxed()
+        }
+    };
+    let mut batches = listing.try_chunks(BATCH).map_err(|e| e.1.to_string()).boxed();
     while let Some(batch) = batches.next().await {
         let candidates: Vec<String> = batch?.into_iter().map(|(k, _)| k).filter(|k| is_sealed(k)).collect();
         if candidates.is_empty() {
@@ -84,7 +110,10 @@ pub async fn sweep_once(store: &BlobStore, meta: &MetaClient, min_interval: Dura
     }
     // A staging file is never an object anyone references; one of a sealed generation belongs
     // to an upload that can no longer commit (if it is still running, it fails).
-    for (key, path) in store.staging_files("blobs") {
+    let walker = store.clone();
+    let staging =
+        tokio::task::spawn_blocking(move || walker.staging_files("blobs")).await.map_err(|e| e.to_string())?;
+    for (key, path) in staging {
         if is_sealed(&key) {
             match std::fs::remove_file(&path) {
                 Ok(()) => {
@@ -106,13 +135,17 @@ pub async fn run(
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) {
-    loop {
+    // Sealed generations up to this one were listed by a sweep that finished.
+    let mut swept_through: Option<u64> = None;
+    for round in 0u64.. {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(config.interval) => {}
         }
-        match sweep_once(&store, &meta, config.interval).await {
+        let after = swept_through.filter(|_| round % FULL_SWEEP_EVERY != 0);
+        match sweep(&store, &meta, config.interval, after).await {
             Ok(s) => {
+                swept_through = Some(s.sealed);
                 metrics.orphans_deleted.inc_by(s.deleted + s.staging_deleted);
                 metrics.sweeps.get_or_create(&ResultLabels { result: "ok" }).inc();
                 if s.deleted + s.staging_deleted > 0 {

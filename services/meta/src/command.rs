@@ -39,6 +39,10 @@ pub enum Command {
     /// Records the blob store's identity (the number in its `mxcas/store-id` object) if none
     /// is recorded yet; answers the recorded one.
     RegisterStore { id: u64 },
+    /// Several commands in one raft entry (one log append, one replication round and one apply
+    /// transaction for all): applied in order, each with its own outcome, exactly as if they
+    /// were entries of their own. Never nested.
+    Batch(Vec<Command>),
     /// The stored bytes of `cid` under `blob_key` are missing or corrupt.
     ReportLost {
         #[serde(with = "crate::model::cid_bytes")]
@@ -55,6 +59,7 @@ impl Command {
             | Command::CommitUpload { now_ms, .. }
             | Command::Expire { now_ms, .. }
             | Command::BeginSweep { now_ms, .. } => *now_ms = now,
+            Command::Batch(cmds) => cmds.iter_mut().for_each(|c| c.stamp(now)),
             Command::ReportLost { .. } | Command::RegisterStore { .. } => {}
         }
     }
@@ -73,6 +78,8 @@ pub enum CommandOutput {
         marked: bool,
     },
     StoreId(u64),
+    /// One outcome per command of a [`Command::Batch`], in order.
+    Batch(Vec<Result<CommandOutput, crate::error::CommandError>>),
     /// A raft entry with no command (leader no-op, membership change).
     Nothing,
 }

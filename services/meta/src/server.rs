@@ -41,6 +41,107 @@ const FEED_ALIVE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// Changes read from the recorded history per step while a watcher catches up.
 const FEED_REPLAY_BATCH: usize = 10_000;
 
+/// Most commands in one raft entry.
+const MAX_BATCH: usize = 1024;
+
+/// Raft entries of batched writes proposed and not yet applied, at most. While they are in
+/// flight, new writes queue and form the next batch: under load a batch holds every write
+/// that arrived during one replication round.
+const WRITES_IN_FLIGHT: usize = 4;
+
+type WriteReply = tokio::sync::oneshot::Sender<Result<CommandOutput, Status>>;
+
+/// Batches writes: concurrent commands become one raft entry ([`Command::Batch`]), so one log
+/// append (fsync on a majority) and one apply transaction serve many uploads. Each command
+/// keeps its own outcome; time is stamped once per entry, by this (leader) node.
+#[derive(Clone)]
+struct Writes {
+    tx: tokio::sync::mpsc::UnboundedSender<(Command, WriteReply)>,
+}
+
+impl Writes {
+    fn start(node: &RaftNode) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Command, WriteReply)>();
+        let node = node.clone();
+        tokio::spawn(async move {
+            let slots = Arc::new(tokio::sync::Semaphore::new(WRITES_IN_FLIGHT));
+            while let Some(first) = rx.recv().await {
+                // Wait for a slot before taking the queue: writes arriving meanwhile join.
+                let Ok(slot) = slots.clone().acquire_owned().await else { return };
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(w) => batch.push(w),
+                        Err(_) => break,
+                    }
+                }
+                let node = node.clone();
+                tokio::spawn(async move {
+                    propose(&node, batch).await;
+                    drop(slot);
+                });
+            }
+        });
+        Self { tx }
+    }
+
+    async fn submit(&self, cmd: Command) -> Result<CommandOutput, Status> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.tx.send((cmd, tx)).map_err(|_| Status::unavailable("metadata node stopping"))?;
+        rx.await.map_err(|_| Status::unavailable("metadata node stopping"))?
+    }
+}
+
+/// Proposes `batch` as one raft entry and answers each command, unless this node leads
+/// without a majority: then the writes are refused (or stop being waited for) as soon as the
+/// quorum lease runs out, so clients fail over or give up instead of hanging. A write
+/// abandoned this way may still commit once a majority returns; retrying it gets the same
+/// answer (commands are idempotent by what they say), and an abandoned reservation holds its
+/// slot until it expires.
+async fn propose(node: &RaftNode, batch: Vec<(Command, WriteReply)>) {
+    let now = now_ms();
+    let (mut cmds, replies): (Vec<Command>, Vec<WriteReply>) = batch.into_iter().unzip();
+    cmds.iter_mut().for_each(|c| c.stamp(now));
+    let single = cmds.len() == 1;
+    let entry = if single { cmds.remove(0) } else { Command::Batch(cmds) };
+    let mut quorum_lost = node.quorum_lost.clone();
+    let outcome = if let Some(ms) = *quorum_lost.borrow_and_update() {
+        Err(no_quorum(ms))
+    } else {
+        tokio::select! {
+            resp = node.raft.client_write(entry) => resp.map(|r| r.data.0).map_err(raft_write_status),
+            lost = quorum_lost.wait_for(Option::is_some) => Err(match lost.ok().and_then(|v| *v) {
+                Some(ms) => no_quorum(ms),
+                None => Status::unavailable("metadata node stopped"),
+            }),
+        }
+    };
+    let answer = |r: Result<CommandOutput, crate::error::CommandError>| r.map_err(|e| status_from_command_error(&e));
+    match outcome {
+        Ok(Ok(CommandOutput::Batch(outcomes))) if !single && outcomes.len() == replies.len() => {
+            for (reply, o) in replies.into_iter().zip(outcomes) {
+                let _ = reply.send(answer(o));
+            }
+        }
+        Ok(result) if single => {
+            if let Some(reply) = replies.into_iter().next() {
+                let _ = reply.send(answer(result));
+            }
+        }
+        Ok(other) => {
+            let status = Status::internal(format!("state machine answered a batch with {other:?}"));
+            for reply in replies {
+                let _ = reply.send(Err(status.clone()));
+            }
+        }
+        Err(status) => {
+            for reply in replies {
+                let _ = reply.send(Err(status.clone()));
+            }
+        }
+    }
+}
+
 /// Batches read-index rounds: a read joins the next round to start, and each round answers
 /// every read that was waiting when it started.
 #[derive(Clone)]
@@ -93,6 +194,7 @@ pub struct MetaService {
     sm: Arc<StateMachine>,
     node: RaftNode,
     read_index: ReadIndex,
+    writes: Writes,
     /// The last state digest and the applied index it was computed at: a digest reads the
     /// whole state, so it is computed once per state, by one caller at a time.
     digest: Arc<tokio::sync::Mutex<Option<DigestAt>>>,
@@ -143,7 +245,8 @@ fn raft_read_status(e: RaftError<NodeId, CheckIsLeaderError<NodeId, BasicNode>>)
 impl MetaService {
     pub fn new(node: RaftNode) -> Self {
         let read_index = ReadIndex::start(&node);
-        Self { node_id: node.id, sm: node.sm.clone(), node, read_index, digest: Default::default() }
+        let writes = Writes::start(&node);
+        Self { node_id: node.id, sm: node.sm.clone(), node, read_index, writes, digest: Default::default() }
     }
 
     /// The tonic service to mount on a server.
@@ -156,29 +259,13 @@ impl MetaService {
         self.node.raft.metrics().borrow().running_state.is_ok()
     }
 
-    /// Proposes `cmd` and waits for its outcome, unless this node leads without a majority:
-    /// then the write is refused (or stops being waited for) as soon as the quorum lease runs
-    /// out, so clients fail over or give up instead of hanging. A write abandoned this way may
-    /// still commit once a majority returns: a retried commit is deduplicated by its upload
-    /// ID; an abandoned reservation (`CreatePending`) holds its slot until it expires.
-    async fn apply(&self, mut cmd: Command) -> Result<CommandOutput, Status> {
-        // Time is the leader's: a follower refuses the write anyway, so the clock stamped here
-        // is the one of the node that proposes it.
-        cmd.stamp(now_ms());
-        let mut quorum_lost = self.node.quorum_lost.clone();
-        if let Some(ms) = *quorum_lost.borrow_and_update() {
+    /// Proposes `cmd` (batched with concurrent writes, see [`Writes`] and [`propose`]) and
+    /// waits for its outcome.
+    async fn apply(&self, cmd: Command) -> Result<CommandOutput, Status> {
+        if let Some(ms) = *self.node.quorum_lost.borrow() {
             return Err(no_quorum(ms));
         }
-        let resp = tokio::select! {
-            resp = self.node.raft.client_write(cmd) => resp.map_err(raft_write_status)?,
-            lost = quorum_lost.wait_for(Option::is_some) => {
-                return Err(match lost.ok().and_then(|v| *v) {
-                    Some(ms) => no_quorum(ms),
-                    None => Status::unavailable("metadata node stopped"),
-                });
-            }
-        };
-        resp.data.0.map_err(|rejected| status_from_command_error(&rejected))
+        self.writes.submit(cmd).await
     }
 
     /// Reads after confirming, through the leader's read index, that this node's state is
@@ -429,10 +516,10 @@ impl Meta for MetaService {
                         Ok(c) if c.index <= last => {}
                         Ok(c) => {
                             last = c.index;
-                            if let Some(what) = c.what
-                                && tx.send(Ok(change_to_wire(c.index, &what))).await.is_err()
-                            {
-                                return;
+                            for what in &c.what {
+                                if tx.send(Ok(change_to_wire(c.index, what))).await.is_err() {
+                                    return;
+                                }
                             }
                         }
                         // Fell behind the live feed: catch up from the recorded history.

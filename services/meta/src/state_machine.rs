@@ -500,6 +500,16 @@ impl Tables<'_> {
                 let now = self.clock(*now_ms)?;
                 self.begin_sweep(now, *min_interval_ms)
             }
+            Command::Batch(cmds) => {
+                let mut outcomes = Vec::with_capacity(cmds.len());
+                for cmd in cmds {
+                    outcomes.push(match cmd {
+                        Command::Batch(_) => Err(CommandError::InvalidArgument("nested batch".into())),
+                        cmd => self.apply(cmd)?,
+                    });
+                }
+                Ok(Ok(CommandOutput::Batch(outcomes)))
+            }
             Command::ReportLost { cid, blob_key } => self.report_lost(cid, blob_key),
             Command::RegisterStore { id } => {
                 let stored = match self.meta_value(STORE_ID)? {

@@ -181,9 +181,13 @@ async fn meta(args: MetaArgs) -> anyhow::Result<()> {
     run_until_signal(cancel, tracker).await
 }
 
+/// Log filter when `RUST_LOG` is not set: mxcas's own lines at info, openraft's internals
+/// (elections, replication progress) at warn. `RUST_LOG=info` shows everything.
+const DEFAULT_LOG: &str = "info,openraft=warn";
+
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 

@@ -82,6 +82,115 @@ async fn commit_rate(
     Ok((n as f64 / started.elapsed().as_secs_f64(), next.load(Ordering::Relaxed)))
 }
 
+/// Puts ~600-byte values into etcd from `callers` concurrent clients on its leader for
+/// `duration`; returns puts/s, after checking that etcd applied every one (each put moves the
+/// revision by exactly one).
+async fn etcd_put_rate(channel: &tonic::transport::Channel, callers: usize, duration: Duration) -> anyhow::Result<f64> {
+    use mxcas_tests::etcd::pb;
+    let put = |n: u64| pb::PutRequest {
+        key: format!("bench/{n}").into_bytes(),
+        value: vec![b'v'; 600],
+        ..Default::default()
+    };
+    let revision = |r: pb::PutResponse| r.header.map(|h| h.revision).unwrap_or(0);
+    let mut probe = pb::kv_client::KvClient::new(channel.clone());
+    let first = revision(probe.put(put(0)).await?.into_inner());
+    let next = Arc::new(AtomicU64::new(1));
+    let done = Arc::new(AtomicU64::new(0));
+    let end = Instant::now() + duration;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..callers {
+        let (next, done, channel) = (next.clone(), done.clone(), channel.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut client = pb::kv_client::KvClient::new(channel);
+            while Instant::now() < end {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if client.put(put(n)).await.is_ok() {
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let last = revision(probe.put(put(u64::MAX)).await?.into_inner());
+    let n = done.load(Ordering::Relaxed);
+    anyhow::ensure!(
+        (last - first - 1) as u64 == n,
+        "etcd's revision moved by {} for {n} acknowledged puts: the baseline did not do the work",
+        last - first - 1
+    );
+    Ok(n as f64 / elapsed)
+}
+
+/// Small uploads per second through `node` (`mxcas serve`): `callers` connections uploading
+/// distinct 50 KiB files for `duration`, each answer checked (200 and a content URI).
+async fn small_upload_rate(node: &Node, callers: usize, duration: Duration) -> anyhow::Result<f64> {
+    let done = Arc::new(AtomicU64::new(0));
+    let next = Arc::new(AtomicU64::new(0));
+    let end = Instant::now() + duration;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..callers {
+        let (done, next, http, url) =
+            (done.clone(), next.clone(), node.http.clone(), node.url("/_matrix/media/v3/upload"));
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < end {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                let mut body = vec![0u8; 50 * 1024];
+                body[..8].copy_from_slice(&n.to_le_bytes());
+                body[8..16].copy_from_slice(&0x6d78636173u64.to_le_bytes());
+                let resp = http.post(&url).bearer_auth(ALICE).body(body).send().await?;
+                anyhow::ensure!(resp.status() == 200, "upload answered {}", resp.status());
+                let json: serde_json::Value = resp.json().await?;
+                anyhow::ensure!(json["content_uri"].as_str().is_some_and(|u| u.starts_with("mxc://")), "{json}");
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// The disk's rate for the same work without mxcas: `writers` threads each writing 50 KiB
+/// files and fsyncing them, in `dir`, for `duration`; checks every file is whole afterwards.
+async fn disk_fsync_rate(dir: &std::path::Path, writers: usize, duration: Duration) -> anyhow::Result<f64> {
+    let done = Arc::new(AtomicU64::new(0));
+    let end = Instant::now() + duration;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let (done, dir) = (done.clone(), dir.to_owned());
+        tasks.push(tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            use std::io::Write;
+            let body = vec![7u8; 50 * 1024];
+            let mut i = 0u64;
+            while Instant::now() < end {
+                let mut f = std::fs::File::create(dir.join(format!("w{w}-{i}")))?;
+                f.write_all(&body)?;
+                f.sync_all()?;
+                i += 1;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let n = done.load(Ordering::Relaxed);
+    let whole = std::fs::read_dir(dir)?.flatten().filter(|e| e.metadata().is_ok_and(|m| m.len() == 50 * 1024)).count();
+    anyhow::ensure!(whole as u64 == n, "{whole} whole files for {n} writes: the baseline did not do the work");
+    Ok(n as f64 / elapsed)
+}
+
 /// A channel to the leader (over TLS when the cluster uses it).
 async fn leader(cluster: &Cluster) -> anyhow::Result<tonic::transport::Channel> {
     let l = cluster.wait_leader(Duration::from_secs(20)).await?;
@@ -132,6 +241,19 @@ async fn main() -> anyhow::Result<()> {
     let three =
         Cluster::start(3, MetaOptions { snapshot_every: (records / 2).max(1000), ..MetaOptions::default() }).await?;
     let (three_rate, mut next) = commit_rate(&leader(&three).await?, 64, duration, 10_000_000, &failed).await?;
+
+    eprintln!("== puts/s: 3-member etcd (the baseline), 64 clients on its leader, {secs}s");
+    let etcd = mxcas_tests::etcd::Etcd::start(3).await?;
+    let etcd_rate = etcd_put_rate(&etcd.leader().await?, 64, duration).await?;
+    drop(etcd);
+
+    eprintln!("== small uploads/s: mxcas serve, 50 KiB, 64 connections vs 64 writers write+fsync, {secs}s each");
+    let disk_dir = tempfile::Builder::new().prefix("mxcas-disk-").tempdir()?;
+    let disk_rate = disk_fsync_rate(disk_dir.path(), 64, duration).await?;
+    drop(disk_dir);
+    let serve = Node::start(NodeOptions::default()).await?;
+    let upload_rate = small_upload_rate(&serve, 64, duration).await?;
+    drop(serve);
 
     eprintln!("== lookup latency through an edge (HEAD), cached vs uncached");
     let s3 = SeaweedFs::start().await?;
@@ -188,6 +310,20 @@ async fn main() -> anyhow::Result<()> {
         three_rate,
         one,
         three_rate / one
+    );
+    println!(
+        "{:<58} {:>12.0} {:>12.0} {:>7.2}",
+        "CommitUpload commits/s, 3-node (vs 3-member etcd puts/s)",
+        three_rate,
+        etcd_rate,
+        three_rate / etcd_rate
+    );
+    println!(
+        "{:<58} {:>12.0} {:>12.0} {:>7.2}",
+        "50 KiB uploads/s, mxcas serve (vs disk write+fsync/s)",
+        upload_rate,
+        disk_rate,
+        upload_rate / disk_rate
     );
     println!(
         "{:<58} {:>12.0} {:>12.0} {:>7.2}",

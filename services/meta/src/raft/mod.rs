@@ -96,8 +96,9 @@ impl Default for RaftSettings {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Change {
     pub index: u64,
-    /// `None`: a watermark, every change up to `index` has been published.
-    pub what: Option<crate::command::Changed>,
+    /// Every change the entry at `index` made (empty: a watermark, every change up to
+    /// `index` has been published).
+    pub what: Vec<crate::command::Changed>,
 }
 
 /// A running raft node and the state machine it drives.

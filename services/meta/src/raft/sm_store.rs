@@ -277,10 +277,16 @@ impl RaftStateMachine<TypeConfig> for SmStore {
         let (responses, changes) = responses;
         if let Some(feed) = &self.changes {
             // No receiver is fine: nobody watches.
-            for (index, what) in changes {
-                let _ = feed.send(super::Change { index, what: Some(what) });
+            // One message per entry, with all its changes: a watcher never sees half an entry.
+            let mut changes = changes.into_iter().peekable();
+            while let Some((index, first)) = changes.next() {
+                let mut what = vec![first];
+                while let Some((_, c)) = changes.next_if(|(i, _)| *i == index) {
+                    what.push(c);
+                }
+                let _ = feed.send(super::Change { index, what });
             }
-            let _ = feed.send(super::Change { index: last.index, what: None });
+            let _ = feed.send(super::Change { index: last.index, what: Vec::new() });
         }
         Ok(responses)
     }

@@ -398,3 +398,30 @@ fn a_database_of_another_format_is_refused_with_a_clear_error() {
     let err = StateMachine::open(&path).err().expect("an old layout is refused");
     assert!(err.to_string().contains("format 1"), "{err}");
 }
+
+#[test]
+fn a_batch_applies_each_command_as_its_own_entry_would() {
+    let mut f = Fixture::new();
+    f.apply(pending("p1", "@a:hs", 0, 1000, 5)).expect("pending");
+    let batch = Command::Batch(vec![
+        commit(None, "@a:hs", 10, content(1, "1")),
+        commit(Some("p1"), "@b:hs", 10, content(2, "2")),
+        commit(None, "@b:hs", 10, content(1, "1b")),
+        Command::Batch(vec![]),
+        commit(Some("p1"), "@a:hs", 10, content(2, "2")),
+    ]);
+    let outcomes = match f.apply(batch) {
+        Ok(CommandOutput::Batch(o)) => o,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(outcomes.len(), 5);
+    assert!(matches!(&outcomes[0], Ok(CommandOutput::Committed(o)) if !o.deduplicated));
+    assert_eq!(outcomes[1], Err(CommandError::PermissionDenied), "a refusal stays its own");
+    assert!(matches!(&outcomes[2], Ok(CommandOutput::Committed(o)) if o.deduplicated), "sees the first");
+    assert!(matches!(&outcomes[3], Err(CommandError::InvalidArgument(_))), "no nesting");
+    assert!(matches!(&outcomes[4], Ok(CommandOutput::Committed(o)) if o.media.key.media_id == "p1"));
+    assert_eq!(f.sm.counts().expect("counts"), (2, 2));
+    // All changes of the entry are recorded under its index.
+    let (_, changes) = f.sm.changes_since(1, 100).expect("read");
+    assert_eq!(changes.iter().filter(|(i, _)| *i == 2).count(), 2, "{changes:?}");
+}
