@@ -58,13 +58,17 @@ pub struct MediaService {
     poll_interval: Duration,
     /// The reclaim generation new uploads store under (0: not learnt yet).
     generation: AtomicU64,
+    /// Bumped by every invalidation from the change feed: a record read before one is not
+    /// cached after it (the read may predate the change).
+    invalidations: AtomicU64,
     /// Test hooks (see [`crate::pause`]).
     pub pause: PausePoints,
 }
 
 /// A change feed with no message (the leader sends ALIVE every second) for this long is left
 /// for another node.
-const FEED_SILENCE: Duration = Duration::from_secs(3);
+/// (An ALIVE can be late by a read-index round or two under load, 2 s each.)
+const FEED_SILENCE: Duration = Duration::from_secs(6);
 
 /// Commit attempts of one upload (a commit may be refused as reclaimed, or find the stored
 /// copy lost, and go again).
@@ -101,6 +105,7 @@ impl MediaService {
             resync: tokio::sync::Notify::new(),
             poll_interval: cache.change_poll_interval,
             generation: AtomicU64::new(0),
+            invalidations: AtomicU64::new(0),
             pause: PausePoints::default(),
         })
     }
@@ -450,6 +455,7 @@ impl MediaService {
             tokio::pin!(changed, resynced);
             changed.as_mut().enable();
             resynced.as_mut().enable();
+            let epoch = self.invalidations.load(Ordering::SeqCst);
             match self.meta.get_media(key).await {
                 Err(e) => break Err(e.into()),
                 Ok(None) => break Err(ApiError::not_found("Media not found")),
@@ -457,6 +463,10 @@ impl MediaService {
                     let r = Resolved { media, content };
                     if !r.content.lost {
                         self.resolved.insert(key.clone(), r.clone()).await;
+                        // An invalidation since the read may have missed this entry: drop it.
+                        if self.invalidations.load(Ordering::SeqCst) != epoch {
+                            self.resolved.invalidate(key).await;
+                        }
                     }
                     break Ok(r);
                 }
@@ -538,6 +548,7 @@ impl MediaService {
                                 break;
                             }
                         };
+                        let change_is_alive = change == Change::Alive;
                         match change {
                             Change::Ready(key) => {
                                 self.count_feed("ready");
@@ -548,6 +559,7 @@ impl MediaService {
                             }
                             Change::Content(cid) => {
                                 self.count_feed("content");
+                                self.invalidations.fetch_add(1, Ordering::SeqCst);
                                 if let Err(e) = self.resolved.invalidate_entries_if(move |_, r| r.content.cid == cid) {
                                     tracing::warn!(error = %e, "cannot drop cached records; dropping all");
                                     self.resolved.invalidate_all();
@@ -559,7 +571,13 @@ impl MediaService {
                             }
                             Change::Alive => {}
                         }
-                        after = after.max(index);
+                        // An entry's changes arrive one message each: only ALIVE (or a later
+                        // index) says the entry at `index` was sent whole. Resuming one entry
+                        // early only repeats changes, which are idempotent.
+                        after = match change_is_alive {
+                            true => after.max(index),
+                            false => after.max(index.saturating_sub(1)),
+                        };
                     }
                     self.count_feed("reconnect");
                 }
@@ -578,6 +596,7 @@ impl MediaService {
 
     /// Changes may have been missed: drop every cached record and wake every waiter.
     async fn resync(&self) {
+        self.invalidations.fetch_add(1, Ordering::SeqCst);
         self.resolved.invalidate_all();
         self.resync.notify_waiters();
     }

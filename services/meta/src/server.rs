@@ -41,8 +41,13 @@ const FEED_ALIVE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// Changes read from the recorded history per step while a watcher catches up.
 const FEED_REPLAY_BATCH: usize = 10_000;
 
-/// Most commands in one raft entry.
-const MAX_BATCH: usize = 1024;
+/// Most commands in one raft entry (about 0.5 KiB each in the log: an entry stays near
+/// 128 KiB, so replication calls of a few entries fit in a heartbeat interval).
+const MAX_BATCH: usize = 256;
+
+/// Writes waiting for a batch, at most; more are refused at once as overload (clients back
+/// off and retry elsewhere) instead of queueing past their deadlines.
+const MAX_QUEUED_WRITES: usize = 16_384;
 
 /// Raft entries of batched writes proposed and not yet applied, at most. While they are in
 /// flight, new writes queue and form the next batch: under load a batch holds every write
@@ -56,24 +61,29 @@ type WriteReply = tokio::sync::oneshot::Sender<Result<CommandOutput, Status>>;
 /// keeps its own outcome; time is stamped once per entry, by this (leader) node.
 #[derive(Clone)]
 struct Writes {
-    tx: tokio::sync::mpsc::UnboundedSender<(Command, WriteReply)>,
+    tx: tokio::sync::mpsc::Sender<(Command, WriteReply)>,
 }
 
 impl Writes {
     fn start(node: &RaftNode) -> Self {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Command, WriteReply)>();
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(Command, WriteReply)>(MAX_QUEUED_WRITES);
         let node = node.clone();
         tokio::spawn(async move {
             let slots = Arc::new(tokio::sync::Semaphore::new(WRITES_IN_FLIGHT));
             while let Some(first) = rx.recv().await {
                 // Wait for a slot before taking the queue: writes arriving meanwhile join.
                 let Ok(slot) = slots.clone().acquire_owned().await else { return };
-                let mut batch = vec![first];
+                // A caller that gave up (its deadline passed while queued) is not proposed.
+                let mut batch: Vec<_> = Some(first).into_iter().filter(|(_, r)| !r.is_closed()).collect();
                 while batch.len() < MAX_BATCH {
                     match rx.try_recv() {
+                        Ok(w) if w.1.is_closed() => {}
                         Ok(w) => batch.push(w),
                         Err(_) => break,
                     }
+                }
+                if batch.is_empty() {
+                    continue;
                 }
                 let node = node.clone();
                 tokio::spawn(async move {
@@ -87,7 +97,12 @@ impl Writes {
 
     async fn submit(&self, cmd: Command) -> Result<CommandOutput, Status> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.tx.send((cmd, tx)).map_err(|_| Status::unavailable("metadata node stopping"))?;
+        self.tx.try_send((cmd, tx)).map_err(|e| match e {
+            tokio::sync::mpsc::error::TrySendError::Full(_) => {
+                Status::unavailable("metadata leader overloaded: too many writes queued; retry with backoff")
+            }
+            tokio::sync::mpsc::error::TrySendError::Closed(_) => Status::unavailable("metadata node stopping"),
+        })?;
         rx.await.map_err(|_| Status::unavailable("metadata node stopping"))?
     }
 }
@@ -502,9 +517,20 @@ impl Meta for MetaService {
         if after == 0 {
             after = sm.last_applied().map_err(|e| status_from_storage_error(&e))?;
         }
+        let applied = sm.last_applied().map_err(|e| status_from_storage_error(&e))?;
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::Change, Status>>(1024);
         tokio::spawn(async move {
             let mut last = after;
+            // A position past this state's end comes from another history (a cluster restored
+            // from a backup): everything the watcher holds may be stale.
+            if after > applied {
+                let resync =
+                    pb::Change { kind: pb::change::Kind::Resync as i32, index: applied, media: None, cid: Vec::new() };
+                if tx.send(Ok(resync)).await.is_err() {
+                    return;
+                }
+                last = applied;
+            }
             if replay(&sm, &tx, &mut last, true).await.is_err() {
                 return;
             }
@@ -513,6 +539,14 @@ impl Meta for MetaService {
                 tokio::select! {
                     _ = tx.closed() => return,
                     item = live.recv() => match item {
+                        // This node installed a snapshot: the changes it replaced are unknown.
+                        Ok(c) if c.resync => {
+                            last = c.index;
+                            let resync = pb::Change { kind: pb::change::Kind::Resync as i32, index: c.index, media: None, cid: Vec::new() };
+                            if tx.send(Ok(resync)).await.is_err() {
+                                return;
+                            }
+                        }
                         Ok(c) if c.index <= last => {}
                         Ok(c) => {
                             last = c.index;

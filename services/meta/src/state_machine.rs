@@ -108,7 +108,15 @@ impl StateMachine {
         txn.open_table(BLOB_KEYS)?;
         txn.open_table(TOMBSTONES)?;
         txn.open_table(CHANGES)?;
-        txn.open_table(META)?.insert(FORMAT, FORMAT_VERSION)?;
+        {
+            let mut meta = txn.open_table(META)?;
+            meta.insert(FORMAT, FORMAT_VERSION)?;
+            // A state without change history yet has none of what it applied so far.
+            if meta.get(CHANGES_FROM)?.is_none() {
+                let applied = meta.get("last_applied")?.map(|v| v.value()).unwrap_or(0);
+                meta.insert(CHANGES_FROM, applied)?;
+            }
+        }
         txn.open_table(EXTRA)?;
         txn.commit()?;
         Ok(Self { db })

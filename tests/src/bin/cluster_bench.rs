@@ -159,7 +159,8 @@ async fn small_upload_rate(node: &Node, callers: usize, duration: Duration) -> a
 }
 
 /// The disk's rate for the same work without mxcas: `writers` threads each writing 50 KiB
-/// files and fsyncing them, in `dir`, for `duration`; checks every file is whole afterwards.
+/// files and fsyncing them and their directory (as the local blob store does), in `dir`, for
+/// `duration`; checks every file is whole afterwards.
 async fn disk_fsync_rate(dir: &std::path::Path, writers: usize, duration: Duration) -> anyhow::Result<f64> {
     let done = Arc::new(AtomicU64::new(0));
     let end = Instant::now() + duration;
@@ -175,6 +176,7 @@ async fn disk_fsync_rate(dir: &std::path::Path, writers: usize, duration: Durati
                 let mut f = std::fs::File::create(dir.join(format!("w{w}-{i}")))?;
                 f.write_all(&body)?;
                 f.sync_all()?;
+                std::fs::File::open(&dir)?.sync_all()?;
                 i += 1;
                 done.fetch_add(1, Ordering::Relaxed);
             }

@@ -99,6 +99,8 @@ pub struct Change {
     /// Every change the entry at `index` made (empty: a watermark, every change up to
     /// `index` has been published).
     pub what: Vec<crate::command::Changed>,
+    /// The state was replaced by an installed snapshot at `index`: watchers must resync.
+    pub resync: bool,
 }
 
 /// A running raft node and the state machine it drives.
@@ -160,6 +162,9 @@ impl RaftNode {
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(settings.snapshot_every),
             max_in_snapshot_log_to_keep: settings.keep_after_snapshot,
             install_snapshot_timeout: settings.rpc_timeout.as_millis() as u64 * 4,
+            // Entries are batches of up to 256 commands (~128 KiB): a replication call of a
+            // few of them must finish within one heartbeat interval.
+            max_payload_entries: 16,
             ..Default::default()
         };
         let config = Arc::new(config.validate().map_err(|e| StartError::Raft(e.to_string()))?);

@@ -284,9 +284,9 @@ impl RaftStateMachine<TypeConfig> for SmStore {
                 while let Some((_, c)) = changes.next_if(|(i, _)| *i == index) {
                     what.push(c);
                 }
-                let _ = feed.send(super::Change { index, what });
+                let _ = feed.send(super::Change { index, what, resync: false });
             }
-            let _ = feed.send(super::Change { index: last.index, what: Vec::new() });
+            let _ = feed.send(super::Change { index: last.index, what: Vec::new(), resync: false });
         }
         Ok(responses)
     }
@@ -334,9 +334,14 @@ impl RaftStateMachine<TypeConfig> for SmStore {
                 .map_err(|e| e.to_string())?;
             remember_locked(sm, pointer, &meta, &path)?;
             tracing::info!(snapshot = %meta.snapshot_id, records, "installed snapshot");
-            Ok(())
+            Ok(meta.last_log_id.map(|l| l.index).unwrap_or(0))
         })
         .await
+        .map(|index| {
+            if let Some(feed) = &self.changes {
+                let _ = feed.send(super::Change { index, what: Vec::new(), resync: true });
+            }
+        })
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>> {
