@@ -117,6 +117,17 @@ async fn isolated_leader_takes_no_writes_and_converges_after_healing() -> anyhow
     for (id, data) in written {
         assert_eq!(edges[0].download(&id).await?.bytes().await?.as_ref(), data.as_slice());
     }
+    // One command shows every member's own view, machine-readably: a script can check
+    // convergence without asking each node.
+    let meta = cluster.metas[0].proxy.addr.to_string();
+    mxcas_tests::wait_for("every member to report the same applied index", Duration::from_secs(15), || async {
+        let out = admin(&meta, &["status", "--json", "--all"]).ok()?;
+        let json: serde_json::Value = serde_json::from_str(&out[out.find('{')?..]).ok()?;
+        let views = json["members_status"].as_array()?;
+        let applied: Vec<u64> = views.iter().filter_map(|v| v["last_applied"].as_u64()).collect();
+        (views.len() == 3 && applied.len() == 3 && applied.iter().all(|a| *a == applied[0])).then_some(())
+    })
+    .await?;
     Ok(())
 }
 

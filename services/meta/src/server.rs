@@ -70,6 +70,7 @@ impl Writes {
         let node = node.clone();
         tokio::spawn(async move {
             let slots = Arc::new(tokio::sync::Semaphore::new(WRITES_IN_FLIGHT));
+            let clock = Arc::new(LeaderClock::default());
             while let Some(first) = rx.recv().await {
                 // Wait for a slot before taking the queue: writes arriving meanwhile join.
                 let Ok(slot) = slots.clone().acquire_owned().await else { return };
@@ -85,9 +86,9 @@ impl Writes {
                 if batch.is_empty() {
                     continue;
                 }
-                let node = node.clone();
+                let (node, clock) = (node.clone(), clock.clone());
                 tokio::spawn(async move {
-                    propose(&node, batch).await;
+                    propose(&node, &clock, batch).await;
                     drop(slot);
                 });
             }
@@ -107,14 +108,54 @@ impl Writes {
     }
 }
 
+/// The time a leader stamps on its writes: its wall clock, but never before the state's
+/// clock and never running more than twice as fast as real (monotonic) time since its last
+/// stamp. A clock stepped far forward (a bad RTC at boot, an NTP step) is caught up on
+/// gradually instead of expiring every reservation at once; one behind the state's clock
+/// holds time still until it catches up. Re-anchored on the state's clock in each new term.
+#[derive(Default)]
+struct LeaderClock {
+    last: std::sync::Mutex<Option<(u64, u64, std::time::Instant)>>,
+}
+
+impl LeaderClock {
+    fn stamp(&self, node: &RaftNode) -> u64 {
+        let wall = now_ms();
+        let term = node.raft.metrics().borrow().current_term;
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let stamp = match *last {
+            Some((t, prev, at)) if t == term => clamp_stamp(prev, at.elapsed().as_millis() as u64, wall),
+            // A new term (or the first write): anchor on the replicated clock. A state that
+            // never saw a time (a new cluster) takes the wall clock as it is.
+            _ => match node.sm.clock() {
+                Ok(0) | Err(_) => wall,
+                Ok(state) => wall.min(state.saturating_add(1_000)).max(state),
+            },
+        };
+        *last = Some((term, stamp, std::time::Instant::now()));
+        stamp
+    }
+}
+
+/// The next stamp after `prev`, `elapsed_ms` of monotonic time later, with the wall clock at
+/// `wall`: the wall clock, kept within `[prev, prev + 2 × elapsed]`.
+fn clamp_stamp(prev: u64, elapsed_ms: u64, wall: u64) -> u64 {
+    wall.min(prev.saturating_add(2 * elapsed_ms + 1)).max(prev)
+}
+
+fn not_leader(m: &openraft::RaftMetrics<NodeId, BasicNode>) -> Status {
+    let leader_node = m.current_leader.and_then(|id| m.membership_config.membership().get_node(&id).cloned());
+    forward(&ForwardToLeader { leader_id: m.current_leader, leader_node })
+}
+
 /// Proposes `batch` as one raft entry and answers each command, unless this node leads
 /// without a majority: then the writes are refused (or stop being waited for) as soon as the
 /// quorum lease runs out, so clients fail over or give up instead of hanging. A write
 /// abandoned this way may still commit once a majority returns; retrying it gets the same
 /// answer (commands are idempotent by what they say), and an abandoned reservation holds its
 /// slot until it expires.
-async fn propose(node: &RaftNode, batch: Vec<(Command, WriteReply)>) {
-    let now = now_ms();
+async fn propose(node: &RaftNode, clock: &LeaderClock, batch: Vec<(Command, WriteReply)>) {
+    let now = clock.stamp(node);
     let (mut cmds, replies): (Vec<Command>, Vec<WriteReply>) = batch.into_iter().unzip();
     cmds.iter_mut().for_each(|c| c.stamp(now));
     let single = cmds.len() == 1;
@@ -123,11 +164,19 @@ async fn propose(node: &RaftNode, batch: Vec<(Command, WriteReply)>) {
     let outcome = if let Some(ms) = *quorum_lost.borrow_and_update() {
         Err(no_quorum(ms))
     } else {
+        let mut metrics = node.raft.metrics();
         tokio::select! {
             resp = node.raft.client_write(entry) => resp.map(|r| r.data.0).map_err(raft_write_status),
             lost = quorum_lost.wait_for(Option::is_some) => Err(match lost.ok().and_then(|v| *v) {
                 Some(ms) => no_quorum(ms),
                 None => Status::unavailable("metadata node stopped"),
+            }),
+            // Stepped down while the entry was in flight: it commits through the new leader
+            // or never, and the callers retry there (the same commit gets the same answer)
+            // instead of holding one of this node's write slots until it is decided.
+            stepped_down = metrics.wait_for(|m| m.state != openraft::ServerState::Leader) => Err(match stepped_down {
+                Ok(m) => not_leader(&m),
+                Err(_) => Status::unavailable("metadata node stopped"),
             }),
         }
     };
@@ -605,5 +654,27 @@ impl Meta for MetaService {
             String::new()
         };
         Ok(Response::new(pb::StatusResponse { node_id, last_applied, media_count, content_count, state_digest }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::clamp_stamp;
+
+    #[test]
+    fn a_leader_clock_never_goes_back_nor_jumps_ahead() {
+        // In step with real time: the wall clock.
+        assert_eq!(clamp_stamp(1_000, 10, 1_010), 1_010);
+        // Stepped back an hour: time holds still rather than going back.
+        assert_eq!(clamp_stamp(10_000_000, 10, 6_400_000), 10_000_000);
+        // Stepped forward a day: at most twice real time, so reservations expire on schedule
+        // instead of all at once.
+        assert_eq!(clamp_stamp(1_000, 10, 1_000 + 86_400_000), 1_021);
+        // Catching up over many stamps at twice the real rate.
+        let (mut t, wall) = (0u64, 100u64);
+        for _ in 0..10 {
+            t = clamp_stamp(t, 5, wall);
+        }
+        assert_eq!(t, wall);
     }
 }

@@ -389,6 +389,19 @@ impl StateMachine {
         Ok(())
     }
 
+    /// When the next pending reservation expires (`None`: none pending).
+    pub fn next_expiry(&self) -> Result<Option<u64>, StorageError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(PENDING_BY_EXPIRY)?;
+        Ok(table.first()?.map(|(k, _)| k.value().0))
+    }
+
+    /// The state's clock: the latest leader time any applied command carried (0: none yet).
+    pub fn clock(&self) -> Result<u64, StorageError> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(META)?.get(CLOCK)?.map(|v| v.value()).unwrap_or(0))
+    }
+
     /// The reclaim generations as of this node's state.
     pub fn generations(&self) -> Result<Generations, StorageError> {
         let txn = self.db.begin_read()?;

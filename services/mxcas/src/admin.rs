@@ -38,7 +38,15 @@ pub enum ClusterCmd {
         id: u64,
     },
     /// Leader, term, log and applied indexes, members and how far each has replicated.
-    Status,
+    Status {
+        /// Print JSON (one object; with `--all`, one per member under `members_status`).
+        #[arg(long)]
+        json: bool,
+        /// Also ask every member for its own view (applied index, term, leader), so a script
+        /// can check convergence with one command.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 type Client = ClusterClient<tonic::transport::Channel>;
@@ -82,12 +90,76 @@ pub async fn run(meta: &str, tls: Option<&Tls>, cmd: ClusterCmd) -> anyhow::Resu
             let (mut leader, _) = on_leader(client, tls).await?;
             leader.change_membership(pb::ChangeMembershipRequest { voters: vec![], remove: vec![id] }).await
         }
-        ClusterCmd::Status => client.status(pb::ClusterStatusRequest {}).await,
+        ClusterCmd::Status { json, all } => {
+            let status = client.status(pb::ClusterStatusRequest {}).await.map_err(grpc_error)?.into_inner();
+            let mut views = Vec::new();
+            if all {
+                for m in &status.members {
+                    let view = match connect(&m.addr, tls).await {
+                        Ok(mut c) => {
+                            c.status(pb::ClusterStatusRequest {}).await.map(|r| r.into_inner()).map_err(grpc_error)
+                        }
+                        Err(e) => Err(e),
+                    };
+                    views.push((m.id, view));
+                }
+            }
+            if json {
+                let mut out = status_json(&status);
+                if all {
+                    out["members_status"] = views
+                        .iter()
+                        .map(|(id, v)| match v {
+                            Ok(s) => status_json(s),
+                            Err(e) => serde_json::json!({ "node_id": id, "error": e.to_string() }),
+                        })
+                        .collect();
+                }
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                print_status(&status);
+                if all {
+                    println!("every member's own view:");
+                    for (id, v) in &views {
+                        match v {
+                            Ok(s) => println!(
+                                "  {:>4}  {:<9} term {:>4}  leader {:>4}  committed {:>8}  applied {:>8}",
+                                id,
+                                s.state,
+                                s.term,
+                                s.leader_id.map(|l| l.to_string()).unwrap_or_else(|| "-".into()),
+                                s.committed.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
+                                s.last_applied.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+                            ),
+                            Err(e) => println!("  {id:>4}  unreachable: {e}"),
+                        }
+                    }
+                }
+            }
+            return Ok(());
+        }
     }
     .map_err(grpc_error)?
     .into_inner();
     print_status(&status);
     Ok(())
+}
+
+fn status_json(s: &pb::ClusterStatus) -> serde_json::Value {
+    serde_json::json!({
+        "node_id": s.node_id,
+        "state": s.state,
+        "leader_id": s.leader_id,
+        "leader_addr": s.leader_addr,
+        "term": s.term,
+        "last_log_index": s.last_log_index,
+        "committed": s.committed,
+        "last_applied": s.last_applied,
+        "snapshot_index": s.snapshot_index,
+        "members": s.members.iter().map(|m| serde_json::json!({
+            "id": m.id, "addr": m.addr, "voter": m.voter, "matched": m.matched,
+        })).collect::<Vec<_>>(),
+    })
 }
 
 #[derive(Subcommand)]

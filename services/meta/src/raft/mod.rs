@@ -267,6 +267,15 @@ pub async fn expire_reservations(node: RaftNode, every: Duration, cancel: tokio_
         if node.raft.metrics().borrow().state != openraft::ServerState::Leader {
             continue;
         }
+        // Nothing due (read from the index on this node): no raft write at all.
+        match node.sm.next_expiry() {
+            Ok(Some(at)) if at <= crate::server::now_ms() => {}
+            Ok(_) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the reservation expiry index");
+                continue;
+            }
+        }
         loop {
             let mut cmd = Command::Expire { now_ms: 0, limit: EXPIRE_BATCH };
             cmd.stamp(crate::server::now_ms());
