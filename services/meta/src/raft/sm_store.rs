@@ -137,7 +137,7 @@ struct Pointer {
 
 /// Writes the state to a new snapshot file and records it as the current snapshot (unless a
 /// newer one was installed meanwhile). Returns the snapshot's metadata and file.
-fn build(sm: &StateMachine, pointer: &Pointer) -> std::result::Result<(Meta, PathBuf), String> {
+fn build(sm: &StateMachine, pointer: &Pointer) -> std::result::Result<(Meta, std::fs::File), String> {
     let dir = &pointer.dir;
     let tmp = dir.join(format!("building-{}.tmp", std::process::id()));
     let file = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
@@ -154,14 +154,18 @@ fn build(sm: &StateMachine, pointer: &Pointer) -> std::result::Result<(Meta, Pat
     let meta = Meta { last_log_id, last_membership, snapshot_id };
     let path = dir.join(format!("{}.snap", meta.snapshot_id));
     std::fs::rename(&tmp, &path).map_err(|e| e.to_string())?;
+    // Opened before it can be superseded (and deleted) by an install finishing meanwhile.
+    let handle = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     if remember(sm, pointer, &meta, &path)? {
         tracing::info!(snapshot = %meta.snapshot_id, records, "built snapshot");
-        Ok((meta, path))
+        Ok((meta, handle))
     } else {
         // An installed snapshot is newer than this build: serve that one.
+        let _held = pointer.lock.lock().map_err(|_| "snapshot pointer lock poisoned".to_owned())?;
         let current = current(sm)?.ok_or("current snapshot vanished")?;
         tracing::info!(snapshot = %meta.snapshot_id, newer = %current.meta.snapshot_id, "built snapshot superseded");
-        Ok((current.meta, current.file))
+        let handle = std::fs::File::open(&current.file).map_err(|e| format!("{}: {e}", current.file.display()))?;
+        Ok((current.meta, handle))
     }
 }
 
@@ -222,11 +226,8 @@ fn installed_path(dir: &std::path::Path, meta: &Meta) -> PathBuf {
 
 impl RaftSnapshotBuilder<TypeConfig> for SmStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>> {
-        let (meta, path) = self.blocking(ErrorSubject::StateMachine, ErrorVerb::Write, build).await?;
-        let file = tokio::fs::File::open(&path)
-            .await
-            .map_err(|e| sto_err(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Read, e))?;
-        Ok(Snapshot { meta, snapshot: Box::new(file) })
+        let (meta, file) = self.blocking(ErrorSubject::StateMachine, ErrorVerb::Write, build).await?;
+        Ok(Snapshot { meta, snapshot: Box::new(tokio::fs::File::from_std(file)) })
     }
 }
 
@@ -345,16 +346,24 @@ impl RaftStateMachine<TypeConfig> for SmStore {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>> {
-        let stored: Option<StoredSnapshot> =
-            self.blocking(ErrorSubject::Snapshot(None), ErrorVerb::Read, |sm, _| current(sm)).await?;
-        let Some(stored) = stored else { return Ok(None) };
-        match tokio::fs::File::open(&stored.file).await {
-            Ok(file) => Ok(Some(Snapshot { meta: stored.meta, snapshot: Box::new(file) })),
-            Err(e) => {
-                tracing::warn!(file = %stored.file.display(), error = %e, "current snapshot file is missing");
-                Ok(None)
-            }
-        }
+        // The pointer is read and its file opened under the pointer lock: a build finishing
+        // meanwhile moves the pointer and deletes the older file, which would otherwise go
+        // between the two (and a missing snapshot stops replication to a lagging node for
+        // good). Once open, the handle keeps the file alive whatever is deleted later.
+        let opened = self
+            .blocking(ErrorSubject::Snapshot(None), ErrorVerb::Read, |sm, pointer| {
+                let _held = pointer.lock.lock().map_err(|_| "snapshot pointer lock poisoned".to_owned())?;
+                let Some(stored) = current(sm)? else { return Ok(None) };
+                match std::fs::File::open(&stored.file) {
+                    Ok(file) => Ok(Some((stored.meta, file))),
+                    Err(e) => {
+                        tracing::warn!(file = %stored.file.display(), error = %e, "current snapshot file is missing");
+                        Ok(None)
+                    }
+                }
+            })
+            .await?;
+        Ok(opened.map(|(meta, file)| Snapshot { meta, snapshot: Box::new(tokio::fs::File::from_std(file)) }))
     }
 }
 
