@@ -3,8 +3,9 @@
 //! [`StateMachine::apply_batch`] applies commands in one write transaction and commits it
 //! durably (fsync) before returning, recording the index of the last applied command so a
 //! restart knows where it stands. Each command checks all its preconditions before writing, so
-//! a rejected command leaves no trace. Raft drives it ([`crate::raft`]): committed log entries
-//! arrive in batches, so under load one fsync covers many uploads (group commit), and the raft
+//! a rejected command leaves no trace. Raft drives it ([`crate::raft`]) through
+//! [`StateMachine::apply_entries_with_changes`]: committed log entries arrive in batches and
+//! are fsynced only now and then, since the raft log already holds them durably, and the raft
 //! bookkeeping (last applied log ID, membership) is written in the same transaction.
 //! [`StateMachine::export`] / [`StateMachine::import`] stream the whole state for snapshots.
 
@@ -75,7 +76,15 @@ pub type AppliedWithChanges = (Vec<Option<Applied>>, Vec<(u64, Changed)>);
 
 pub struct StateMachine {
     db: Database,
+    /// When the last durable (fsynced) apply was, and how many applies since: see
+    /// [`StateMachine::apply_entries_with_changes`].
+    lazy: std::sync::Mutex<(std::time::Instant, u32)>,
 }
+
+/// Applies between two fsynced ones, at most (each one re-applied from the log after a crash).
+const LAZY_APPLIES: u32 = 64;
+/// Longest time between two fsynced applies.
+const LAZY_FOR: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl StateMachine {
     /// Opens (or creates) the database at `path`.
@@ -119,7 +128,7 @@ impl StateMachine {
         }
         txn.open_table(EXTRA)?;
         txn.commit()?;
-        Ok(Self { db })
+        Ok(Self { db, lazy: std::sync::Mutex::new((std::time::Instant::now(), 0)) })
     }
 
     /// Index of the last applied command (0 for a new database).
@@ -143,17 +152,52 @@ impl StateMachine {
         entries: &[(u64, Option<&Command>)],
         extras: &[(&str, Vec<u8>)],
     ) -> Result<Vec<Option<Applied>>, StorageError> {
-        Ok(self.apply_entries_with_changes(entries, extras)?.0)
+        Ok(self.apply_entries_with_changes(entries, extras, true)?.0)
+    }
+
+    /// Makes every apply so far durable (one empty fsynced transaction): before a snapshot is
+    /// built, so the log it lets raft purge is never needed to rebuild the state.
+    pub fn flush(&self) -> Result<(), StorageError> {
+        self.db.begin_write()?.commit()?;
+        if let Ok(mut lazy) = self.lazy.lock() {
+            *lazy = (std::time::Instant::now(), 0);
+        }
+        Ok(())
+    }
+
+    /// Whether the next apply should be fsynced: the raft log already holds every applied
+    /// entry durably on a majority, so the state only needs to be durable often enough to
+    /// bound the replay after a crash (and always before the log is purged: [`Self::flush`]).
+    fn durable_due(&self) -> bool {
+        match self.lazy.lock() {
+            Ok(mut lazy) => {
+                lazy.1 += 1;
+                if lazy.1 >= LAZY_APPLIES || lazy.0.elapsed() >= LAZY_FOR {
+                    *lazy = (std::time::Instant::now(), 0);
+                    true
+                } else {
+                    false
+                }
+            }
+            Err(_) => true,
+        }
     }
 
     /// [`Self::apply_entries`], also returning the changes to mutable facts the entries made
-    /// (recorded in the same transaction, by log index).
+    /// (recorded in the same transaction, by log index). Unless `durable`, the transaction is
+    /// fsynced only now and then (every [`LAZY_APPLIES`] applies or [`LAZY_FOR`]): for entries
+    /// the raft log already holds durably, a crash only rewinds the state to its last fsynced
+    /// apply, recorded position included, and raft applies the rest again from the log.
     pub fn apply_entries_with_changes(
         &self,
         entries: &[(u64, Option<&Command>)],
         extras: &[(&str, Vec<u8>)],
+        durable: bool,
     ) -> Result<AppliedWithChanges, StorageError> {
-        let txn = self.db.begin_write()?;
+        let mut txn = self.db.begin_write()?;
+        if !durable && !self.durable_due() {
+            txn.set_durability(redb::Durability::None)?;
+        }
         let mut results = Vec::with_capacity(entries.len());
         let mut all_changes = Vec::new();
         {

@@ -3,7 +3,7 @@
 //! - [`log_store::LogStore`]: the raft log, vote and commit index in redb; every append is
 //!   fsynced (on a blocking thread) before openraft is told it is durable.
 //! - [`sm_store::SmStore`]: the [`crate::StateMachine`] as openraft's state machine; applies
-//!   committed entries in batches (one fsync per batch), builds snapshots by streaming the
+//!   committed entries in batches (fsynced now and then: the log is durable), builds snapshots by streaming the
 //!   state to a file, and installs received ones.
 //! - [`network`]: raft RPCs to peers over tonic gRPC, one cached channel per peer, a deadline
 //!   on every call.

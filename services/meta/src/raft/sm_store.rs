@@ -1,7 +1,10 @@
 //! The [`StateMachine`] as openraft's state machine, with snapshots as files.
 //!
-//! Committed entries are applied in the batches openraft hands over, in one durable redb
-//! transaction that also records the last applied log ID and the membership. A snapshot is the
+//! Committed entries are applied in the batches openraft hands over, in one redb transaction
+//! that also records the last applied log ID and the membership, fsynced every 64th apply or
+//! once a second (the log holds every entry durably; a crash rewinds the state to its last
+//! fsynced apply and openraft re-applies the rest) and always before a snapshot lets openraft
+//! purge the log. A snapshot is the
 //! state streamed by [`StateMachine::export`] into `snapshots/<id>.snap` (from one read
 //! transaction, so it is consistent while writes go on); the newest one is remembered in the
 //! state itself and older files are removed. A received snapshot is copied to its own file,
@@ -146,6 +149,9 @@ fn build(sm: &StateMachine, pointer: &Pointer) -> std::result::Result<(Meta, std
         export_at_position(sm, &mut w).map_err(|e| e.to_string())?;
     let file = w.into_inner().map_err(|e| e.to_string())?;
     file.sync_all().map_err(|e| e.to_string())?;
+    // raft purges the log up to this snapshot once it is built: every apply it holds (and
+    // any since) must be durable first, or a crash would need purged entries to catch up.
+    sm.flush().map_err(|e| e.to_string())?;
     let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros()).unwrap_or(0);
     let snapshot_id = match &last_log_id {
         Some(l) => format!("{}-{}-{stamp}", l.leader_id.term, l.index),
@@ -269,7 +275,8 @@ impl RaftStateMachine<TypeConfig> for SmStore {
                         _ => (e.log_id.index, None),
                     })
                     .collect();
-                let (results, changes) = sm.apply_entries_with_changes(&items, &extras).map_err(|e| e.to_string())?;
+                let (results, changes) =
+                    sm.apply_entries_with_changes(&items, &extras, false).map_err(|e| e.to_string())?;
                 let responses: Vec<Response> =
                     results.into_iter().map(|r| Response(r.unwrap_or(Ok(CommandOutput::Nothing)))).collect();
                 Ok((responses, changes))
