@@ -181,6 +181,14 @@ async fn node_added_under_load_catches_up_by_snapshot_and_a_removed_node_leaves_
 }
 
 /// Any running node other than `avoid`, as an admin entry point.
+/// The leader's ID, and an edge that lists the leader first (so its calls go there first).
+async fn edge_on_leader(s3: &SeaweedFs, cluster: &Cluster) -> anyhow::Result<(u64, Node)> {
+    let leader = cluster.wait_leader(Duration::from_secs(10)).await?;
+    let mut endpoints = cluster.endpoints();
+    endpoints.swap(0, (leader - 1) as usize);
+    Ok((leader, Node::start(NodeOptions { store: s3.store(), edge_meta: endpoints, ..Default::default() }).await?))
+}
+
 fn entry_for(cluster: &Cluster, avoid: u64) -> String {
     cluster.metas.iter().find(|m| m.id != avoid && m.is_running()).map(|m| m.proxy.addr.to_string()).unwrap_or_default()
 }
@@ -571,11 +579,8 @@ async fn edge_fails_over_from_a_leader_that_swallows_calls() -> anyhow::Result<(
     let _serial = SERIAL.lock().await;
     let s3 = SeaweedFs::start().await?;
     let cluster = Cluster::start(3, MetaOptions::default()).await?;
-    let leader = cluster.wait_leader(Duration::from_secs(10)).await?;
     // The edge lists the leader first, so that is where its calls go.
-    let mut endpoints = cluster.endpoints();
-    endpoints.swap(0, (leader - 1) as usize);
-    let edge = Node::start(NodeOptions { store: s3.store(), edge_meta: endpoints, ..Default::default() }).await?;
+    let (leader, edge) = edge_on_leader(&s3, &cluster).await?;
     edge.upload_ok(b"before".to_vec()).await?;
     // The leader's host "loses power": everything sent to it is swallowed (accepted, never
     // answered), and it reaches nobody. No connection is refused, so only timeouts tell.
@@ -609,11 +614,8 @@ async fn a_reconnecting_edge_misses_no_change_across_a_partitioned_leader() -> a
     use object_store::{ObjectStore, ObjectStoreExt};
     let s3 = SeaweedFs::start().await?;
     let cluster = Cluster::start(3, MetaOptions::default()).await?;
-    let leader = cluster.wait_leader(Duration::from_secs(10)).await?;
     // Edge A's calls, and so its change feed, go to the leader first.
-    let mut endpoints = cluster.endpoints();
-    endpoints.swap(0, (leader - 1) as usize);
-    let a = Node::start(NodeOptions { store: s3.store(), edge_meta: endpoints, ..Default::default() }).await?;
+    let (leader, a) = edge_on_leader(&s3, &cluster).await?;
     let b =
         Node::start(NodeOptions { store: s3.store(), edge_meta: cluster.endpoints(), ..Default::default() }).await?;
     let body = test_bytes(70, 2 * 1024 * 1024 + 5);

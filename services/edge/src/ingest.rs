@@ -20,6 +20,7 @@ use crate::block_index::BlockIndex;
 use crate::store::{BlobStore, PART_SIZE, StoreError};
 use crate::unixfs::{CHUNK_SIZE, Dag, DagBuilder};
 use mxcas_meta::ContentRecord;
+use mxcas_meta::model::blob_key;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
@@ -58,15 +59,6 @@ pub struct Ingested {
     pub content: ContentRecord,
 }
 
-impl Ingested {
-    /// Every object this upload wrote.
-    pub fn keys(&self) -> Vec<String> {
-        let mut keys = vec![self.content.blob_key.clone()];
-        keys.extend(self.content.index_key.clone());
-        keys
-    }
-}
-
 /// Streams `body` into `store`; returns once the bytes (and block index) are durable.
 pub async fn ingest<S, E>(
     store: &BlobStore,
@@ -96,7 +88,7 @@ where
     let index_key = match store_index(store, &blob_key, &dag).await {
         Ok(k) => k,
         Err(e) => {
-            store.delete_later(vec![blob_key.clone(), format!("{blob_key}.idx")]);
+            store.delete_later(vec![blob_key.clone(), blob_key::index_of(&blob_key)]);
             return Err(e);
         }
     };
@@ -194,7 +186,7 @@ async fn store_index(store: &BlobStore, blob_key: &str, dag: &Dag) -> Result<Opt
     if dag.leaves.len() <= 1 {
         return Ok(None);
     }
-    let key = format!("{blob_key}.idx");
+    let key = blob_key::index_of(blob_key);
     store.put(&key, BlockIndex::from_dag(dag, CHUNK_SIZE as u32).encode()).await?;
     Ok(Some(key))
 }

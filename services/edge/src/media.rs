@@ -283,7 +283,7 @@ impl MediaService {
             // media is safe.
             match self.stored_copy_intact(&outcome.content).await {
                 Ok(true) => {
-                    self.store.delete_later(object_keys(&request.content));
+                    self.store.delete_later(request.content.object_keys().map(str::to_owned).collect());
                     return Ok((Committed::Deduplicated, outcome.media.key));
                 }
                 // Cannot tell: keep our copy (the sweeper takes it once sealed) and let the
@@ -297,7 +297,7 @@ impl MediaService {
                         "stored copy of re-uploaded content is missing or corrupt; repairing it with the new upload"
                     );
                     // Our keys were released by that answer: repair with a fresh copy of them.
-                    let released = object_keys(&request.content);
+                    let released: Vec<String> = request.content.object_keys().map(str::to_owned).collect();
                     let generation = self.current_generation().await?;
                     self.restore(&mut request.content, generation).await?;
                     self.store.delete_later(released);
@@ -313,7 +313,7 @@ impl MediaService {
     /// bytes are gone: the upload fails, before any success was sent.
     async fn restore(&self, content: &mut ContentRecord, generation: u64) -> Result<(), ApiError> {
         let blob_key = BlobStore::new_blob_key(generation);
-        let index_key = content.index_key.as_ref().map(|_| format!("{blob_key}.idx"));
+        let index_key = content.index_key.as_ref().map(|_| mxcas_meta::model::blob_key::index_of(&blob_key));
         let copied = async {
             self.store.copy(&content.blob_key, &blob_key).await?;
             if let (Some(from), Some(to)) = (&content.index_key, &index_key) {
@@ -630,10 +630,6 @@ enum Committed {
     New,
     Repaired,
     Deduplicated,
-}
-
-fn object_keys(c: &ContentRecord) -> Vec<String> {
-    std::iter::once(c.blob_key.clone()).chain(c.index_key.clone()).collect()
 }
 
 /// 24 random characters of `[A-Za-z0-9]` (~143 bits): unguessable, and visibly not a CID.

@@ -75,24 +75,38 @@ async fn fixture() -> Fixture {
     Fixture { api: format!("http://{}", edge.api_addr), media: edge.media, dir, http: reqwest::Client::new(), cancel }
 }
 
+/// `POST /upload` of `body`.
+async fn post_upload(http: &reqwest::Client, api: &str, body: Vec<u8>) -> reqwest::Response {
+    http.post(format!("{api}/_matrix/media/v3/upload"))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/octet-stream")
+        .body(body)
+        .send()
+        .await
+        .expect("upload request")
+}
+
+/// The media ID of a successful upload's answer.
+async fn media_id_of(resp: reqwest::Response) -> String {
+    assert_eq!(resp.status(), 200, "{:?}", resp.text().await);
+    let json: serde_json::Value = resp.json().await.expect("json");
+    let uri = json["content_uri"].as_str().expect("content_uri");
+    uri.rsplit('/').next().expect("media id").to_owned()
+}
+
 impl Fixture {
     async fn upload(&self, body: Vec<u8>) -> reqwest::Response {
-        self.http
-            .post(format!("{}/_matrix/media/v3/upload", self.api))
-            .bearer_auth(TOKEN)
-            .header("content-type", "application/octet-stream")
-            .body(body)
-            .send()
-            .await
-            .expect("upload request")
+        post_upload(&self.http, &self.api, body).await
+    }
+
+    /// An upload running in its own task (to be stopped at a pause point).
+    fn spawn_upload(&self, body: Vec<u8>) -> tokio::task::JoinHandle<reqwest::Response> {
+        let (http, api) = (self.http.clone(), self.api.clone());
+        tokio::spawn(async move { post_upload(&http, &api, body).await })
     }
 
     async fn upload_ok(&self, body: Vec<u8>) -> String {
-        let resp = self.upload(body).await;
-        assert_eq!(resp.status(), 200, "{:?}", resp.text().await);
-        let json: serde_json::Value = resp.json().await.expect("json");
-        let uri = json["content_uri"].as_str().expect("content_uri");
-        uri.rsplit('/').next().expect("media id").to_owned()
+        media_id_of(self.upload(body).await).await
     }
 
     async fn download(&self, media_id: &str) -> reqwest::Response {
@@ -139,19 +153,7 @@ async fn a_sweep_during_a_paused_commit_never_ends_in_a_200_for_deleted_bytes() 
     let f = fixture().await;
     let mut paused = f.media.pause.arm(pause::BEFORE_COMMIT);
     let body = bytes(1, 3 * 1024 * 1024 + 5);
-    let upload = tokio::spawn({
-        let (http, api) = (f.http.clone(), f.api.clone());
-        let body = body.clone();
-        async move {
-            http.post(format!("{api}/_matrix/media/v3/upload"))
-                .bearer_auth(TOKEN)
-                .header("content-type", "application/octet-stream")
-                .body(body)
-                .send()
-                .await
-                .expect("upload")
-        }
-    });
+    let upload = f.spawn_upload(body.clone());
     paused.reached().await;
     // The bytes are durable and not yet committed. Two sweeps seal the upload's generation
     // and delete its unreferenced objects (the old sweeper did the same from their age).
@@ -176,27 +178,14 @@ async fn an_upload_whose_generation_was_sealed_is_stored_again_and_kept() {
     let f = fixture().await;
     let mut paused = f.media.pause.arm(pause::BEFORE_COMMIT);
     let body = bytes(2, 2 * 1024 * 1024 + 17);
-    let upload = tokio::spawn({
-        let (http, api, body) = (f.http.clone(), f.api.clone(), body.clone());
-        async move {
-            http.post(format!("{api}/_matrix/media/v3/upload"))
-                .bearer_auth(TOKEN)
-                .body(body)
-                .send()
-                .await
-                .expect("upload")
-        }
-    });
+    let upload = f.spawn_upload(body.clone());
     paused.reached().await;
     // Seal the generation without deleting anything (a sweeper that stopped between the two).
     f.media.meta.begin_sweep(Duration::ZERO).await.expect("advance");
     let g = f.media.meta.begin_sweep(Duration::ZERO).await.expect("advance");
     assert!(g.sealed >= 1, "{g:?}");
     paused.release();
-    let resp = upload.await.expect("task");
-    assert_eq!(resp.status(), 200);
-    let json: serde_json::Value = resp.json().await.expect("json");
-    let id = json["content_uri"].as_str().expect("uri").rsplit('/').next().expect("id").to_owned();
+    let id = media_id_of(upload.await.expect("task")).await;
     assert_eq!(f.metric("mxcas_edge_upload_restores_total"), 1.0);
     // The original objects are now orphans of a sealed generation: the sweeper takes them,
     // and the media stays whole.

@@ -316,8 +316,7 @@ impl MetaClient {
     pub async fn begin_sweep(&self, min_interval: Duration) -> Result<Generations, MetaError> {
         let req = pb::BeginSweepRequest { min_interval_ms: min_interval.as_millis() as u64 };
         let resp = self.retrying(Retry::Write, |mut cl| async move { cl.begin_sweep(req).await }).await?;
-        let g = resp.into_inner();
-        Ok(Generations { generation: g.generation, sealed: g.sealed, store_id: g.store_id })
+        Ok(resp.into_inner().into())
     }
 
     /// The current reclaim generations (linearizable).
@@ -325,8 +324,7 @@ impl MetaClient {
         let resp = self
             .retrying(Retry::Read, |mut cl| async move { cl.get_generations(pb::GetGenerationsRequest {}).await })
             .await?;
-        let g = resp.into_inner();
-        Ok(Generations { generation: g.generation, sealed: g.sealed, store_id: g.store_id })
+        Ok(resp.into_inner().into())
     }
 
     /// Records `id` as the blob store's identity unless one is recorded; returns the recorded

@@ -93,6 +93,11 @@ pub mod blob_key {
         format!("blobs/{generation:0WIDTH$}/{random}")
     }
 
+    /// The key of the block index stored beside the object `blob` (same generation).
+    pub fn index_of(blob: &str) -> String {
+        format!("{blob}.idx")
+    }
+
     /// The generation a key was made under. Keys of the old layout (`blobs/<random>`, no
     /// generation) are generation 0, sealed from the start. `None` for anything else.
     pub fn generation(key: &str) -> Option<u64> {
@@ -137,6 +142,13 @@ pub mod blob_key {
             assert!(new(7, "zzz") < after_generation(7));
             assert!(new(8, "000") >= after_generation(7));
         }
+    }
+}
+
+impl ContentRecord {
+    /// The objects this record names: its bytes and, for a multi-block file, its index.
+    pub fn object_keys(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.blob_key.as_str()).chain(self.index_key.as_deref())
     }
 }
 

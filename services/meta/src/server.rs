@@ -359,8 +359,9 @@ pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-fn generations_to_wire(g: crate::command::Generations) -> pb::Generations {
-    pb::Generations { generation: g.generation, sealed: g.sealed, store_id: g.store_id }
+/// A feed message that carries no change: RESYNC or ALIVE at `index`.
+fn marker(kind: pb::change::Kind, index: u64) -> pb::Change {
+    pb::Change { kind: kind as i32, index, media: None, cid: Vec::new() }
 }
 
 fn change_to_wire(index: u64, what: &crate::command::Changed) -> pb::Change {
@@ -382,9 +383,8 @@ async fn replay(
     sm: &Arc<StateMachine>,
     tx: &tokio::sync::mpsc::Sender<Result<pb::Change, Status>>,
     last: &mut u64,
-    first: bool,
 ) -> Result<(), ()> {
-    let mut resync_checked = false;
+    let mut first = true;
     loop {
         let (sm2, after) = (sm.clone(), *last);
         let read = tokio::task::spawn_blocking(move || sm2.changes_since(after, FEED_REPLAY_BATCH)).await;
@@ -393,14 +393,8 @@ async fn replay(
             Ok(Err(e)) => return tx.send(Err(status_from_storage_error(&e))).await.map_err(|_| ()).and(Err(())),
             Err(e) => return tx.send(Err(Status::internal(e.to_string()))).await.map_err(|_| ()).and(Err(())),
         };
-        if !resync_checked {
-            resync_checked = true;
-            if !complete {
-                let resync =
-                    pb::Change { kind: pb::change::Kind::Resync as i32, index: after, media: None, cid: Vec::new() };
-                tx.send(Ok(resync)).await.map_err(|_| ())?;
-            }
-            let _ = first;
+        if std::mem::take(&mut first) && !complete {
+            tx.send(Ok(marker(pb::change::Kind::Resync, after))).await.map_err(|_| ())?;
         }
         if batch.is_empty() {
             return Ok(());
@@ -475,7 +469,7 @@ impl Meta for MetaService {
         // uploads have to commit in.
         let min_interval_ms = req.into_inner().min_interval_ms.max(self.node.reclaim_interval.as_millis() as u64);
         match self.apply(Command::BeginSweep { now_ms: 0, min_interval_ms }).await? {
-            CommandOutput::Sweep(g) => Ok(Response::new(generations_to_wire(g))),
+            CommandOutput::Sweep(g) => Ok(Response::new(g.into())),
             other => Err(unexpected(other)),
         }
     }
@@ -485,7 +479,7 @@ impl Meta for MetaService {
         _req: Request<pb::GetGenerationsRequest>,
     ) -> Result<Response<pb::Generations>, Status> {
         let g = self.read(|sm| sm.generations()).await?;
-        Ok(Response::new(generations_to_wire(g)))
+        Ok(Response::new(g.into()))
     }
 
     async fn register_store(
@@ -563,24 +557,22 @@ impl Meta for MetaService {
         // Subscribe before reading the history, so nothing falls between the two.
         let mut live = self.node.changes.subscribe();
         let (sm, read_index) = (self.sm.clone(), self.read_index.clone());
-        if after == 0 {
-            after = sm.last_applied().map_err(|e| status_from_storage_error(&e))?;
-        }
         let applied = sm.last_applied().map_err(|e| status_from_storage_error(&e))?;
+        if after == 0 {
+            after = applied;
+        }
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::Change, Status>>(1024);
         tokio::spawn(async move {
             let mut last = after;
             // A position past this state's end comes from another history (a cluster restored
             // from a backup): everything the watcher holds may be stale.
             if after > applied {
-                let resync =
-                    pb::Change { kind: pb::change::Kind::Resync as i32, index: applied, media: None, cid: Vec::new() };
-                if tx.send(Ok(resync)).await.is_err() {
+                if tx.send(Ok(marker(pb::change::Kind::Resync, applied))).await.is_err() {
                     return;
                 }
                 last = applied;
             }
-            if replay(&sm, &tx, &mut last, true).await.is_err() {
+            if replay(&sm, &tx, &mut last).await.is_err() {
                 return;
             }
             let mut alive = tokio::time::interval(FEED_ALIVE_EVERY);
@@ -591,8 +583,7 @@ impl Meta for MetaService {
                         // This node installed a snapshot: the changes it replaced are unknown.
                         Ok(c) if c.resync => {
                             last = c.index;
-                            let resync = pb::Change { kind: pb::change::Kind::Resync as i32, index: c.index, media: None, cid: Vec::new() };
-                            if tx.send(Ok(resync)).await.is_err() {
+                            if tx.send(Ok(marker(pb::change::Kind::Resync, c.index))).await.is_err() {
                                 return;
                             }
                         }
@@ -607,16 +598,15 @@ impl Meta for MetaService {
                         }
                         // Fell behind the live feed: catch up from the recorded history.
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                            if replay(&sm, &tx, &mut last, false).await.is_err() {
+                            if replay(&sm, &tx, &mut last).await.is_err() {
                                 return;
                             }
                         }
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                     },
                     _ = alive.tick() => {
-                        let kind = pb::change::Kind::Alive as i32;
                         let msg = match read_index.confirm().await {
-                            Ok(()) => Ok(pb::Change { kind, index: last, media: None, cid: Vec::new() }),
+                            Ok(()) => Ok(marker(pb::change::Kind::Alive, last)),
                             // No longer (provably) the leader: end the feed; the watcher
                             // resumes from `last` elsewhere.
                             Err(status) => Err(status),

@@ -448,14 +448,7 @@ impl StateMachine {
 
     /// The reclaim generations as of this node's state.
     pub fn generations(&self) -> Result<Generations, StorageError> {
-        let txn = self.db.begin_read()?;
-        let meta = txn.open_table(META)?;
-        let get = |k: &str| -> Result<Option<u64>, StorageError> { Ok(meta.get(k)?.map(|v| v.value())) };
-        Ok(Generations {
-            generation: get(GENERATION)?.unwrap_or(1),
-            sealed: get(SEALED)?.unwrap_or(0),
-            store_id: get(STORE_ID)?.unwrap_or(0),
-        })
+        generations_in(&self.db.begin_read()?.open_table(META)?)
     }
 
     /// Whether `key` is tombstoned (tests).
@@ -472,9 +465,7 @@ impl StateMachine {
 
     /// sha2-256 of [`Self::export`]'s output: equal on replicas with the same state.
     pub fn digest(&self) -> Result<[u8; 32], StorageError> {
-        let mut w = Hashing::new(std::io::sink());
-        self.export(&mut w, &[])?;
-        Ok(sha2::Digest::finalize(w.hash).into())
+        Ok(self.digest_at()?.1)
     }
 
     /// `(last applied index, digest)` from one consistent read.
@@ -603,11 +594,7 @@ impl Tables<'_> {
     }
 
     fn generations(&self) -> Result<Generations, StorageError> {
-        Ok(Generations {
-            generation: self.meta_value(GENERATION)?.unwrap_or(1),
-            sealed: self.meta_value(SEALED)?.unwrap_or(0),
-            store_id: self.meta_value(STORE_ID)?.unwrap_or(0),
-        })
+        generations_in(&self.meta)
     }
 
     fn get_media(&self, server: &str, media_id: &str) -> Result<Option<MediaRecord>, StorageError> {
@@ -804,7 +791,7 @@ impl Tables<'_> {
     /// issued generations, never released, not referenced by other content.
     fn check_new_objects(&self, c: &ContentRecord) -> Result<Result<(), CommandError>, StorageError> {
         let g = self.generations()?;
-        for key in object_keys(c) {
+        for key in c.object_keys() {
             let Some(generation) = blob_key::generation(key) else {
                 return Ok(Err(CommandError::InvalidArgument(format!("malformed blob key {key:?}"))));
             };
@@ -823,7 +810,7 @@ impl Tables<'_> {
 
     fn register(&mut self, c: &ContentRecord) -> Result<(), StorageError> {
         let cid = c.cid.to_bytes();
-        for key in object_keys(c) {
+        for key in c.object_keys() {
             self.blob_keys.insert(key, cid.as_slice())?;
             self.tombstones.remove(key)?;
         }
@@ -831,7 +818,7 @@ impl Tables<'_> {
     }
 
     fn unregister(&mut self, c: &ContentRecord) -> Result<(), StorageError> {
-        for key in object_keys(c) {
+        for key in c.object_keys() {
             self.blob_keys.remove(key)?;
         }
         Ok(())
@@ -841,7 +828,7 @@ impl Tables<'_> {
     /// Keys of sealed generations are refused anyway and need no tombstone.
     fn release(&mut self, c: &ContentRecord) -> Result<(), StorageError> {
         let g = self.generations()?;
-        for key in object_keys(c) {
+        for key in c.object_keys() {
             // Keys of sealed or unissued generations are refused anyway: no tombstone needed.
             let open = blob_key::generation(key).is_some_and(|k| k > g.sealed && k <= g.generation);
             if open && self.blob_keys.get(key)?.is_none() {
@@ -921,6 +908,16 @@ impl Tables<'_> {
     }
 }
 
+/// The reclaim generations and store identity as recorded in a `META` table (read or write).
+fn generations_in(meta: &impl ReadableTable<&'static str, u64>) -> Result<Generations, StorageError> {
+    let get = |k: &str| -> Result<Option<u64>, StorageError> { Ok(meta.get(k)?.map(|v| v.value())) };
+    Ok(Generations {
+        generation: get(GENERATION)?.unwrap_or(1),
+        sealed: get(SEALED)?.unwrap_or(0),
+        store_id: get(STORE_ID)?.unwrap_or(0),
+    })
+}
+
 /// The fields of a `CommitUpload`.
 struct Upload<'a> {
     server_name: &'a str,
@@ -930,11 +927,6 @@ struct Upload<'a> {
     content_type: &'a str,
     filename: Option<&'a str>,
     lost_key: Option<&'a str>,
-}
-
-/// The objects a content record names: its bytes and, for a multi-block file, its index.
-fn object_keys(c: &ContentRecord) -> impl Iterator<Item = &str> {
-    std::iter::once(c.blob_key.as_str()).chain(c.index_key.as_deref())
 }
 
 /// A writer that hashes (sha2-256) everything written through it.

@@ -40,21 +40,11 @@ fn commit(media_id: Option<&str>, user: &str, now: u64, c: ContentRecord) -> Com
 }
 
 fn repair(c: ContentRecord, lost: &str) -> Command {
-    match commit(None, "@a:hs", 0, c) {
-        Command::CommitUpload { server_name, media_id, user_id, now_ms, content, content_type, filename, .. } => {
-            Command::CommitUpload {
-                server_name,
-                media_id,
-                user_id,
-                now_ms,
-                content,
-                content_type,
-                filename,
-                lost_key: Some(key(lost)),
-            }
-        }
-        _ => unreachable!(),
+    let mut cmd = commit(None, "@a:hs", 0, c);
+    if let Command::CommitUpload { lost_key, .. } = &mut cmd {
+        *lost_key = Some(key(lost));
     }
+    cmd
 }
 
 fn pending(id: &str, user: &str, now: u64, ttl: u64, max: u32) -> Command {
