@@ -41,11 +41,15 @@ pub struct MetaOptions {
     pub extra: &'static str,
     /// Mutual TLS on every gRPC link (nodes, admin, and this harness's own calls).
     pub tls: Option<Arc<TestPki>>,
+    /// Nodes reach each other at their own addresses, not through this harness's link
+    /// proxies (for benchmarks: no partitions or restarts then; the proxies still front each
+    /// node for clients).
+    pub direct: bool,
 }
 
 impl Default for MetaOptions {
     fn default() -> Self {
-        Self { snapshot_every: 10_000, extra: "", tls: None }
+        Self { snapshot_every: 10_000, extra: "", tls: None, direct: false }
     }
 }
 
@@ -61,10 +65,11 @@ impl MetaProc {
         let dir = tempfile::Builder::new().prefix(&format!("mxcas-meta{id}-")).tempdir()?;
         let ip = Ipv4Addr::new(127, 0, 0, 10 + id as u8);
         let proxy = LinkProxy::start().await?;
+        // Direct: advertised as the address it listens on.
+        let advertise = if opts.direct { String::new() } else { format!("advertise = \"{}\"\n", proxy.addr) };
         let config = format!(
-            "data_dir = \"{}\"\n[meta]\nnode_id = {id}\nlisten = \"{ip}:0\"\nadvertise = \"{}\"\nbind_outgoing = \"{ip}\"\nsnapshot_every = {}\n{}\n",
+            "data_dir = \"{}\"\n[meta]\nnode_id = {id}\nlisten = \"{ip}:0\"\n{advertise}bind_outgoing = \"{ip}\"\nsnapshot_every = {}\n{}\n",
             dir.path().join("data").display(),
-            proxy.addr,
             opts.snapshot_every,
             opts.extra,
         );
@@ -212,7 +217,11 @@ impl Cluster {
         for id in 1..=n {
             metas.push(MetaProc::start(id, &opts).await?);
         }
-        let members: Vec<String> = metas.iter().map(|m| format!("{}={}", m.id, m.proxy.addr)).collect();
+        let member = |m: &MetaProc| match (opts.direct, m.listen) {
+            (true, Some(addr)) => format!("{}={addr}", m.id),
+            _ => format!("{}={}", m.id, m.proxy.addr),
+        };
+        let members: Vec<String> = metas.iter().map(member).collect();
         let mut args = vec!["init"];
         for m in &members {
             args.extend(["--member", m.as_str()]);

@@ -463,7 +463,10 @@ async fn mutual_tls_on_every_grpc_link_and_nothing_without_a_cluster_certificate
     let denied = admin.status(pb::ClusterStatusRequest {}).await.expect_err("edge certificate administering");
     assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
     let mut raft = pb::raft_client::RaftClient::new(ep()?.connect().await?);
-    let denied = raft.vote(pb::RaftMessage { data: b"{}".to_vec() }).await.expect_err("edge certificate voting");
+    let denied = raft
+        .vote(pb::RaftMessage { data: b"{}".to_vec(), ..Default::default() })
+        .await
+        .expect_err("edge certificate voting");
     assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
 
     // A node whose own certificate fails its node_names would be refused by every peer:

@@ -8,6 +8,10 @@
 //! commits, which are idempotent by what they say). A node that just failed to answer at all
 //! is tried last, and is not followed to even when another node still names it as leader; the
 //! node calls go to first follows the one that last answered a write (the leader).
+//!
+//! Concurrent commits share calls: while one `CommitUploads` call is in flight, commits
+//! arriving meanwhile wait and go together in the next one (at most [`COMMITS_IN_FLIGHT`]
+//! calls at a time), so an edge under load costs the leader one call per group, not per upload.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -64,7 +68,19 @@ pub struct MetaClient {
     inner: Arc<Inner>,
 }
 
+/// `CommitUploads` calls one client has in flight at a time.
+pub const COMMITS_IN_FLIGHT: usize = 4;
+/// Commits in one `CommitUploads` call, at most (the service takes up to 1024).
+const COMMITS_PER_CALL: usize = 256;
+
+type CommitReply = tokio::sync::oneshot::Sender<Result<CommitOutcome, MetaError>>;
+
 struct Inner {
+    /// Commits waiting for the next `CommitUploads` call (the task sending them holds only a
+    /// weak reference: it stops once the last client is dropped).
+    commits: tokio::sync::OnceCell<tokio::sync::mpsc::UnboundedSender<(pb::CommitUploadRequest, CommitReply)>>,
+    /// The service does not know `CommitUploads` (an older version): one call per commit.
+    single_commits: std::sync::atomic::AtomicBool,
     endpoints: Vec<String>,
     config: ClientConfig,
     channels: Mutex<HashMap<String, PbClient<Channel>>>,
@@ -131,6 +147,8 @@ impl MetaClient {
             endpoints.first().cloned().ok_or_else(|| MetaError::Internal("no metadata service address".into()))?;
         let client = Self {
             inner: Arc::new(Inner {
+                commits: tokio::sync::OnceCell::new(),
+                single_commits: std::sync::atomic::AtomicBool::new(false),
                 endpoints,
                 config,
                 channels: Mutex::new(HashMap::new()),
@@ -283,6 +301,7 @@ impl MetaClient {
     }
 
     /// Records a finished upload; safe to retry (the same commit gets the same answer).
+    /// Concurrent commits are sent together (see the module documentation).
     pub async fn commit_upload(&self, c: &CommitRequest) -> Result<CommitOutcome, MetaError> {
         let req = pb::CommitUploadRequest {
             media: Some(pb::MediaKey {
@@ -295,21 +314,99 @@ impl MetaClient {
             filename: c.filename.clone(),
             lost_key: c.lost_key.clone(),
         };
-        let resp = self
-            .retrying(Retry::Write, |mut cl| {
-                let req = req.clone();
-                async move { cl.commit_upload(req).await }
-            })
-            .await?;
-        let r = resp.into_inner();
-        let media = r.media.ok_or_else(|| wire("commit_upload: no media"))?;
-        let content = r.content.ok_or_else(|| wire("commit_upload: no content"))?;
-        Ok(CommitOutcome {
-            media: MediaRecord::try_from(media).map_err(MetaError::from)?,
-            content: ContentRecord::try_from(content).map_err(MetaError::from)?,
-            deduplicated: r.deduplicated,
-            generation: r.generation,
-        })
+        let queue = self.inner.commits.get_or_init(|| async { self.start_committer() }).await;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        queue.send((req, tx)).map_err(|_| MetaError::Internal("commit queue closed".into()))?;
+        rx.await.map_err(|_| MetaError::Internal("commit queue dropped a commit".into()))?
+    }
+
+    /// Starts the task that groups queued commits into `CommitUploads` calls.
+    fn start_committer(&self) -> tokio::sync::mpsc::UnboundedSender<(pb::CommitUploadRequest, CommitReply)> {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(pb::CommitUploadRequest, CommitReply)>();
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let slots = Arc::new(tokio::sync::Semaphore::new(COMMITS_IN_FLIGHT));
+            while let Some(first) = rx.recv().await {
+                // Wait for a slot before taking the queue: commits arriving meanwhile join.
+                let Ok(slot) = slots.clone().acquire_owned().await else { return };
+                // A commit whose caller gave up meanwhile (an upload cancelled) is not sent.
+                let mut group: Vec<_> = Some(first).into_iter().filter(|(_, r)| !r.is_closed()).collect();
+                while group.len() < COMMITS_PER_CALL {
+                    match rx.try_recv() {
+                        Ok(c) if c.1.is_closed() => {}
+                        Ok(c) => group.push(c),
+                        Err(_) => break,
+                    }
+                }
+                if group.is_empty() {
+                    continue;
+                }
+                let Some(inner) = weak.upgrade() else { return };
+                let client = MetaClient { inner };
+                tokio::spawn(async move {
+                    client.commit_group(group).await;
+                    drop(slot);
+                });
+            }
+        });
+        tx
+    }
+
+    /// Commits `group` in one call and answers each commit.
+    async fn commit_group(&self, group: Vec<(pb::CommitUploadRequest, CommitReply)>) {
+        let (reqs, replies): (Vec<_>, Vec<_>) = group.into_iter().unzip();
+        let results: Vec<Result<CommitOutcome, MetaError>> = match self.commit_uploads(reqs.clone()).await {
+            Ok(results) => results,
+            Err(e) => vec![Err(e); replies.len()],
+        };
+        for (reply, result) in replies.into_iter().zip(results) {
+            let _ = reply.send(result);
+        }
+    }
+
+    /// One answer per commit, in order; `Err` when the call as a whole failed.
+    async fn commit_uploads(
+        &self,
+        reqs: Vec<pb::CommitUploadRequest>,
+    ) -> Result<Vec<Result<CommitOutcome, MetaError>>, MetaError> {
+        use std::sync::atomic::Ordering;
+        if !self.inner.single_commits.load(Ordering::Relaxed) {
+            let req = pb::CommitUploadsRequest { commits: reqs.clone() };
+            let answer = self
+                .retrying(Retry::Write, |mut cl| {
+                    let req = req.clone();
+                    async move {
+                        match cl.commit_uploads(req).await {
+                            Err(s) if s.code() == tonic::Code::Unimplemented => Ok(None),
+                            other => other.map(Some),
+                        }
+                    }
+                })
+                .await?;
+            match answer {
+                Some(resp) => {
+                    let results = resp.into_inner().results;
+                    if results.len() != reqs.len() {
+                        return Err(wire("commit_uploads: answers do not match the commits"));
+                    }
+                    return Ok(results.into_iter().map(commit_result).collect());
+                }
+                None => {
+                    tracing::info!("the metadata service predates CommitUploads: committing one upload per call");
+                    self.inner.single_commits.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(futures::future::join_all(reqs.into_iter().map(|req| async move {
+            let resp = self
+                .retrying(Retry::Write, |mut cl| {
+                    let req = req.clone();
+                    async move { cl.commit_upload(req).await }
+                })
+                .await?;
+            commit_outcome(resp.into_inner())
+        }))
+        .await)
     }
 
     /// Starts an orphan sweep (see [`crate::command::Command::BeginSweep`]); safe to retry.
@@ -429,6 +526,27 @@ impl MetaClient {
         let s = resp.into_inner();
         Ok((s.last_applied, s.media_count, s.content_count))
     }
+}
+
+fn commit_result(r: pb::CommitResult) -> Result<CommitOutcome, MetaError> {
+    match r.result {
+        Some(pb::commit_result::Result::Committed(c)) => commit_outcome(c),
+        Some(pb::commit_result::Result::Failed(f)) => {
+            Err(meta_error_from_status(&tonic::Status::new(tonic::Code::from(f.code), f.message)))
+        }
+        None => Err(wire("commit_uploads: an empty answer")),
+    }
+}
+
+fn commit_outcome(r: pb::CommitUploadResponse) -> Result<CommitOutcome, MetaError> {
+    let media = r.media.ok_or_else(|| wire("commit_upload: no media"))?;
+    let content = r.content.ok_or_else(|| wire("commit_upload: no content"))?;
+    Ok(CommitOutcome {
+        media: MediaRecord::try_from(media).map_err(MetaError::from)?,
+        content: ContentRecord::try_from(content).map_err(MetaError::from)?,
+        deduplicated: r.deduplicated,
+        generation: r.generation,
+    })
 }
 
 fn wire(what: &str) -> MetaError {

@@ -53,7 +53,7 @@ storage_from!(
 );
 
 /// What a client of the metadata service sees.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum MetaError {
     /// The service refused the command (not retryable).
     #[error(transparent)]

@@ -210,6 +210,8 @@ impl StateMachine {
                 tombstones: txn.open_table(TOMBSTONES)?,
                 meta: txn.open_table(META)?,
                 changed: Vec::new(),
+                generations: None,
+                clock: None,
             };
             let mut changes = txn.open_table(CHANGES)?;
             for (index, cmd) in entries {
@@ -222,6 +224,9 @@ impl StateMachine {
                     changes.insert(*index, encode(&made)?.as_slice())?;
                     all_changes.extend(made.into_iter().map(|c| (*index, c)));
                 }
+            }
+            if let Some(now) = tables.clock {
+                tables.meta.insert(CLOCK, now)?;
             }
             if let Some((index, _)) = entries.last() {
                 tables.meta.insert("last_applied", *index)?;
@@ -509,6 +514,10 @@ struct Tables<'txn> {
     meta: redb::Table<'txn, &'static str, u64>,
     /// Changes to mutable facts made by the command being applied.
     changed: Vec<Changed>,
+    /// The generations as of the last command applied in this transaction (read once).
+    generations: Option<Generations>,
+    /// The clock as of the last command applied in this transaction, stored once at its end.
+    clock: Option<u64>,
 }
 
 /// What a commit's content is to the stored content record.
@@ -572,6 +581,7 @@ impl Tables<'_> {
                     Some(existing) => existing,
                     None if *id != 0 => {
                         self.meta.insert(STORE_ID, *id)?;
+                        self.generations = None;
                         *id
                     }
                     None => return Ok(Err(CommandError::InvalidArgument("store id 0".into()))),
@@ -588,13 +598,24 @@ impl Tables<'_> {
     /// The time a command runs at: the leader's clock as stamped, never earlier than any
     /// command before it.
     fn clock(&mut self, proposed: u64) -> Result<u64, StorageError> {
-        let now = self.meta_value(CLOCK)?.unwrap_or(0).max(proposed);
-        self.meta.insert(CLOCK, now)?;
+        let before = match self.clock {
+            Some(c) => c,
+            None => self.meta_value(CLOCK)?.unwrap_or(0),
+        };
+        let now = before.max(proposed);
+        self.clock = Some(now);
         Ok(now)
     }
 
-    fn generations(&self) -> Result<Generations, StorageError> {
-        generations_in(&self.meta)
+    fn generations(&mut self) -> Result<Generations, StorageError> {
+        match self.generations {
+            Some(g) => Ok(g),
+            None => {
+                let g = generations_in(&self.meta)?;
+                self.generations = Some(g);
+                Ok(g)
+            }
+        }
     }
 
     fn get_media(&self, server: &str, media_id: &str) -> Result<Option<MediaRecord>, StorageError> {
@@ -727,7 +748,7 @@ impl Tables<'_> {
         Ok(Ok(self.outcome(media, attached)?))
     }
 
-    fn outcome(&self, media: MediaRecord, attached: Attached) -> Result<CommitOutcome, StorageError> {
+    fn outcome(&mut self, media: MediaRecord, attached: Attached) -> Result<CommitOutcome, StorageError> {
         let generation = self.generations()?.generation;
         Ok(match attached {
             Attached::Ours(content) => CommitOutcome { media, content, deduplicated: false, generation },
@@ -789,7 +810,7 @@ impl Tables<'_> {
 
     /// Whether a content record may reference `c`'s objects: well-formed keys of unsealed,
     /// issued generations, never released, not referenced by other content.
-    fn check_new_objects(&self, c: &ContentRecord) -> Result<Result<(), CommandError>, StorageError> {
+    fn check_new_objects(&mut self, c: &ContentRecord) -> Result<Result<(), CommandError>, StorageError> {
         let g = self.generations()?;
         for key in c.object_keys() {
             let Some(generation) = blob_key::generation(key) else {
@@ -900,6 +921,7 @@ impl Tables<'_> {
             self.meta.insert(GENERATION, g.generation)?;
             self.meta.insert(SEALED, g.sealed)?;
             self.meta.insert(ADVANCED_AT, now_ms)?;
+            self.generations = Some(g);
             // Released keys of sealed generations are refused by the seal itself.
             let end = blob_key::after_generation(g.sealed);
             self.tombstones.retain_in::<&str, _>(..end.as_str(), |_, _| false)?;

@@ -163,16 +163,13 @@ async fn write(nodes: &[RaftNode], leader: NodeId, n: u64) {
     assert!(matches!(resp.data.0, Ok(CommandOutput::Committed(_))));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failover_partition_and_delays_converge_without_split_brain() {
+/// Nodes `ids` over `router`, initialized as one cluster.
+async fn start_cluster(router: &Router, settings: &RaftSettings, ids: &[NodeId]) -> (tempfile::TempDir, Vec<RaftNode>) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let router = Router::default();
-    let settings = RaftSettings { snapshot_every: 30, keep_after_snapshot: 5, ..RaftSettings::default() };
-    let ids = [1u64, 2, 3];
     let mut nodes = Vec::new();
-    for id in ids {
+    for &id in ids {
         let net = Factory { from: id, router: router.clone() };
-        let node = RaftNode::start_with_network(id, &dir.path().join(format!("n{id}")), &settings, net)
+        let node = RaftNode::start_with_network(id, &dir.path().join(format!("n{id}")), settings, net)
             .await
             .expect("node starts");
         router.0.lock().expect("router").nodes.insert(id, node.raft.clone());
@@ -181,6 +178,47 @@ async fn failover_partition_and_delays_converge_without_split_brain() {
     let members: BTreeMap<NodeId, BasicNode> =
         ids.iter().map(|i| (*i, BasicNode { addr: format!("node{i}") })).collect();
     nodes[0].initialize(members).await.expect("init");
+    (dir, nodes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_is_compacted_by_size_as_well_as_by_count() {
+    let router = Router::default();
+    // By count, no snapshot would be due for a million entries; by size, after 16 KiB.
+    let settings = RaftSettings {
+        snapshot_every: 1_000_000,
+        snapshot_log_bytes: 16 << 10,
+        keep_after_snapshot: 5,
+        ..RaftSettings::default()
+    };
+    let ids = [1u64, 2, 3];
+    let (_dir, nodes) = start_cluster(&router, &settings, &ids).await;
+    let leader = wait_leader(&nodes, &ids).await;
+    for n in 0..200 {
+        write(&nodes, leader, n).await;
+    }
+    let appended = nodes[(leader - 1) as usize].log.appended_bytes();
+    assert!(appended > 16 << 10, "200 commits appended only {appended} bytes");
+    for node in &nodes {
+        let m = node
+            .raft
+            .wait(Some(Duration::from_secs(10)))
+            .metrics(|m| m.snapshot.is_some() && m.purged.is_some(), "a snapshot by size, and the log purged")
+            .await
+            .unwrap_or_else(|e| panic!("node {}: {e}", node.id));
+        assert!(m.snapshot.is_some_and(|s| s.index > 5), "node {}: {:?}", node.id, m.snapshot);
+    }
+    for n in &nodes {
+        let _ = n.raft.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_partition_and_delays_converge_without_split_brain() {
+    let router = Router::default();
+    let settings = RaftSettings { snapshot_every: 30, keep_after_snapshot: 5, ..RaftSettings::default() };
+    let ids = [1u64, 2, 3];
+    let (_dir, nodes) = start_cluster(&router, &settings, &ids).await;
     let leader = wait_leader(&nodes, &ids).await;
     for n in 0..20 {
         write(&nodes, leader, n).await;

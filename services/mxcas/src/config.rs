@@ -60,6 +60,9 @@ pub struct MetaSection {
     pub election_timeout_max: Duration,
     /// Build a snapshot (and purge the log before it) every this many entries. Default 10000.
     pub snapshot_every: u64,
+    /// Also build one once this much log was written since the last one ("0": by count
+    /// only). Default 64 MiB.
+    pub snapshot_log_bytes: bytesize::ByteSize,
     /// Deadline of one raft RPC. Default 3s.
     #[serde(with = "humantime_serde")]
     pub rpc_timeout: Duration,
@@ -86,6 +89,7 @@ impl Default for MetaSection {
             election_timeout_min: r.election_timeout_min,
             election_timeout_max: r.election_timeout_max,
             snapshot_every: r.snapshot_every,
+            snapshot_log_bytes: bytesize::ByteSize::b(r.snapshot_log_bytes),
             rpc_timeout: r.rpc_timeout,
             quorum_lease: r.quorum_lease,
             reclaim_interval: r.reclaim_interval,
@@ -100,6 +104,7 @@ impl MetaSection {
             election_timeout_min: self.election_timeout_min,
             election_timeout_max: self.election_timeout_max,
             snapshot_every: self.snapshot_every,
+            snapshot_log_bytes: self.snapshot_log_bytes.as_u64(),
             keep_after_snapshot: (self.snapshot_every / 10).max(10),
             rpc_timeout: self.rpc_timeout,
             bind_outgoing: self.bind_outgoing,

@@ -82,6 +82,59 @@ async fn commit_rate(
     Ok((n as f64 / started.elapsed().as_secs_f64(), next.load(Ordering::Relaxed)))
 }
 
+/// [`commit_rate`] through the client edges use (`MetaClient`), which groups concurrent
+/// commits into `CommitUploads` calls; every answer checked.
+async fn client_commit_rate(
+    endpoints: &[String],
+    callers: usize,
+    duration: Duration,
+    base: u64,
+    failed: &Arc<AtomicU64>,
+) -> anyhow::Result<(f64, u64)> {
+    let client = mxcas_meta::MetaClient::new(endpoints, mxcas_meta::client::ClientConfig::default())?;
+    let next = Arc::new(AtomicU64::new(base));
+    let done = Arc::new(AtomicU64::new(0));
+    let end = Instant::now() + duration;
+    let mut tasks = Vec::new();
+    for _ in 0..callers {
+        let (next, done, client, failed) = (next.clone(), done.clone(), client.clone(), failed.clone());
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < end {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                let req = commit_request(n);
+                let content = mxcas_meta::ContentRecord::try_from(req.content.expect("content"))?;
+                let commit = mxcas_meta::client::CommitRequest {
+                    server_name: "localhost".into(),
+                    media_id: None,
+                    user_id: req.user_id,
+                    content,
+                    content_type: req.content_type,
+                    filename: None,
+                    lost_key: None,
+                };
+                match client.commit_upload(&commit).await {
+                    Ok(o) if o.media.key.media_id == commit.content.cid.to_string() && !o.deduplicated => {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(o) => anyhow::bail!("commit {n} answered {o:?}"),
+                    Err(e) => {
+                        if failed.fetch_add(1, Ordering::Relaxed) < 5 {
+                            eprintln!("   commit failed: {e}");
+                        }
+                    }
+                }
+            }
+            Ok(())
+        }));
+    }
+    let started = Instant::now();
+    for t in tasks {
+        t.await??;
+    }
+    let n = done.load(Ordering::Relaxed);
+    Ok((n as f64 / started.elapsed().as_secs_f64(), next.load(Ordering::Relaxed)))
+}
+
 /// Puts ~600-byte values into etcd from `callers` concurrent clients on its leader for
 /// `duration`; returns puts/s, after checking that etcd applied every one (each put moves the
 /// revision by exactly one).
@@ -193,6 +246,11 @@ async fn disk_fsync_rate(dir: &std::path::Path, writers: usize, duration: Durati
     Ok(n as f64 / elapsed)
 }
 
+/// The nodes' own addresses (not their test proxies).
+fn direct_endpoints(cluster: &Cluster) -> Vec<String> {
+    cluster.metas.iter().filter_map(|m| m.listen.map(|a| a.to_string())).collect()
+}
+
 /// A channel to the leader (over TLS when the cluster uses it).
 async fn leader(cluster: &Cluster) -> anyhow::Result<tonic::transport::Channel> {
     let l = cluster.wait_leader(Duration::from_secs(20)).await?;
@@ -212,15 +270,15 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn dir_size(dir: &std::path::Path, ext: &str) -> u64 {
-    std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| e.path().extension().is_some_and(|x| x == ext))
-        .filter_map(|e| e.metadata().ok())
-        .map(|m| m.len())
-        .sum()
+/// User + system CPU seconds a process has used so far.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name, from the state (field 3): utime and
+    // stime are fields 14 and 15, in clock ticks (100 per second on Linux).
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+    (ticks(11) + ticks(12)) as f64 / 100.0
 }
 
 #[tokio::main]
@@ -229,6 +287,39 @@ async fn main() -> anyhow::Result<()> {
     let records: u64 = std::env::var("BENCH_RECORDS").ok().and_then(|s| s.parse().ok()).unwrap_or(200_000);
     let duration = Duration::from_secs(secs);
 
+    if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "commits") {
+        // For profiling the commit path alone: one 3-node run, nothing else.
+        let three = Cluster::start(3, MetaOptions { direct: true, ..MetaOptions::default() }).await?;
+        let failed = Arc::new(AtomicU64::new(0));
+        let pids: Vec<u32> = three.metas.iter().filter_map(|m| m.pid()).collect();
+        let callers = std::env::var("BENCH_CALLERS").ok().and_then(|s| s.parse().ok()).unwrap_or(64);
+        eprintln!("== commits/s: 3-node cluster, {callers} callers, {secs}s (meta pids {pids:?})");
+        let channel = leader(&three).await?;
+        let l = three.wait_leader(Duration::from_secs(10)).await?;
+        let entries =
+            || async { three.metas[(l - 1) as usize].cluster_status().await.map(|s| s.last_log_index.unwrap_or(0)) };
+        let first_entry = entries().await?;
+        let before: Vec<f64> = pids.iter().chain([&std::process::id()]).map(|&p| cpu_secs(p)).collect();
+        let (rate, _) = if std::env::var("BENCH_CLIENT").is_ok_and(|v| v == "edge") {
+            client_commit_rate(&direct_endpoints(&three), callers, duration, 0, &failed).await?
+        } else {
+            commit_rate(&channel, callers, duration, 0, &failed).await?
+        };
+        let after: Vec<f64> = pids.iter().chain([&std::process::id()]).map(|&p| cpu_secs(p)).collect();
+        let per_commit: Vec<String> = before
+            .iter()
+            .zip(&after)
+            .map(|(b, a)| format!("{:.0}", (a - b) * 1e6 / (rate * duration.as_secs_f64())))
+            .collect();
+        let commits_per_entry = rate * duration.as_secs_f64() / (entries().await? - first_entry).max(1) as f64;
+        println!(
+            "CommitUpload commits/s, 3-node: {rate:.0} ({} failed, {commits_per_entry:.1} per raft entry); \
+             CPU µs per commit, meta nodes then bench: {}",
+            failed.load(Ordering::Relaxed),
+            per_commit.join(" ")
+        );
+        return Ok(());
+    }
     eprintln!("== commits/s: 1-node vs 3-node cluster, 64 callers, {secs}s each");
     let single = Cluster::start(1, MetaOptions::default()).await?;
     let failed = Arc::new(AtomicU64::new(0));
@@ -239,14 +330,26 @@ async fn main() -> anyhow::Result<()> {
     let tls = Cluster::start(3, MetaOptions { tls: Some(pki), ..MetaOptions::default() }).await?;
     let (tls_rate, _) = commit_rate(&leader(&tls).await?, 64, duration, 0, &failed).await?;
     drop(tls);
-    // A snapshot is due about halfway through the record-writing phase.
-    let three =
-        Cluster::start(3, MetaOptions { snapshot_every: (records / 2).max(1000), ..MetaOptions::default() }).await?;
+    // A snapshot by size is due about halfway through the record-writing phase (commands are
+    // about 150 bytes in the log).
+    let snapshot_bytes: &'static str =
+        Box::leak(format!("snapshot_log_bytes = {}", (records * 75).max(1 << 20)).into_boxed_str());
+    let record_opts = MetaOptions { snapshot_every: 1_000_000, extra: snapshot_bytes, ..MetaOptions::default() };
+    let three = Cluster::start(3, record_opts.clone()).await?;
     let (three_rate, mut next) = commit_rate(&leader(&three).await?, 64, duration, 10_000_000, &failed).await?;
+    eprintln!(
+        "== commits/s: 3-node, through the edges' client (concurrent commits grouped per call), 64 and 256 callers, {secs}s each"
+    );
+    let direct = Cluster::start(3, MetaOptions { direct: true, ..MetaOptions::default() }).await?;
+    let (edge_rate, base) = client_commit_rate(&direct_endpoints(&direct), 64, duration, 0, &failed).await?;
+    let (edge_rate_256, base) = client_commit_rate(&direct_endpoints(&direct), 256, duration, base, &failed).await?;
+    let (grpc_rate_256, _) = commit_rate(&leader(&direct).await?, 256, duration, base, &failed).await?;
+    drop(direct);
 
-    eprintln!("== puts/s: 3-member etcd (the baseline), 64 clients on its leader, {secs}s");
+    eprintln!("== puts/s: 3-member etcd (the baseline), 64 and 256 clients on its leader, {secs}s each");
     let etcd = mxcas_tests::etcd::Etcd::start(3).await?;
     let etcd_rate = etcd_put_rate(&etcd.leader().await?, 64, duration).await?;
+    let etcd_rate_256 = etcd_put_rate(&etcd.leader().await?, 256, duration).await?;
     drop(etcd);
 
     eprintln!("== small uploads/s: mxcas serve, 50 KiB, 64 connections vs 64 writers write+fsync, {secs}s each");
@@ -299,8 +402,30 @@ async fn main() -> anyhow::Result<()> {
     let state = three.metas[(l - 1) as usize].state().await?;
     let written = state.media_count;
     let rss: Vec<u64> = three.metas.iter().map(|m| m.pid().map(rss_kib).unwrap_or(0)).collect();
-    let snap = three.metas.iter().map(|m| dir_size(&m.data_dir().join("meta/snapshots"), "snap")).max().unwrap_or(0);
     let snap_index = three.metas[(l - 1) as usize].cluster_status().await?.snapshot_index.unwrap_or(0);
+    let leader_dir = three.metas[(l - 1) as usize].data_dir().join("meta");
+    let file_len = |name: &str| std::fs::metadata(leader_dir.join(name)).map(|m| m.len()).unwrap_or(0);
+    let (log_bytes, state_bytes) = (file_len("log.redb"), file_len("state.redb"));
+    // The snapshot format, of the whole state now: a backup export is the same stream.
+    let export = tempfile::Builder::new().prefix("mxcas-bench-export-").tempdir()?;
+    let export_file = export.path().join("state.backup");
+    let entry = three.endpoints()[(l - 1) as usize].clone();
+    let out = std::process::Command::new(mxcas_tests::node::mxcas_bin())
+        .args(["admin", "--meta", &entry, "snapshot", "export", "--out"])
+        .arg(&export_file)
+        .output()?;
+    anyhow::ensure!(out.status.success(), "snapshot export failed: {}", String::from_utf8_lossy(&out.stderr));
+    let snapshot_bytes = std::fs::metadata(&export_file)?.len();
+
+    eprintln!("== a new node catches up on {written} records (the log before its start compacted away)");
+    let mut fourth = mxcas_tests::cluster::MetaProc::start(4, &record_opts).await?;
+    let started = Instant::now();
+    mxcas_tests::cluster::admin(&entry, &["add-learner", "--id", "4", "--addr", &fourth.proxy.addr.to_string()])?;
+    let install_secs = started.elapsed().as_secs_f64();
+    let installed = fourth.log().contains("installed snapshot");
+    let caught_up = fourth.state().await?.media_count;
+    anyhow::ensure!(caught_up == written, "the new node holds {caught_up} of {written} records");
+    fourth.kill9();
 
     let per_m = |x: f64| x * 1_000_000.0 / written as f64;
     println!();
@@ -319,6 +444,27 @@ async fn main() -> anyhow::Result<()> {
         three_rate,
         etcd_rate,
         three_rate / etcd_rate
+    );
+    println!(
+        "{:<58} {:>12.0} {:>12.0} {:>7.2}",
+        "commits/s, 3-node, edge client grouping (vs etcd puts/s)",
+        edge_rate,
+        etcd_rate,
+        edge_rate / etcd_rate
+    );
+    println!(
+        "{:<58} {:>12.0} {:>12.0} {:>7.2}",
+        "  at 256 callers (vs etcd puts/s, 256 clients)",
+        edge_rate_256,
+        etcd_rate_256,
+        edge_rate_256 / etcd_rate_256
+    );
+    println!(
+        "{:<58} {:>12.0} {:>12.0} {:>7.2}",
+        "  one call per commit, 256 callers (vs etcd, 256 clients)",
+        grpc_rate_256,
+        etcd_rate_256,
+        grpc_rate_256 / etcd_rate_256
     );
     println!(
         "{:<58} {:>12.0} {:>12.0} {:>7.2}",
@@ -356,11 +502,18 @@ async fn main() -> anyhow::Result<()> {
     let max_rss = rss.iter().copied().max().unwrap_or(0) as f64 / 1024.0;
     println!("{:<58} {:>12.0}", "meta RSS MiB, largest node", max_rss);
     println!("{:<58} {:>12.0}", "  scaled per million records", per_m(max_rss));
-    println!("{:<58} {:>12.1}", format!("snapshot MiB (taken at log index {snap_index})"), snap as f64 / 1048576.0);
+    let per_record = |b: u64| b as f64 / written.max(1) as f64;
+    println!("{:<58} {:>12.0}", "bytes per record: snapshot (whole state, backup export)", per_record(snapshot_bytes));
+    println!("{:<58} {:>12.0}", "bytes per record: state database on disk", per_record(state_bytes));
     println!(
         "{:<58} {:>12.0}",
-        "  scaled per million records (at the snapshot)",
-        snap as f64 / 1048576.0 * 1e6 / snap_index.max(1) as f64
+        format!("bytes per record: log file on disk (last snapshot at index {snap_index})"),
+        per_record(log_bytes)
+    );
+    println!(
+        "{:<58} {:>12.1}",
+        format!("new node caught up on {written} records, s ({})", if installed { "by snapshot" } else { "by log" }),
+        install_secs
     );
     Ok(())
 }

@@ -1,5 +1,5 @@
-//! The raft log in redb: entries by index, plus the vote, the committed log ID and the last
-//! purged log ID. Every mutation is one write transaction on a blocking thread, committed with
+//! The raft log in redb: entries by index (postcard), plus the vote, the committed log ID and
+//! the last purged log ID (JSON). Every mutation is one write transaction on a blocking thread, committed with
 //! fsync before openraft hears it is done — except the committed log ID, a restart hint that
 //! becomes durable with the next append (see [`LogStore::save_committed`]).
 
@@ -18,11 +18,18 @@ use crate::error::StorageError as DbError;
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
 
+/// How entries are encoded, recorded under this key in `STATE`. Logs written before it was
+/// recorded hold JSON entries and are converted when opened.
+const LOG_FORMAT: &str = "log_format";
+const POSTCARD: &[u8] = b"postcard";
+
 type Result<T> = std::result::Result<T, StorageError<NodeId>>;
 
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
+    /// Bytes of entries appended since this process opened the log.
+    appended: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl LogStore {
@@ -30,10 +37,46 @@ impl LogStore {
         // The log is written and read near its end; a small cache suffices.
         let db = Database::builder().set_cache_size(32 << 20).create(path)?;
         let txn = db.begin_write()?;
-        txn.open_table(LOG)?;
-        txn.open_table(STATE)?;
+        {
+            let mut log = txn.open_table(LOG)?;
+            let mut state = txn.open_table(STATE)?;
+            let format = state.get(LOG_FORMAT)?.map(|v| v.value().to_vec());
+            match format.as_deref() {
+                Some(POSTCARD) => {}
+                Some(other) => {
+                    return Err(DbError::Database(format!(
+                        "{} holds a raft log in format {:?}; this mxcas reads {:?}. Run the mxcas version that \
+                         wrote it, or start this node with an empty data directory and let it catch up",
+                        path.display(),
+                        String::from_utf8_lossy(other),
+                        String::from_utf8_lossy(POSTCARD)
+                    )));
+                }
+                None => {
+                    let mut converted = Vec::new();
+                    for item in log.iter()? {
+                        let (index, v) = item?;
+                        let entry: Entry<TypeConfig> = serde_json::from_slice(v.value())
+                            .map_err(|e| DbError::Corrupt { table: "raft log", detail: e.to_string() })?;
+                        converted.push((index.value(), encode_entry(&entry)?));
+                    }
+                    if !converted.is_empty() {
+                        tracing::info!(entries = converted.len(), "converting the raft log from JSON to postcard");
+                    }
+                    for (index, bytes) in &converted {
+                        log.insert(*index, bytes.as_slice())?;
+                    }
+                    state.insert(LOG_FORMAT, POSTCARD)?;
+                }
+            }
+        }
         txn.commit()?;
-        Ok(Self { db: Arc::new(db) })
+        Ok(Self { db: Arc::new(db), appended: Arc::default() })
+    }
+
+    /// Bytes of entries appended since this process opened the log (encoded, as stored).
+    pub fn appended_bytes(&self) -> u64 {
+        self.appended.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     async fn blocking<T: Send + 'static>(
@@ -95,6 +138,14 @@ fn decode<T: serde::de::DeserializeOwned>(table: &'static str, bytes: &[u8]) -> 
     serde_json::from_slice(bytes).map_err(|e| DbError::Corrupt { table, detail: e.to_string() })
 }
 
+fn encode_entry(entry: &Entry<TypeConfig>) -> std::result::Result<Vec<u8>, DbError> {
+    postcard::to_stdvec(entry).map_err(|e| DbError::Database(format!("cannot encode a raft entry: {e}")))
+}
+
+fn decode_entry(bytes: &[u8]) -> std::result::Result<Entry<TypeConfig>, DbError> {
+    postcard::from_bytes(bytes).map_err(|e| DbError::Corrupt { table: "raft log", detail: e.to_string() })
+}
+
 fn bounds<RB: RangeBounds<u64>>(range: &RB) -> (u64, Option<u64>) {
     let start = match range.start_bound() {
         Bound::Included(x) => *x,
@@ -125,7 +176,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
             let mut out = Vec::new();
             for item in iter {
                 let (_, v) = item?;
-                out.push(decode("raft log", v.value())?);
+                out.push(decode_entry(v.value())?);
             }
             Ok(out)
         })
@@ -142,10 +193,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .blocking(ErrorSubject::Logs, ErrorVerb::Read, |db| {
                 let txn = db.begin_read()?;
                 let table = txn.open_table(LOG)?;
-                table
-                    .last()?
-                    .map(|(_, v)| decode::<Entry<TypeConfig>>("raft log", v.value()).map(|e| e.log_id))
-                    .transpose()
+                table.last()?.map(|(_, v)| decode_entry(v.value()).map(|e| e.log_id)).transpose()
             })
             .await?;
         Ok(LogState { last_purged_log_id: last_purged, last_log_id: last.or(last_purged) })
@@ -182,9 +230,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut encoded = Vec::new();
         for e in entries {
-            let bytes = serde_json::to_vec(&e).map_err(|err| sto_err(ErrorSubject::Logs, ErrorVerb::Write, err))?;
+            let bytes = encode_entry(&e).map_err(|err| sto_err(ErrorSubject::Logs, ErrorVerb::Write, err))?;
             encoded.push((e.log_id.index, bytes));
         }
+        let bytes: usize = encoded.iter().map(|(_, b)| b.len()).sum();
+        self.appended.fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
         let result = self
             .blocking(ErrorSubject::Logs, ErrorVerb::Write, move |db| {
                 let txn = db.begin_write()?;
@@ -222,5 +272,67 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             Ok(txn.commit()?)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    use super::*;
+    use crate::Command;
+
+    fn entry(index: u64) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Command::Expire { now_ms: index, limit: 10 }),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_json_log_of_an_older_version_is_converted_when_opened() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.redb");
+        {
+            // What an older version wrote: JSON entries and no format marker.
+            let db = Database::create(&path).expect("create");
+            let txn = db.begin_write().expect("txn");
+            {
+                let mut log = txn.open_table(LOG).expect("log");
+                for i in 1..=3 {
+                    log.insert(i, serde_json::to_vec(&entry(i)).expect("json").as_slice()).expect("insert");
+                }
+                txn.open_table(STATE).expect("state");
+            }
+            txn.commit().expect("commit");
+        }
+        let mut store = LogStore::open(&path).expect("opens and converts");
+        let read = store.try_get_log_entries(1..=3).await.expect("reads");
+        assert_eq!(format!("{read:?}"), format!("{:?}", (1..=3).map(entry).collect::<Vec<_>>()));
+        assert_eq!(store.get_log_state().await.expect("state").last_log_id.map(|l| l.index), Some(3));
+        drop(store);
+
+        // Converted once: the marker is recorded and the entries are postcard now.
+        let db = Database::create(&path).expect("reopen");
+        let txn = db.begin_read().expect("txn");
+        let state = txn.open_table(STATE).expect("state");
+        assert_eq!(state.get(LOG_FORMAT).expect("get").expect("marker").value(), POSTCARD);
+        let log = txn.open_table(LOG).expect("log");
+        let first = log.get(1).expect("get").expect("entry");
+        assert_eq!(format!("{:?}", decode_entry(first.value()).expect("postcard")), format!("{:?}", entry(1)));
+    }
+
+    #[test]
+    fn a_log_in_an_unknown_format_is_refused_with_a_clear_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.redb");
+        {
+            let db = Database::create(&path).expect("create");
+            let txn = db.begin_write().expect("txn");
+            txn.open_table(STATE).expect("state").insert(LOG_FORMAT, b"cbor".as_slice()).expect("insert");
+            txn.commit().expect("commit");
+        }
+        let err = LogStore::open(&path).err().expect("refused").to_string();
+        assert!(err.contains("\"cbor\"") && err.contains("empty data directory"), "{err}");
     }
 }

@@ -58,6 +58,10 @@ pub struct RaftSettings {
     pub election_timeout_max: Duration,
     /// Build a snapshot after this many applied entries since the last one.
     pub snapshot_every: u64,
+    /// Also build one once this many bytes of log entries were appended since the last one
+    /// (entries are batches of up to 256 commands, so a count alone bounds the log poorly);
+    /// 0: by count only.
+    pub snapshot_log_bytes: u64,
     /// Log entries kept after a snapshot (for followers slightly behind).
     pub keep_after_snapshot: u64,
     /// Deadline of one raft RPC to a peer.
@@ -82,6 +86,7 @@ impl Default for RaftSettings {
             election_timeout_min: Duration::from_millis(500),
             election_timeout_max: Duration::from_millis(1000),
             snapshot_every: 10_000,
+            snapshot_log_bytes: 64 << 20,
             keep_after_snapshot: 1_000,
             rpc_timeout: Duration::from_secs(3),
             bind_outgoing: None,
@@ -175,6 +180,9 @@ impl RaftNode {
         let raft =
             Raft::new(id, config, network, log.clone(), sm_store).await.map_err(|e| StartError::Raft(e.to_string()))?;
         let quorum_lost = watch_quorum(&raft, settings.quorum_lease);
+        if settings.snapshot_log_bytes > 0 {
+            snapshot_by_size(&raft, &log, settings.snapshot_log_bytes);
+        }
         let reclaim_interval = settings.reclaim_interval;
         Ok(Self { id, raft, sm, changes, quorum_lost, log, dir: dir.to_owned(), reclaim_interval })
     }
@@ -240,6 +248,40 @@ fn watch_quorum(raft: &Raft, lease: Duration) -> tokio::sync::watch::Receiver<Op
         }
     });
     rx
+}
+
+/// How often the log is checked against [`RaftSettings::snapshot_log_bytes`].
+const SNAPSHOT_SIZE_CHECK: Duration = Duration::from_secs(1);
+
+/// Triggers a snapshot whenever `limit` bytes of entries were appended to the log since the
+/// last snapshot this node built or installed (counted from this process's start). Triggering
+/// is all it does: openraft builds the snapshot and purges the log as it does by count.
+fn snapshot_by_size(raft: &Raft, log: &log_store::LogStore, limit: u64) {
+    let (raft, log) = (raft.clone(), log.clone());
+    tokio::spawn(async move {
+        let mut metrics = raft.metrics();
+        let mut last_snapshot = metrics.borrow().snapshot;
+        // Appended bytes when the last snapshot was seen (or asked for).
+        let mut base = log.appended_bytes();
+        loop {
+            if let Ok(Err(_)) = tokio::time::timeout(SNAPSHOT_SIZE_CHECK, metrics.changed()).await {
+                return; // raft stopped
+            }
+            let snapshot = metrics.borrow_and_update().snapshot;
+            let appended = log.appended_bytes();
+            if snapshot != last_snapshot {
+                last_snapshot = snapshot;
+                base = appended;
+            } else if appended.saturating_sub(base) >= limit {
+                tracing::info!(bytes = appended - base, "log grew past snapshot_log_bytes: building a snapshot");
+                // Asked once per `limit` bytes: a failed build is retried after as many more.
+                base = appended;
+                if raft.trigger().snapshot().await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
 }
 
 fn sto_err(

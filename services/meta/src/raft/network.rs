@@ -1,12 +1,13 @@
 //! Raft RPCs to peers over tonic gRPC (`mxcas.meta.v1.Raft`): one cached channel per peer
-//! address, a deadline on every call, openraft's messages as JSON.
+//! address, a deadline on every call, openraft's messages as postcard (JSON to a peer that
+//! cannot read postcard: an older version during a rolling upgrade).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mxcas_proto::meta::RaftMessage;
 use mxcas_proto::meta::raft_client::RaftClient;
+use mxcas_proto::meta::{Encoding, RaftMessage};
 use openraft::BasicNode;
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
@@ -54,6 +55,22 @@ impl Network {
 pub struct Peer {
     target: NodeId,
     client: Result<RaftClient<Channel>, String>,
+    /// What this peer reads: postcard until it refuses a postcard message as malformed.
+    encoding: Encoding,
+}
+
+pub(crate) fn encode<T: Serialize + ?Sized>(encoding: Encoding, value: &T) -> Result<Vec<u8>, String> {
+    match encoding {
+        Encoding::Postcard => postcard::to_stdvec(value).map_err(|e| e.to_string()),
+        Encoding::Json => serde_json::to_vec(value).map_err(|e| e.to_string()),
+    }
+}
+
+pub(crate) fn decode<T: DeserializeOwned>(encoding: Encoding, bytes: &[u8]) -> Result<T, String> {
+    match encoding {
+        Encoding::Postcard => postcard::from_bytes(bytes).map_err(|e| e.to_string()),
+        Encoding::Json => serde_json::from_slice(bytes).map_err(|e| e.to_string()),
+    }
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -61,7 +78,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Peer {
         let client = self.channel(&node.addr).map(|c| RaftClient::new(c).max_decoding_message_size(256 << 20));
-        Peer { target, client }
+        Peer { target, client, encoding: Encoding::Postcard }
     }
 }
 
@@ -88,13 +105,28 @@ impl Peer {
         E: std::error::Error + DeserializeOwned,
     {
         let client = self.client.as_mut().map_err(|e| RPCError::Unreachable(Unreachable::new(&Msg(e.clone()))))?;
-        let data = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let mut request = tonic::Request::new(RaftMessage { data });
-        request.set_timeout(option.hard_ttl());
-        let reply = match rpc {
-            Rpc::Append => client.append_entries(request).await,
-            Rpc::Vote => client.vote(request).await,
-            Rpc::Snapshot => client.install_snapshot(request).await,
+        let network = |e: String| RPCError::Network(NetworkError::new(&Msg(e)));
+        let reply = loop {
+            let data = encode(self.encoding, req).map_err(network)?;
+            let mut request = tonic::Request::new(RaftMessage { data, encoding: self.encoding.into() });
+            request.set_timeout(option.hard_ttl());
+            let reply = match rpc {
+                Rpc::Append => client.append_entries(request).await,
+                Rpc::Vote => client.vote(request).await,
+                Rpc::Snapshot => client.install_snapshot(request).await,
+            };
+            match reply {
+                // A node of an older version reads JSON only (and ignores the encoding field).
+                Err(status)
+                    if status.code() == tonic::Code::InvalidArgument
+                        && status.message().starts_with("malformed raft message")
+                        && self.encoding == Encoding::Postcard =>
+                {
+                    tracing::warn!(peer = self.target, "peer cannot read postcard raft messages; sending it JSON");
+                    self.encoding = Encoding::Json;
+                }
+                other => break other,
+            }
         };
         let reply = match reply {
             Ok(r) => r.into_inner(),
@@ -103,12 +135,12 @@ impl Peer {
             }
             Err(status) => return Err(RPCError::Network(NetworkError::new(&status))),
         };
+        let encoding = reply.encoding();
         if !reply.error.is_empty() {
-            let e: RaftError<NodeId, E> =
-                serde_json::from_slice(&reply.error).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+            let e: RaftError<NodeId, E> = decode(encoding, &reply.error).map_err(network)?;
             return Err(RPCError::RemoteError(RemoteError::new(self.target, e)));
         }
-        serde_json::from_slice(&reply.data).map_err(|e| RPCError::Network(NetworkError::new(&e)))
+        decode(encoding, &reply.data).map_err(network)
     }
 }
 
@@ -136,5 +168,68 @@ impl RaftNetwork<TypeConfig> for Peer {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         self.call(Rpc::Vote, &req, &option).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use openraft::error::{Fatal, Infallible};
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, Membership};
+
+    use super::*;
+    use crate::Command;
+
+    fn log_id(term: u64, index: u64) -> openraft::LogId<NodeId> {
+        openraft::LogId::new(CommittedLeaderId::new(term, 1), index)
+    }
+
+    fn round_trip<T: Serialize + DeserializeOwned + std::fmt::Debug>(value: &T) {
+        for encoding in [Encoding::Postcard, Encoding::Json] {
+            let bytes = encode(encoding, value).expect("encodes");
+            let back: T = decode(encoding, &bytes).expect("decodes");
+            // Not every openraft type is PartialEq: compare what they print.
+            assert_eq!(format!("{back:?}"), format!("{value:?}"), "{encoding:?}");
+        }
+    }
+
+    #[test]
+    fn every_raft_message_survives_both_encodings() {
+        let nodes: BTreeMap<NodeId, BasicNode> =
+            (1..=3).map(|i| (i, BasicNode::new(format!("127.0.0.1:{i}")))).collect();
+        let membership = Membership::new(vec![BTreeSet::from([1, 2, 3])], nodes);
+        let batch = Command::Batch(vec![
+            Command::Expire { now_ms: 5, limit: 1000 },
+            Command::RegisterStore { id: 7 },
+            Command::BeginSweep { now_ms: 1, min_interval_ms: 600_000 },
+        ]);
+        let entries = vec![
+            Entry::<TypeConfig> { log_id: log_id(2, 10), payload: EntryPayload::Blank },
+            Entry { log_id: log_id(2, 11), payload: EntryPayload::Membership(membership) },
+            Entry { log_id: log_id(2, 12), payload: EntryPayload::Normal(batch) },
+        ];
+        let vote = openraft::Vote::new_committed(2, 1);
+        round_trip(&AppendEntriesRequest::<TypeConfig> {
+            vote,
+            prev_log_id: Some(log_id(1, 9)),
+            entries,
+            leader_commit: Some(log_id(2, 10)),
+        });
+        round_trip(&AppendEntriesResponse::<NodeId>::Success);
+        round_trip(&AppendEntriesResponse::<NodeId>::PartialSuccess(Some(log_id(2, 11))));
+        round_trip(&AppendEntriesResponse::<NodeId>::Conflict);
+        round_trip(&AppendEntriesResponse::<NodeId>::HigherVote(vote));
+        round_trip(&VoteRequest::<NodeId>::new(vote, Some(log_id(2, 12))));
+        round_trip(&VoteResponse::<NodeId>::new(vote, None, false));
+        round_trip(&RaftError::<NodeId, Infallible>::Fatal(Fatal::Stopped));
+    }
+
+    #[test]
+    fn postcard_messages_are_not_read_as_json() {
+        // What makes an older (JSON-only) peer answer "malformed raft message", which switches
+        // the sender to JSON for it.
+        let bytes = encode(Encoding::Postcard, &AppendEntriesResponse::<NodeId>::Conflict).expect("encodes");
+        assert!(decode::<AppendEntriesResponse<NodeId>>(Encoding::Json, &bytes).is_err());
     }
 }

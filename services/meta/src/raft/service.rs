@@ -9,6 +9,7 @@ use tonic::{Request, Response, Status};
 
 use std::io::{Read, Seek};
 
+use super::network::{decode as decode_as, encode};
 use super::{NodeId, Raft, backup};
 
 #[derive(Clone)]
@@ -26,31 +27,42 @@ impl RaftService {
     }
 }
 
-fn reply<T: Serialize, E: Serialize>(result: Result<T, E>) -> Result<Response<pb::RaftReply>, Status> {
-    let encode = |r: serde_json::Result<Vec<u8>>| r.map_err(|e| Status::internal(format!("encode: {e}")));
-    Ok(Response::new(match result {
-        Ok(v) => pb::RaftReply { data: encode(serde_json::to_vec(&v))?, error: Vec::new() },
-        Err(e) => pb::RaftReply { data: Vec::new(), error: encode(serde_json::to_vec(&e))? },
-    }))
+/// Answers in the encoding the request came in.
+fn reply<T: Serialize, E: Serialize>(
+    encoding: pb::Encoding,
+    result: Result<T, E>,
+) -> Result<Response<pb::RaftReply>, Status> {
+    let failed = |e: String| Status::internal(format!("encode: {e}"));
+    let (data, error) = match result {
+        Ok(v) => (encode(encoding, &v).map_err(failed)?, Vec::new()),
+        Err(e) => (Vec::new(), encode(encoding, &e).map_err(failed)?),
+    };
+    Ok(Response::new(pb::RaftReply { data, error, encoding: encoding.into() }))
 }
 
-fn decode<T: serde::de::DeserializeOwned>(m: Request<pb::RaftMessage>) -> Result<T, Status> {
-    serde_json::from_slice(&m.into_inner().data)
-        .map_err(|e| Status::invalid_argument(format!("malformed raft message: {e}")))
+fn decode<T: serde::de::DeserializeOwned>(m: Request<pb::RaftMessage>) -> Result<(pb::Encoding, T), Status> {
+    let m = m.into_inner();
+    let encoding = m.encoding();
+    let value =
+        decode_as(encoding, &m.data).map_err(|e| Status::invalid_argument(format!("malformed raft message: {e}")))?;
+    Ok((encoding, value))
 }
 
 #[tonic::async_trait]
 impl pb::raft_server::Raft for RaftService {
     async fn append_entries(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftReply>, Status> {
-        reply(self.raft.append_entries(decode(req)?).await)
+        let (encoding, req) = decode(req)?;
+        reply(encoding, self.raft.append_entries(req).await)
     }
 
     async fn vote(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftReply>, Status> {
-        reply(self.raft.vote(decode(req)?).await)
+        let (encoding, req) = decode(req)?;
+        reply(encoding, self.raft.vote(req).await)
     }
 
     async fn install_snapshot(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftReply>, Status> {
-        reply(self.raft.install_snapshot(decode(req)?).await)
+        let (encoding, req) = decode(req)?;
+        reply(encoding, self.raft.install_snapshot(req).await)
     }
 }
 
