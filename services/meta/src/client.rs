@@ -72,15 +72,19 @@ pub struct MetaClient {
 pub const COMMITS_IN_FLIGHT: usize = 4;
 /// Commits in one `CommitUploads` call, at most (the service takes up to 1024).
 const COMMITS_PER_CALL: usize = 256;
+/// How long commits go one per call after a node answered that it does not know
+/// `CommitUploads`, before that is tried again (a rolling upgrade may be over by then).
+const SINGLE_COMMITS_FOR: Duration = Duration::from_secs(60);
 
 type CommitReply = tokio::sync::oneshot::Sender<Result<CommitOutcome, MetaError>>;
 
 struct Inner {
     /// Commits waiting for the next `CommitUploads` call (the task sending them holds only a
     /// weak reference: it stops once the last client is dropped).
-    commits: tokio::sync::OnceCell<tokio::sync::mpsc::UnboundedSender<(pb::CommitUploadRequest, CommitReply)>>,
-    /// The service does not know `CommitUploads` (an older version): one call per commit.
-    single_commits: std::sync::atomic::AtomicBool,
+    commits: Mutex<Option<tokio::sync::mpsc::UnboundedSender<(pb::CommitUploadRequest, CommitReply)>>>,
+    /// Until when commits go one per call: a node answered that it does not know
+    /// `CommitUploads` (an older version, during a rolling upgrade).
+    single_commits_until: Mutex<Option<tokio::time::Instant>>,
     endpoints: Vec<String>,
     config: ClientConfig,
     channels: Mutex<HashMap<String, PbClient<Channel>>>,
@@ -147,8 +151,8 @@ impl MetaClient {
             endpoints.first().cloned().ok_or_else(|| MetaError::Internal("no metadata service address".into()))?;
         let client = Self {
             inner: Arc::new(Inner {
-                commits: tokio::sync::OnceCell::new(),
-                single_commits: std::sync::atomic::AtomicBool::new(false),
+                commits: Mutex::new(None),
+                single_commits_until: Mutex::new(None),
                 endpoints,
                 config,
                 channels: Mutex::new(HashMap::new()),
@@ -314,10 +318,18 @@ impl MetaClient {
             filename: c.filename.clone(),
             lost_key: c.lost_key.clone(),
         };
-        let queue = self.inner.commits.get_or_init(|| async { self.start_committer() }).await;
         let (tx, rx) = tokio::sync::oneshot::channel();
-        queue.send((req, tx)).map_err(|_| MetaError::Internal("commit queue closed".into()))?;
-        rx.await.map_err(|_| MetaError::Internal("commit queue dropped a commit".into()))?
+        {
+            let mut queue =
+                self.inner.commits.lock().map_err(|_| MetaError::Internal("client lock poisoned".into()))?;
+            // Started on first use, and again if its task ended (a runtime shut down under it).
+            let queue = match queue.as_ref() {
+                Some(q) if !q.is_closed() => q,
+                _ => queue.insert(self.start_committer()),
+            };
+            queue.send((req, tx)).map_err(|_| MetaError::Unavailable("commit queue closed".into()))?;
+        }
+        rx.await.map_err(|_| MetaError::Unavailable("commit dropped: the client is shutting down".into()))?
     }
 
     /// Starts the task that groups queued commits into `CommitUploads` calls.
@@ -369,8 +381,8 @@ impl MetaClient {
         &self,
         reqs: Vec<pb::CommitUploadRequest>,
     ) -> Result<Vec<Result<CommitOutcome, MetaError>>, MetaError> {
-        use std::sync::atomic::Ordering;
-        if !self.inner.single_commits.load(Ordering::Relaxed) {
+        let single_until = self.inner.single_commits_until.lock().map(|u| *u).unwrap_or(None);
+        if single_until.is_none_or(|until| tokio::time::Instant::now() >= until) {
             let req = pb::CommitUploadsRequest { commits: reqs.clone() };
             let answer = self
                 .retrying(Retry::Write, |mut cl| {
@@ -392,8 +404,12 @@ impl MetaClient {
                     return Ok(results.into_iter().map(commit_result).collect());
                 }
                 None => {
-                    tracing::info!("the metadata service predates CommitUploads: committing one upload per call");
-                    self.inner.single_commits.store(true, Ordering::Relaxed);
+                    tracing::info!(
+                        "a metadata node predates CommitUploads: committing one upload per call for {SINGLE_COMMITS_FOR:?}"
+                    );
+                    if let Ok(mut until) = self.inner.single_commits_until.lock() {
+                        *until = Some(tokio::time::Instant::now() + SINGLE_COMMITS_FOR);
+                    }
                 }
             }
         }

@@ -109,6 +109,35 @@ impl Writes {
         })?;
         rx.await.map_err(|_| Status::unavailable("metadata node stopping"))?
     }
+
+    /// Submits every command of `cmds` or, when the queue cannot take them all, none (so a
+    /// call refused as overloaded had no effect); answers each in order.
+    async fn submit_all(&self, cmds: Vec<Command>) -> Result<Vec<Result<CommandOutput, Status>>, Status> {
+        use tokio::sync::mpsc::error::TrySendError;
+        let permits = match self.tx.try_reserve_many(cmds.len()) {
+            Ok(p) => p,
+            Err(TrySendError::Full(())) => {
+                return Err(Status::unavailable(
+                    "metadata leader overloaded: too many writes queued; retry with backoff",
+                ));
+            }
+            Err(TrySendError::Closed(())) => return Err(Status::unavailable("metadata node stopping")),
+        };
+        let answers: Vec<_> = permits
+            .zip(cmds)
+            .map(|(permit, cmd)| {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                permit.send((cmd, tx));
+                rx
+            })
+            .collect();
+        Ok(futures::future::join_all(
+            answers
+                .into_iter()
+                .map(|rx| async move { rx.await.map_err(|_| Status::unavailable("metadata node stopping"))? }),
+        )
+        .await)
+    }
 }
 
 /// The time a leader stamps on its writes: its wall clock, but never before the state's
@@ -488,22 +517,38 @@ impl Meta for MetaService {
                 commits.len()
             )));
         }
-        // Malformed commits are answered on their own; the others are submitted together, so
-        // they join the same raft entries.
-        let cmds: Vec<Result<Command, Status>> = commits.into_iter().map(commit_command).collect();
-        let outcomes = futures::future::join_all(cmds.into_iter().map(|cmd| async move {
-            match cmd {
-                Ok(cmd) => self.apply(cmd).await.and_then(committed),
-                Err(status) => Err(status),
+        // Malformed commits are answered on their own; the others are submitted together (all
+        // or none), so they join the same raft entries.
+        let (mut valid, mut malformed) = (Vec::new(), Vec::new());
+        for commit in commits {
+            match commit_command(commit) {
+                Ok(cmd) => {
+                    valid.push(cmd);
+                    malformed.push(None);
+                }
+                Err(status) => malformed.push(Some(status)),
             }
-        }))
-        .await;
-        // Not taken (redirect, no quorum, overloaded): the whole call is retried elsewhere or
-        // later; commits that did get through answer the same again.
-        if let Some(refused) =
-            outcomes.iter().find_map(|o| o.as_ref().err().filter(|s| s.code() == tonic::Code::Unavailable))
-        {
-            return Err(refused.clone());
+        }
+        if let Some(ms) = *self.node.quorum_lost.borrow() {
+            return Err(no_quorum(ms));
+        }
+        let mut answers = self.writes.submit_all(valid).await?.into_iter();
+        let unanswered = || Err(Status::internal("a commit went unanswered"));
+        let outcomes: Vec<Result<pb::CommitUploadResponse, Status>> = malformed
+            .into_iter()
+            .map(|m| match m {
+                None => answers.next().unwrap_or_else(unanswered).and_then(committed),
+                Some(status) => Err(status),
+            })
+            .collect();
+        // Taken but not decided here (this node stepped down, lost its quorum, or is stopping):
+        // the whole call is retried, at the leader named if any; commits that did get through
+        // answer the same again.
+        let refused: Vec<&Status> =
+            outcomes.iter().filter_map(|o| o.as_ref().err()).filter(|s| s.code() == tonic::Code::Unavailable).collect();
+        if let Some(first) = refused.first() {
+            let redirect = refused.iter().find(|s| s.metadata().contains_key(LEADER_METADATA));
+            return Err((*redirect.unwrap_or(first)).clone());
         }
         let results = outcomes
             .into_iter()

@@ -105,7 +105,8 @@ impl MetaSection {
             election_timeout_max: self.election_timeout_max,
             snapshot_every: self.snapshot_every,
             snapshot_log_bytes: self.snapshot_log_bytes.as_u64(),
-            keep_after_snapshot: (self.snapshot_every / 10).max(10),
+            // At most 1000 entries: an entry carries up to 256 commands.
+            keep_after_snapshot: (self.snapshot_every / 10).clamp(10, 1000),
             rpc_timeout: self.rpc_timeout,
             bind_outgoing: self.bind_outgoing,
             quorum_lease: self.quorum_lease,

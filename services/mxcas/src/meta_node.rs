@@ -22,6 +22,13 @@ pub struct MetaNode {
 
 /// Binds `[meta] listen`, starts raft on `<data_dir>/meta` and serves until `cancel`.
 pub async fn start(config: &Config, cancel: CancellationToken, tracker: &TaskTracker) -> anyhow::Result<MetaNode> {
+    let min_log = bytesize::ByteSize::mib(1);
+    anyhow::ensure!(
+        config.meta.snapshot_log_bytes.as_u64() == 0 || config.meta.snapshot_log_bytes >= min_log,
+        "[meta] snapshot_log_bytes = {} would rebuild the whole-state snapshot almost constantly; \
+         set at least {min_log} (or 0: by snapshot_every only)",
+        config.meta.snapshot_log_bytes
+    );
     let listener = tokio::net::TcpListener::bind(config.meta.listen)
         .await
         .with_context(|| format!("cannot listen on {} (meta.listen)", config.meta.listen))?;

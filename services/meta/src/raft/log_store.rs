@@ -18,10 +18,9 @@ use crate::error::StorageError as DbError;
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
 
-/// How entries are encoded, recorded under this key in `STATE`. Logs written before it was
-/// recorded hold JSON entries and are converted when opened.
-const LOG_FORMAT: &str = "log_format";
-const POSTCARD: &[u8] = b"postcard";
+/// The first byte of an entry stored as postcard. Older versions stored JSON, whose first
+/// byte is always `{`: such entries are still read, until they are purged.
+const POSTCARD_ENTRY: u8 = 0;
 
 type Result<T> = std::result::Result<T, StorageError<NodeId>>;
 
@@ -37,39 +36,8 @@ impl LogStore {
         // The log is written and read near its end; a small cache suffices.
         let db = Database::builder().set_cache_size(32 << 20).create(path)?;
         let txn = db.begin_write()?;
-        {
-            let mut log = txn.open_table(LOG)?;
-            let mut state = txn.open_table(STATE)?;
-            let format = state.get(LOG_FORMAT)?.map(|v| v.value().to_vec());
-            match format.as_deref() {
-                Some(POSTCARD) => {}
-                Some(other) => {
-                    return Err(DbError::Database(format!(
-                        "{} holds a raft log in format {:?}; this mxcas reads {:?}. Run the mxcas version that \
-                         wrote it, or start this node with an empty data directory and let it catch up",
-                        path.display(),
-                        String::from_utf8_lossy(other),
-                        String::from_utf8_lossy(POSTCARD)
-                    )));
-                }
-                None => {
-                    let mut converted = Vec::new();
-                    for item in log.iter()? {
-                        let (index, v) = item?;
-                        let entry: Entry<TypeConfig> = serde_json::from_slice(v.value())
-                            .map_err(|e| DbError::Corrupt { table: "raft log", detail: e.to_string() })?;
-                        converted.push((index.value(), encode_entry(&entry)?));
-                    }
-                    if !converted.is_empty() {
-                        tracing::info!(entries = converted.len(), "converting the raft log from JSON to postcard");
-                    }
-                    for (index, bytes) in &converted {
-                        log.insert(*index, bytes.as_slice())?;
-                    }
-                    state.insert(LOG_FORMAT, POSTCARD)?;
-                }
-            }
-        }
+        txn.open_table(LOG)?;
+        txn.open_table(STATE)?;
         txn.commit()?;
         Ok(Self { db: Arc::new(db), appended: Arc::default() })
     }
@@ -138,12 +106,26 @@ fn decode<T: serde::de::DeserializeOwned>(table: &'static str, bytes: &[u8]) -> 
     serde_json::from_slice(bytes).map_err(|e| DbError::Corrupt { table, detail: e.to_string() })
 }
 
+/// An entry as stored: [`POSTCARD_ENTRY`], then postcard.
 fn encode_entry(entry: &Entry<TypeConfig>) -> std::result::Result<Vec<u8>, DbError> {
-    postcard::to_stdvec(entry).map_err(|e| DbError::Database(format!("cannot encode a raft entry: {e}")))
+    let mut out = vec![POSTCARD_ENTRY];
+    postcard::to_io(entry, &mut out).map_err(|e| DbError::Database(format!("cannot encode a raft entry: {e}")))?;
+    Ok(out)
 }
 
 fn decode_entry(bytes: &[u8]) -> std::result::Result<Entry<TypeConfig>, DbError> {
-    postcard::from_bytes(bytes).map_err(|e| DbError::Corrupt { table: "raft log", detail: e.to_string() })
+    let corrupt = |detail: String| DbError::Corrupt { table: "raft log", detail };
+    match bytes.split_first() {
+        Some((&POSTCARD_ENTRY, rest)) => {
+            super::network::decode(mxcas_proto::meta::Encoding::Postcard, rest).map_err(corrupt)
+        }
+        Some((b'{', _)) => serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string())),
+        Some((other, _)) => Err(corrupt(format!(
+            "entry in an unknown encoding (first byte {other:#04x}): written by a newer mxcas? Run that version, or \
+             start this node with an empty data directory and let it catch up"
+        ))),
+        None => Err(corrupt("empty entry".into())),
+    }
 }
 
 fn bounds<RB: RangeBounds<u64>>(range: &RB) -> (u64, Option<u64>) {
@@ -234,7 +216,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             encoded.push((e.log_id.index, bytes));
         }
         let bytes: usize = encoded.iter().map(|(_, b)| b.len()).sum();
-        self.appended.fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
         let result = self
             .blocking(ErrorSubject::Logs, ErrorVerb::Write, move |db| {
                 let txn = db.begin_write()?;
@@ -248,7 +229,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             })
             .await;
         match &result {
-            Ok(()) => callback.log_io_completed(Ok(())),
+            Ok(()) => {
+                self.appended.fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
+                callback.log_io_completed(Ok(()))
+            }
             Err(e) => callback.log_io_completed(Err(std::io::Error::other(e.to_string()))),
         }
         result
@@ -290,11 +274,11 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_json_log_of_an_older_version_is_converted_when_opened() {
+    async fn entries_an_older_version_wrote_as_json_are_still_read() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("log.redb");
         {
-            // What an older version wrote: JSON entries and no format marker.
+            // What an older version wrote: JSON entries.
             let db = Database::create(&path).expect("create");
             let txn = db.begin_write().expect("txn");
             {
@@ -302,37 +286,78 @@ mod tests {
                 for i in 1..=3 {
                     log.insert(i, serde_json::to_vec(&entry(i)).expect("json").as_slice()).expect("insert");
                 }
-                txn.open_table(STATE).expect("state");
             }
             txn.commit().expect("commit");
         }
-        let mut store = LogStore::open(&path).expect("opens and converts");
-        let read = store.try_get_log_entries(1..=3).await.expect("reads");
-        assert_eq!(format!("{read:?}"), format!("{:?}", (1..=3).map(entry).collect::<Vec<_>>()));
-        assert_eq!(store.get_log_state().await.expect("state").last_log_id.map(|l| l.index), Some(3));
+        {
+            // And after them, entries this version appended (as `append` encodes them).
+            let db = Database::create(&path).expect("reopen");
+            let txn = db.begin_write().expect("txn");
+            {
+                let mut log = txn.open_table(LOG).expect("log");
+                for i in 4..=5 {
+                    log.insert(i, encode_entry(&entry(i)).expect("encodes").as_slice()).expect("insert");
+                }
+            }
+            txn.commit().expect("commit");
+        }
+        let mut store = LogStore::open(&path).expect("opens");
+        assert_eq!(store.get_log_state().await.expect("state").last_log_id.map(|l| l.index), Some(5));
+        let read = store.try_get_log_entries(1..=5).await.expect("reads");
+        assert_eq!(format!("{read:?}"), format!("{:?}", (1..=5).map(entry).collect::<Vec<_>>()));
         drop(store);
-
-        // Converted once: the marker is recorded and the entries are postcard now.
         let db = Database::create(&path).expect("reopen");
         let txn = db.begin_read().expect("txn");
-        let state = txn.open_table(STATE).expect("state");
-        assert_eq!(state.get(LOG_FORMAT).expect("get").expect("marker").value(), POSTCARD);
         let log = txn.open_table(LOG).expect("log");
-        let first = log.get(1).expect("get").expect("entry");
-        assert_eq!(format!("{:?}", decode_entry(first.value()).expect("postcard")), format!("{:?}", entry(1)));
+        assert_eq!(log.get(1).expect("get").expect("entry").value()[0], b'{');
+        assert_eq!(log.get(4).expect("get").expect("entry").value()[0], POSTCARD_ENTRY);
     }
 
     #[test]
-    fn a_log_in_an_unknown_format_is_refused_with_a_clear_error() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("log.redb");
-        {
-            let db = Database::create(&path).expect("create");
-            let txn = db.begin_write().expect("txn");
-            txn.open_table(STATE).expect("state").insert(LOG_FORMAT, b"cbor".as_slice()).expect("insert");
-            txn.commit().expect("commit");
-        }
-        let err = LogStore::open(&path).err().expect("refused").to_string();
-        assert!(err.contains("\"cbor\"") && err.contains("empty data directory"), "{err}");
+    fn an_entry_in_an_unknown_encoding_or_with_trailing_bytes_is_corrupt() {
+        let mut bytes = encode_entry(&entry(7)).expect("encodes");
+        assert_eq!(format!("{:?}", decode_entry(&bytes).expect("decodes")), format!("{:?}", entry(7)));
+        bytes.push(0);
+        assert!(decode_entry(&bytes).is_err(), "trailing bytes");
+        bytes[0] = 0x07;
+        let err = decode_entry(&bytes).expect_err("unknown tag").to_string();
+        assert!(err.contains("unknown encoding") && err.contains("empty data directory"), "{err}");
+        assert!(decode_entry(&[]).is_err());
     }
+
+    /// The log's bytes for an entry never change silently: postcard is positional, so a
+    /// reordered or inserted field or variant of a command (or of openraft's entry) would
+    /// change what stored entries mean. Changing these bytes needs a new entry encoding.
+    #[test]
+    fn the_stored_form_of_an_entry_is_fixed() {
+        let digest = [7u8; 32];
+        let cid = cid::Cid::new_v1(0x55, cid::multihash::Multihash::<64>::wrap(0x12, &digest).expect("fits"));
+        let commit = Command::CommitUpload {
+            server_name: "hs".into(),
+            media_id: Some("m".into()),
+            user_id: "@u:hs".into(),
+            now_ms: 5,
+            content: crate::ContentRecord {
+                cid,
+                size: 3,
+                chunk_size: 1 << 20,
+                blob_key: "blobs/000000000001/k".into(),
+                index_key: Some("i".into()),
+                refcount: 1,
+                created_at_ms: 2,
+                lost: false,
+            },
+            content_type: "text/plain".into(),
+            filename: None,
+            lost_key: Some("l".into()),
+        };
+        let e = Entry::<TypeConfig> {
+            log_id: LogId::new(CommittedLeaderId::new(2, 1), 9),
+            payload: EntryPayload::Normal(Command::Batch(vec![commit, Command::RegisterStore { id: 3 }])),
+        };
+        let hex: String = encode_entry(&e).expect("encodes").iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, GOLDEN_ENTRY);
+    }
+
+    const GOLDEN_ENTRY: &str = "000201090105020102687301016d0540753a687305240155122007070707070707070707070707070707070707070707070707070707070707070380804014626c6f62732f3030303030303030303030312f6b0101690102000a746578742f706c61696e0001016c0403";
 }

@@ -29,11 +29,13 @@ pub struct Network {
     local: Option<std::net::IpAddr>,
     tls: Option<Tls>,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    /// Peers known to read JSON only (older versions), for every connection to them.
+    json_only: Arc<Mutex<std::collections::HashSet<NodeId>>>,
 }
 
 impl Network {
     pub fn new(timeout: Duration, local: Option<std::net::IpAddr>, tls: Option<Tls>) -> Self {
-        Self { timeout, local, tls, channels: Arc::default() }
+        Self { timeout, local, tls, channels: Arc::default(), json_only: Arc::default() }
     }
 
     fn channel(&self, addr: &str) -> Result<Channel, String> {
@@ -55,8 +57,8 @@ impl Network {
 pub struct Peer {
     target: NodeId,
     client: Result<RaftClient<Channel>, String>,
-    /// What this peer reads: postcard until it refuses a postcard message as malformed.
-    encoding: Encoding,
+    /// Peers that refused a postcard message as malformed (shared by all connections).
+    json_only: Arc<Mutex<std::collections::HashSet<NodeId>>>,
 }
 
 pub(crate) fn encode<T: Serialize + ?Sized>(encoding: Encoding, value: &T) -> Result<Vec<u8>, String> {
@@ -68,7 +70,11 @@ pub(crate) fn encode<T: Serialize + ?Sized>(encoding: Encoding, value: &T) -> Re
 
 pub(crate) fn decode<T: DeserializeOwned>(encoding: Encoding, bytes: &[u8]) -> Result<T, String> {
     match encoding {
-        Encoding::Postcard => postcard::from_bytes(bytes).map_err(|e| e.to_string()),
+        Encoding::Postcard => match postcard::take_from_bytes(bytes) {
+            Ok((value, [])) => Ok(value),
+            Ok((_, rest)) => Err(format!("{} bytes after the message", rest.len())),
+            Err(e) => Err(e.to_string()),
+        },
         Encoding::Json => serde_json::from_slice(bytes).map_err(|e| e.to_string()),
     }
 }
@@ -78,7 +84,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Peer {
         let client = self.channel(&node.addr).map(|c| RaftClient::new(c).max_decoding_message_size(256 << 20));
-        Peer { target, client, encoding: Encoding::Postcard }
+        Peer { target, client, json_only: self.json_only.clone() }
     }
 }
 
@@ -106,9 +112,11 @@ impl Peer {
     {
         let client = self.client.as_mut().map_err(|e| RPCError::Unreachable(Unreachable::new(&Msg(e.clone()))))?;
         let network = |e: String| RPCError::Network(NetworkError::new(&Msg(e)));
+        let json_only = |peer: NodeId| self.json_only.lock().map(|s| s.contains(&peer)).unwrap_or(false);
+        let mut encoding = if json_only(self.target) { Encoding::Json } else { Encoding::Postcard };
         let reply = loop {
-            let data = encode(self.encoding, req).map_err(network)?;
-            let mut request = tonic::Request::new(RaftMessage { data, encoding: self.encoding.into() });
+            let data = encode(encoding, req).map_err(network)?;
+            let mut request = tonic::Request::new(RaftMessage { data, encoding: encoding.into() });
             request.set_timeout(option.hard_ttl());
             let reply = match rpc {
                 Rpc::Append => client.append_entries(request).await,
@@ -120,10 +128,13 @@ impl Peer {
                 Err(status)
                     if status.code() == tonic::Code::InvalidArgument
                         && status.message().starts_with("malformed raft message")
-                        && self.encoding == Encoding::Postcard =>
+                        && encoding == Encoding::Postcard =>
                 {
                     tracing::warn!(peer = self.target, "peer cannot read postcard raft messages; sending it JSON");
-                    self.encoding = Encoding::Json;
+                    if let Ok(mut s) = self.json_only.lock() {
+                        s.insert(self.target);
+                    }
+                    encoding = Encoding::Json;
                 }
                 other => break other,
             }
