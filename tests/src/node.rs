@@ -65,6 +65,11 @@ pub fn mxcas_bin() -> PathBuf {
 }
 
 impl Node {
+    /// Process ID, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     pub async fn start(opts: NodeOptions) -> anyhow::Result<Node> {
         let dir = tempfile::Builder::new().prefix("mxcas-node-").tempdir()?;
         let mut node = Node {

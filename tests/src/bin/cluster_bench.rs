@@ -287,6 +287,14 @@ async fn main() -> anyhow::Result<()> {
     let records: u64 = std::env::var("BENCH_RECORDS").ok().and_then(|s| s.parse().ok()).unwrap_or(200_000);
     let duration = Duration::from_secs(secs);
 
+    if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "uploads") {
+        // For profiling the small-upload path alone.
+        let serve = Node::start(NodeOptions::default()).await?;
+        eprintln!("== small uploads/s: mxcas serve (pid {:?}), 50 KiB, 64 connections, {secs}s", serve.pid());
+        let rate = small_upload_rate(&serve, 64, duration).await?;
+        println!("50 KiB uploads/s, mxcas serve: {rate:.0}");
+        return Ok(());
+    }
     if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "commits") {
         // For profiling the commit path alone: one 3-node run, nothing else.
         let three = Cluster::start(3, MetaOptions { direct: true, ..MetaOptions::default() }).await?;
