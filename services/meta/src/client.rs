@@ -320,9 +320,9 @@ impl MetaClient {
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         {
-            let mut queue =
-                self.inner.commits.lock().map_err(|_| MetaError::Internal("client lock poisoned".into()))?;
-            // Started on first use, and again if its task ended (a runtime shut down under it).
+            let mut queue = self.inner.commits.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            // Started on first use (on the caller's runtime: a client belongs to the runtime it
+            // is used on, like its channels), and again if its task ended.
             let queue = match queue.as_ref() {
                 Some(q) if !q.is_closed() => q,
                 _ => queue.insert(self.start_committer()),

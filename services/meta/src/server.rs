@@ -529,10 +529,14 @@ impl Meta for MetaService {
                 Err(status) => malformed.push(Some(status)),
             }
         }
-        if let Some(ms) = *self.node.quorum_lost.borrow() {
-            return Err(no_quorum(ms));
-        }
-        let mut answers = self.writes.submit_all(valid).await?.into_iter();
+        let mut answers = if valid.is_empty() {
+            Vec::new().into_iter()
+        } else {
+            if let Some(ms) = *self.node.quorum_lost.borrow() {
+                return Err(no_quorum(ms));
+            }
+            self.writes.submit_all(valid).await?.into_iter()
+        };
         let unanswered = || Err(Status::internal("a commit went unanswered"));
         let outcomes: Vec<Result<pb::CommitUploadResponse, Status>> = malformed
             .into_iter()

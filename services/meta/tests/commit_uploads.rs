@@ -168,7 +168,8 @@ async fn a_call_over_the_limit_is_refused_whole_and_per_commit_errors_stay_per_c
         Some(pb::commit_result::Result::Committed(c)) => assert!(!c.deduplicated),
         other => panic!("the good commit answered {other:?}"),
     }
-    // Nothing of the refused call was applied: content 1 was never committed.
+    // The limit is checked before anything is proposed: nothing of the refused call was
+    // applied (content 1 was never committed).
     let client = MetaClient::new(std::slice::from_ref(&cluster.addr), ClientConfig::default()).expect("client");
     assert!(client.get_content(&cid(1)).await.expect("read").is_none(), "a refused call left a trace");
 }

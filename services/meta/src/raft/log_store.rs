@@ -108,9 +108,8 @@ fn decode<T: serde::de::DeserializeOwned>(table: &'static str, bytes: &[u8]) -> 
 
 /// An entry as stored: [`POSTCARD_ENTRY`], then postcard.
 fn encode_entry(entry: &Entry<TypeConfig>) -> std::result::Result<Vec<u8>, DbError> {
-    let mut out = vec![POSTCARD_ENTRY];
-    postcard::to_io(entry, &mut out).map_err(|e| DbError::Database(format!("cannot encode a raft entry: {e}")))?;
-    Ok(out)
+    postcard::to_extend(entry, vec![POSTCARD_ENTRY])
+        .map_err(|e| DbError::Database(format!("cannot encode a raft entry: {e}")))
 }
 
 fn decode_entry(bytes: &[u8]) -> std::result::Result<Entry<TypeConfig>, DbError> {
@@ -358,6 +357,38 @@ mod tests {
         let hex: String = encode_entry(&e).expect("encodes").iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(hex, GOLDEN_ENTRY);
     }
+
+    #[test]
+    fn the_stored_form_of_every_other_entry_is_fixed() {
+        let media = crate::MediaKey::new("hs", "m");
+        let cid = cid::Cid::new_v1(0x55, cid::multihash::Multihash::<64>::wrap(0x12, &[9u8; 32]).expect("fits"));
+        let commands = vec![
+            Command::CreatePending { media, user_id: "@u:hs".into(), now_ms: 1, ttl_ms: 2, max_pending_per_user: 3 },
+            Command::Expire { now_ms: 4, limit: 5 },
+            Command::BeginSweep { now_ms: 6, min_interval_ms: 7 },
+            Command::ReportLost { cid, blob_key: "blobs/000000000002/k".into() },
+        ];
+        let nodes = [(1, openraft::BasicNode::new("a:1")), (2, openraft::BasicNode::new("b:2"))];
+        let nodes: std::collections::BTreeMap<NodeId, openraft::BasicNode> = nodes.into_iter().collect();
+        let membership = openraft::Membership::new(vec![[1, 2].into()], nodes);
+        let leader = CommittedLeaderId::new(3, 2);
+        let entries = [
+            Entry::<TypeConfig> { log_id: LogId::new(leader, 10), payload: EntryPayload::Blank },
+            Entry { log_id: LogId::new(leader, 11), payload: EntryPayload::Membership(membership) },
+            Entry { log_id: LogId::new(leader, 12), payload: EntryPayload::Normal(Command::Batch(commands)) },
+        ];
+        let hex: Vec<String> = entries
+            .iter()
+            .map(|e| encode_entry(e).expect("encodes").iter().map(|b| format!("{b:02x}")).collect())
+            .collect();
+        assert_eq!(hex, GOLDEN_OTHERS);
+    }
+
+    const GOLDEN_OTHERS: [&str; 3] = [
+        "0003020a00",
+        "0003020b0201020102020103613a310203623a32",
+        "0003020c01050400026873016d0540753a6873010203020405030607062401551220090909090909090909090909090909090909090909090909090909090909090914626c6f62732f3030303030303030303030322f6b",
+    ];
 
     const GOLDEN_ENTRY: &str = "000201090105020102687301016d0540753a687305240155122007070707070707070707070707070707070707070707070707070707070707070380804014626c6f62732f3030303030303030303030312f6b0101690102000a746578742f706c61696e0001016c0403";
 }

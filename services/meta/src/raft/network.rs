@@ -29,9 +29,15 @@ pub struct Network {
     local: Option<std::net::IpAddr>,
     tls: Option<Tls>,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
-    /// Peers known to read JSON only (older versions), for every connection to them.
-    json_only: Arc<Mutex<std::collections::HashSet<NodeId>>>,
+    /// Peers known to read JSON only (older versions), for every connection to them, and
+    /// since when: postcard is tried again after [`JSON_ONLY_FOR`] (an upgrade may be done).
+    json_only: JsonOnly,
 }
+
+type JsonOnly = Arc<Mutex<HashMap<NodeId, std::time::Instant>>>;
+
+/// How long a peer that refused postcard is sent JSON before postcard is tried again.
+const JSON_ONLY_FOR: Duration = Duration::from_secs(60);
 
 impl Network {
     pub fn new(timeout: Duration, local: Option<std::net::IpAddr>, tls: Option<Tls>) -> Self {
@@ -58,7 +64,7 @@ pub struct Peer {
     target: NodeId,
     client: Result<RaftClient<Channel>, String>,
     /// Peers that refused a postcard message as malformed (shared by all connections).
-    json_only: Arc<Mutex<std::collections::HashSet<NodeId>>>,
+    json_only: JsonOnly,
 }
 
 pub(crate) fn encode<T: Serialize + ?Sized>(encoding: Encoding, value: &T) -> Result<Vec<u8>, String> {
@@ -112,7 +118,12 @@ impl Peer {
     {
         let client = self.client.as_mut().map_err(|e| RPCError::Unreachable(Unreachable::new(&Msg(e.clone()))))?;
         let network = |e: String| RPCError::Network(NetworkError::new(&Msg(e)));
-        let json_only = |peer: NodeId| self.json_only.lock().map(|s| s.contains(&peer)).unwrap_or(false);
+        let json_only = |peer: NodeId| {
+            self.json_only
+                .lock()
+                .map(|s| s.get(&peer).is_some_and(|since| since.elapsed() < JSON_ONLY_FOR))
+                .unwrap_or(false)
+        };
         let mut encoding = if json_only(self.target) { Encoding::Json } else { Encoding::Postcard };
         let reply = loop {
             let data = encode(encoding, req).map_err(network)?;
@@ -130,9 +141,12 @@ impl Peer {
                         && status.message().starts_with("malformed raft message")
                         && encoding == Encoding::Postcard =>
                 {
-                    tracing::warn!(peer = self.target, "peer cannot read postcard raft messages; sending it JSON");
+                    tracing::warn!(
+                        peer = self.target,
+                        "peer cannot read postcard raft messages (an older version?); sending it JSON for {JSON_ONLY_FOR:?}"
+                    );
                     if let Ok(mut s) = self.json_only.lock() {
-                        s.insert(self.target);
+                        s.insert(self.target, std::time::Instant::now());
                     }
                     encoding = Encoding::Json;
                 }
