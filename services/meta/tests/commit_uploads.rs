@@ -173,3 +173,53 @@ async fn a_call_over_the_limit_is_refused_whole_and_per_commit_errors_stay_per_c
     let client = MetaClient::new(std::slice::from_ref(&cluster.addr), ClientConfig::default()).expect("client");
     assert!(client.get_content(&cid(1)).await.expect("read").is_none(), "a refused call left a trace");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_call_retried_after_part_of_it_committed_answers_each_commit_as_the_first_time() {
+    let cluster = one_node().await;
+    let mut raw = pb::meta_client::MetaClient::connect(format!("http://{}", cluster.addr)).await.expect("connect");
+    let client = MetaClient::new(std::slice::from_ref(&cluster.addr), ClientConfig::default()).expect("client");
+    // A call of 20 whose first answer was lost after its first 10 commits went through (each
+    // with its own CommitUpload, as a leader stepping down mid-call leaves it): 5 new, 5 copies
+    // of content already held under other keys.
+    for n in 0..5u8 {
+        client.commit_upload(&commit(50 + n, blob_key::new(1, &format!("held{n}")))).await.expect("held");
+    }
+    let call: Vec<CommitRequest> = (0..20u8)
+        .map(|i| match i {
+            0..5 => commit(i, blob_key::new(1, &format!("a{i}"))),
+            5..10 => commit(50 + i - 5, blob_key::new(1, &format!("b{i}"))),
+            _ => commit(i, blob_key::new(1, &format!("c{i}"))),
+        })
+        .collect();
+    let mut first = Vec::new();
+    for c in &call[..10] {
+        let req = pb::CommitUploadRequest {
+            media: Some(pb::MediaKey { server_name: c.server_name.clone(), media_id: String::new() }),
+            user_id: c.user_id.clone(),
+            content: Some((&c.content).into()),
+            content_type: c.content_type.clone(),
+            filename: None,
+            lost_key: None,
+        };
+        let r = raw.commit_upload(req).await.expect("committed alone").into_inner();
+        first.push((r.deduplicated, r.content.expect("content").blob_key));
+    }
+    // The retry of the whole call.
+    let retried = futures::future::join_all(call.iter().map(|c| client.commit_upload(c))).await;
+    for (i, (c, r)) in call.iter().zip(&retried).enumerate() {
+        let r = r.as_ref().unwrap_or_else(|e| panic!("commit {i}: {e}"));
+        match first.get(i) {
+            // Committed the first time: the same answer again, so an edge that deleted its
+            // objects after a "deduplicated" (or kept them after "ours") stays right.
+            Some((deduplicated, key)) => {
+                assert_eq!((r.deduplicated, &r.content.blob_key), (*deduplicated, key), "commit {i}");
+                assert_eq!(r.deduplicated, (5..10).contains(&i), "commit {i}");
+            }
+            None => {
+                assert!(!r.deduplicated, "commit {i}: new content deduplicated");
+                assert_eq!(r.content.blob_key, c.content.blob_key, "commit {i}: another commit's objects");
+            }
+        }
+    }
+}
