@@ -122,6 +122,22 @@ pub struct CommitRequest {
     pub lost_key: Option<String>,
 }
 
+impl From<&CommitRequest> for pb::CommitUploadRequest {
+    fn from(c: &CommitRequest) -> Self {
+        pb::CommitUploadRequest {
+            media: Some(pb::MediaKey {
+                server_name: c.server_name.clone(),
+                media_id: c.media_id.clone().unwrap_or_default(),
+            }),
+            user_id: c.user_id.clone(),
+            content: Some((&c.content).into()),
+            content_type: c.content_type.clone(),
+            filename: c.filename.clone(),
+            lost_key: c.lost_key.clone(),
+        }
+    }
+}
+
 /// Picks the node to try after `failed` within one call: nodes that did not fail in this call
 /// first, then those silent longest ago (never-silent first), in configured order after
 /// `failed` among equals. Pure, for unit tests.
@@ -307,17 +323,7 @@ impl MetaClient {
     /// Records a finished upload; safe to retry (the same commit gets the same answer).
     /// Concurrent commits are sent together (see the module documentation).
     pub async fn commit_upload(&self, c: &CommitRequest) -> Result<CommitOutcome, MetaError> {
-        let req = pb::CommitUploadRequest {
-            media: Some(pb::MediaKey {
-                server_name: c.server_name.clone(),
-                media_id: c.media_id.clone().unwrap_or_default(),
-            }),
-            user_id: c.user_id.clone(),
-            content: Some((&c.content).into()),
-            content_type: c.content_type.clone(),
-            filename: c.filename.clone(),
-            lost_key: c.lost_key.clone(),
-        };
+        let req = pb::CommitUploadRequest::from(c);
         let (tx, rx) = tokio::sync::oneshot::channel();
         {
             let mut queue = self.inner.commits.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

@@ -100,14 +100,8 @@ impl Writes {
     }
 
     async fn submit(&self, cmd: Command) -> Result<CommandOutput, Status> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.tx.try_send((cmd, tx)).map_err(|e| match e {
-            tokio::sync::mpsc::error::TrySendError::Full(_) => {
-                Status::unavailable("metadata leader overloaded: too many writes queued; retry with backoff")
-            }
-            tokio::sync::mpsc::error::TrySendError::Closed(_) => Status::unavailable("metadata node stopping"),
-        })?;
-        rx.await.map_err(|_| Status::unavailable("metadata node stopping"))?
+        let answer = self.submit_all(vec![cmd]).await?.pop();
+        answer.unwrap_or_else(|| Err(Status::internal("a write went unanswered")))
     }
 
     /// Submits every command of `cmds` or, when the queue cannot take them all, none (so a

@@ -137,14 +137,7 @@ async fn concurrent_commits_share_calls_and_keep_their_own_answers() {
 async fn a_call_over_the_limit_is_refused_whole_and_per_commit_errors_stay_per_commit() {
     let cluster = one_node().await;
     let mut raw = pb::meta_client::MetaClient::connect(format!("http://{}", cluster.addr)).await.expect("connect");
-    let wire = |c: &CommitRequest| pb::CommitUploadRequest {
-        media: Some(pb::MediaKey { server_name: c.server_name.clone(), media_id: String::new() }),
-        user_id: c.user_id.clone(),
-        content: Some((&c.content).into()),
-        content_type: c.content_type.clone(),
-        filename: None,
-        lost_key: None,
-    };
+    let wire = |c: &CommitRequest| pb::CommitUploadRequest::from(c);
     let too_many: Vec<_> = (0..1025u32).map(|i| wire(&commit(1, blob_key::new(1, &format!("x{i}"))))).collect();
     let refused = raw.commit_uploads(pb::CommitUploadsRequest { commits: too_many }).await.expect_err("over the limit");
     assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
@@ -194,15 +187,7 @@ async fn a_whole_call_retried_after_part_of_it_committed_answers_each_commit_as_
         .collect();
     let mut first = Vec::new();
     for c in &call[..10] {
-        let req = pb::CommitUploadRequest {
-            media: Some(pb::MediaKey { server_name: c.server_name.clone(), media_id: String::new() }),
-            user_id: c.user_id.clone(),
-            content: Some((&c.content).into()),
-            content_type: c.content_type.clone(),
-            filename: None,
-            lost_key: None,
-        };
-        let r = raw.commit_upload(req).await.expect("committed alone").into_inner();
+        let r = raw.commit_upload(pb::CommitUploadRequest::from(c)).await.expect("committed alone").into_inner();
         first.push((r.deduplicated, r.content.expect("content").blob_key));
     }
     // The retry of the whole call.
