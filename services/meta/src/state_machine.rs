@@ -276,22 +276,43 @@ impl StateMachine {
         Ok(table.get(key)?.map(|v| v.value().to_vec()))
     }
 
-    /// Writes the whole state (every record, not the extras) to `out`, from one consistent
-    /// read transaction, and returns `(records written, the extras named in extra_keys as of
-    /// that same state)`.
+    /// Writes the whole state (every record, not the extras) to `out` in the compact snapshot
+    /// form (see [`snapshot_format`]), from one consistent read transaction, and returns the
+    /// records written, the extras named in `extra_keys` and the state digest, all as of that
+    /// same state.
     pub fn export(&self, out: &mut impl std::io::Write, extra_keys: &[&str]) -> Result<Exported, StorageError> {
         let txn = self.db.begin_read()?;
-        Self::export_from(&txn, out, extra_keys)
+        let mut compact = snapshot_format::CompactWriter::new(out)?;
+        let mut canonical = Hashing::new(std::io::sink());
+        let records = Self::export_from(&txn, &mut |rec| {
+            snapshot_format::write_canonical(&mut canonical, rec)?;
+            compact.put(rec)
+        })?;
+        let extra = txn.open_table(EXTRA)?;
+        let extras = extra_keys
+            .iter()
+            .map(|k| extra.get(*k).map(|v| v.map(|v| v.value().to_vec())))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Exported { records, extras, digest: sha2::Digest::finalize(canonical.hash).into() })
     }
 
+    /// The state in the canonical form earlier versions wrote snapshots in (tests of reading
+    /// them).
+    #[cfg(test)]
+    pub(crate) fn export_canonical(&self, out: &mut impl std::io::Write) -> Result<u64, StorageError> {
+        let txn = self.db.begin_read()?;
+        Self::export_from(&txn, &mut |rec| snapshot_format::write_canonical(out, rec))
+    }
+
+    /// Walks the state of `txn`, giving each record (in canonical order) and then the trailer
+    /// to `put`; returns the number of records before the trailer.
     fn export_from(
         txn: &redb::ReadTransaction,
-        out: &mut impl std::io::Write,
-        extra_keys: &[&str],
-    ) -> Result<Exported, StorageError> {
+        put_record: &mut dyn FnMut(&SnapshotRecord) -> Result<(), StorageError>,
+    ) -> Result<u64, StorageError> {
         let mut n = 0u64;
         let mut put = |rec: &SnapshotRecord| -> Result<(), StorageError> {
-            write_record(out, rec)?;
+            put_record(rec)?;
             n += 1;
             Ok(())
         };
@@ -326,16 +347,12 @@ impl StateMachine {
             }
         }
         let records = n;
-        write_record(out, &SnapshotRecord::End { records })?;
-        let extra = txn.open_table(EXTRA)?;
-        let extras = extra_keys
-            .iter()
-            .map(|k| extra.get(*k).map(|v| v.map(|v| v.value().to_vec())))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok((records, extras))
+        put_record(&SnapshotRecord::End { records })?;
+        Ok(records)
     }
 
-    /// Replaces the whole state with what [`Self::export`] wrote, plus `extras`, in one
+    /// Replaces the whole state with what [`Self::export`] wrote (or an earlier version wrote,
+    /// in the canonical form), plus `extras`, in one
     /// durable transaction. A truncated or corrupt input changes nothing.
     pub fn import(&self, input: &mut impl std::io::Read, extras: &[(&str, Vec<u8>)]) -> Result<u64, StorageError> {
         let txn = self.db.begin_write()?;
@@ -356,14 +373,9 @@ impl StateMachine {
             blob_keys.retain(|_, _| false)?;
             tombstones.retain(|_, _| false)?;
             meta.retain(|_, _| false)?;
-            let mut buf = Vec::new();
+            let mut reader = snapshot_format::Reader::new(input)?;
             loop {
-                let mut len = [0u8; 4];
-                input.read_exact(&mut len).map_err(|e| snapshot_err(format!("truncated snapshot: {e}")))?;
-                buf.resize(u32::from_le_bytes(len) as usize, 0);
-                input.read_exact(&mut buf).map_err(|e| snapshot_err(format!("truncated snapshot: {e}")))?;
-                let rec: SnapshotRecord = decode("snapshot", &buf)?;
-                match rec {
+                match reader.next()? {
                     SnapshotRecord::Media { server, id, value } => {
                         media.insert((server.as_str(), id.as_str()), value.as_slice())?;
                     }
@@ -468,7 +480,9 @@ impl StateMachine {
         Ok((txn.open_table(MEDIA)?.len()?, txn.open_table(CONTENT)?.len()?))
     }
 
-    /// sha2-256 of [`Self::export`]'s output: equal on replicas with the same state.
+    /// sha2-256 of the state's records in the canonical snapshot form (see
+    /// [`snapshot_format`]): equal on replicas with the same state, whatever version wrote the
+    /// snapshot they came from.
     pub fn digest(&self) -> Result<[u8; 32], StorageError> {
         Ok(self.digest_at()?.1)
     }
@@ -478,7 +492,7 @@ impl StateMachine {
         let txn = self.db.begin_read()?;
         let applied = txn.open_table(META)?.get("last_applied")?.map(|v| v.value()).unwrap_or(0);
         let mut w = Hashing::new(std::io::sink());
-        Self::export_from(&txn, &mut w, &[])?;
+        Self::export_from(&txn, &mut |rec| snapshot_format::write_canonical(&mut w, rec))?;
         Ok((applied, sha2::Digest::finalize(w.hash).into()))
     }
 
@@ -983,7 +997,7 @@ fn decode<T: DeserializeOwned>(table: &'static str, bytes: &[u8]) -> Result<T, S
 }
 
 /// One record of a state snapshot (see [`StateMachine::export`]).
-#[derive(Serialize, serde::Deserialize)]
+#[derive(Debug, PartialEq, Serialize, serde::Deserialize)]
 enum SnapshotRecord {
     Media {
         server: String,
@@ -1013,13 +1027,15 @@ enum SnapshotRecord {
     },
 }
 
-/// `(records written, requested extras)` of [`StateMachine::export`].
-pub type Exported = (u64, Vec<Option<Vec<u8>>>);
-
-fn write_record(out: &mut impl std::io::Write, rec: &SnapshotRecord) -> Result<(), StorageError> {
-    let bytes = encode(rec)?;
-    out.write_all(&(bytes.len() as u32).to_le_bytes()).map_err(io_err)?;
-    out.write_all(&bytes).map_err(io_err)
+/// What [`StateMachine::export`] wrote.
+#[derive(Debug)]
+pub struct Exported {
+    /// Records before the trailer.
+    pub records: u64,
+    /// The extras asked for, as of the exported state.
+    pub extras: Vec<Option<Vec<u8>>>,
+    /// The state digest of what was exported (as [`StateMachine::digest`] gives it).
+    pub digest: [u8; 32],
 }
 
 fn io_err(e: std::io::Error) -> StorageError {
@@ -1029,6 +1045,8 @@ fn io_err(e: std::io::Error) -> StorageError {
 fn snapshot_err(detail: String) -> StorageError {
     StorageError::Corrupt { table: "snapshot", detail }
 }
+
+mod snapshot_format;
 
 #[cfg(test)]
 mod tests;

@@ -215,12 +215,12 @@ pub async fn snapshot(meta: &str, tls: Option<&Tls>, cmd: SnapshotCmd) -> anyhow
                 .with_context(|| format!("cannot import {} into {}", file.display(), dir.display()))?;
             let h = &restored.header;
             println!(
-                "restored {} records (backup of node {} at {}) into {} as node {id}; state sha256 {}",
+                "restored {} records (backup of node {} at {}) into {} as node {id}; state digest {}",
                 restored.records,
                 h.node_id,
                 h.last_log_id.map(|l| l.to_string()).unwrap_or_default(),
                 dir.display(),
-                h.sha256
+                h.state_digest()
             );
             println!("next: do the same for every other member, then start them all with `mxcas meta`");
             Ok(())
@@ -289,11 +289,11 @@ async fn export_to(
         .and_then(|d| d.sync_all())
         .with_context(|| format!("cannot fsync {}", parent.display()))?;
     println!(
-        "backup of node {} at {}: {} records, {bytes} bytes, sha256 {} -> {}",
+        "backup of node {} at {}: {} records, {bytes} bytes, state digest {} -> {}",
         header.node_id,
         header.last_log_id.map(|l| l.to_string()).unwrap_or_else(|| "-".into()),
         header.records,
-        header.sha256,
+        header.state_digest(),
         out.display()
     );
     Ok(())

@@ -1,9 +1,11 @@
 //! Backups of the metadata state (`mxcas admin snapshot export|import`).
 //!
 //! A backup file is `mxcas-backup 1\n`, one line of JSON ([`BackupHeader`]: where the state
-//! came from, its raft position, record count and sha2-256), then the records exactly as
-//! [`StateMachine::export`] writes them. The digest is the one `Status` reports, so a restored
-//! cluster can be compared with the backup.
+//! came from, its raft position, record count, the sha2-256 of the records' bytes and the
+//! state digest), then the records exactly as [`StateMachine::export`] writes them. The state
+//! digest is the one `Status` reports, so a restored cluster can be compared with the backup.
+//! Backups of earlier versions hold the records in the canonical form, whose bytes' sha2-256
+//! is the state digest, and have no separate `state_digest`.
 //!
 //! Import is offline and works like etcd's snapshot restore: run it once per member of the new
 //! cluster, with the same backup and the same member list, into empty data directories, then
@@ -37,9 +39,20 @@ pub struct BackupHeader {
     /// Membership at that point (informational: import sets the new cluster's).
     pub membership: StoredMembership<NodeId, BasicNode>,
     pub records: u64,
-    /// Hex sha2-256 of the records: the state digest `mxcas admin`'s status reports.
+    /// Hex sha2-256 of the records' bytes as they follow the header.
     pub sha256: String,
+    /// Hex state digest of the records, as `mxcas admin`'s status reports it; absent in
+    /// backups of earlier versions, where it is `sha256`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_digest: Option<String>,
     pub created_at_ms: u64,
+}
+
+impl BackupHeader {
+    /// The state digest the backup's records have (see [`BackupHeader::state_digest`]).
+    pub fn state_digest(&self) -> &str {
+        self.state_digest.as_deref().unwrap_or(&self.sha256)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,11 +78,19 @@ pub fn hex(bytes: &[u8]) -> String {
 /// the header describing them. Blocking.
 pub fn export_records(sm: &StateMachine, node_id: NodeId, out: impl Write) -> Result<BackupHeader, BackupError> {
     let mut w = Hashing::new(std::io::BufWriter::new(out));
-    let ExportedAt { records, last_log_id, membership } = export_at_position(sm, &mut w)?;
+    let ExportedAt { records, last_log_id, membership, digest } = export_at_position(sm, &mut w)?;
     w.flush().map_err(|e| io("writing the backup", e))?;
     let created_at_ms =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
-    Ok(BackupHeader { node_id, last_log_id, membership, records, sha256: hex(&w.hash.finalize()), created_at_ms })
+    Ok(BackupHeader {
+        node_id,
+        last_log_id,
+        membership,
+        records,
+        sha256: hex(&w.hash.finalize()),
+        state_digest: Some(hex(&digest)),
+        created_at_ms,
+    })
 }
 
 /// The first bytes of a backup file, header included.
@@ -201,11 +222,9 @@ async fn build(
     let sm = StateMachine::open(&dir.join("state.redb"))?;
     let records = import_at_position(&sm, reader, Some(last), &membership)?;
     let digest = hex(&sm.digest()?);
-    if digest != header.sha256 {
-        return Err(BackupError::Invalid(format!(
-            "imported state hashes to {digest}, the backup to {}",
-            header.sha256
-        )));
+    let expected = header.state_digest();
+    if digest != expected {
+        return Err(BackupError::Invalid(format!("imported state hashes to {digest}, the backup to {expected}")));
     }
     // Edges may still hold objects of generations the old cluster issued after this backup
     // (and maybe sealed and swept): jump past all of them, so none can be committed here.
@@ -232,6 +251,7 @@ mod tests {
             membership: StoredMembership::default(),
             records: 7,
             sha256: "ab".repeat(32),
+            state_digest: Some("cd".repeat(32)),
             created_at_ms: 1,
         }
     }
@@ -283,6 +303,28 @@ mod tests {
         (path, hex(&sm.digest().expect("digest")))
     }
 
+    #[tokio::test]
+    async fn a_backup_of_an_earlier_version_still_imports() {
+        // Earlier versions wrote the canonical form and had no separate state digest.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (path, digest) = backup_file(dir.path());
+        let sm = StateMachine::open(&dir.path().join("src.redb")).expect("open");
+        let mut records = Vec::new();
+        sm.export_canonical(&mut records).expect("export");
+        drop(sm);
+        let mut header = read_header(&mut BufReader::new(std::fs::File::open(&path).expect("open"))).expect("header");
+        header.sha256 = hex(&sha2::Sha256::digest(&records));
+        header.state_digest = None;
+        let mut file = encode_header(&header);
+        assert!(!String::from_utf8_lossy(&file).contains("state_digest"), "old headers have none");
+        file.extend(records);
+        let old = dir.path().join("old.backup");
+        std::fs::write(&old, file).expect("write");
+        let restored = import(&old, &dir.path().join("n1"), 1, members()).await.expect("import");
+        assert_eq!(restored.header.state_digest(), digest);
+        assert_eq!(restored.records, restored.header.records);
+    }
+
     fn members() -> BTreeMap<NodeId, BasicNode> {
         (1..=3).map(|i| (i, BasicNode { addr: format!("10.0.0.{i}:7100") })).collect()
     }
@@ -293,7 +335,7 @@ mod tests {
         let (path, digest) = backup_file(dir.path());
         let target = dir.path().join("n2");
         let restored = import(&path, &target, 2, members()).await.expect("import");
-        assert_eq!(restored.header.sha256, digest);
+        assert_eq!(restored.header.state_digest(), digest);
         let sm = StateMachine::open(&target.join("state.redb")).expect("open restored");
         assert_eq!(sm.counts().expect("counts"), (1, 1), "same records");
         let g = sm.generations().expect("generations");

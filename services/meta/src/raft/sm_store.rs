@@ -99,6 +99,8 @@ pub(crate) struct ExportedAt {
     pub records: u64,
     pub last_log_id: Option<LogId<NodeId>>,
     pub membership: StoredMembership<NodeId, openraft::BasicNode>,
+    /// The state digest ([`StateMachine::digest`]) of the records.
+    pub digest: [u8; 32],
 }
 
 /// Exports `sm`'s records to `out`; see [`ExportedAt`].
@@ -106,7 +108,7 @@ pub(crate) fn export_at_position(
     sm: &StateMachine,
     out: &mut impl Write,
 ) -> std::result::Result<ExportedAt, crate::error::StorageError> {
-    let (records, extras) = sm.export(out, &[LAST_APPLIED, MEMBERSHIP])?;
+    let crate::state_machine::Exported { records, extras, digest } = sm.export(out, &[LAST_APPLIED, MEMBERSHIP])?;
     fn parse<T: for<'de> Deserialize<'de>>(
         b: &Option<Vec<u8>>,
     ) -> std::result::Result<Option<T>, crate::error::StorageError> {
@@ -115,7 +117,7 @@ pub(crate) fn export_at_position(
     }
     let last_log_id = parse::<Option<LogId<NodeId>>>(&extras[0])?.flatten();
     let membership = parse(&extras[1])?.unwrap_or_default();
-    Ok(ExportedAt { records, last_log_id, membership })
+    Ok(ExportedAt { records, last_log_id, membership, digest })
 }
 
 /// Replaces `sm`'s state with the records in `input` (as [`export_at_position`] wrote them),
@@ -145,7 +147,7 @@ fn build(sm: &StateMachine, pointer: &Pointer) -> std::result::Result<(Meta, std
     let tmp = dir.join(format!("building-{}.tmp", std::process::id()));
     let file = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
     let mut w = BufWriter::new(file);
-    let ExportedAt { records, last_log_id, membership: last_membership } =
+    let ExportedAt { records, last_log_id, membership: last_membership, .. } =
         export_at_position(sm, &mut w).map_err(|e| e.to_string())?;
     let file = w.into_inner().map_err(|e| e.to_string())?;
     file.sync_all().map_err(|e| e.to_string())?;

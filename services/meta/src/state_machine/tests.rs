@@ -310,8 +310,9 @@ fn export_then_import_reproduces_the_state() {
     f.apply(pending("p2", "@b:hs", 0, 1000, 5)).expect("pending");
     f.sweep(20, 1);
     let mut snap = Vec::new();
-    let (records, extras) = f.sm.export(&mut snap, &["nothing"]).expect("export");
+    let Exported { records, extras, digest } = f.sm.export(&mut snap, &["nothing"]).expect("export");
     assert_eq!(extras, vec![None]);
+    assert_eq!(digest, f.sm.digest().expect("digest"), "export gives the state digest");
     assert!(records >= 7, "{records}");
 
     let other = Fixture::new();
@@ -335,6 +336,29 @@ fn export_then_import_reproduces_the_state() {
     let before = other.sm.counts().expect("counts");
     assert!(other.sm.import(&mut &snap[..snap.len() - 3], &[]).is_err());
     assert_eq!(other.sm.counts().expect("counts"), before);
+}
+
+#[test]
+fn a_snapshot_in_the_canonical_form_of_earlier_versions_still_installs() {
+    let mut f = Fixture::new();
+    f.apply(pending("p1", "@a:hs", 0, 1000, 5)).expect("pending");
+    f.committed(commit(None, "@a:hs", 10, content(1, "1")));
+    f.committed(commit(None, "@b:hs", 10, content(1, "dup")));
+    let mut canonical = Vec::new();
+    f.sm.export_canonical(&mut canonical).expect("export");
+    let mut compact = Vec::new();
+    f.sm.export(&mut compact, &[]).expect("export");
+    assert!(compact.len() < canonical.len(), "{} vs {}", compact.len(), canonical.len());
+    // The digest is the hash of the canonical form, whichever form is written.
+    let hashed: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&canonical).into();
+    assert_eq!(f.sm.digest().expect("digest"), hashed);
+
+    let other = Fixture::new();
+    other.sm.import(&mut canonical.as_slice(), &[]).expect("import");
+    assert_eq!(other.sm.digest().expect("digest"), f.sm.digest().expect("digest"));
+    let mut again = Vec::new();
+    other.sm.export(&mut again, &[]).expect("export");
+    assert_eq!(again, compact, "an installed old snapshot is the same state");
 }
 
 #[test]
