@@ -514,7 +514,10 @@ async fn backup_exported_from_a_live_cluster_restores_into_a_new_one() -> anyhow
         println!("{text}");
         // Taken from the leader with no writes since: the backup is the cluster's state.
         let digest = cluster.converged(Duration::from_secs(30)).await?;
-        assert!(text.contains(&format!("state digest {digest}")), "backup digest differs from the state's {digest}: {text}");
+        assert!(
+            text.contains(&format!("state digest {digest}")),
+            "backup digest differs from the state's {digest}: {text}"
+        );
         let s = cluster.metas[0].state().await?;
         (s.media_count, s.content_count)
         // The old cluster is gone for good (dropped: every node killed).

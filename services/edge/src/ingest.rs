@@ -187,7 +187,7 @@ async fn store_index(store: &BlobStore, blob_key: &str, dag: &Dag) -> Result<Opt
         return Ok(None);
     }
     let key = blob_key::index_of(blob_key);
-    store.put(&key, BlockIndex::from_dag(dag, CHUNK_SIZE as u32).encode()).await?;
+    store.put_new(&key, BlockIndex::from_dag(dag, CHUNK_SIZE as u32).encode()).await?;
     Ok(Some(key))
 }
 
@@ -219,7 +219,7 @@ impl Sink<'_> {
             Some(mp) => {
                 mp.finish().await?;
             }
-            None => self.store.put(self.key, self.buffer.freeze()).await?,
+            None => self.store.put_new(self.key, self.buffer.freeze()).await?,
         }
         Ok(())
     }

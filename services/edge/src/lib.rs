@@ -16,6 +16,7 @@ pub mod block_index;
 pub mod cache;
 pub mod config;
 pub mod ingest;
+pub mod local_files;
 pub mod media;
 pub mod metrics;
 pub mod pause;

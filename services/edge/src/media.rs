@@ -257,7 +257,10 @@ impl MediaService {
     /// really there and repairs it with ours if not, and deletes ours once released.
     async fn commit(&self, request: &mut CommitRequest) -> Result<(Committed, MediaKey), ApiError> {
         for _ in 0..COMMIT_ROUNDS {
-            let outcome = match self.meta.commit_upload(request).await {
+            let started = std::time::Instant::now();
+            let answer = self.meta.commit_upload(request).await;
+            self.metrics.meta_commit_seconds.observe(started.elapsed().as_secs_f64());
+            let outcome = match answer {
                 Ok(o) => o,
                 Err(MetaError::Rejected(CommandError::Reclaimed { generation })) => {
                     self.learn_generation(generation);

@@ -7,6 +7,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -54,6 +55,16 @@ pub struct Metrics {
     /// Reads that found a cached record stale (its object gone because the record moved)
     /// and recovered by asking the leader: what the change feed should have prevented.
     pub stale_records: Counter,
+    /// How long writing a new object took (local backend: the file's fsync and the shared
+    /// directory fsync included).
+    pub store_write_seconds: Histogram,
+    /// How long an upload's commit to the metadata service took.
+    pub meta_commit_seconds: Histogram,
+}
+
+/// Buckets from 0.25 ms to about 8 s, doubling.
+fn latency_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
 }
 
 impl Default for Metrics {
@@ -125,7 +136,21 @@ impl Metrics {
             "Blob store identity checks that failed (wrong bucket or unmounted directory; alert on any)",
             store_misconfigured.clone(),
         );
+        let store_write_seconds = latency_buckets();
+        registry.register(
+            "store_write_duration_seconds",
+            "Time to write one new object to the blob store, durably",
+            store_write_seconds.clone(),
+        );
+        let meta_commit_seconds = latency_buckets();
+        registry.register(
+            "meta_commit_duration_seconds",
+            "Time for one upload's commit to the metadata service",
+            meta_commit_seconds.clone(),
+        );
         Self {
+            store_write_seconds,
+            meta_commit_seconds,
             store_misconfigured,
             feed,
             stale_records,

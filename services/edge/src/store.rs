@@ -5,7 +5,8 @@
 //! named when its upload starts because the CID is only known at the end; the metadata
 //! service maps CID → object key. Small uploads are one
 //! `put`; larger ones stream as a multipart upload, so no upload is ever held whole in memory.
-//! The local backend fsyncs files and directories before a write is reported done.
+//! The local backend fsyncs files and directories before a write is reported done (a new
+//! small object's directory fsync shared with concurrent ones: [`crate::local_files`]).
 
 use std::ops::Range;
 use std::path::PathBuf;
@@ -19,6 +20,7 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 use serde::Deserialize;
 
+use crate::local_files::LocalFiles;
 use crate::metrics::Metrics;
 
 /// `[store]` in the config file.
@@ -103,6 +105,8 @@ pub struct BlobStore {
     metrics: Arc<Metrics>,
     /// The directory of the local backend (`None` for S3), for its staging files.
     local_root: Option<PathBuf>,
+    /// New objects of the local backend, written with shared directory fsyncs.
+    local_files: Option<Arc<LocalFiles>>,
 }
 
 fn secret(value: &Option<String>, file: &Option<PathBuf>, what: &str) -> Result<Option<String>, StoreError> {
@@ -144,7 +148,8 @@ impl BlobStore {
                 Arc::new(b.build()?)
             }
         };
-        Ok(Self { inner, metrics, local_root })
+        let local_files = local_root.clone().map(|root| Arc::new(LocalFiles::new(root)));
+        Ok(Self { inner, metrics, local_root, local_files })
     }
 
     /// A fresh object key for an upload starting under reclaim generation `generation`.
@@ -207,10 +212,21 @@ impl BlobStore {
         found
     }
 
-    pub async fn put(&self, key: &str, bytes: Bytes) -> Result<(), StoreError> {
+    /// Writes the new object `key`: a fresh key no one else writes (an upload's blob or
+    /// index). Durable when this returns. On the local backend the file is created under its
+    /// key directly (an existing one is an error) and concurrent writes share their directory
+    /// fsyncs (see [`crate::local_files`]).
+    pub async fn put_new(&self, key: &str, bytes: Bytes) -> Result<(), StoreError> {
         self.metrics.store_writes.inc();
-        self.inner.put(&Path::from(key), PutPayload::from_bytes(bytes)).await?;
-        Ok(())
+        let started = std::time::Instant::now();
+        let written = match self.local_files.as_ref().and_then(|files| Some((files, files.path_of(key)?))) {
+            Some((files, path)) => files.write_new(path, bytes).await.map_err(|e| {
+                StoreError::Backend(object_store::Error::Generic { store: "LocalFileSystem", source: Box::new(e) })
+            }),
+            None => self.inner.put(&Path::from(key), PutPayload::from_bytes(bytes)).await.map(drop).map_err(Into::into),
+        };
+        self.metrics.store_write_seconds.observe(started.elapsed().as_secs_f64());
+        written
     }
 
     /// Starts a multipart upload to `key`.

@@ -43,12 +43,30 @@ const MAX_SHARED_LEN: usize = 256;
 enum Compact {
     /// Defines the next shared string (numbered from 0 in order of appearance).
     Shared(String),
-    Media { server: Text, id: MediaId, uploader: Text, created_at_ms: u64, state: State },
+    Media {
+        server: Text,
+        id: MediaId,
+        uploader: Text,
+        created_at_ms: u64,
+        state: State,
+    },
     Content(CompactContent),
-    Pending { user: Text, server: Text, id: String, expires_at_ms: u64 },
-    Tombstone { key: Key },
-    Meta { key: String, value: u64 },
-    End { records: u64 },
+    Pending {
+        user: Text,
+        server: Text,
+        id: String,
+        expires_at_ms: u64,
+    },
+    Tombstone {
+        key: Key,
+    },
+    Meta {
+        key: String,
+        value: u64,
+    },
+    End {
+        records: u64,
+    },
 }
 
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
@@ -78,16 +96,26 @@ enum MediaId {
 
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
 enum State {
-    Pending { expires_at_ms: u64 },
+    Pending {
+        expires_at_ms: u64,
+    },
     /// `uploaded_at_ms` is `created_at_ms` plus `uploaded_after_ms` (usually small).
-    Ready { cid: Vec<u8>, content_type: Text, filename: Option<String>, uploaded_after_ms: i64 },
+    Ready {
+        cid: Vec<u8>,
+        content_type: Text,
+        filename: Option<String>,
+        uploaded_after_ms: i64,
+    },
 }
 
 /// An object key.
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
 enum Key {
     /// `blob_key::new(generation, name)`.
-    Blob { generation: u64, name: Name },
+    Blob {
+        generation: u64,
+        name: Name,
+    },
     Other(String),
 }
 
@@ -160,7 +188,10 @@ impl<W: Write> CompactWriter<W> {
             SnapshotRecord::Content { cid, value } => {
                 let c: ContentRecord = decode("content", value)?;
                 if c.cid.to_bytes() != *cid {
-                    return Err(snapshot_err(format!("content record under another CID names {}: the state is corrupt", c.cid)));
+                    return Err(snapshot_err(format!(
+                        "content record under another CID names {}: the state is corrupt",
+                        c.cid
+                    )));
                 }
                 let index = match &c.index_key {
                     None => Index::None,
@@ -415,7 +446,7 @@ fn leb128(mut v: u64, out: &mut [u8; 10]) -> usize {
 
 /// The bytes whose lower-case hex is `s`, if it is exactly that (non-empty, even length).
 fn from_hex(s: &str) -> Option<Vec<u8>> {
-    if s.is_empty() || s.len() % 2 != 0 {
+    if s.is_empty() || !s.len().is_multiple_of(2) {
         return None;
     }
     let digit = |c: u8| match c {
@@ -440,7 +471,12 @@ mod tests {
     }
 
     fn media(server: &str, id: &str, uploader: &str, state: MediaState) -> SnapshotRecord {
-        let record = MediaRecord { key: MediaKey::new(server, id), uploader: uploader.into(), created_at_ms: 1_700_000_000_000, state };
+        let record = MediaRecord {
+            key: MediaKey::new(server, id),
+            uploader: uploader.into(),
+            created_at_ms: 1_700_000_000_000,
+            state,
+        };
         SnapshotRecord::Media { server: server.into(), id: id.into(), value: encode(&record).expect("encode") }
     }
 
@@ -478,7 +514,12 @@ mod tests {
             content(cid(4), "blobs/0123abc", Some("blobs/0123abc.idx")),
             content(cid(5), &blob_key::new(2, "ABCDEF"), None),
             content(cid(6), &blob_key::new(2, "abc"), None),
-            SnapshotRecord::Pending { user: "@a:hs".into(), server: "hs".into(), id: "pendingId".into(), expires_at_ms: 9 },
+            SnapshotRecord::Pending {
+                user: "@a:hs".into(),
+                server: "hs".into(),
+                id: "pendingId".into(),
+                expires_at_ms: 9,
+            },
             SnapshotRecord::Tombstone { key: hex_key.clone() },
             SnapshotRecord::Tombstone { key: "blobs/0123abc".into() },
             SnapshotRecord::Meta { key: "last_applied".into(), value: 42 },
@@ -530,10 +571,28 @@ mod tests {
             digest[..4].copy_from_slice(&n.to_le_bytes());
             let cid = Cid::new_v1(0x55, Multihash::<64>::wrap(0x12, &digest).expect("digest fits"));
             let user = format!("@user{}:example.org", n % 50);
-            let state = MediaState::Ready { cid, content_type: "image/jpeg".into(), filename: None, uploaded_at_ms: 1_700_000_000_000 };
-            let record = MediaRecord { key: MediaKey::new("example.org", cid.to_string()), uploader: user, created_at_ms: 1_700_000_000_000, state };
-            records.push(SnapshotRecord::Media { server: "example.org".into(), id: cid.to_string(), value: encode(&record).expect("encode") });
-            records.push(content(cid, &blob_key::new(3, &format!("{:032x}", u128::from(n) * 0x9e37_79b9_7f4a_7c15)), None));
+            let state = MediaState::Ready {
+                cid,
+                content_type: "image/jpeg".into(),
+                filename: None,
+                uploaded_at_ms: 1_700_000_000_000,
+            };
+            let record = MediaRecord {
+                key: MediaKey::new("example.org", cid.to_string()),
+                uploader: user,
+                created_at_ms: 1_700_000_000_000,
+                state,
+            };
+            records.push(SnapshotRecord::Media {
+                server: "example.org".into(),
+                id: cid.to_string(),
+                value: encode(&record).expect("encode"),
+            });
+            records.push(content(
+                cid,
+                &blob_key::new(3, &format!("{:032x}", u128::from(n) * 0x9e37_79b9_7f4a_7c15)),
+                None,
+            ));
         }
         let bytes = compact(&records);
         let mut canonical = Vec::new();
@@ -563,14 +622,21 @@ mod tests {
         assert!(err(&canonical_huge).contains("over the"));
         // A reference to a string never defined.
         let mut dangling = MAGIC.to_vec();
-        let rec = Compact::Pending { user: Text::Shared(5), server: Text::Inline("hs".into()), id: "x".into(), expires_at_ms: 1 };
+        let rec = Compact::Pending {
+            user: Text::Shared(5),
+            server: Text::Inline("hs".into()),
+            id: "x".into(),
+            expires_at_ms: 1,
+        };
         let body = postcard::to_stdvec(&rec).expect("encode");
         dangling.push(body.len() as u8);
         dangling.extend(body);
         assert!(err(&dangling).contains("before defining it"));
         // A media record whose value names another key is corruption, not silently re-keyed.
         let mut w = CompactWriter::new(Vec::new()).expect("magic");
-        let SnapshotRecord::Media { value, .. } = media("hs", "a", "@a:hs", ready(cid(1), 0, None)) else { unreachable!() };
+        let SnapshotRecord::Media { value, .. } = media("hs", "a", "@a:hs", ready(cid(1), 0, None)) else {
+            unreachable!()
+        };
         assert!(w.put(&SnapshotRecord::Media { server: "hs".into(), id: "b".into(), value }).is_err());
     }
 
@@ -595,17 +661,36 @@ mod tests {
                 "07000540613a6873",
                 // Media: server #1, ID of its CID, uploader #2, created, Ready, CID, type #0,
                 // no filename, uploaded 50 ms after creation.
-                "36", "01", "0101", "00", "0102", "80d095ffbc31", "01",
+                "36",
+                "01",
+                "0101",
+                "00",
+                "0102",
+                "80d095ffbc31",
+                "01",
                 "24015512200101010101010101010101010101010101010101010101010101010101010101",
-                "0100", "00", "64",
+                "0100",
+                "00",
+                "64",
                 // Content: CID, size, chunk size, blob key of generation 7 with a hex name,
                 // index beside it, refcount 3, created, lost.
-                "48", "02",
+                "48",
+                "02",
                 "24015512200101010101010101010101010101010101010101010101010101010101010101",
-                "b960", "808040", "00", "07", "00", "10", "0123456789abcdef0123456789abcdef",
-                "01", "03", "81d095ffbc31", "01",
+                "b960",
+                "808040",
+                "00",
+                "07",
+                "00",
+                "10",
+                "0123456789abcdef0123456789abcdef",
+                "01",
+                "03",
+                "81d095ffbc31",
+                "01",
                 // End, 2 records.
-                "02", "0602",
+                "02",
+                "0602",
             )
         );
     }
