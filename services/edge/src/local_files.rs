@@ -111,6 +111,10 @@ impl LocalFiles {
         })
         .await
         .map_err(std::io::Error::other)??;
+        if durable.len() >= 64 {
+            // Old generations' directories: at worst one is made durable again.
+            durable.clear();
+        }
         durable.insert(dir.to_owned());
         Ok(())
     }
@@ -148,7 +152,10 @@ impl DirSync {
     }
 
     /// Returns once a sync of the directory that started after this call has finished.
-    async fn sync(&self) -> std::io::Result<()> {
+    ///
+    /// The sync itself runs in a task of its own: a caller that gives up (its client went
+    /// away and its future was dropped) cannot leave the sync half done and the others waiting.
+    async fn sync(self: Arc<Self>) -> std::io::Result<()> {
         let mut finished = self.finished.subscribe();
         let ticket = {
             let mut s = self.lock();
@@ -156,49 +163,46 @@ impl DirSync {
             s.requested
         };
         loop {
-            let run_to = {
+            {
                 let mut s = self.lock();
                 if let Some(e) = &s.failed {
                     return Err(std::io::Error::other(format!(
-                        "fsync of {} failed earlier ({e}); restart the edge once the disk is checked",
+                        "fsync of {} failed earlier ({e}); new uploads into it fail until the next generation or a restart: check the disk",
                         self.dir.display()
                     )));
                 }
                 if s.synced >= ticket {
                     return Ok(());
                 }
-                if s.running {
-                    None
-                } else {
+                if !s.running {
                     s.running = true;
                     // Covers every request made so far, ours included: their files are in place.
-                    Some(s.requested)
+                    let target = s.requested;
+                    tokio::spawn(self.clone().run(target));
                 }
-            };
-            match run_to {
-                Some(target) => {
-                    let (dir, sync) = (self.dir.clone(), self.sync_dir.clone());
-                    let result =
-                        tokio::task::spawn_blocking(move || sync(&dir)).await.map_err(std::io::Error::other).flatten();
-                    {
-                        let mut s = self.lock();
-                        s.running = false;
-                        match &result {
-                            Ok(()) => s.synced = s.synced.max(target),
-                            Err(e) => {
-                                tracing::error!(dir = %self.dir.display(), error = %e, "directory fsync failed: new uploads here fail until restart");
-                                s.failed = Some(e.to_string());
-                            }
-                        }
-                    }
-                    self.finished.send_modify(|n| *n += 1);
-                }
-                None => {
-                    // A sync is running; wait for it (or any) to finish, then look again.
-                    let _ = finished.changed().await;
+            }
+            // A sync is running; wait for it (or any) to finish, then look again. The sender
+            // lives in `self`, so this cannot fail while we hold it.
+            let _ = finished.changed().await;
+        }
+    }
+
+    /// One fsync of the directory, covering requests up to `target`.
+    async fn run(self: Arc<Self>, target: u64) {
+        let (dir, sync) = (self.dir.clone(), self.sync_dir.clone());
+        let result = tokio::task::spawn_blocking(move || sync(&dir)).await.map_err(std::io::Error::other).flatten();
+        {
+            let mut s = self.lock();
+            s.running = false;
+            match &result {
+                Ok(()) => s.synced = s.synced.max(target),
+                Err(e) => {
+                    tracing::error!(dir = %self.dir.display(), error = %e, "directory fsync failed: new uploads into it fail until the next generation or a restart");
+                    s.failed = Some(e.to_string());
                 }
             }
         }
+        self.finished.send_modify(|n| *n += 1);
     }
 }
 
@@ -273,6 +277,45 @@ mod tests {
         second.await.expect("join").expect("second write");
         assert_eq!(std::fs::read(root.path().join("blobs/g/b")).expect("read"), b"second");
         assert_eq!(gate.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_writer_that_gives_up_while_its_sync_runs_does_not_stall_the_others() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let (files, gate, release) = gated(root.path());
+        let warm = tokio::spawn({
+            let (files, dir) = (files.clone(), root.path().join("d"));
+            async move { files.ensure_dir(&dir).await }
+        });
+        release.send(()).expect("release");
+        warm.await.expect("join").expect("directory");
+        assert_eq!(gate.calls.swap(0, Ordering::SeqCst), 1);
+
+        // The first writer starts the sync, then is dropped (its client went away) while the
+        // sync is held; a second writer asks meanwhile.
+        let first = tokio::spawn({
+            let files = files.clone();
+            let path = files.path_of("d/a").expect("plain key");
+            async move { files.write_new(path, Bytes::from_static(b"a")).await }
+        });
+        until("first sync starts", || gate.calls.load(Ordering::SeqCst) == 1).await;
+        first.abort();
+        assert!(first.await.expect_err("aborted").is_cancelled());
+        let second = tokio::spawn({
+            let files = files.clone();
+            let path = files.path_of("d/b").expect("plain key");
+            async move { files.write_new(path, Bytes::from_static(b"b")).await }
+        });
+        until("second file in place", || root.path().join("d/b").exists()).await;
+        // The abandoned sync still finishes, and the second writer gets one of its own.
+        release.send(()).expect("release");
+        until("a second sync starts", || gate.calls.load(Ordering::SeqCst) == 2).await;
+        release.send(()).expect("release");
+        tokio::time::timeout(std::time::Duration::from_secs(10), second)
+            .await
+            .expect("the second write must not hang")
+            .expect("join")
+            .expect("second write");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

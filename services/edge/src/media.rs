@@ -388,6 +388,12 @@ impl MediaService {
         self.metrics.uploads.get_or_create(&ResultLabels { result }).inc();
     }
 
+    /// The record this edge has cached for `key`, if any (tests of the cache's rules).
+    #[doc(hidden)]
+    pub async fn cached(&self, key: &MediaKey) -> Option<Resolved> {
+        self.resolved.get(key).await
+    }
+
     /// Resolves an mxc of this server to its content, waiting up to `wait` for an async upload
     /// that has not arrived yet.
     pub async fn resolve(&self, key: &MediaKey, wait: Duration, legacy: bool) -> Result<Resolved, ApiError> {
@@ -464,6 +470,7 @@ impl MediaService {
                 Ok(None) => break Err(ApiError::not_found("Media not found")),
                 Ok(Some((media @ MediaRecord { state: MediaState::Ready { .. }, .. }, Some(content)))) => {
                     let r = Resolved { media, content };
+                    self.pause.pass(pause::RECORD_READ).await;
                     if !r.content.lost {
                         self.resolved.insert(key.clone(), r.clone()).await;
                         // An invalidation since the read may have missed this entry: drop it.

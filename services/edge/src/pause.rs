@@ -11,6 +11,9 @@ use tokio::sync::oneshot;
 /// Between an upload's bytes being durable in the store and its commit being sent.
 pub const BEFORE_COMMIT: &str = "before_commit";
 
+/// Between a download reading a media record from the metadata service and caching it.
+pub const RECORD_READ: &str = "record_read";
+
 #[derive(Default)]
 pub struct PausePoints {
     armed: Mutex<HashMap<&'static str, Gate>>,

@@ -140,6 +140,19 @@ impl Fixture {
         sweep_once(&self.media.store, &self.media.meta, Duration::ZERO).await.expect("sweep")
     }
 
+    /// A download running in its own task (to be stopped at a pause point).
+    fn spawn_download(&self, media_id: &str) -> tokio::task::JoinHandle<reqwest::Response> {
+        let (http, url) =
+            (self.http.clone(), format!("{}/_matrix/client/v1/media/download/localhost/{media_id}", self.api));
+        tokio::spawn(async move { http.get(url).bearer_auth(TOKEN).send().await.expect("download request") })
+    }
+
+    /// A metric's value, 0 if it has not been recorded yet.
+    fn metric_or_zero(&self, name: &str) -> f64 {
+        let text = self.media.metrics.encode();
+        text.lines().find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse().ok())).unwrap_or(0.0)
+    }
+
     fn metric(&self, name: &str) -> f64 {
         let text = self.media.metrics.encode();
         text.lines()
@@ -193,6 +206,38 @@ async fn an_upload_whose_generation_was_sealed_is_stored_again_and_kept() {
     assert_eq!(swept.deleted, 2, "{swept:?}");
     assert_eq!(f.stored_files().len(), 2);
     assert_eq!(f.download(&id).await.bytes().await.expect("body").as_ref(), body.as_slice());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_read_before_a_change_is_never_cached_after_it() {
+    let f = fixture().await;
+    let body = bytes(9, 4000);
+    let id = f.upload_ok(body.clone()).await;
+    let key = mxcas_meta::model::MediaKey::new("localhost", id.clone());
+    // A download reads the record and stops before caching it...
+    let mut paused = f.media.pause.arm(pause::RECORD_READ);
+    let download = f.spawn_download(&id);
+    paused.reached().await;
+    // ...while the content changes (here another edge finds its bytes bad and reports them
+    // lost) and this edge's change feed delivers that change.
+    let content_events = "mxcas_edge_feed_events_total{kind=\"content\"}";
+    let before = f.metric_or_zero(content_events);
+    let (_, content) = f.media.meta.get_media(&key).await.expect("read").expect("record");
+    let content = content.expect("content");
+    assert!(f.media.meta.report_lost(&content.cid, &content.blob_key).await.expect("report"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while f.metric_or_zero(content_events) <= before {
+        assert!(tokio::time::Instant::now() < deadline, "the change feed never delivered the change");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The download goes on with the record it read before the change; that record must not
+    // stay cached, or this edge would serve it as it was for as long as the cache keeps it.
+    paused.release();
+    let resp = download.await.expect("task");
+    assert_eq!(resp.status(), 200, "the bytes themselves are intact");
+    let cached = f.media.cached(&key).await;
+    let cached = cached.map(|r| r.content);
+    assert!(cached.as_ref().is_none_or(|c| c.lost), "the pre-change record was cached: {cached:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -748,7 +748,42 @@ impl Meta for MetaService {
 
 #[cfg(test)]
 mod tests {
-    use super::clamp_stamp;
+    use super::{Command, Writes, clamp_stamp};
+
+    #[tokio::test]
+    async fn a_call_that_does_not_fit_the_queue_is_refused_whole_and_queues_nothing() {
+        // A queue of 4 that nothing drains: the leader's proposer is busy.
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        let writes = std::sync::Arc::new(Writes { tx });
+        let expire = |n: u64| Command::Expire { now_ms: n, limit: 1 };
+        let first = tokio::spawn({
+            let writes = writes.clone();
+            async move { writes.submit_all(vec![expire(1), expire(2), expire(3)]).await.map(|a| a.len()) }
+        });
+        while rx.len() < 3 {
+            tokio::task::yield_now().await;
+        }
+        // Two more do not fit in the one slot left: neither is queued.
+        let refused = writes.submit_all(vec![expire(4), expire(5)]).await.expect_err("overloaded");
+        assert_eq!(refused.code(), tonic::Code::Unavailable);
+        assert!(refused.message().contains("overloaded"), "{}", refused.message());
+        assert_eq!(rx.len(), 3, "a refused call queued part of itself");
+        // One does.
+        let second = tokio::spawn({
+            let writes = writes.clone();
+            async move { writes.submit_all(vec![expire(6)]).await.map(|a| a.len()) }
+        });
+        let mut queued = Vec::new();
+        for _ in 0..4 {
+            let (cmd, reply) = rx.recv().await.expect("queued");
+            let Command::Expire { now_ms, .. } = cmd else { panic!("{cmd:?}") };
+            queued.push(now_ms);
+            let _ = reply.send(Ok(crate::command::CommandOutput::Expired { removed: 0 }));
+        }
+        assert_eq!(queued, vec![1, 2, 3, 6]);
+        assert_eq!(first.await.expect("join").expect("answered"), 3);
+        assert_eq!(second.await.expect("join").expect("answered"), 1);
+    }
 
     #[test]
     fn a_leader_clock_never_goes_back_nor_jumps_ahead() {

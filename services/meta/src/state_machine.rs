@@ -997,7 +997,7 @@ fn decode<T: DeserializeOwned>(table: &'static str, bytes: &[u8]) -> Result<T, S
 }
 
 /// One record of a state snapshot (see [`StateMachine::export`]).
-#[derive(Debug, PartialEq, Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
 enum SnapshotRecord {
     Media {
         server: String,

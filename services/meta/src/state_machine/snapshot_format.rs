@@ -13,8 +13,14 @@
 //!   name, and strings that recur (server names, uploaders, content types) are sent once and
 //!   then referred to by number. Translating back gives exactly the canonical records.
 //!
-//! A reader tells the two apart by the first four bytes: [`MAGIC`]'s, read as a canonical
-//! length, would be a record far over [`MAX_RECORD`].
+//! A record whose translation would not give back exactly its canonical bytes (a value that
+//! does not decode, or decodes to something that encodes differently, or names another key)
+//! is carried as it is (`Compact::Raw`), so an odd record never stops a snapshot and the
+//! digest always holds.
+//!
+//! A reader tells the two apart by the first four bytes: [`MAGIC`]'s are a zero length, which
+//! no canonical record has (so an earlier version, reading a compact snapshot, fails at once
+//! on an empty record rather than allocating for a huge one).
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -27,16 +33,18 @@ use crate::error::StorageError;
 use crate::model::{ContentRecord, MediaKey, MediaRecord, MediaState, blob_key};
 
 /// First bytes of a compact snapshot.
-pub(super) const MAGIC: [u8; 8] = *b"mxsnap2\n";
+pub(super) const MAGIC: [u8; 8] = *b"\0\0\0\0mxs2";
 
 /// Longest record either form may hold. Real records are far smaller (keys and names are
 /// bounded by the API); the bound keeps a damaged length from allocating gigabytes.
 const MAX_RECORD: usize = 16 << 20;
 
 /// At most this many strings are shared by number in one snapshot, each at most
-/// [`MAX_SHARED_LEN`] bytes; others are written where they are used. Bounds a reader's memory.
-const MAX_SHARED: usize = 1 << 20;
+/// [`MAX_SHARED_LEN`] bytes and [`MAX_SHARED_BYTES`] in all; others are written where they are
+/// used. Bounds a reader's memory.
+const MAX_SHARED: usize = 1 << 18;
 const MAX_SHARED_LEN: usize = 256;
+const MAX_SHARED_BYTES: usize = 16 << 20;
 
 /// One compact record. postcard is positional: variants and fields keep their order.
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
@@ -67,6 +75,8 @@ enum Compact {
     End {
         records: u64,
     },
+    /// A record as it is, when translating it would not be exact.
+    Raw(SnapshotRecord),
 }
 
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
@@ -145,70 +155,26 @@ pub(super) fn write_canonical(out: &mut impl Write, rec: &SnapshotRecord) -> Res
 pub(super) struct CompactWriter<W> {
     out: W,
     shared: HashMap<String, u32>,
+    shared_bytes: usize,
     buf: Vec<u8>,
 }
 
 impl<W: Write> CompactWriter<W> {
     pub fn new(mut out: W) -> Result<Self, StorageError> {
         out.write_all(&MAGIC).map_err(super::io_err)?;
-        Ok(Self { out, shared: HashMap::new(), buf: Vec::new() })
+        Ok(Self { out, shared: HashMap::new(), shared_bytes: 0, buf: Vec::new() })
     }
 
     pub fn put(&mut self, rec: &SnapshotRecord) -> Result<(), StorageError> {
         let compact = match rec {
-            SnapshotRecord::Media { server, id, value } => {
-                let media: MediaRecord = decode("media", value)?;
-                if media.key.server_name != *server || media.key.media_id != *id {
-                    return Err(snapshot_err(format!(
-                        "media record under ({server}, {id}) names {}: the state is corrupt",
-                        media.key
-                    )));
-                }
-                let id = match &media.state {
-                    MediaState::Ready { cid, .. } if cid.to_string() == *id => MediaId::OfCid,
-                    _ => MediaId::Other(id.clone()),
-                };
-                let state = match media.state {
-                    MediaState::Pending { expires_at_ms } => State::Pending { expires_at_ms },
-                    MediaState::Ready { cid, content_type, filename, uploaded_at_ms } => State::Ready {
-                        cid: cid.to_bytes(),
-                        content_type: self.text(&content_type)?,
-                        filename,
-                        uploaded_after_ms: uploaded_at_ms.wrapping_sub(media.created_at_ms) as i64,
-                    },
-                };
-                Compact::Media {
-                    server: self.text(server)?,
-                    id,
-                    uploader: self.text(&media.uploader)?,
-                    created_at_ms: media.created_at_ms,
-                    state,
-                }
-            }
-            SnapshotRecord::Content { cid, value } => {
-                let c: ContentRecord = decode("content", value)?;
-                if c.cid.to_bytes() != *cid {
-                    return Err(snapshot_err(format!(
-                        "content record under another CID names {}: the state is corrupt",
-                        c.cid
-                    )));
-                }
-                let index = match &c.index_key {
-                    None => Index::None,
-                    Some(i) if *i == blob_key::index_of(&c.blob_key) => Index::OfBlob,
-                    Some(i) => Index::Other(i.clone()),
-                };
-                Compact::Content(CompactContent {
-                    cid: cid.clone(),
-                    size: c.size,
-                    chunk_size: c.chunk_size,
-                    blob: Key::of(&c.blob_key),
-                    index,
-                    refcount: c.refcount,
-                    created_at_ms: c.created_at_ms,
-                    lost: c.lost,
-                })
-            }
+            SnapshotRecord::Media { server, id, value } => match exact::<MediaRecord>(value) {
+                Some(media) if media.key.server_name == *server && media.key.media_id == *id => self.media(media)?,
+                _ => Compact::Raw(rec.clone()),
+            },
+            SnapshotRecord::Content { cid, value } => match exact::<ContentRecord>(value) {
+                Some(c) if c.cid.to_bytes() == *cid => self.content(c),
+                _ => Compact::Raw(rec.clone()),
+            },
             SnapshotRecord::Pending { user, server, id, expires_at_ms } => Compact::Pending {
                 user: self.text(user)?,
                 server: self.text(server)?,
@@ -222,14 +188,57 @@ impl<W: Write> CompactWriter<W> {
         self.write(&compact)
     }
 
+    fn media(&mut self, media: MediaRecord) -> Result<Compact, StorageError> {
+        let id = match &media.state {
+            MediaState::Ready { cid, .. } if cid.to_string() == media.key.media_id => MediaId::OfCid,
+            _ => MediaId::Other(media.key.media_id.clone()),
+        };
+        let state = match media.state {
+            MediaState::Pending { expires_at_ms } => State::Pending { expires_at_ms },
+            MediaState::Ready { cid, content_type, filename, uploaded_at_ms } => State::Ready {
+                cid: cid.to_bytes(),
+                content_type: self.text(&content_type)?,
+                filename,
+                uploaded_after_ms: uploaded_at_ms.wrapping_sub(media.created_at_ms) as i64,
+            },
+        };
+        Ok(Compact::Media {
+            server: self.text(&media.key.server_name)?,
+            id,
+            uploader: self.text(&media.uploader)?,
+            created_at_ms: media.created_at_ms,
+            state,
+        })
+    }
+
+    fn content(&mut self, c: ContentRecord) -> Compact {
+        let index = match &c.index_key {
+            None => Index::None,
+            Some(i) if *i == blob_key::index_of(&c.blob_key) => Index::OfBlob,
+            Some(i) => Index::Other(i.clone()),
+        };
+        Compact::Content(CompactContent {
+            cid: c.cid.to_bytes(),
+            size: c.size,
+            chunk_size: c.chunk_size,
+            blob: Key::of(&c.blob_key),
+            index,
+            refcount: c.refcount,
+            created_at_ms: c.created_at_ms,
+            lost: c.lost,
+        })
+    }
+
     /// `s` by number if it is (or now becomes) shared, else inline.
     fn text(&mut self, s: &str) -> Result<Text, StorageError> {
         if let Some(n) = self.shared.get(s) {
             return Ok(Text::Shared(*n));
         }
-        if s.len() > MAX_SHARED_LEN || self.shared.len() >= MAX_SHARED {
+        if s.len() > MAX_SHARED_LEN || self.shared.len() >= MAX_SHARED || self.shared_bytes + s.len() > MAX_SHARED_BYTES
+        {
             return Ok(Text::Inline(s.to_owned()));
         }
+        self.shared_bytes += s.len();
         let n = self.shared.len() as u32;
         self.write(&Compact::Shared(s.to_owned()))?;
         self.shared.insert(s.to_owned(), n);
@@ -280,6 +289,7 @@ pub(super) struct Reader<R> {
     /// The first length of a canonical snapshot, already read while telling the forms apart.
     first_len: Option<usize>,
     shared: Vec<String>,
+    shared_bytes: usize,
     buf: Vec<u8>,
 }
 
@@ -297,7 +307,7 @@ impl<R: Read> Reader<R> {
         } else {
             (false, Some(u32::from_le_bytes(head) as usize))
         };
-        Ok(Self { input, compact, first_len, shared: Vec::new(), buf: Vec::new() })
+        Ok(Self { input, compact, first_len, shared: Vec::new(), shared_bytes: 0, buf: Vec::new() })
     }
 
     pub fn next(&mut self) -> Result<SnapshotRecord, StorageError> {
@@ -319,7 +329,11 @@ impl<R: Read> Reader<R> {
             let rec: Compact = decode("snapshot", &self.buf)?;
             match rec {
                 Compact::Shared(s) => {
-                    if s.len() > MAX_SHARED_LEN || self.shared.len() >= MAX_SHARED {
+                    self.shared_bytes += s.len();
+                    if s.len() > MAX_SHARED_LEN
+                        || self.shared.len() >= MAX_SHARED
+                        || self.shared_bytes > MAX_SHARED_BYTES
+                    {
                         return Err(snapshot_err("snapshot shares more or longer strings than allowed".into()));
                     }
                     self.shared.push(s);
@@ -385,6 +399,10 @@ impl<R: Read> Reader<R> {
             Compact::Tombstone { key } => SnapshotRecord::Tombstone { key: key.into_string() },
             Compact::Meta { key, value } => SnapshotRecord::Meta { key, value },
             Compact::End { records } => SnapshotRecord::End { records },
+            Compact::Raw(SnapshotRecord::End { .. }) => {
+                return Err(snapshot_err("a raw record cannot be the trailer".into()));
+            }
+            Compact::Raw(rec) => rec,
         })
     }
 
@@ -425,8 +443,20 @@ fn truncated(e: std::io::Error) -> StorageError {
     snapshot_err(format!("truncated snapshot: {e}"))
 }
 
+/// The CID whose binary form is exactly `bytes` (no trailing bytes: the table key is these
+/// bytes and the record holds the parsed CID, so they must agree).
 fn cid_of(bytes: &[u8]) -> Result<Cid, StorageError> {
-    Cid::try_from(bytes).map_err(|e| snapshot_err(format!("snapshot holds a malformed CID: {e}")))
+    let cid = Cid::try_from(bytes).map_err(|e| snapshot_err(format!("snapshot holds a malformed CID: {e}")))?;
+    if cid.to_bytes() != bytes {
+        return Err(snapshot_err("snapshot holds a CID with trailing bytes".into()));
+    }
+    Ok(cid)
+}
+
+/// `value` decoded, if encoding it again gives exactly `value`.
+fn exact<T: serde::de::DeserializeOwned + Serialize>(value: &[u8]) -> Option<T> {
+    let decoded: T = postcard::from_bytes(value).ok()?;
+    (encode(&decoded).ok()? == value).then_some(decoded)
 }
 
 /// Writes `v` as LEB128 into `out`; returns the length.
@@ -612,7 +642,7 @@ mod tests {
         };
         let bytes = compact(&records());
         assert!(err(&bytes[..bytes.len() - 1]).contains("truncated"));
-        assert!(err(b"mxsnap9\nrest").contains("unknown format"));
+        assert!(err(b"\0\0\0\0mxs9rest").contains("unknown format"));
         // A length far over the limit is refused before anything is allocated for it.
         let mut huge = MAGIC.to_vec();
         huge.extend([0xff, 0xff, 0xff, 0xff, 0x0f]);
@@ -632,12 +662,47 @@ mod tests {
         dangling.push(body.len() as u8);
         dangling.extend(body);
         assert!(err(&dangling).contains("before defining it"));
-        // A media record whose value names another key is corruption, not silently re-keyed.
-        let mut w = CompactWriter::new(Vec::new()).expect("magic");
+        // A CID with bytes after it (the key and the record would disagree).
+        let mut trailing = MAGIC.to_vec();
+        let mut junk_cid = cid(1).to_bytes();
+        junk_cid.push(0);
+        let rec = Compact::Content(CompactContent {
+            cid: junk_cid,
+            size: 1,
+            chunk_size: 1,
+            blob: Key::Other("k".into()),
+            index: Index::None,
+            refcount: 1,
+            created_at_ms: 1,
+            lost: false,
+        });
+        let body = postcard::to_stdvec(&rec).expect("encode");
+        trailing.push(body.len() as u8);
+        trailing.extend(body);
+        assert!(err(&trailing).contains("trailing bytes"));
+    }
+
+    #[test]
+    fn records_that_do_not_translate_exactly_travel_as_they_are() {
+        // Odd stored values must neither stop a snapshot nor change the digest.
         let SnapshotRecord::Media { value, .. } = media("hs", "a", "@a:hs", ready(cid(1), 0, None)) else {
             unreachable!()
         };
-        assert!(w.put(&SnapshotRecord::Media { server: "hs".into(), id: "b".into(), value }).is_err());
+        let mut longer = value.clone();
+        longer.push(0);
+        let SnapshotRecord::Content { value: content_value, .. } = content(cid(2), "k", None) else { unreachable!() };
+        let odd = vec![
+            // Names another key than the one it is stored under.
+            SnapshotRecord::Media { server: "hs".into(), id: "b".into(), value: value.clone() },
+            // Bytes after the record (postcard would ignore them).
+            SnapshotRecord::Media { server: "hs".into(), id: "a".into(), value: longer },
+            // Does not decode at all.
+            SnapshotRecord::Media { server: "hs".into(), id: "c".into(), value: vec![0xff; 3] },
+            // Stored under another CID.
+            SnapshotRecord::Content { cid: cid(3).to_bytes(), value: content_value },
+            SnapshotRecord::End { records: 4 },
+        ];
+        assert_eq!(read_all(&compact(&odd)).expect("read"), odd);
     }
 
     #[test]
@@ -654,7 +719,7 @@ mod tests {
         assert_eq!(
             hex,
             concat!(
-                "6d78736e6170320a",
+                "000000006d787332",
                 // Shared strings as they are first used: "image/png", "hs", "@a:hs".
                 "0b0009696d6167652f706e67",
                 "0400026873",
