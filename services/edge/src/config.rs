@@ -111,18 +111,67 @@ impl Default for CacheConfig {
     }
 }
 
-/// `[auth]`: who may upload and download. Homeserver token validation comes later; until then
-/// access tokens are listed here.
-#[derive(Clone, Debug, Default, Deserialize)]
+/// `[auth]`: who may upload and download: tokens listed here, and/or the tokens of the
+/// homeserver at `homeserver_url` (checked with its `whoami`, see `api::auth`).
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// Access token → Matrix user ID.
     pub tokens: BTreeMap<String, String>,
     /// A TOML file with more `token = "@user:server"` lines (keeps secrets out of the config).
     pub tokens_file: Option<PathBuf>,
+    /// The homeserver whose users this edge serves, e.g. `http://synapse:8008` (its
+    /// client-server API as this edge can reach it). Default: unset (static tokens only).
+    pub homeserver_url: Option<String>,
+    /// How long a token the homeserver accepted is trusted without asking again (a logged-out
+    /// token keeps working on this edge for at most this long). Default 60s.
+    #[serde(with = "humantime_serde")]
+    pub cache_ttl: Duration,
+    /// How long a token the homeserver refused stays refused without asking again. Default 5s.
+    #[serde(with = "humantime_serde")]
+    pub negative_cache_ttl: Duration,
+    /// Most tokens remembered. Default 100000.
+    pub cache_capacity: u64,
+    /// Deadline of one `whoami` call. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub homeserver_timeout: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            tokens: BTreeMap::new(),
+            tokens_file: None,
+            homeserver_url: None,
+            cache_ttl: Duration::from_secs(60),
+            negative_cache_ttl: Duration::from_secs(5),
+            cache_capacity: 100_000,
+            homeserver_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The homeserver-checking part of [`AuthConfig`], when `homeserver_url` is set.
+#[derive(Clone, Debug)]
+pub struct HomeserverAuthConfig {
+    pub homeserver_url: String,
+    pub cache_ttl: Duration,
+    pub negative_cache_ttl: Duration,
+    pub cache_capacity: u64,
+    pub timeout: Duration,
 }
 
 impl AuthConfig {
+    pub fn homeserver(&self) -> Option<HomeserverAuthConfig> {
+        self.homeserver_url.as_ref().map(|url| HomeserverAuthConfig {
+            homeserver_url: url.clone(),
+            cache_ttl: self.cache_ttl,
+            negative_cache_ttl: self.negative_cache_ttl,
+            cache_capacity: self.cache_capacity,
+            timeout: self.homeserver_timeout,
+        })
+    }
+
     /// All configured tokens (inline and from `tokens_file`).
     pub fn load(&self) -> Result<BTreeMap<String, String>, String> {
         let mut tokens = self.tokens.clone();

@@ -84,8 +84,10 @@ impl EdgeSettings {
         }
         self.media.validate().map_err(EdgeError::Config)?;
         let tokens = self.auth.load().map_err(EdgeError::Config)?;
-        if tokens.is_empty() {
-            return Err(EdgeError::Config("no access tokens configured ([auth] tokens)".into()));
+        if tokens.is_empty() && self.auth.homeserver_url.is_none() {
+            return Err(EdgeError::Config(
+                "no way to check access tokens: set [auth] homeserver_url (or list [auth] tokens)".into(),
+            ));
         }
         Ok(())
     }
@@ -120,7 +122,9 @@ pub async fn start(
         )
         .map_err(EdgeError::Config)?,
     );
-    let state = Arc::new(AppState { media: media.clone(), auth: Authenticator::new(tokens), metrics });
+    let auth = Authenticator::new(tokens, settings.auth.homeserver().as_ref(), &settings.server_name, metrics.clone())
+        .map_err(EdgeError::Config)?;
+    let state = Arc::new(AppState { media: media.clone(), auth, metrics });
 
     let api_listener =
         TcpListener::bind(settings.listen).await.map_err(|source| EdgeError::Bind { addr: settings.listen, source })?;

@@ -55,6 +55,9 @@ pub struct Metrics {
     /// Reads that found a cached record stale (its object gone because the record moved)
     /// and recovered by asking the leader: what the change feed should have prevented.
     pub stale_records: Counter,
+    /// Access-token checks by result: static, cached, valid (asked the homeserver), refused,
+    /// unavailable (the homeserver could not answer).
+    pub auth_checks: Family<ResultLabels, Counter>,
     /// How long writing a new object took (local backend: the file's fsync and the shared
     /// directory fsync included).
     pub store_write_seconds: Histogram,
@@ -148,7 +151,14 @@ impl Metrics {
             "Time for one upload's commit to the metadata service",
             meta_commit_seconds.clone(),
         );
+        let auth_checks = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "auth_checks",
+            "Access-token checks: static, cached, valid (asked the homeserver), refused, unavailable",
+            auth_checks.clone(),
+        );
         Self {
+            auth_checks,
             store_write_seconds,
             meta_commit_seconds,
             store_misconfigured,

@@ -66,7 +66,7 @@ async fn fixture() -> Fixture {
         cache: Default::default(),
         auth: mxcas_edge::config::AuthConfig {
             tokens: BTreeMap::from([(TOKEN.to_owned(), "@alice:localhost".to_owned())]),
-            tokens_file: None,
+            ..Default::default()
         },
         store: mxcas_edge::store::StoreConfig::Fs { path: None },
         sweeper: mxcas_edge::sweeper::SweeperConfig { enabled: false, ..Default::default() },

@@ -1,42 +1,388 @@
-//! Who is calling: `Authorization: Bearer <token>` → Matrix user ID.
+//! Who is calling: an access token → a Matrix user.
 //!
-//! Tokens come from the config for now; validating them against the homeserver is the seam
-//! for a later change (this is the only place that decides who a request is from).
+//! Two sources, tried in order:
+//!
+//! - **Static tokens** from the config (`[auth] tokens`, `tokens_file`): the embedded default
+//!   and tests. Looked up by their sha2-256, so a lookup's timing says nothing about how much
+//!   of a guessed token matched a real one.
+//! - **The homeserver** (`[auth] homeserver_url`): `GET /_matrix/client/v3/account/whoami`
+//!   with the caller's token, as the homeserver's own media repository would check it. Answers
+//!   are cached by the token's hash: users for `cache_ttl` (a logged-out token keeps working on
+//!   this edge for at most that long), refusals for `negative_cache_ttl`. One check per token is
+//!   in flight at a time; concurrent requests with it wait for that one. A refusal is passed on
+//!   as the homeserver gave it (`M_UNKNOWN_TOKEN` with `soft_logout`, `M_FORBIDDEN`, …); a
+//!   homeserver that cannot answer (down, timing out, 5xx, rate limiting) gives 503 with
+//!   `Retry-After` and is never cached, so clients retry instead of logging their users out.
+//!   Application services masquerade with `?user_id=`, forwarded to `whoami`, which decides.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, StatusCode, header};
+use sha2::{Digest, Sha256};
 
 use super::error::ApiError;
+use crate::config::HomeserverAuthConfig;
+use crate::metrics::{Metrics, ResultLabels};
 
-pub struct Authenticator {
-    tokens: BTreeMap<String, String>,
+/// The user a request is from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub user_id: String,
+    pub is_guest: bool,
 }
 
+pub struct Authenticator {
+    /// sha2-256 of each static token → its user.
+    static_tokens: HashMap<[u8; 32], String>,
+    homeserver: Option<Homeserver>,
+    metrics: Arc<Metrics>,
+}
+
+/// Longest `whoami` answer read (a real one is about 100 bytes).
+const MAX_WHOAMI_BODY: usize = 64 * 1024;
+/// How long a client is told to wait when the homeserver cannot answer.
+const HOMESERVER_RETRY_MS: u64 = 5_000;
+
 impl Authenticator {
-    pub fn new(tokens: BTreeMap<String, String>) -> Self {
-        Self { tokens }
+    pub fn new(
+        tokens: BTreeMap<String, String>,
+        homeserver: Option<&HomeserverAuthConfig>,
+        server_name: &str,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, String> {
+        let static_tokens = tokens.into_iter().map(|(token, user)| (digest(&token, None), user)).collect();
+        let homeserver = homeserver.map(|c| Homeserver::new(c, server_name)).transpose()?;
+        Ok(Self { static_tokens, homeserver, metrics })
     }
 
-    /// The user the request is from, or 401 `M_MISSING_TOKEN` / `M_UNKNOWN_TOKEN`. The token
-    /// comes from `Authorization: Bearer` (scheme case-insensitive) or, deprecated but still
-    /// in the spec, the `access_token` query parameter.
-    pub fn authenticate(&self, headers: &HeaderMap) -> Result<String, ApiError> {
-        self.authenticate_with_query(headers, None)
-    }
-
-    pub fn authenticate_with_query(&self, headers: &HeaderMap, query_token: Option<&str>) -> Result<String, ApiError> {
+    /// The caller of a request, or the spec's error: 401 `M_MISSING_TOKEN` without a token,
+    /// the homeserver's refusal (401 `M_UNKNOWN_TOKEN`, …), or 503 when it cannot tell. The
+    /// token comes from `Authorization: Bearer` (scheme case-insensitive) or, deprecated but
+    /// still in the spec, the `access_token` query parameter.
+    pub async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        query: &BTreeMap<String, String>,
+    ) -> Result<Caller, ApiError> {
         let from_header = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| {
             let (scheme, rest) = v.trim().split_once(' ')?;
             scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
         });
         let token = from_header
-            .or(query_token)
+            .or(query.get("access_token").map(String::as_str))
             .filter(|t| !t.is_empty())
             .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "M_MISSING_TOKEN", "Missing access token"))?;
-        self.tokens
-            .get(token)
-            .cloned()
-            .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN", "Unrecognised access token"))
+        let masquerade = query.get("user_id").map(String::as_str);
+        if masquerade.is_none()
+            && let Some(user) = self.static_tokens.get(&digest(token, None))
+        {
+            self.count("static");
+            return Ok(Caller { user_id: user.clone(), is_guest: false });
+        }
+        let Some(hs) = &self.homeserver else {
+            self.count("refused");
+            return Err(unknown_token(false));
+        };
+        let key = digest(token, masquerade);
+        let mut asked = false;
+        let verdict = hs
+            .cache
+            .try_get_with(key, async {
+                asked = true;
+                hs.whoami(token, masquerade).await
+            })
+            .await;
+        match verdict {
+            Ok(Verdict::User(caller)) => {
+                self.count(if asked { "valid" } else { "cached" });
+                Ok(caller)
+            }
+            Ok(Verdict::Refused(refusal)) => {
+                self.count("refused");
+                Err(refusal.into_error())
+            }
+            Err(e) => {
+                self.count("unavailable");
+                Err((*e).clone())
+            }
+        }
+    }
+
+    /// [`Self::authenticate`] for endpoints guests may not use (uploads): 403
+    /// `M_GUEST_ACCESS_FORBIDDEN` for a guest.
+    pub async fn authenticate_member(
+        &self,
+        headers: &HeaderMap,
+        query: &BTreeMap<String, String>,
+    ) -> Result<Caller, ApiError> {
+        let caller = self.authenticate(headers, query).await?;
+        if caller.is_guest {
+            return Err(ApiError::new(StatusCode::FORBIDDEN, "M_GUEST_ACCESS_FORBIDDEN", "Guests cannot upload media"));
+        }
+        Ok(caller)
+    }
+
+    fn count(&self, result: &'static str) {
+        self.metrics.auth_checks.get_or_create(&ResultLabels { result }).inc();
+    }
+}
+
+/// sha2-256 of a token (and the user an application service masquerades as): the cache key,
+/// so raw tokens are not kept.
+fn digest(token: &str, masquerade: Option<&str>) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(token.as_bytes());
+    if let Some(user) = masquerade {
+        h.update([0]);
+        h.update(user.as_bytes());
+    }
+    h.finalize().into()
+}
+
+fn unknown_token(soft_logout: bool) -> ApiError {
+    ApiError {
+        soft_logout: soft_logout.then_some(true),
+        ..ApiError::new(StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN", "Unrecognised access token")
+    }
+}
+
+/// What the homeserver said about a token.
+#[derive(Clone, Debug, PartialEq)]
+enum Verdict {
+    User(Caller),
+    Refused(Refusal),
+}
+
+/// A refusal to pass on: the status and a known errcode (an unknown one becomes the status's
+/// generic code, so a homeserver's strings are not reflected to clients).
+#[derive(Clone, Debug, PartialEq)]
+struct Refusal {
+    status: StatusCode,
+    errcode: &'static str,
+    soft_logout: bool,
+}
+
+impl Refusal {
+    fn into_error(self) -> ApiError {
+        let message = match self.errcode {
+            "M_UNKNOWN_TOKEN" => "Unrecognised access token",
+            "M_MISSING_TOKEN" => "Missing access token",
+            "M_USER_LOCKED" => "This account is locked",
+            "M_USER_SUSPENDED" => "This account is suspended",
+            "M_USER_DEACTIVATED" => "This account is deactivated",
+            "M_GUEST_ACCESS_FORBIDDEN" => "Guests cannot use this endpoint",
+            _ => "The homeserver refused this access token for this request",
+        };
+        ApiError { soft_logout: self.soft_logout.then_some(true), ..ApiError::new(self.status, self.errcode, message) }
+    }
+}
+
+/// Maps a `whoami` answer to a verdict, or to the error to answer when it says nothing about
+/// the token (the homeserver is failing or misconfigured). Pure: the status and body only.
+fn judge(status: StatusCode, body: &[u8], server_name: &str) -> Result<Verdict, ApiError> {
+    let json: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+    if status == StatusCode::OK {
+        let user_id = json.as_ref().and_then(|j| j.get("user_id")).and_then(|u| u.as_str());
+        let Some(user_id) = user_id else {
+            tracing::error!("the homeserver's whoami answer has no user_id");
+            return Err(homeserver_unavailable());
+        };
+        let local = user_id
+            .strip_prefix('@')
+            .and_then(|rest| rest.split_once(':'))
+            .is_some_and(|(name, server)| !name.is_empty() && server == server_name);
+        if !local {
+            // A homeserver vouching for someone else's users is misconfigured (or not ours).
+            tracing::error!(%user_id, %server_name, "the homeserver answered whoami with a user of another server");
+            return Err(ApiError::internal("The homeserver vouched for a user of another server"));
+        }
+        let is_guest = json.as_ref().and_then(|j| j.get("is_guest")).and_then(|g| g.as_bool()).unwrap_or(false);
+        return Ok(Verdict::User(Caller { user_id: user_id.to_owned(), is_guest }));
+    }
+    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+        let given = json.as_ref().and_then(|j| j.get("errcode")).and_then(|e| e.as_str()).unwrap_or("");
+        const KNOWN: [&str; 7] = [
+            "M_UNKNOWN_TOKEN",
+            "M_MISSING_TOKEN",
+            "M_FORBIDDEN",
+            "M_USER_LOCKED",
+            "M_USER_SUSPENDED",
+            "M_USER_DEACTIVATED",
+            "M_GUEST_ACCESS_FORBIDDEN",
+        ];
+        let errcode = KNOWN.into_iter().find(|k| *k == given).unwrap_or(if status == StatusCode::UNAUTHORIZED {
+            "M_UNKNOWN_TOKEN"
+        } else {
+            "M_FORBIDDEN"
+        });
+        let soft_logout = json.as_ref().and_then(|j| j.get("soft_logout")).and_then(|s| s.as_bool()).unwrap_or(false);
+        return Ok(Verdict::Refused(Refusal { status, errcode, soft_logout }));
+    }
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        let wait = json.as_ref().and_then(|j| j.get("retry_after_ms")).and_then(|r| r.as_u64());
+        tracing::warn!(
+            "the homeserver rate-limits this edge's whoami checks; raise its rc_* limits for the media repository"
+        );
+        return Err(ApiError {
+            retry_after_ms: Some(wait.unwrap_or(HOMESERVER_RETRY_MS).clamp(1_000, 60_000)),
+            ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "M_LIMIT_EXCEEDED", "Too many requests; retry later")
+        });
+    }
+    tracing::error!(%status, "the homeserver's whoami failed; check [auth] homeserver_url and the homeserver");
+    Err(homeserver_unavailable())
+}
+
+fn homeserver_unavailable() -> ApiError {
+    ApiError::unavailable("The homeserver cannot check access tokens right now; retry later", HOMESERVER_RETRY_MS)
+}
+
+/// Cache lifetimes by verdict.
+struct ByVerdict {
+    ttl: Duration,
+    negative_ttl: Duration,
+}
+
+impl moka::Expiry<[u8; 32], Verdict> for ByVerdict {
+    fn expire_after_create(&self, _: &[u8; 32], value: &Verdict, _: Instant) -> Option<Duration> {
+        Some(match value {
+            Verdict::User(_) => self.ttl,
+            Verdict::Refused(_) => self.negative_ttl,
+        })
+    }
+}
+
+struct Homeserver {
+    whoami: reqwest::Url,
+    http: reqwest::Client,
+    server_name: String,
+    cache: moka::future::Cache<[u8; 32], Verdict>,
+}
+
+impl Homeserver {
+    fn new(c: &HomeserverAuthConfig, server_name: &str) -> Result<Self, String> {
+        let base = reqwest::Url::parse(&c.homeserver_url)
+            .map_err(|e| format!("auth.homeserver_url {:?}: {e}", c.homeserver_url))?;
+        if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
+            return Err(format!("auth.homeserver_url {:?} must be an http(s) URL", c.homeserver_url));
+        }
+        let whoami = base
+            .join("_matrix/client/v3/account/whoami")
+            .map_err(|e| format!("auth.homeserver_url {:?}: {e}", c.homeserver_url))?;
+        let http = reqwest::Client::builder()
+            .timeout(c.timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| format!("cannot build the homeserver client: {e}"))?;
+        let cache = moka::future::Cache::builder()
+            .max_capacity(c.cache_capacity)
+            .expire_after(ByVerdict { ttl: c.cache_ttl, negative_ttl: c.negative_cache_ttl })
+            .build();
+        Ok(Self { whoami, http, server_name: server_name.to_owned(), cache })
+    }
+
+    async fn whoami(&self, token: &str, masquerade: Option<&str>) -> Result<Verdict, ApiError> {
+        let mut url = self.whoami.clone();
+        if let Some(user) = masquerade {
+            url.query_pairs_mut().append_pair("user_id", user);
+        }
+        let resp = match self.http.get(url).bearer_auth(token).send().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reach the homeserver to check an access token");
+                return Err(homeserver_unavailable());
+            }
+        };
+        let status = resp.status();
+        let body = match read_capped(resp, MAX_WHOAMI_BODY).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "the homeserver's whoami answer could not be read");
+                return Err(homeserver_unavailable());
+            }
+        };
+        judge(status, &body, &self.server_name)
+    }
+}
+
+async fn read_capped(mut resp: reqwest::Response, cap: usize) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
+        if body.len() + chunk.len() > cap {
+            return Err(format!("answer over {cap} bytes"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn judged(status: u16, body: &str) -> Result<Verdict, ApiError> {
+        judge(StatusCode::from_u16(status).expect("status"), body.as_bytes(), "hs.example")
+    }
+
+    #[test]
+    fn whoami_answers_become_callers_refusals_or_503() {
+        assert_eq!(
+            judged(200, r#"{"user_id":"@alice:hs.example","device_id":"D"}"#).expect("user"),
+            Verdict::User(Caller { user_id: "@alice:hs.example".into(), is_guest: false })
+        );
+        assert_eq!(
+            judged(200, r#"{"user_id":"@g:hs.example","is_guest":true}"#).expect("guest"),
+            Verdict::User(Caller { user_id: "@g:hs.example".into(), is_guest: true })
+        );
+        // Refusals pass through, soft logout included.
+        let refused = |status, body| match judged(status, body) {
+            Ok(Verdict::Refused(r)) => r,
+            other => panic!("{other:?}"),
+        };
+        let r = refused(401, r#"{"errcode":"M_UNKNOWN_TOKEN","error":"x","soft_logout":true}"#);
+        assert_eq!((r.status, r.errcode, r.soft_logout), (StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN", true));
+        let e = r.into_error();
+        assert_eq!((e.status, e.errcode, e.soft_logout), (StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN", Some(true)));
+        let r =
+            refused(403, r#"{"errcode":"M_FORBIDDEN","error":"Application service cannot masquerade as this user"}"#);
+        assert_eq!((r.status, r.errcode), (StatusCode::FORBIDDEN, "M_FORBIDDEN"));
+        let r = refused(401, r#"{"errcode":"M_USER_LOCKED","soft_logout":true}"#);
+        assert_eq!(r.errcode, "M_USER_LOCKED");
+        // Codes the edge does not know are not reflected.
+        assert_eq!(refused(401, r#"{"errcode":"X_<script>"}"#).errcode, "M_UNKNOWN_TOKEN");
+        assert_eq!(refused(403, "not json").errcode, "M_FORBIDDEN");
+        // A homeserver that cannot answer is never a 401.
+        for (status, body) in [(500, ""), (502, "<html>"), (404, r#"{"errcode":"M_UNRECOGNIZED"}"#), (200, "{}")] {
+            let e = judged(status, body).expect_err("unavailable");
+            assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE, "{status} {body}");
+            assert!(e.retry_after_ms.is_some());
+        }
+        let e = judged(429, r#"{"errcode":"M_LIMIT_EXCEEDED","retry_after_ms":2500}"#).expect_err("limited");
+        assert_eq!((e.status, e.retry_after_ms), (StatusCode::TOO_MANY_REQUESTS, Some(2500)));
+        // Users of other servers are not this tenant's.
+        for other in [r#"{"user_id":"@alice:evil.example"}"#, r#"{"user_id":"alice"}"#, r#"{"user_id":"@:hs.example"}"#]
+        {
+            assert_eq!(judged(200, other).expect_err("foreign").status, StatusCode::INTERNAL_SERVER_ERROR, "{other}");
+        }
+    }
+
+    #[tokio::test]
+    async fn static_tokens_need_the_whole_token_and_no_homeserver_means_unknown() {
+        let tokens = BTreeMap::from([("secret-token-1".to_owned(), "@a:hs.example".to_owned())]);
+        let auth = Authenticator::new(tokens, None, "hs.example", Arc::new(Metrics::new())).expect("auth");
+        let mut headers = HeaderMap::new();
+        let none = BTreeMap::new();
+        let e = auth.authenticate(&headers, &none).await.expect_err("missing");
+        assert_eq!(e.errcode, "M_MISSING_TOKEN");
+        headers.insert(header::AUTHORIZATION, "bEaReR secret-token-1".parse().expect("header"));
+        assert_eq!(auth.authenticate(&headers, &none).await.expect("ok").user_id, "@a:hs.example");
+        for wrong in ["Bearer secret-token-", "Bearer secret-token-12", "Basic secret-token-1"] {
+            headers.insert(header::AUTHORIZATION, wrong.parse().expect("header"));
+            let e = auth.authenticate(&headers, &none).await.expect_err(wrong);
+            assert!(matches!(e.errcode, "M_UNKNOWN_TOKEN" | "M_MISSING_TOKEN"), "{wrong}: {e:?}");
+        }
+        let query = BTreeMap::from([("access_token".to_owned(), "secret-token-1".to_owned())]);
+        assert_eq!(auth.authenticate(&HeaderMap::new(), &query).await.expect("query").user_id, "@a:hs.example");
     }
 }

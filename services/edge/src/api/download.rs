@@ -44,7 +44,7 @@ pub async fn download_v1(
     path: Result<Path<MediaPath>, PathRejection>,
     Query(query): Query<BTreeMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    state.auth.authenticate_with_query(&headers, query.get("access_token").map(String::as_str))?;
+    state.auth.authenticate(&headers, &query).await?;
     let Path(path) = path.map_err(super::path_error)?;
     serve(&state, method, &headers, path, &query, false).await
 }

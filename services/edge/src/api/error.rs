@@ -12,17 +12,19 @@ use crate::ingest::IngestError;
 /// Errcode of [`ApiError::data_loss`] (namespaced as the spec asks of non-`M_` codes).
 pub const DATA_LOSS: &str = "IO.MXCAS.DATA_LOSS";
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct ApiError {
     pub status: StatusCode,
     pub errcode: &'static str,
     pub message: String,
     pub retry_after_ms: Option<u64>,
+    /// `soft_logout` of an `M_UNKNOWN_TOKEN` (the client may refresh instead of logging out).
+    pub soft_logout: Option<bool>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, errcode: &'static str, message: impl Into<String>) -> Self {
-        Self { status, errcode, message: message.into(), retry_after_ms: None }
+        Self { status, errcode, message: message.into(), retry_after_ms: None, soft_logout: None }
     }
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "M_NOT_FOUND", message)
@@ -58,6 +60,9 @@ impl IntoResponse for ApiError {
         let mut body = serde_json::json!({ "errcode": self.errcode, "error": self.message });
         if let Some(ms) = self.retry_after_ms {
             body["retry_after_ms"] = ms.into();
+        }
+        if let Some(soft) = self.soft_logout {
+            body["soft_logout"] = soft.into();
         }
         let mut resp = (self.status, Json(body)).into_response();
         if let Some(ms) = self.retry_after_ms {

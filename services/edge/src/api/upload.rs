@@ -21,7 +21,7 @@ pub async fn config(
     headers: HeaderMap,
     Query(query): Query<BTreeMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    state.auth.authenticate_with_query(&headers, query.get("access_token").map(String::as_str))?;
+    state.auth.authenticate(&headers, &query).await?;
     Ok(Json(json!({ "m.upload.size": state.media.config.max_upload_size.as_u64() })))
 }
 
@@ -31,7 +31,7 @@ pub async fn upload(
     Query(query): Query<BTreeMap<String, String>>,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    let user = state.auth.authenticate_with_query(&headers, query.get("access_token").map(String::as_str))?;
+    let user = state.auth.authenticate_member(&headers, &query).await?.user_id;
     let (content_type, filename) = upload_params(&state, &headers, &query)?;
     let key = state.media.upload(&user, None, content_type, filename, body.into_data_stream()).await?;
     Ok(Json(json!({ "content_uri": key.to_string() })))
@@ -44,7 +44,7 @@ pub async fn upload_to(
     Query(query): Query<BTreeMap<String, String>>,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    let user = state.auth.authenticate_with_query(&headers, query.get("access_token").map(String::as_str))?;
+    let user = state.auth.authenticate_member(&headers, &query).await?.user_id;
     let Path((server_name, media_id)) = path.map_err(super::path_error)?;
     if !super::valid_server_name(&server_name) || !super::valid_media_id(&media_id) {
         return Err(ApiError::bad_request("M_INVALID_PARAM", "Malformed server name or media ID"));
@@ -62,7 +62,7 @@ pub async fn create(
     headers: HeaderMap,
     Query(query): Query<BTreeMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    let user = state.auth.authenticate_with_query(&headers, query.get("access_token").map(String::as_str))?;
+    let user = state.auth.authenticate_member(&headers, &query).await?.user_id;
     let (key, expires_at) = state.media.create_pending(&user).await?;
     Ok(Json(json!({ "content_uri": key.to_string(), "unused_expires_at": expires_at })))
 }
