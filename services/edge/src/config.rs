@@ -135,6 +135,8 @@ pub struct AuthConfig {
     /// Deadline of one `whoami` call. Default 10s.
     #[serde(with = "humantime_serde")]
     pub homeserver_timeout: Duration,
+    /// Most `whoami` calls in flight; requests needing one more get 503 at once. Default 64.
+    pub max_concurrent_checks: usize,
 }
 
 impl Default for AuthConfig {
@@ -147,6 +149,7 @@ impl Default for AuthConfig {
             negative_cache_ttl: Duration::from_secs(5),
             cache_capacity: 100_000,
             homeserver_timeout: Duration::from_secs(10),
+            max_concurrent_checks: 64,
         }
     }
 }
@@ -159,6 +162,7 @@ pub struct HomeserverAuthConfig {
     pub negative_cache_ttl: Duration,
     pub cache_capacity: u64,
     pub timeout: Duration,
+    pub max_concurrent_checks: usize,
 }
 
 impl AuthConfig {
@@ -169,6 +173,7 @@ impl AuthConfig {
             negative_cache_ttl: self.negative_cache_ttl,
             cache_capacity: self.cache_capacity,
             timeout: self.homeserver_timeout,
+            max_concurrent_checks: self.max_concurrent_checks,
         })
     }
 

@@ -75,9 +75,15 @@ impl Authenticator {
             .filter(|t| !t.is_empty())
             .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "M_MISSING_TOKEN", "Missing access token"))?;
         let masquerade = query.get("user_id").map(String::as_str);
-        if masquerade.is_none()
-            && let Some(user) = self.static_tokens.get(&digest(token, None))
-        {
+        if let Some(user) = self.static_tokens.get(&digest(token, None)) {
+            if masquerade.is_some_and(|m| m != user) {
+                self.count("refused");
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "M_FORBIDDEN",
+                    "This access token cannot act as another user",
+                ));
+            }
             self.count("static");
             return Ok(Caller { user_id: user.clone(), is_guest: false });
         }
@@ -85,6 +91,10 @@ impl Authenticator {
             self.count("refused");
             return Err(unknown_token(false));
         };
+        if !plausible_token(token) || masquerade.is_some_and(|m| m.len() > 255) {
+            self.count("refused");
+            return Err(unknown_token(false));
+        }
         let key = digest(token, masquerade);
         let mut asked = false;
         let verdict = hs
@@ -133,12 +143,22 @@ impl Authenticator {
 /// so raw tokens are not kept.
 fn digest(token: &str, masquerade: Option<&str>) -> [u8; 32] {
     let mut h = Sha256::new();
+    h.update((token.len() as u64).to_le_bytes());
     h.update(token.as_bytes());
     if let Some(user) = masquerade {
-        h.update([0]);
+        h.update((user.len() as u64).to_le_bytes());
         h.update(user.as_bytes());
     }
     h.finalize().into()
+}
+
+/// Longest access token accepted (Synapse's are about 40 bytes; JWT-style ones a few hundred).
+const MAX_TOKEN_LEN: usize = 4096;
+
+/// Whether `token` can be a token at all: visible ASCII, bounded. Anything else is refused
+/// here, without asking the homeserver.
+fn plausible_token(token: &str) -> bool {
+    token.len() <= MAX_TOKEN_LEN && token.bytes().all(|b| b.is_ascii_graphic())
 }
 
 fn unknown_token(soft_logout: bool) -> ApiError {
@@ -155,8 +175,8 @@ enum Verdict {
     Refused(Refusal),
 }
 
-/// A refusal to pass on: the status and a known errcode (an unknown one becomes the status's
-/// generic code, so a homeserver's strings are not reflected to clients).
+/// A refusal to pass on: the status and a known errcode (fixed strings, so nothing a
+/// homeserver says is reflected to clients).
 #[derive(Clone, Debug, PartialEq)]
 struct Refusal {
     status: StatusCode,
@@ -168,7 +188,6 @@ impl Refusal {
     fn into_error(self) -> ApiError {
         let message = match self.errcode {
             "M_UNKNOWN_TOKEN" => "Unrecognised access token",
-            "M_MISSING_TOKEN" => "Missing access token",
             "M_USER_LOCKED" => "This account is locked",
             "M_USER_SUSPENDED" => "This account is suspended",
             "M_USER_DEACTIVATED" => "This account is deactivated",
@@ -202,21 +221,23 @@ fn judge(status: StatusCode, body: &[u8], server_name: &str) -> Result<Verdict, 
         return Ok(Verdict::User(Caller { user_id: user_id.to_owned(), is_guest }));
     }
     if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-        let given = json.as_ref().and_then(|j| j.get("errcode")).and_then(|e| e.as_str()).unwrap_or("");
-        const KNOWN: [&str; 7] = [
+        // Only the homeserver's own Matrix refusal is a refusal. A bare 401/403 (an HTML login
+        // page of something in between, a proxy) or an unknown code says nothing about the
+        // token, and must not log anyone out. `M_MISSING_TOKEN` after the edge sent one means
+        // something in between dropped it.
+        const REFUSALS: [&str; 6] = [
             "M_UNKNOWN_TOKEN",
-            "M_MISSING_TOKEN",
             "M_FORBIDDEN",
             "M_USER_LOCKED",
             "M_USER_SUSPENDED",
             "M_USER_DEACTIVATED",
             "M_GUEST_ACCESS_FORBIDDEN",
         ];
-        let errcode = KNOWN.into_iter().find(|k| *k == given).unwrap_or(if status == StatusCode::UNAUTHORIZED {
-            "M_UNKNOWN_TOKEN"
-        } else {
-            "M_FORBIDDEN"
-        });
+        let given = json.as_ref().and_then(|j| j.get("errcode")).and_then(|e| e.as_str());
+        let Some(errcode) = given.and_then(|g| REFUSALS.into_iter().find(|k| *k == g)) else {
+            tracing::error!(%status, errcode = given.unwrap_or("none"), "whoami answered a refusal the edge does not recognise as the homeserver's; check [auth] homeserver_url and what sits between");
+            return Err(homeserver_unavailable());
+        };
         let soft_logout = json.as_ref().and_then(|j| j.get("soft_logout")).and_then(|s| s.as_bool()).unwrap_or(false);
         return Ok(Verdict::Refused(Refusal { status, errcode, soft_logout }));
     }
@@ -258,31 +279,47 @@ struct Homeserver {
     http: reqwest::Client,
     server_name: String,
     cache: moka::future::Cache<[u8; 32], Verdict>,
+    /// Bounds the checks in flight: a flood of made-up tokens costs the homeserver at most
+    /// this many lookups at a time, and the rest are answered 503 at once.
+    in_flight: tokio::sync::Semaphore,
 }
 
 impl Homeserver {
     fn new(c: &HomeserverAuthConfig, server_name: &str) -> Result<Self, String> {
-        let base = reqwest::Url::parse(&c.homeserver_url)
-            .map_err(|e| format!("auth.homeserver_url {:?}: {e}", c.homeserver_url))?;
+        // A base with a path keeps it: `https://host/synapse` → `https://host/synapse/_matrix/…`.
+        let with_slash =
+            if c.homeserver_url.ends_with('/') { c.homeserver_url.clone() } else { format!("{}/", c.homeserver_url) };
+        let base =
+            reqwest::Url::parse(&with_slash).map_err(|e| format!("auth.homeserver_url {:?}: {e}", c.homeserver_url))?;
         if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
             return Err(format!("auth.homeserver_url {:?} must be an http(s) URL", c.homeserver_url));
         }
         let whoami = base
             .join("_matrix/client/v3/account/whoami")
             .map_err(|e| format!("auth.homeserver_url {:?}: {e}", c.homeserver_url))?;
+        // Straight to the homeserver: no redirects, and no proxy from the environment (tokens
+        // must not travel through one the operator did not configure here).
         let http = reqwest::Client::builder()
             .timeout(c.timeout)
             .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
             .build()
             .map_err(|e| format!("cannot build the homeserver client: {e}"))?;
         let cache = moka::future::Cache::builder()
             .max_capacity(c.cache_capacity)
             .expire_after(ByVerdict { ttl: c.cache_ttl, negative_ttl: c.negative_cache_ttl })
             .build();
-        Ok(Self { whoami, http, server_name: server_name.to_owned(), cache })
+        let in_flight = tokio::sync::Semaphore::new(c.max_concurrent_checks.max(1));
+        Ok(Self { whoami, http, server_name: server_name.to_owned(), cache, in_flight })
     }
 
     async fn whoami(&self, token: &str, masquerade: Option<&str>) -> Result<Verdict, ApiError> {
+        let Ok(_slot) = self.in_flight.try_acquire() else {
+            tracing::warn!(
+                "too many access-token checks in flight; answering 503 (raise [auth] max_concurrent_checks?)"
+            );
+            return Err(homeserver_unavailable());
+        };
         let mut url = self.whoami.clone();
         if let Some(user) = masquerade {
             url.query_pairs_mut().append_pair("user_id", user);
@@ -349,11 +386,19 @@ mod tests {
         assert_eq!((r.status, r.errcode), (StatusCode::FORBIDDEN, "M_FORBIDDEN"));
         let r = refused(401, r#"{"errcode":"M_USER_LOCKED","soft_logout":true}"#);
         assert_eq!(r.errcode, "M_USER_LOCKED");
-        // Codes the edge does not know are not reflected.
-        assert_eq!(refused(401, r#"{"errcode":"X_<script>"}"#).errcode, "M_UNKNOWN_TOKEN");
-        assert_eq!(refused(403, "not json").errcode, "M_FORBIDDEN");
-        // A homeserver that cannot answer is never a 401.
-        for (status, body) in [(500, ""), (502, "<html>"), (404, r#"{"errcode":"M_UNRECOGNIZED"}"#), (200, "{}")] {
+        // A homeserver that cannot answer is never a 401; nor is a refusal that is not the
+        // homeserver's (a bare 401 of something in between, an unknown code, a token that
+        // went missing on the way).
+        for (status, body) in [
+            (500, ""),
+            (502, "<html>"),
+            (404, r#"{"errcode":"M_UNRECOGNIZED"}"#),
+            (200, "{}"),
+            (401, "<html>login</html>"),
+            (403, ""),
+            (401, r#"{"errcode":"X_<script>"}"#),
+            (401, r#"{"errcode":"M_MISSING_TOKEN"}"#),
+        ] {
             let e = judged(status, body).expect_err("unavailable");
             assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE, "{status} {body}");
             assert!(e.retry_after_ms.is_some());
@@ -364,6 +409,17 @@ mod tests {
         for other in [r#"{"user_id":"@alice:evil.example"}"#, r#"{"user_id":"alice"}"#, r#"{"user_id":"@:hs.example"}"#]
         {
             assert_eq!(judged(200, other).expect_err("foreign").status, StatusCode::INTERNAL_SERVER_ERROR, "{other}");
+        }
+    }
+
+    #[test]
+    fn cache_keys_do_not_collide_across_the_token_and_masquerade_boundary() {
+        assert_ne!(digest("A\0B", None), digest("A", Some("B")));
+        assert_ne!(digest("AB", None), digest("A", Some("B")));
+        assert_ne!(digest("A", Some("")), digest("A", None));
+        assert!(plausible_token("syt_YWxpY2U_abcDEF_0123"));
+        for bad in ["a b", "a\nb", "tök", &"x".repeat(MAX_TOKEN_LEN + 1)] {
+            assert!(!plausible_token(bad), "{bad:?}");
         }
     }
 
@@ -384,5 +440,12 @@ mod tests {
         }
         let query = BTreeMap::from([("access_token".to_owned(), "secret-token-1".to_owned())]);
         assert_eq!(auth.authenticate(&HeaderMap::new(), &query).await.expect("query").user_id, "@a:hs.example");
+        // A static token cannot masquerade (and is not sent anywhere to try).
+        let mut query = query;
+        query.insert("user_id".into(), "@b:hs.example".into());
+        let e = auth.authenticate(&HeaderMap::new(), &query).await.expect_err("masquerade");
+        assert_eq!((e.status, e.errcode), (StatusCode::FORBIDDEN, "M_FORBIDDEN"));
+        query.insert("user_id".into(), "@a:hs.example".into());
+        assert!(auth.authenticate(&HeaderMap::new(), &query).await.is_ok(), "as itself is fine");
     }
 }
