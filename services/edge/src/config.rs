@@ -29,6 +29,13 @@ pub struct MediaConfig {
     /// An upload whose client sends nothing for this long is aborted. Default 30s.
     #[serde(with = "humantime_serde")]
     pub upload_idle_timeout: Duration,
+    /// Once `upload_idle_timeout` has passed, an upload must have arrived at least this fast
+    /// on average (per second), or it is aborted: a client trickling a byte now and then
+    /// cannot hold a slot. 0 disables. Default 1 KiB.
+    pub min_upload_rate: ByteSize,
+    /// Uploads one user may have streaming in at once on this edge (so one token cannot take
+    /// every slot); more get 429. Default 8.
+    pub max_concurrent_uploads_per_user: u32,
     /// Serve the unauthenticated `/_matrix/media/v3/download` endpoints. Default true.
     pub legacy_download: bool,
     /// Freeze the legacy endpoints (the spec's recommendation): media created after this
@@ -45,6 +52,8 @@ impl Default for MediaConfig {
             max_download_wait: Duration::from_secs(60),
             max_concurrent_uploads: 64,
             upload_idle_timeout: Duration::from_secs(30),
+            min_upload_rate: ByteSize::kib(1),
+            max_concurrent_uploads_per_user: 8,
             legacy_download: true,
             freeze_legacy_download_after: None,
         }
@@ -72,8 +81,11 @@ impl MediaConfig {
         if self.max_upload_size.as_u64() == 0 {
             return Err("media.max_upload_size must be above 0".into());
         }
-        if self.max_concurrent_uploads == 0 || self.upload_idle_timeout.is_zero() {
-            return Err("media.max_concurrent_uploads and media.upload_idle_timeout must be above 0".into());
+        if self.max_concurrent_uploads == 0
+            || self.upload_idle_timeout.is_zero()
+            || self.max_concurrent_uploads_per_user == 0
+        {
+            return Err("media.max_concurrent_uploads, media.max_concurrent_uploads_per_user and media.upload_idle_timeout must be above 0".into());
         }
         if self.unused_expires_after.is_zero() {
             return Err("media.unused_expires_after must be above 0".into());

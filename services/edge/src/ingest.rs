@@ -33,6 +33,9 @@ pub enum IngestError {
     /// The client sent nothing for too long.
     #[error("request body idle for {0:?}")]
     Idle(Duration),
+    /// The client sent too slowly on average (bytes per second, the minimum).
+    #[error("request body slower than {0} bytes/s")]
+    TooSlow(u64),
     /// The blob store failed (retryable).
     #[error("blob store: {0}")]
     Store(String),
@@ -59,12 +62,31 @@ pub struct Ingested {
     pub content: ContentRecord,
 }
 
+/// How fast a client must send: something every `idle_timeout`, and, once `idle_timeout` has
+/// passed since the upload started, at least `min_rate` bytes per second on average (0: no
+/// minimum). Together they bound how long a slot can be held by a client that trickles.
+#[derive(Clone, Copy, Debug)]
+pub struct Pace {
+    pub idle_timeout: Duration,
+    pub min_rate: u64,
+}
+
+impl Pace {
+    /// Whether `size` bytes after `elapsed` is still fast enough.
+    fn ok(&self, size: u64, elapsed: Duration) -> bool {
+        if self.min_rate == 0 || elapsed <= self.idle_timeout {
+            return true;
+        }
+        size as f64 >= self.min_rate as f64 * elapsed.as_secs_f64()
+    }
+}
+
 /// Streams `body` into `store`; returns once the bytes (and block index) are durable.
 pub async fn ingest<S, E>(
     store: &BlobStore,
     body: S,
     max_size: u64,
-    idle_timeout: Duration,
+    pace: Pace,
     now_ms: u64,
     generation: u64,
 ) -> Result<Ingested, IngestError>
@@ -74,7 +96,7 @@ where
 {
     let blob_key = BlobStore::new_blob_key(generation);
     let mut sink = Sink { store, key: &blob_key, buffer: BytesMut::new(), multipart: None };
-    let dag = match feed(body, max_size, idle_timeout, &mut sink).await {
+    let dag = match feed(body, max_size, pace, &mut sink).await {
         Ok(dag) => dag,
         Err(e) => {
             sink.abort().await;
@@ -145,11 +167,13 @@ impl Hashing {
     }
 }
 
-async fn feed<S, E>(mut body: S, max_size: u64, idle_timeout: Duration, sink: &mut Sink<'_>) -> Result<Dag, IngestError>
+async fn feed<S, E>(mut body: S, max_size: u64, pace: Pace, sink: &mut Sink<'_>) -> Result<Dag, IngestError>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,
 {
+    let idle_timeout = pace.idle_timeout;
+    let started = tokio::time::Instant::now();
     let mut size = 0u64;
     let mut hashing = Hashing { dag: DagBuilder::new(), in_flight: Default::default() };
     let mut leaf = BytesMut::with_capacity(CHUNK_SIZE);
@@ -162,6 +186,9 @@ where
         size += piece.len() as u64;
         if size > max_size {
             return Err(IngestError::TooLarge { limit: max_size });
+        }
+        if !pace.ok(size, started.elapsed()) {
+            return Err(IngestError::TooSlow(pace.min_rate));
         }
         let mut rest = piece.as_ref();
         while !rest.is_empty() {
@@ -230,5 +257,21 @@ impl Sink<'_> {
         {
             tracing::warn!(key = self.key, error = %e, "could not abort multipart upload");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_trickle_is_too_slow_once_the_grace_has_passed() {
+        let pace = Pace { idle_timeout: Duration::from_secs(30), min_rate: 1024 };
+        // Anything goes in the first idle_timeout (a slow start, a client that sends headers first).
+        assert!(pace.ok(1, Duration::from_secs(29)));
+        // One byte every 25 s never trips the idle timeout, but is far below the rate.
+        assert!(!pace.ok(2, Duration::from_secs(50)));
+        assert!(pace.ok(1024 * 50, Duration::from_secs(50)));
+        assert!(Pace { min_rate: 0, ..pace }.ok(0, Duration::from_secs(3600)), "0 disables the minimum");
     }
 }

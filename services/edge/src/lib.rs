@@ -15,6 +15,7 @@ pub mod api;
 pub mod block_index;
 pub mod cache;
 pub mod config;
+pub mod http_server;
 pub mod ingest;
 pub mod local_files;
 pub mod media;
@@ -53,6 +54,7 @@ pub struct EdgeSettings {
     pub auth: AuthConfig,
     pub store: StoreConfig,
     pub sweeper: sweeper::SweeperConfig,
+    pub http: http_server::HttpConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +85,7 @@ impl EdgeSettings {
             )));
         }
         self.media.validate().map_err(EdgeError::Config)?;
+        self.http.validate().map_err(EdgeError::Config)?;
         let tokens = self.auth.load().map_err(EdgeError::Config)?;
         if tokens.is_empty() && self.auth.homeserver_url.is_none() {
             return Err(EdgeError::Config(
@@ -135,18 +138,8 @@ pub async fn start(
     let admin_addr =
         admin_listener.local_addr().map_err(|source| EdgeError::Bind { addr: settings.admin_listen, source })?;
 
-    use axum::serve::ListenerExt;
-    let api_listener = api_listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
     let app = api::router(state);
-    let c = cancel.clone();
-    tracker.spawn(async move {
-        let served = axum::serve(api_listener, app).with_graceful_shutdown(c.cancelled_owned()).await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "media API server failed");
-        }
-    });
+    tracker.spawn(http_server::serve(api_listener, app, settings.http.clone(), cancel.clone()));
     let admin = admin::router(media.clone(), cancel.clone());
     let c = cancel.clone();
     tracker.spawn(async move {

@@ -23,7 +23,7 @@ use crate::api::error::ApiError;
 use crate::cache::BlockCache;
 use crate::cache::BlockError;
 use crate::config::MediaConfig;
-use crate::ingest::ingest;
+use crate::ingest::{Pace, ingest};
 use crate::metrics::{Metrics, ResultLabels};
 use crate::pause::{self, PausePoints};
 use crate::store::BlobStore;
@@ -51,6 +51,8 @@ pub struct MediaService {
     resolved: Cache<MediaKey, Resolved>,
     /// Upload slots (`media.max_concurrent_uploads`).
     upload_slots: Arc<tokio::sync::Semaphore>,
+    /// Uploads in progress per user (`media.max_concurrent_uploads_per_user`).
+    uploading: Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>,
     /// Downloads waiting for an async upload, woken by the change feed.
     waiters: std::sync::Mutex<std::collections::HashMap<MediaKey, Arc<tokio::sync::Notify>>>,
     /// Woken when changes may have been missed (feed reconnect or lag).
@@ -101,6 +103,7 @@ impl MediaService {
             metrics,
             resolved,
             upload_slots,
+            uploading: Default::default(),
             waiters: Default::default(),
             resync: tokio::sync::Notify::new(),
             poll_interval: cache.change_poll_interval,
@@ -196,6 +199,31 @@ impl MediaService {
         Ok((key, expires))
     }
 
+    fn pace(&self) -> Pace {
+        Pace { idle_timeout: self.config.upload_idle_timeout, min_rate: self.config.min_upload_rate.as_u64() }
+    }
+
+    /// One of `user`'s upload slots on this edge, or 429 when they are all taken.
+    fn user_slot(&self, user: &str) -> Result<UserSlot, ApiError> {
+        let mut uploading = self.uploading.lock().unwrap_or_else(|p| p.into_inner());
+        let n = uploading.entry(user.to_owned()).or_insert(0);
+        if *n >= self.config.max_concurrent_uploads_per_user {
+            return Err(ApiError {
+                retry_after_ms: Some(5_000),
+                ..ApiError::new(
+                    axum::http::StatusCode::TOO_MANY_REQUESTS,
+                    "M_LIMIT_EXCEEDED",
+                    format!(
+                        "Too many uploads in progress for this user (limit {}); finish one first",
+                        self.config.max_concurrent_uploads_per_user
+                    ),
+                )
+            });
+        }
+        *n += 1;
+        Ok(UserSlot { uploading: self.uploading.clone(), user: user.to_owned() })
+    }
+
     /// Stores `body` and records it: as a new mxc named by its CID (`media_id == None`) or as
     /// the content of a reserved media ID. Returns the mxc.
     pub async fn upload<S, E>(
@@ -213,6 +241,7 @@ impl MediaService {
         if let Some(id) = &media_id {
             self.check_reservation(user, id).await?;
         }
+        let _mine = self.user_slot(user)?;
         let _slot = match tokio::time::timeout(Duration::from_secs(10), self.upload_slots.clone().acquire_owned()).await
         {
             Ok(Ok(permit)) => permit,
@@ -221,14 +250,13 @@ impl MediaService {
         let started = now_ms();
         let limit = self.config.max_upload_size.as_u64();
         let generation = self.current_generation().await?;
-        let ingested =
-            match ingest(&self.store, body, limit, self.config.upload_idle_timeout, started, generation).await {
-                Ok(i) => i,
-                Err(e) => {
-                    self.count_upload("error");
-                    return Err(e.into());
-                }
-            };
+        let ingested = match ingest(&self.store, body, limit, self.pace(), started, generation).await {
+            Ok(i) => i,
+            Err(e) => {
+                self.count_upload("error");
+                return Err(e.into());
+            }
+        };
         self.metrics.upload_bytes.inc_by(ingested.content.size);
         self.pause.pass(pause::BEFORE_COMMIT).await;
         let mut request = CommitRequest {
@@ -647,4 +675,22 @@ fn random_media_id() -> String {
     use rand::Rng;
     use rand::distr::Alphanumeric;
     rand::rng().sample_iter(&Alphanumeric).take(24).map(char::from).collect()
+}
+
+/// A user's upload slot; given back when dropped.
+struct UserSlot {
+    uploading: Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>,
+    user: String,
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        let mut uploading = self.uploading.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = uploading.get_mut(&self.user) {
+            *n -= 1;
+            if *n == 0 {
+                uploading.remove(&self.user);
+            }
+        }
+    }
 }

@@ -31,6 +31,7 @@ pub struct Config {
     pub meta: MetaSection,
     pub edge: EdgeSection,
     pub sweeper: mxcas_edge::sweeper::SweeperConfig,
+    pub http: mxcas_edge::http_server::HttpConfig,
     /// Mutual TLS on every gRPC link (raft, metadata API, admin). Default: off.
     pub tls: mxcas_meta::tls::TlsConfig,
 }
@@ -139,6 +140,7 @@ impl Default for Config {
             meta: MetaSection::default(),
             edge: EdgeSection::default(),
             sweeper: Default::default(),
+            http: Default::default(),
             tls: Default::default(),
         }
     }

@@ -255,6 +255,7 @@ async fn serve(args: ServeArgs, role: Role) -> anyhow::Result<()> {
         auth,
         store: config.store.clone(),
         sweeper: config.sweeper.clone(),
+        http: config.http.clone(),
     };
     settings.validate().context("invalid configuration")?;
 

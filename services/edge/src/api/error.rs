@@ -142,6 +142,11 @@ impl From<IngestError> for ApiError {
                 "M_UNKNOWN",
                 format!("No upload data arrived for {}s; nothing was stored", t.as_secs()),
             ),
+            IngestError::TooSlow(rate) => ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "M_UNKNOWN",
+                format!("The upload arrived slower than {rate} bytes/s on average; nothing was stored"),
+            ),
             IngestError::Store(m) => {
                 tracing::error!(error = %m, "blob store write failed");
                 ApiError::unavailable("Media storage is temporarily unavailable; retry the upload", 2_000)

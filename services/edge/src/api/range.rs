@@ -1,6 +1,7 @@
 //! `Range: bytes=…` (RFC 9110 §14): one range, including suffix (`-N`) and open-ended
 //! (`N-`) forms. Several ranges, or units other than bytes, are ignored (the full body is
-//! served), as the RFC allows.
+//! served), as the RFC allows. The unit is case-insensitive; a position too large for 64 bits
+//! is past any body (so `N-` with such an N is 416, not the whole body).
 
 /// What to do with a request's `Range` header for a body of `size` bytes.
 #[derive(Debug, PartialEq, Eq)]
@@ -14,7 +15,10 @@ pub enum RangeDecision {
 }
 
 pub fn decide(header: Option<&str>, size: u64) -> RangeDecision {
-    let Some(spec) = header.and_then(|h| h.trim().strip_prefix("bytes=")) else {
+    let Some(spec) = header
+        .and_then(|h| h.trim().split_once('='))
+        .and_then(|(unit, spec)| unit.trim().eq_ignore_ascii_case("bytes").then_some(spec))
+    else {
         return RangeDecision::Full;
     };
     if spec.contains(',') {
@@ -24,8 +28,9 @@ pub fn decide(header: Option<&str>, size: u64) -> RangeDecision {
         return RangeDecision::Full;
     };
     let (first, last) = (first.trim(), last.trim());
+    // Digits only; more than u64 holds is as good as u64::MAX (past the end of anything).
     let parse = |s: &str| -> Option<u64> {
-        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) { None } else { s.parse().ok() }
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) { None } else { Some(s.parse().unwrap_or(u64::MAX)) }
     };
     match (first.is_empty(), last.is_empty()) {
         // bytes=-N: the last N bytes.
@@ -84,6 +89,15 @@ mod tests {
         assert_eq!(decide(Some("items=0-1"), 10), Full);
         assert_eq!(decide(Some("bytes=a-b"), 10), Full);
         assert_eq!(decide(Some("bytes=+1-2"), 10), Full);
+        // The unit is case-insensitive.
+        assert_eq!(decide(Some("Bytes=2-5"), 10), Partial { start: 2, end: 5 });
+        assert_eq!(decide(Some("BYTES = 2-5"), 10), Partial { start: 2, end: 5 });
+        // Positions past 64 bits.
+        let huge = "99999999999999999999999";
+        assert_eq!(decide(Some(&format!("bytes={huge}-")), 10), Unsatisfiable);
+        assert_eq!(decide(Some(&format!("bytes={huge}-{huge}")), 10), Unsatisfiable);
+        assert_eq!(decide(Some(&format!("bytes=2-{huge}")), 10), Partial { start: 2, end: 9 });
+        assert_eq!(decide(Some(&format!("bytes=-{huge}")), 10), Partial { start: 0, end: 9 });
     }
 
     proptest! {

@@ -1,0 +1,131 @@
+//! The media API as a public server: connections that never finish their headers, and uploads
+//! that trickle, do not take the service away from everyone else.
+
+use std::time::{Duration, Instant};
+
+use mxcas_tests::node::{ALICE, BOB};
+use mxcas_tests::{Node, NodeOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn addr(node: &Node) -> String {
+    node.api.trim_start_matches("http://").to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_open_connections_are_closed_and_others_are_served() -> anyhow::Result<()> {
+    let node = Node::start(NodeOptions {
+        extra: "[http]\nheader_read_timeout = \"2s\"\nmax_connections = 100\n".into(),
+        ..Default::default()
+    })
+    .await?;
+    // 300 connections that send half a request and then nothing (three times the limit).
+    // (Connecting itself waits once the accept queue is full, until the server closes some.)
+    let mut idle = Vec::new();
+    let connecting = async {
+        for _ in 0..300 {
+            let mut tcp = TcpStream::connect(addr(&node)).await?;
+            tcp.write_all(b"GET /_matrix/client/v1/media/config HTTP/1.1\r\nHost: x\r\n").await?;
+            idle.push(tcp);
+        }
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(30), connecting).await.map_err(|_| {
+        anyhow::anyhow!("300 connections could not even connect in 30 s: half-open ones are never closed")
+    })??;
+    // A real client is still answered: at worst it waits for the first ones to time out.
+    let started = Instant::now();
+    let request = node.http.get(node.url("/_matrix/client/v1/media/config")).bearer_auth(ALICE).send();
+    let resp = tokio::time::timeout(Duration::from_secs(10), request)
+        .await
+        .map_err(|_| anyhow::anyhow!("a real client was not answered within 10 s"))??;
+    assert_eq!(resp.status(), 200);
+    assert!(started.elapsed() < Duration::from_secs(10), "answered only after {:?}", started.elapsed());
+    // Every half-open connection is closed by the server (read gives EOF or a reset) once
+    // its headers are overdue.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for mut tcp in idle {
+        let mut buf = [0u8; 256];
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, tcp.read(&mut buf)).await {
+            Ok(Ok(_)) | Ok(Err(_)) => {}
+            Err(_) => panic!("a connection without complete headers was left open for 20 s"),
+        }
+    }
+    Ok(())
+}
+
+/// Sends an upload's headers and then one byte per `every`, for as long as the server takes
+/// it; returns the status the server answered with.
+async fn trickle(node: &Node, token: &str, every: Duration) -> anyhow::Result<u16> {
+    let mut tcp = TcpStream::connect(addr(node)).await?;
+    let head = format!(
+        "POST /_matrix/media/v3/upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    );
+    tcp.write_all(head.as_bytes()).await?;
+    let mut answer = Vec::new();
+    loop {
+        // The server answers (and may close) while we are still sending.
+        if tcp.write_all(b"1\r\nx\r\n").await.is_err() {
+            break;
+        }
+        let mut buf = [0u8; 1024];
+        match tokio::time::timeout(every, tcp.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => {
+                answer.extend_from_slice(&buf[..n]);
+                if answer.windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            Err(_) => {}
+        }
+    }
+    if !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer)).await;
+    }
+    let text = String::from_utf8_lossy(&answer);
+    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok());
+    status.ok_or_else(|| anyhow::anyhow!("no HTTP answer to a trickled upload: {text:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trickling_uploads_are_cut_off_and_one_user_cannot_take_every_slot() -> anyhow::Result<()> {
+    let node = Node::start(NodeOptions {
+        media: "upload_idle_timeout = \"2s\"\nmin_upload_rate = \"1 KiB\"\nmax_concurrent_uploads = 3\n\
+                max_concurrent_uploads_per_user = 2\n"
+            .into(),
+        ..Default::default()
+    })
+    .await?;
+    // Alice starts two uploads that send a byte every 500 ms: never idle for 2 s, far below
+    // 1 KiB/s.
+    let started = Instant::now();
+    let every = Duration::from_millis(500);
+    let all = async {
+        tokio::join!(trickle(&node, ALICE, every), trickle(&node, ALICE, every), async {
+            // Once both are under way, a third of Alice's is refused and Bob's goes through.
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            let third =
+                node.http.post(node.url("/_matrix/media/v3/upload")).bearer_auth(ALICE).body("third").send().await;
+            let third = third.expect("third upload");
+            let status = third.status().as_u16();
+            let json: serde_json::Value = third.json().await.expect("json");
+            assert_eq!((status, json["errcode"].as_str()), (429, Some("M_LIMIT_EXCEEDED")), "{json}");
+            assert!(json["retry_after_ms"].is_u64(), "{json}");
+            let bob = node.http.post(node.url("/_matrix/media/v3/upload")).bearer_auth(BOB).body("bob's").send().await;
+            assert_eq!(bob.expect("bob upload").status(), 200, "another user must still upload");
+        })
+    };
+    let (a, b, ()) = tokio::time::timeout(Duration::from_secs(30), all)
+        .await
+        .map_err(|_| anyhow::anyhow!("trickling uploads were still held after 30 s"))?;
+    // Both trickles were cut off as too slow (408), soon after the 2 s grace.
+    assert_eq!((a?, b?), (408, 408));
+    assert!(started.elapsed() < Duration::from_secs(15), "{:?}", started.elapsed());
+    // And the slots came back: Alice uploads again.
+    let again = node.http.post(node.url("/_matrix/media/v3/upload")).bearer_auth(ALICE).body("again").send().await?;
+    assert_eq!(again.status(), 200);
+    Ok(())
+}
