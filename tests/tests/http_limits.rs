@@ -20,7 +20,6 @@ async fn half_open_connections_are_closed_and_others_are_served() -> anyhow::Res
     })
     .await?;
     // 300 connections that send half a request and then nothing (three times the limit).
-    // (Connecting itself waits once the accept queue is full, until the server closes some.)
     let mut idle = Vec::new();
     let connecting = async {
         for _ in 0..300 {
@@ -93,39 +92,115 @@ async fn trickle(node: &Node, token: &str, every: Duration) -> anyhow::Result<u1
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trickling_uploads_are_cut_off_and_one_user_cannot_take_every_slot() -> anyhow::Result<()> {
     let node = Node::start(NodeOptions {
-        media: "upload_idle_timeout = \"2s\"\nmin_upload_rate = \"1 KiB\"\nmax_concurrent_uploads = 3\n\
+        media: "upload_idle_timeout = \"4s\"\nmin_upload_rate = \"1 KiB\"\nmax_concurrent_uploads = 3\n\
                 max_concurrent_uploads_per_user = 2\n"
             .into(),
         ..Default::default()
     })
     .await?;
-    // Alice starts two uploads that send a byte every 500 ms: never idle for 2 s, far below
+    // Alice starts two uploads that send a byte every 500 ms: never idle for 4 s, far below
     // 1 KiB/s.
     let started = Instant::now();
     let every = Duration::from_millis(500);
     let all = async {
-        tokio::join!(trickle(&node, ALICE, every), trickle(&node, ALICE, every), async {
-            // Once both are under way, a third of Alice's is refused and Bob's goes through.
-            tokio::time::sleep(Duration::from_millis(800)).await;
-            let third =
-                node.http.post(node.url("/_matrix/media/v3/upload")).bearer_auth(ALICE).body("third").send().await;
-            let third = third.expect("third upload");
-            let status = third.status().as_u16();
-            let json: serde_json::Value = third.json().await.expect("json");
-            assert_eq!((status, json["errcode"].as_str()), (429, Some("M_LIMIT_EXCEEDED")), "{json}");
-            assert!(json["retry_after_ms"].is_u64(), "{json}");
-            let bob = node.http.post(node.url("/_matrix/media/v3/upload")).bearer_auth(BOB).body("bob's").send().await;
-            assert_eq!(bob.expect("bob upload").status(), 200, "another user must still upload");
-        })
+        let ended = std::sync::atomic::AtomicUsize::new(0);
+        let traced = |status| {
+            ended.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            status
+        };
+        tokio::join!(
+            async { traced(trickle(&node, ALICE, every).await) },
+            async { traced(trickle(&node, ALICE, every).await) },
+            async {
+                // Once both are under way (the edge says two uploads are in progress), a third of
+                // Alice's is refused, and Bob's goes through.
+                let deadline = Instant::now() + Duration::from_secs(10);
+                loop {
+                    let metrics = node.metrics().await.expect("metrics");
+                    if metrics.lines().any(|l| l == "mxcas_edge_uploads_in_progress 2") {
+                        break;
+                    }
+                    let ended = ended.load(std::sync::atomic::Ordering::SeqCst);
+                    assert!(ended == 0 && Instant::now() < deadline, "the two trickling uploads never both started");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                let third =
+                    node.http.post(node.url("/_matrix/media/v3/upload")).bearer_auth(ALICE).body("third").send().await;
+                let third = third.expect("third upload");
+                let status = third.status().as_u16();
+                let json: serde_json::Value = third.json().await.expect("json");
+                assert_eq!((status, json["errcode"].as_str()), (429, Some("M_LIMIT_EXCEEDED")), "{json}");
+                assert!(json["retry_after_ms"].is_u64(), "{json}");
+                let bob =
+                    node.http.post(node.url("/_matrix/media/v3/upload")).bearer_auth(BOB).body("bob's").send().await;
+                assert_eq!(bob.expect("bob upload").status(), 200, "another user must still upload");
+            }
+        )
     };
     let (a, b, ()) = tokio::time::timeout(Duration::from_secs(30), all)
         .await
         .map_err(|_| anyhow::anyhow!("trickling uploads were still held after 30 s"))?;
-    // Both trickles were cut off as too slow (408), soon after the 2 s grace.
+    // Both trickles were cut off as too slow (408), at the end of their first 4 s window.
     assert_eq!((a?, b?), (408, 408));
     assert!(started.elapsed() < Duration::from_secs(15), "{:?}", started.elapsed());
     // And the slots came back: Alice uploads again.
     let again = node.http.post(node.url("/_matrix/media/v3/upload")).bearer_auth(ALICE).body("again").send().await?;
     assert_eq!(again.status(), 200);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_limit_wait_for_a_free_slot() -> anyhow::Result<()> {
+    let node = Node::start(NodeOptions {
+        extra: "[http]\nheader_read_timeout = \"3s\"\nmax_connections = 5\n".into(),
+        ..Default::default()
+    })
+    .await?;
+    // Five connections hold every slot (half a request each, until their headers are overdue).
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        let mut tcp = TcpStream::connect(addr(&node)).await?;
+        tcp.write_all(b"GET /_matrix/client/v1/media/config HTTP/1.1\r\n").await?;
+        held.push(tcp);
+    }
+    let started = Instant::now();
+    let request = node.http.get(node.url("/_matrix/client/v1/media/config")).bearer_auth(ALICE).send();
+    let resp = tokio::time::timeout(Duration::from_secs(15), request)
+        .await
+        .map_err(|_| anyhow::anyhow!("the sixth connection was never served"))??;
+    assert_eq!(resp.status(), 200);
+    // It was served only once a held one had been closed (3 s after they opened): the limit
+    // held it back. (A lower bound: a slow machine only makes it later.)
+    assert!(started.elapsed() >= Duration::from_millis(1500), "served after {:?}: no limit", started.elapsed());
+    drop(held);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_that_never_read_are_cut_off_and_give_their_slot_back() -> anyhow::Result<()> {
+    let node = Node::start(NodeOptions {
+        extra: "[http]\nwrite_timeout = \"2s\"\nheader_read_timeout = \"60s\"\nmax_connections = 3\n".into(),
+        ..Default::default()
+    })
+    .await?;
+    let id = node.upload_ok(mxcas_tests::test_bytes(77, 24 << 20)).await?;
+    // The upload's keep-alive connection holds one slot; two connections (the other slots)
+    // ask for the 24 MiB file, pipelined, and never read.
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let mut tcp = TcpStream::connect(addr(&node)).await?;
+        let get = format!("GET /_matrix/media/v3/download/localhost/{id} HTTP/1.1\r\nHost: x\r\n\r\n");
+        tcp.write_all(get.repeat(3).as_bytes()).await?;
+        stalled.push(tcp);
+    }
+    // A new client is served once the stalled writes time out (the idle keep-alive would
+    // only be closed after the 60 s header timeout).
+    let fresh = reqwest::Client::new();
+    let request = fresh.get(node.url("/_matrix/client/v1/media/config")).bearer_auth(ALICE).send();
+    let resp = tokio::time::timeout(Duration::from_secs(15), request)
+        .await
+        .map_err(|_| anyhow::anyhow!("slots held by readers that never read were never freed"))??;
+    assert_eq!(resp.status(), 200);
+    drop(stalled);
     Ok(())
 }

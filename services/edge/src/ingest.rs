@@ -62,22 +62,44 @@ pub struct Ingested {
     pub content: ContentRecord,
 }
 
-/// How fast a client must send: something every `idle_timeout`, and, once `idle_timeout` has
-/// passed since the upload started, at least `min_rate` bytes per second on average (0: no
-/// minimum). Together they bound how long a slot can be held by a client that trickles.
+/// How fast a client must send: something every `idle_timeout`, and at least `min_rate`
+/// bytes per second over each window of `idle_timeout` (0: no minimum). Together they bound
+/// how long a slot can be held by a client that trickles, also after a fast start.
 #[derive(Clone, Copy, Debug)]
 pub struct Pace {
     pub idle_timeout: Duration,
     pub min_rate: u64,
 }
 
-impl Pace {
-    /// Whether `size` bytes after `elapsed` is still fast enough.
-    fn ok(&self, size: u64, elapsed: Duration) -> bool {
-        if self.min_rate == 0 || elapsed <= self.idle_timeout {
+/// The current window of a [`Pace`]: when it started and what arrived in it. Time the server
+/// itself spends (storing, hashing) is not the client's and is left out.
+struct Window {
+    pace: Pace,
+    started: tokio::time::Instant,
+    bytes: u64,
+}
+
+impl Window {
+    fn new(pace: Pace) -> Self {
+        Self { pace, started: tokio::time::Instant::now(), bytes: 0 }
+    }
+
+    /// Counts `n` bytes received at `now`; false when the window that just closed was too slow.
+    fn received(&mut self, n: u64, now: tokio::time::Instant) -> bool {
+        self.bytes += n;
+        let elapsed = now.saturating_duration_since(self.started);
+        if self.pace.min_rate == 0 || elapsed < self.pace.idle_timeout {
             return true;
         }
-        size as f64 >= self.min_rate as f64 * elapsed.as_secs_f64()
+        let fast_enough = self.bytes as f64 >= self.pace.min_rate as f64 * elapsed.as_secs_f64();
+        self.started = now;
+        self.bytes = 0;
+        fast_enough
+    }
+
+    /// The server spent `d` on its own work: not counted against the client.
+    fn exclude(&mut self, d: Duration) {
+        self.started += d;
     }
 }
 
@@ -173,7 +195,7 @@ where
     E: std::fmt::Display,
 {
     let idle_timeout = pace.idle_timeout;
-    let started = tokio::time::Instant::now();
+    let mut window = Window::new(pace);
     let mut size = 0u64;
     let mut hashing = Hashing { dag: DagBuilder::new(), in_flight: Default::default() };
     let mut leaf = BytesMut::with_capacity(CHUNK_SIZE);
@@ -187,9 +209,10 @@ where
         if size > max_size {
             return Err(IngestError::TooLarge { limit: max_size });
         }
-        if !pace.ok(size, started.elapsed()) {
+        if !window.received(piece.len() as u64, tokio::time::Instant::now()) {
             return Err(IngestError::TooSlow(pace.min_rate));
         }
+        let working = tokio::time::Instant::now();
         let mut rest = piece.as_ref();
         while !rest.is_empty() {
             let take = (CHUNK_SIZE - leaf.len()).min(rest.len());
@@ -201,6 +224,7 @@ where
             }
         }
         sink.write(piece).await?;
+        window.exclude(working.elapsed());
     }
     // The last (possibly empty) leaf: an empty file is one empty raw block.
     if !leaf.is_empty() || size == 0 {
@@ -265,13 +289,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_trickle_is_too_slow_once_the_grace_has_passed() {
+    fn a_trickle_is_too_slow_in_any_window_even_after_a_fast_start() {
         let pace = Pace { idle_timeout: Duration::from_secs(30), min_rate: 1024 };
-        // Anything goes in the first idle_timeout (a slow start, a client that sends headers first).
-        assert!(pace.ok(1, Duration::from_secs(29)));
-        // One byte every 25 s never trips the idle timeout, but is far below the rate.
-        assert!(!pace.ok(2, Duration::from_secs(50)));
-        assert!(pace.ok(1024 * 50, Duration::from_secs(50)));
-        assert!(Pace { min_rate: 0, ..pace }.ok(0, Duration::from_secs(3600)), "0 disables the minimum");
+        let t0 = tokio::time::Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut w = Window { pace, started: t0, bytes: 0 };
+        // Anything goes within a window (a slow start, headers first).
+        assert!(w.received(1, at(29)));
+        // A fast first window...
+        assert!(w.received(100 << 20, at(30)));
+        // ...buys nothing for the next: a byte every 25 s is far below the rate.
+        assert!(w.received(1, at(55)));
+        assert!(!w.received(1, at(80)), "the second window was a trickle");
+        // Time the server spent on its own work does not count against the client.
+        let mut w = Window { pace, started: t0, bytes: 0 };
+        w.exclude(Duration::from_secs(20));
+        assert!(w.received(20 * 1024, at(40)), "20 KiB in the client's 20 s is fast enough");
+        let mut off = Window { pace: Pace { min_rate: 0, ..pace }, started: t0, bytes: 0 };
+        assert!(off.received(0, at(3600)), "0 disables the minimum");
     }
 }

@@ -221,7 +221,8 @@ impl MediaService {
             });
         }
         *n += 1;
-        Ok(UserSlot { uploading: self.uploading.clone(), user: user.to_owned() })
+        self.metrics.uploads_in_progress.inc();
+        Ok(UserSlot { uploading: self.uploading.clone(), user: user.to_owned(), metrics: self.metrics.clone() })
     }
 
     /// Stores `body` and records it: as a new mxc named by its CID (`media_id == None`) or as
@@ -681,10 +682,12 @@ fn random_media_id() -> String {
 struct UserSlot {
     uploading: Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>,
     user: String,
+    metrics: Arc<Metrics>,
 }
 
 impl Drop for UserSlot {
     fn drop(&mut self) {
+        self.metrics.uploads_in_progress.dec();
         let mut uploading = self.uploading.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(n) = uploading.get_mut(&self.user) {
             *n -= 1;

@@ -58,6 +58,8 @@ pub struct Metrics {
     /// Access-token checks by result: static, cached, valid (asked the homeserver), refused,
     /// unavailable (the homeserver could not answer).
     pub auth_checks: Family<ResultLabels, Counter>,
+    /// Uploads streaming in now (from when the user's slot is taken until the upload ends).
+    pub uploads_in_progress: Gauge,
     /// How long writing a new object took (local backend: the file's fsync and the shared
     /// directory fsync included).
     pub store_write_seconds: Histogram,
@@ -157,7 +159,10 @@ impl Metrics {
             "Access-token checks: static, cached, valid (asked the homeserver), refused, unavailable",
             auth_checks.clone(),
         );
+        let uploads_in_progress = Gauge::default();
+        registry.register("uploads_in_progress", "Uploads being received now", uploads_in_progress.clone());
         Self {
+            uploads_in_progress,
             auth_checks,
             store_write_seconds,
             meta_commit_seconds,
