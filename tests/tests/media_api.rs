@@ -39,10 +39,11 @@ async fn upload_returns_the_cid_and_downloads_byte_identical() -> R {
         let resp = node.http.get(node.url(&path)).bearer_auth(ALICE).send().await?;
         assert_eq!(resp.status(), 200, "{path}");
         let h = resp.headers().clone();
-        assert_eq!(h["content-type"], "text/plain");
+        // Named by its CID: the bytes decide the type, and only the URL names the file.
+        assert_eq!(h["content-type"], "text/plain; charset=utf-8");
         let disposition = h["content-disposition"].to_str()?;
-        let name = if path.ends_with("other.txt") { "other.txt" } else { "hello.txt" };
-        assert_eq!(disposition, format!("inline; filename*=utf-8''{name}"), "{path}");
+        let want = if path.ends_with("other.txt") { "inline; filename*=utf-8''other.txt" } else { "inline" };
+        assert_eq!(disposition, want, "{path}");
         assert_eq!(h["etag"], format!("\"{id}\"").as_str());
         assert!(h["cache-control"].to_str()?.contains("immutable"));
         assert!(h["content-security-policy"].to_str()?.starts_with("sandbox;"));
@@ -60,13 +61,53 @@ async fn unsafe_types_download_as_attachments_and_filenames_are_encoded() -> R {
     let resp = node.upload(b"<script>alert(1)</script>".to_vec(), "text/html", Some("x%22%3B%0Ay.html")).await?;
     let (status, body) = json(resp).await;
     assert_eq!((status, errcode(&body)), (400, "M_INVALID_PARAM"), "control characters in filenames are refused");
+    // Named by its CID, markup is text: served as text/plain, whatever was declared.
     let resp = node.upload(b"<script>alert(1)</script>".to_vec(), "text/html", Some("x%22%3B%20%C3%BCy.html")).await?;
     let (status, body) = json(resp).await;
     assert_eq!(status, 200, "{body}");
     let id = body["content_uri"].as_str().unwrap_or_default().rsplit('/').next().unwrap_or_default().to_owned();
     let resp = node.download(&id).await?;
+    assert_eq!(resp.headers()["content-type"], "text/plain; charset=utf-8");
+    // Under a reserved ID the uploader's type is kept: an unsafe one is an attachment, and its
+    // filename is encoded.
+    let (_, created) =
+        json(node.http.post(node.url("/_matrix/media/v1/create")).bearer_auth(ALICE).send().await?).await;
+    let reserved =
+        created["content_uri"].as_str().unwrap_or_default().rsplit('/').next().unwrap_or_default().to_owned();
+    let put = node.url(&format!("/_matrix/media/v3/upload/localhost/{reserved}?filename=x%22%3B%20%C3%BCy.html"));
+    let resp =
+        node.http.put(put).bearer_auth(ALICE).header("content-type", "text/html").body("<script>alert(2)</script>");
+    assert_eq!(resp.send().await?.status(), 200);
+    let resp = node.download(&reserved).await?;
     assert_eq!(resp.headers()["content-type"], "text/html");
     assert_eq!(resp.headers()["content-disposition"], "attachment; filename*=utf-8''x%22%3B%20%C3%BCy.html");
+    Ok(())
+}
+
+#[tokio::test]
+async fn no_uploader_changes_how_the_same_bytes_are_served_to_others() -> R {
+    let node = Node::start(NodeOptions::default()).await?;
+    let png: Vec<u8> =
+        [&[0x89u8, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a, 0, 0, 0, 13, b'I', b'H', b'D', b'R'][..], &[7u8; 200]]
+            .concat();
+    // The first upload of a sticker's bytes claims they are a Windows program named run.exe...
+    let (status, first) = json(node.upload(png.clone(), "application/x-msdownload", Some("run.exe")).await?).await;
+    assert_eq!(status, 200, "{first}");
+    // ...the next one says what they are: both get the same mxc, served the same way.
+    let (status, second) = json(node.upload(png.clone(), "image/png", Some("sticker.png")).await?).await;
+    assert_eq!(status, 200, "{second}");
+    assert_eq!(first["content_uri"], second["content_uri"]);
+    let id = first["content_uri"].as_str().unwrap_or_default().rsplit('/').next().unwrap_or_default().to_owned();
+    let resp = node.download(&id).await?;
+    assert_eq!(resp.headers()["content-type"], "image/png", "the bytes decide, not the first uploader");
+    assert_eq!(resp.headers()["content-disposition"], "inline", "no uploader's filename is served to others");
+    assert_eq!(resp.bytes().await?.as_ref(), png.as_slice());
+    // A real executable is served as one (an attachment), however it is declared.
+    let (_, exe) = json(node.upload(b"MZ\x90\x00\x03\x00\x00\x00 program".to_vec(), "image/png", None).await?).await;
+    let exe_id = exe["content_uri"].as_str().unwrap_or_default().rsplit('/').next().unwrap_or_default().to_owned();
+    let resp = node.download(&exe_id).await?;
+    assert_eq!(resp.headers()["content-type"], "application/vnd.microsoft.portable-executable");
+    assert!(resp.headers()["content-disposition"].to_str()?.starts_with("attachment"));
     Ok(())
 }
 

@@ -60,6 +60,8 @@ impl From<object_store::Error> for IngestError {
 pub struct Ingested {
     /// The content record to commit (refcount 0: the metadata service counts references).
     pub content: ContentRecord,
+    /// The first [`crate::sniff::HEAD`] bytes (all of a smaller upload): what decides its type.
+    pub head: Vec<u8>,
 }
 
 /// How fast a client must send: something every `idle_timeout`, and at least `min_rate`
@@ -118,8 +120,8 @@ where
 {
     let blob_key = BlobStore::new_blob_key(generation);
     let mut sink = Sink { store, key: &blob_key, buffer: BytesMut::new(), multipart: None };
-    let dag = match feed(body, max_size, pace, &mut sink).await {
-        Ok(dag) => dag,
+    let (dag, head) = match feed(body, max_size, pace, &mut sink).await {
+        Ok(fed) => fed,
         Err(e) => {
             sink.abort().await;
             return Err(e);
@@ -147,6 +149,7 @@ where
             created_at_ms: now_ms,
             lost: false,
         },
+        head,
     })
 }
 
@@ -189,7 +192,7 @@ impl Hashing {
     }
 }
 
-async fn feed<S, E>(mut body: S, max_size: u64, pace: Pace, sink: &mut Sink<'_>) -> Result<Dag, IngestError>
+async fn feed<S, E>(mut body: S, max_size: u64, pace: Pace, sink: &mut Sink<'_>) -> Result<(Dag, Vec<u8>), IngestError>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,
@@ -199,6 +202,7 @@ where
     let mut size = 0u64;
     let mut hashing = Hashing { dag: DagBuilder::new(), in_flight: Default::default() };
     let mut leaf = BytesMut::with_capacity(CHUNK_SIZE);
+    let mut head = Vec::new();
     loop {
         let piece = match tokio::time::timeout(idle_timeout, body.next()).await {
             Err(_) => return Err(IngestError::Idle(idle_timeout)),
@@ -213,6 +217,10 @@ where
             return Err(IngestError::TooSlow(pace.min_rate));
         }
         let working = tokio::time::Instant::now();
+        if head.len() < crate::sniff::HEAD {
+            let take = (crate::sniff::HEAD - head.len()).min(piece.len());
+            head.extend_from_slice(&piece[..take]);
+        }
         let mut rest = piece.as_ref();
         while !rest.is_empty() {
             let take = (CHUNK_SIZE - leaf.len()).min(rest.len());
@@ -230,7 +238,7 @@ where
     if !leaf.is_empty() || size == 0 {
         hashing.push(leaf.freeze()).await?;
     }
-    hashing.finish().await
+    Ok((hashing.finish().await?, head))
 }
 
 async fn store_index(store: &BlobStore, blob_key: &str, dag: &Dag) -> Result<Option<String>, IngestError> {

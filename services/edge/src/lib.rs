@@ -21,6 +21,7 @@ pub mod local_files;
 pub mod media;
 pub mod metrics;
 pub mod pause;
+pub mod sniff;
 pub mod store;
 pub mod sweeper;
 pub mod unixfs;

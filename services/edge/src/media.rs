@@ -260,6 +260,13 @@ impl MediaService {
         };
         self.metrics.upload_bytes.inc_by(ingested.content.size);
         self.pause.pass(pause::BEFORE_COMMIT).await;
+        // What it is served as (see crate::sniff): media named by its CID takes its type
+        // from its bytes and no filename, so no uploader can change how it is served to the
+        // others who upload the same bytes; a reserved ID is its uploader's own.
+        let (content_type, filename) = match &media_id {
+            None => (crate::sniff::by_bytes(&ingested.head).to_owned(), None),
+            Some(_) => (crate::sniff::recognised(&ingested.head).map(str::to_owned).unwrap_or(content_type), filename),
+        };
         let mut request = CommitRequest {
             server_name: self.server_name.clone(),
             media_id,

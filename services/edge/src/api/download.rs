@@ -187,7 +187,10 @@ async fn respond(
         RangeDecision::Full => (StatusCode::OK, 0, size),
     };
     insert(&mut h, header::CONTENT_TYPE, content_type);
-    insert(&mut h, header::CONTENT_DISPOSITION, &content_disposition(content_type, file_name.or(filename.as_deref())));
+    // Media named by its CID is everyone's who uploaded those bytes: a filename stored with it
+    // (by versions before bytes decided) is one uploader's, so only the URL's is used.
+    let stored_name = if r.media.key.media_id == cid.to_string() { None } else { filename.as_deref() };
+    insert(&mut h, header::CONTENT_DISPOSITION, &content_disposition(content_type, file_name.or(stored_name)));
     insert(&mut h, header::CONTENT_LENGTH, &(end - start).to_string());
 
     if method == Method::HEAD || start == end {
