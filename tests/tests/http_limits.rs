@@ -204,3 +204,32 @@ async fn readers_that_never_read_are_cut_off_and_give_their_slot_back() -> anyho
     drop(stalled);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_requests_get_matrix_errors_with_cors() -> anyhow::Result<()> {
+    let node = Node::start(NodeOptions::default()).await?;
+    let long = format!("/_matrix/client/v1/media/config?pad={}", "a".repeat(9000));
+    let resp = node.http.get(node.url(&long)).bearer_auth(ALICE).send().await?;
+    assert_eq!(resp.status(), 414);
+    assert_eq!(resp.headers()["access-control-allow-origin"], "*");
+    let json: serde_json::Value = resp.json().await?;
+    assert_eq!(json["errcode"], "M_UNKNOWN", "{json}");
+    let mut req = node.http.get(node.url("/_matrix/client/v1/media/config")).bearer_auth(ALICE);
+    for i in 0..120 {
+        req = req.header(format!("x-pad-{i}"), "x");
+    }
+    let resp = req.send().await?;
+    assert_eq!(resp.status(), 431);
+    assert_eq!(resp.headers()["access-control-allow-origin"], "*");
+    let json: serde_json::Value = resp.json().await?;
+    assert_eq!(json["errcode"], "M_UNKNOWN", "{json}");
+    let resp = node
+        .http
+        .get(node.url("/_matrix/client/v1/media/config"))
+        .bearer_auth(ALICE)
+        .header("x-big", "b".repeat(20_000))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 431);
+    Ok(())
+}

@@ -95,7 +95,13 @@ pub async fn serve(listener: TcpListener, app: Router, config: HttpConfig, cance
         connections.spawn(async move {
             let _permit = permit;
             let mut builder = hyper::server::conn::http1::Builder::new();
-            builder.timer(TokioTimer::new()).header_read_timeout(timeout).max_buf_size(64 * 1024);
+            // Above the API's own limits (crate::api::MAX_HEADERS, MAX_HEADER_BYTES, MAX_URI),
+            // so requests over those get its Matrix answer rather than hyper's bare one.
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(timeout)
+                .max_buf_size(64 * 1024)
+                .max_headers(2 * crate::api::MAX_HEADERS);
             let conn = builder.serve_connection(TokioIo::new(WriteDeadline::new(tcp, write_timeout)), service);
             tokio::pin!(conn);
             let served = tokio::select! {

@@ -46,6 +46,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "M_UNRECOGNIZED", "Method not allowed for this endpoint")
         })
         .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .layer(middleware::from_fn(request_limits))
         .layer(middleware::from_fn(cors))
         .with_state(state)
 }
@@ -64,6 +65,34 @@ async fn cors(req: Request, next: Next) -> Response {
     );
     h.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static("Content-Range, Content-Length, ETag"));
     resp
+}
+
+/// Longest request target accepted (path and query).
+pub const MAX_URI: usize = 8 * 1024;
+/// Most headers, and most header bytes (names and values), accepted in a request.
+pub const MAX_HEADERS: usize = 100;
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+
+/// Requests over the URI and header limits get the HTTP status for it (414, 431) with a
+/// Matrix error body and CORS headers. The server's own limits sit above these (see
+/// `http_server`), so within them the client always gets a Matrix answer.
+async fn request_limits(req: Request, next: Next) -> Response {
+    let uri_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    if uri_len > MAX_URI {
+        return ApiError::new(StatusCode::URI_TOO_LONG, "M_UNKNOWN", format!("Request URI over {MAX_URI} bytes"))
+            .into_response();
+    }
+    let headers = req.headers();
+    let bytes: usize = headers.iter().map(|(k, v)| k.as_str().len() + v.len()).sum();
+    if headers.len() > MAX_HEADERS || bytes > MAX_HEADER_BYTES {
+        return ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "M_UNKNOWN",
+            format!("Request headers over {MAX_HEADERS} fields or {MAX_HEADER_BYTES} bytes"),
+        )
+        .into_response();
+    }
+    next.run(req).await
 }
 
 /// One span and one metric per request, labelled by route template and status class.
