@@ -265,7 +265,7 @@ impl MediaService {
         // others who upload the same bytes; a reserved ID is its uploader's own.
         let (content_type, filename) = match &media_id {
             None => (crate::sniff::by_bytes(&ingested.head).to_owned(), None),
-            Some(_) => (crate::sniff::recognised(&ingested.head).map(str::to_owned).unwrap_or(content_type), filename),
+            Some(_) => (crate::sniff::for_reserved(&ingested.head, content_type), filename),
         };
         let mut request = CommitRequest {
             server_name: self.server_name.clone(),
