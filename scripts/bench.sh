@@ -51,6 +51,9 @@ data_dir = "$WORK/data"
 tokens = { "bench-token-123456" = "@bench:localhost" }
 [media]
 max_upload_size = "$((SIZE_MIB + 1)) MiB"
+# One benchmark user makes every request: no per-user rate limits.
+uploads_per_minute_per_user = 0
+downloads_per_minute_per_user = 0
 TOML
 "$BIN" serve --config "$WORK/mxcas.toml" > "$WORK/mxcas.log" 2>&1 &
 MXCAS_PID=$!; PIDS+=("$MXCAS_PID")

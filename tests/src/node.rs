@@ -107,9 +107,15 @@ impl Node {
         let config = format!(
             "server_name = \"localhost\"\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndata_dir = \"{data}\"\n\
              [auth]\ntokens = {{ \"{ALICE}\" = \"@alice:localhost\", \"{BOB}\" = \"@bob:localhost\" }}\n{auth}\n\
-             [media]\n{media}\n[cache]\n{cache}\n[edge]\nmeta = [{edge_meta}]\n[store]\n{store}\n{extra}",
+             [media]\n{rates}{media}\n[cache]\n{cache}\n[edge]\nmeta = [{edge_meta}]\n[store]\n{store}\n{extra}",
             data = self.data_dir().display(),
             auth = self.opts.auth,
+            // A few test users make every request: per-user rate limits off unless a test sets them.
+            rates = if self.opts.media.contains("_per_minute_per_user") {
+                ""
+            } else {
+                "uploads_per_minute_per_user = 0\ndownloads_per_minute_per_user = 0\n"
+            },
             media = self.opts.media,
             cache = self.opts.cache,
             extra = self.opts.extra,

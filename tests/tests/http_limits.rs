@@ -233,3 +233,46 @@ async fn oversized_requests_get_matrix_errors_with_cors() -> anyhow::Result<()> 
     assert_eq!(resp.status(), 431);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_user_request_rates_answer_429_with_the_wait() -> anyhow::Result<()> {
+    let node = Node::start(NodeOptions {
+        media: "uploads_per_minute_per_user = 3\ndownloads_per_minute_per_user = 5\n".into(),
+        ..Default::default()
+    })
+    .await?;
+    let upload = |token: &'static str, n: u32| {
+        node.http.post(node.url("/_matrix/media/v3/upload")).bearer_auth(token).body(format!("rate {token} {n}")).send()
+    };
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let resp = upload(ALICE, n).await?;
+        assert_eq!(resp.status(), 200);
+        let json: serde_json::Value = resp.json().await?;
+        ids.push(json["content_uri"].as_str().unwrap_or_default().rsplit('/').next().unwrap_or_default().to_owned());
+    }
+    let resp = upload(ALICE, 3).await?;
+    assert_eq!(resp.status(), 429);
+    assert!(resp.headers().contains_key("retry-after"));
+    let json: serde_json::Value = resp.json().await?;
+    assert_eq!(json["errcode"], "M_LIMIT_EXCEEDED", "{json}");
+    let wait = json["retry_after_ms"].as_u64().unwrap_or(0);
+    assert!((1..=20_000).contains(&wait), "one upload token every 20 s: {json}");
+    // Bob has his own budget.
+    assert_eq!(upload(BOB, 0).await?.status(), 200);
+    // Downloads have theirs: 5, then 429.
+    let download = || {
+        node.http
+            .get(node.url(&format!("/_matrix/client/v1/media/download/localhost/{}", ids[0])))
+            .bearer_auth(ALICE)
+            .send()
+    };
+    for _ in 0..5 {
+        assert_eq!(download().await?.status(), 200);
+    }
+    let resp = download().await?;
+    assert_eq!(resp.status(), 429);
+    let json: serde_json::Value = resp.json().await?;
+    assert_eq!(json["errcode"], "M_LIMIT_EXCEEDED", "{json}");
+    Ok(())
+}

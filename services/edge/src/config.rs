@@ -36,6 +36,12 @@ pub struct MediaConfig {
     /// Uploads one user may have streaming in at once on this edge (so one token cannot take
     /// every slot); more get 429. Default 8.
     pub max_concurrent_uploads_per_user: u32,
+    /// Uploads (and `/create`s) one user may start per minute on this edge, as a token bucket
+    /// (bursts up to this many); more get 429 with `retry_after_ms`. 0: no limit. Default 60.
+    pub uploads_per_minute_per_user: u32,
+    /// Authenticated downloads one user may make per minute on this edge (same rules).
+    /// 0: no limit. Default 600.
+    pub downloads_per_minute_per_user: u32,
     /// Serve the unauthenticated `/_matrix/media/v3/download` endpoints. Default true.
     pub legacy_download: bool,
     /// Freeze the legacy endpoints (the spec's recommendation): media created after this
@@ -54,6 +60,8 @@ impl Default for MediaConfig {
             upload_idle_timeout: Duration::from_secs(30),
             min_upload_rate: ByteSize::kib(1),
             max_concurrent_uploads_per_user: 8,
+            uploads_per_minute_per_user: 60,
+            downloads_per_minute_per_user: 600,
             legacy_download: true,
             freeze_legacy_download_after: None,
         }

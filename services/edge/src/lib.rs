@@ -21,6 +21,7 @@ pub mod local_files;
 pub mod media;
 pub mod metrics;
 pub mod pause;
+pub mod rate_limit;
 pub mod sniff;
 pub mod store;
 pub mod sweeper;
@@ -128,7 +129,13 @@ pub async fn start(
     );
     let auth = Authenticator::new(tokens, settings.auth.homeserver().as_ref(), &settings.server_name, metrics.clone())
         .map_err(EdgeError::Config)?;
-    let state = Arc::new(AppState { media: media.clone(), auth, metrics });
+    let state = Arc::new(AppState {
+        media: media.clone(),
+        auth,
+        metrics,
+        upload_limit: rate_limit::RateLimiter::new("uploads", settings.media.uploads_per_minute_per_user),
+        download_limit: rate_limit::RateLimiter::new("downloads", settings.media.downloads_per_minute_per_user),
+    });
 
     let api_listener =
         TcpListener::bind(settings.listen).await.map_err(|source| EdgeError::Bind { addr: settings.listen, source })?;

@@ -44,7 +44,8 @@ pub async fn download_v1(
     path: Result<Path<MediaPath>, PathRejection>,
     Query(query): Query<BTreeMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    state.auth.authenticate(&headers, &query).await?;
+    let caller = state.auth.authenticate(&headers, &query).await?;
+    state.download_limit.check(&caller.user_id)?;
     let Path(path) = path.map_err(super::path_error)?;
     serve(&state, method, &headers, path, &query, false).await
 }

@@ -28,6 +28,10 @@ pub struct AppState {
     pub media: Arc<MediaService>,
     pub auth: Authenticator,
     pub metrics: Arc<Metrics>,
+    /// Uploads and `/create`s per user per minute on this edge.
+    pub upload_limit: crate::rate_limit::RateLimiter,
+    /// Authenticated downloads per user per minute on this edge.
+    pub download_limit: crate::rate_limit::RateLimiter,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {

@@ -32,6 +32,7 @@ pub async fn upload(
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     let user = state.auth.authenticate_member(&headers, &query).await?.user_id;
+    state.upload_limit.check(&user)?;
     let (content_type, filename) = upload_params(&state, &headers, &query)?;
     let key = state.media.upload(&user, None, content_type, filename, body.into_data_stream()).await?;
     Ok(Json(json!({ "content_uri": key.to_string() })))
@@ -45,6 +46,7 @@ pub async fn upload_to(
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     let user = state.auth.authenticate_member(&headers, &query).await?.user_id;
+    state.upload_limit.check(&user)?;
     let Path((server_name, media_id)) = path.map_err(super::path_error)?;
     if !super::valid_server_name(&server_name) || !super::valid_media_id(&media_id) {
         return Err(ApiError::bad_request("M_INVALID_PARAM", "Malformed server name or media ID"));
@@ -63,6 +65,7 @@ pub async fn create(
     Query(query): Query<BTreeMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     let user = state.auth.authenticate_member(&headers, &query).await?.user_id;
+    state.upload_limit.check(&user)?;
     let (key, expires_at) = state.media.create_pending(&user).await?;
     Ok(Json(json!({ "content_uri": key.to_string(), "unused_expires_at": expires_at })))
 }
