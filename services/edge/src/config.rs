@@ -174,29 +174,7 @@ impl Default for AuthConfig {
     }
 }
 
-/// The homeserver-checking part of [`AuthConfig`], when `homeserver_url` is set.
-#[derive(Clone, Debug)]
-pub struct HomeserverAuthConfig {
-    pub homeserver_url: String,
-    pub cache_ttl: Duration,
-    pub negative_cache_ttl: Duration,
-    pub cache_capacity: u64,
-    pub timeout: Duration,
-    pub max_concurrent_checks: usize,
-}
-
 impl AuthConfig {
-    pub fn homeserver(&self) -> Option<HomeserverAuthConfig> {
-        self.homeserver_url.as_ref().map(|url| HomeserverAuthConfig {
-            homeserver_url: url.clone(),
-            cache_ttl: self.cache_ttl,
-            negative_cache_ttl: self.negative_cache_ttl,
-            cache_capacity: self.cache_capacity,
-            timeout: self.homeserver_timeout,
-            max_concurrent_checks: self.max_concurrent_checks,
-        })
-    }
-
     /// All configured tokens (inline and from `tokens_file`).
     pub fn load(&self) -> Result<BTreeMap<String, String>, String> {
         let mut tokens = self.tokens.clone();

@@ -127,7 +127,7 @@ pub async fn start(
         )
         .map_err(EdgeError::Config)?,
     );
-    let auth = Authenticator::new(tokens, settings.auth.homeserver().as_ref(), &settings.server_name, metrics.clone())
+    let auth = Authenticator::new(tokens, &settings.auth, &settings.server_name, metrics.clone())
         .map_err(EdgeError::Config)?;
     let state = Arc::new(AppState {
         media: media.clone(),

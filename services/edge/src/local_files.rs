@@ -46,6 +46,11 @@ impl LocalFiles {
         Self { root, sync_dir, syncs: Mutex::default(), durable_dirs: tokio::sync::Mutex::default() }
     }
 
+    /// The directory objects live under.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// The path of `key`, if it is one this writer handles: relative segments of letters,
     /// digits and `._-` (what `object_store`'s local backend maps to the same path unescaped),
     /// none of them `.` or `..`.

@@ -26,9 +26,11 @@ pub const HEAD: usize = 8192;
 /// from content (HTML, XML, scripts), since markup guessed from bytes is what
 /// content-sniffing attacks rely on.
 pub fn recognised(head: &[u8]) -> Option<&'static str> {
-    if text_charset(head).is_some() {
-        return None;
-    }
+    if text_charset(head).is_some() { None } else { format_of(head) }
+}
+
+/// The non-text format `infer` finds in `head`, under its registered name.
+fn format_of(head: &[u8]) -> Option<&'static str> {
     let t = infer::get(head).filter(|t| t.matcher_type() != infer::MatcherType::Text)?;
     Some(match t.mime_type() {
         // infer's names → the registered ones clients and the inline list use.
@@ -54,7 +56,7 @@ pub fn by_bytes(head: &[u8]) -> &'static str {
         Some(Charset::Utf8) => "text/plain; charset=utf-8",
         Some(Charset::Utf16Le) => "text/plain; charset=utf-16le",
         Some(Charset::Utf16Be) => "text/plain; charset=utf-16be",
-        None => recognised(head).unwrap_or("application/octet-stream"),
+        None => format_of(head).unwrap_or("application/octet-stream"),
     }
 }
 

@@ -103,9 +103,8 @@ pub const PART_SIZE: usize = 8 << 20;
 pub struct BlobStore {
     inner: Arc<dyn ObjectStore>,
     metrics: Arc<Metrics>,
-    /// The directory of the local backend (`None` for S3), for its staging files.
-    local_root: Option<PathBuf>,
-    /// New objects of the local backend, written with shared directory fsyncs.
+    /// The local backend's directory, where new objects are written with shared directory
+    /// fsyncs and multipart staging files are found (`None` for S3).
     local_files: Option<Arc<LocalFiles>>,
 }
 
@@ -148,8 +147,8 @@ impl BlobStore {
                 Arc::new(b.build()?)
             }
         };
-        let local_files = local_root.clone().map(|root| Arc::new(LocalFiles::new(root)));
-        Ok(Self { inner, metrics, local_root, local_files })
+        let local_files = local_root.map(|root| Arc::new(LocalFiles::new(root)));
+        Ok(Self { inner, metrics, local_files })
     }
 
     /// A fresh object key for an upload starting under reclaim generation `generation`.
@@ -188,7 +187,7 @@ impl BlobStore {
     /// killed mid-upload leaves them behind; S3 has no such files (abandoned multipart
     /// uploads are reclaimed by a bucket lifecycle rule, see docs/storage.md).
     pub fn staging_files(&self, prefix: &str) -> Vec<(String, PathBuf)> {
-        let Some(root) = &self.local_root else { return Vec::new() };
+        let Some(root) = self.local_files.as_ref().map(|f| f.root()) else { return Vec::new() };
         let mut found = Vec::new();
         let mut dirs = vec![root.join(prefix)];
         while let Some(dir) = dirs.pop() {

@@ -278,14 +278,21 @@ impl StateMachine {
 
     /// Writes the whole state (every record, not the extras) to `out` in the compact snapshot
     /// form (see [`snapshot_format`]), from one consistent read transaction, and returns the
-    /// records written, the extras named in `extra_keys` and the state digest, all as of that
-    /// same state.
-    pub fn export(&self, out: &mut impl std::io::Write, extra_keys: &[&str]) -> Result<Exported, StorageError> {
+    /// records written, the extras named in `extra_keys` and, if asked (it costs a second
+    /// encoding of every record), the state digest, all as of that same state.
+    pub fn export(
+        &self,
+        out: &mut impl std::io::Write,
+        extra_keys: &[&str],
+        with_digest: bool,
+    ) -> Result<Exported, StorageError> {
         let txn = self.db.begin_read()?;
         let mut compact = snapshot_format::CompactWriter::new(out)?;
-        let mut canonical = Hashing::new(std::io::sink());
+        let mut canonical = with_digest.then(|| Hashing::new(std::io::sink()));
         let records = Self::export_from(&txn, &mut |rec| {
-            snapshot_format::write_canonical(&mut canonical, rec)?;
+            if let Some(c) = &mut canonical {
+                snapshot_format::write_canonical(c, rec)?;
+            }
             compact.put(rec)
         })?;
         let extra = txn.open_table(EXTRA)?;
@@ -293,7 +300,7 @@ impl StateMachine {
             .iter()
             .map(|k| extra.get(*k).map(|v| v.map(|v| v.value().to_vec())))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Exported { records, extras, digest: sha2::Digest::finalize(canonical.hash).into() })
+        Ok(Exported { records, extras, digest: canonical.map(|c| sha2::Digest::finalize(c.hash).into()) })
     }
 
     /// The state in the canonical form earlier versions wrote snapshots in (tests of reading
@@ -1034,8 +1041,8 @@ pub struct Exported {
     pub records: u64,
     /// The extras asked for, as of the exported state.
     pub extras: Vec<Option<Vec<u8>>>,
-    /// The state digest of what was exported (as [`StateMachine::digest`] gives it).
-    pub digest: [u8; 32],
+    /// The state digest of what was exported (as [`StateMachine::digest`] gives it), if asked.
+    pub digest: Option<[u8; 32]>,
 }
 
 fn io_err(e: std::io::Error) -> StorageError {

@@ -23,7 +23,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use sha2::{Digest, Sha256};
 
 use super::error::ApiError;
-use crate::config::HomeserverAuthConfig;
+use crate::config::AuthConfig;
 use crate::metrics::{Metrics, ResultLabels};
 
 /// The user a request is from.
@@ -48,12 +48,13 @@ const HOMESERVER_RETRY_MS: u64 = 5_000;
 impl Authenticator {
     pub fn new(
         tokens: BTreeMap<String, String>,
-        homeserver: Option<&HomeserverAuthConfig>,
+        config: &AuthConfig,
         server_name: &str,
         metrics: Arc<Metrics>,
     ) -> Result<Self, String> {
         let static_tokens = tokens.into_iter().map(|(token, user)| (digest(&token, None), user)).collect();
-        let homeserver = homeserver.map(|c| Homeserver::new(c, server_name)).transpose()?;
+        let homeserver =
+            config.homeserver_url.as_deref().map(|url| Homeserver::new(url, config, server_name)).transpose()?;
         Ok(Self { static_tokens, homeserver, metrics })
     }
 
@@ -285,22 +286,20 @@ struct Homeserver {
 }
 
 impl Homeserver {
-    fn new(c: &HomeserverAuthConfig, server_name: &str) -> Result<Self, String> {
+    /// The client of the homeserver at `url`, with `c`'s cache and limits.
+    fn new(url: &str, c: &AuthConfig, server_name: &str) -> Result<Self, String> {
         // A base with a path keeps it: `https://host/synapse` → `https://host/synapse/_matrix/…`.
-        let with_slash =
-            if c.homeserver_url.ends_with('/') { c.homeserver_url.clone() } else { format!("{}/", c.homeserver_url) };
-        let base =
-            reqwest::Url::parse(&with_slash).map_err(|e| format!("auth.homeserver_url {:?}: {e}", c.homeserver_url))?;
+        let with_slash = if url.ends_with('/') { url.to_owned() } else { format!("{url}/") };
+        let base = reqwest::Url::parse(&with_slash).map_err(|e| format!("auth.homeserver_url {url:?}: {e}"))?;
         if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
-            return Err(format!("auth.homeserver_url {:?} must be an http(s) URL", c.homeserver_url));
+            return Err(format!("auth.homeserver_url {url:?} must be an http(s) URL"));
         }
-        let whoami = base
-            .join("_matrix/client/v3/account/whoami")
-            .map_err(|e| format!("auth.homeserver_url {:?}: {e}", c.homeserver_url))?;
+        let whoami =
+            base.join("_matrix/client/v3/account/whoami").map_err(|e| format!("auth.homeserver_url {url:?}: {e}"))?;
         // Straight to the homeserver: no redirects, and no proxy from the environment (tokens
         // must not travel through one the operator did not configure here).
         let http = reqwest::Client::builder()
-            .timeout(c.timeout)
+            .timeout(c.homeserver_timeout)
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .build()
@@ -426,7 +425,8 @@ mod tests {
     #[tokio::test]
     async fn static_tokens_need_the_whole_token_and_no_homeserver_means_unknown() {
         let tokens = BTreeMap::from([("secret-token-1".to_owned(), "@a:hs.example".to_owned())]);
-        let auth = Authenticator::new(tokens, None, "hs.example", Arc::new(Metrics::new())).expect("auth");
+        let auth =
+            Authenticator::new(tokens, &AuthConfig::default(), "hs.example", Arc::new(Metrics::new())).expect("auth");
         let mut headers = HeaderMap::new();
         let none = BTreeMap::new();
         let e = auth.authenticate(&headers, &none).await.expect_err("missing");

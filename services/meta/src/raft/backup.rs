@@ -78,7 +78,7 @@ pub fn hex(bytes: &[u8]) -> String {
 /// the header describing them. Blocking.
 pub fn export_records(sm: &StateMachine, node_id: NodeId, out: impl Write) -> Result<BackupHeader, BackupError> {
     let mut w = Hashing::new(std::io::BufWriter::new(out));
-    let ExportedAt { records, last_log_id, membership, digest } = export_at_position(sm, &mut w)?;
+    let ExportedAt { records, last_log_id, membership, digest } = export_at_position(sm, &mut w, true)?;
     w.flush().map_err(|e| io("writing the backup", e))?;
     let created_at_ms =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
@@ -88,7 +88,7 @@ pub fn export_records(sm: &StateMachine, node_id: NodeId, out: impl Write) -> Re
         membership,
         records,
         sha256: hex(&w.hash.finalize()),
-        state_digest: Some(hex(&digest)),
+        state_digest: digest.map(|d| hex(&d)),
         created_at_ms,
     })
 }

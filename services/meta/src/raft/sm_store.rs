@@ -99,16 +99,18 @@ pub(crate) struct ExportedAt {
     pub records: u64,
     pub last_log_id: Option<LogId<NodeId>>,
     pub membership: StoredMembership<NodeId, openraft::BasicNode>,
-    /// The state digest ([`StateMachine::digest`]) of the records.
-    pub digest: [u8; 32],
+    /// The state digest ([`StateMachine::digest`]) of the records, if asked.
+    pub digest: Option<[u8; 32]>,
 }
 
 /// Exports `sm`'s records to `out`; see [`ExportedAt`].
 pub(crate) fn export_at_position(
     sm: &StateMachine,
     out: &mut impl Write,
+    with_digest: bool,
 ) -> std::result::Result<ExportedAt, crate::error::StorageError> {
-    let crate::state_machine::Exported { records, extras, digest } = sm.export(out, &[LAST_APPLIED, MEMBERSHIP])?;
+    let crate::state_machine::Exported { records, extras, digest } =
+        sm.export(out, &[LAST_APPLIED, MEMBERSHIP], with_digest)?;
     fn parse<T: for<'de> Deserialize<'de>>(
         b: &Option<Vec<u8>>,
     ) -> std::result::Result<Option<T>, crate::error::StorageError> {
@@ -148,7 +150,7 @@ fn build(sm: &StateMachine, pointer: &Pointer) -> std::result::Result<(Meta, std
     let file = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
     let mut w = BufWriter::new(file);
     let ExportedAt { records, last_log_id, membership: last_membership, .. } =
-        export_at_position(sm, &mut w).map_err(|e| e.to_string())?;
+        export_at_position(sm, &mut w, false).map_err(|e| e.to_string())?;
     let file = w.into_inner().map_err(|e| e.to_string())?;
     file.sync_all().map_err(|e| e.to_string())?;
     // raft purges the log up to this snapshot once it is built: every apply it holds (and

@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use super::{SnapshotRecord, decode, encode, snapshot_err};
 use crate::error::StorageError;
 use crate::model::{ContentRecord, MediaKey, MediaRecord, MediaState, blob_key};
+use crate::raft::backup::hex;
 
 /// First bytes of a compact snapshot.
 pub(super) const MAGIC: [u8; 8] = *b"\0\0\0\0mxs2";
@@ -275,7 +276,7 @@ impl Key {
 
     fn into_string(self) -> String {
         match self {
-            Key::Blob { generation, name: Name::Hex(bytes) } => blob_key::new(generation, &to_hex(&bytes)),
+            Key::Blob { generation, name: Name::Hex(bytes) } => blob_key::new(generation, &hex(&bytes)),
             Key::Blob { generation, name: Name::Other(name) } => blob_key::new(generation, &name),
             Key::Other(key) => key,
         }
@@ -485,10 +486,6 @@ fn from_hex(s: &str) -> Option<Vec<u8>> {
         _ => None,
     };
     s.as_bytes().chunks(2).map(|p| Some(digit(p[0])? << 4 | digit(p[1])?)).collect()
-}
-
-fn to_hex(bytes: &[u8]) -> String {
-    crate::raft::backup::hex(bytes)
 }
 
 #[cfg(test)]
@@ -715,7 +712,7 @@ mod tests {
             content(cid(1), &key, Some(&blob_key::index_of(&key))),
             SnapshotRecord::End { records: 2 },
         ]);
-        let hex = to_hex(&bytes);
+        let hex = super::hex(&bytes);
         assert_eq!(
             hex,
             concat!(
