@@ -22,9 +22,9 @@ use mxcas_proto::meta as pb;
 use mxcas_proto::meta::meta_client::MetaClient as PbClient;
 use tonic::transport::Channel;
 
-use crate::command::{CommitOutcome, Generations};
+use crate::command::{CommitOutcome, Generations, ThumbnailOutcome};
 use crate::error::MetaError;
-use crate::model::{ContentRecord, MediaKey, MediaRecord};
+use crate::model::{ContentRecord, MediaKey, MediaRecord, ThumbnailRecord};
 use crate::pb::{LEADER_METADATA, meta_error_from_status};
 use crate::tls;
 
@@ -494,6 +494,53 @@ impl MetaClient {
         resp.into_inner().content.map(ContentRecord::try_from).transpose().map_err(MetaError::from)
     }
 
+    /// Records a thumbnail stored as `content` (see [`Command::CommitThumbnail`]); safe to
+    /// retry.
+    ///
+    /// [`Command::CommitThumbnail`]: crate::command::Command::CommitThumbnail
+    pub async fn commit_thumbnail(
+        &self,
+        thumbnail: &ThumbnailRecord,
+        content: &ContentRecord,
+        lost_key: Option<&str>,
+    ) -> Result<ThumbnailOutcome, MetaError> {
+        let req = pb::CommitThumbnailRequest {
+            thumbnail: Some(thumbnail.into()),
+            content: Some(content.into()),
+            lost_key: lost_key.map(str::to_owned),
+        };
+        let resp = self
+            .retrying(Retry::Write, |mut cl| {
+                let req = req.clone();
+                async move { cl.commit_thumbnail(req).await }
+            })
+            .await?
+            .into_inner();
+        let thumbnail = required(resp.thumbnail, "thumbnail").and_then(|t| Ok(ThumbnailRecord::try_from(t)?))?;
+        let content = required(resp.content, "content").and_then(|c| Ok(ContentRecord::try_from(c)?))?;
+        Ok(ThumbnailOutcome { thumbnail, content, deduplicated: resp.deduplicated, generation: resp.generation })
+    }
+
+    /// Every thumbnail recorded for `source`, with their content records (a linearizable read).
+    pub async fn thumbnails(&self, source: &Cid) -> Result<Vec<(ThumbnailRecord, ContentRecord)>, MetaError> {
+        let req = pb::GetThumbnailsRequest { source: source.to_bytes() };
+        let resp = self
+            .retrying(Retry::Read, |mut cl| {
+                let req = req.clone();
+                async move { cl.get_thumbnails(req).await }
+            })
+            .await?;
+        let mut out = Vec::new();
+        for t in resp.into_inner().thumbnails {
+            let record = required(t.thumbnail, "thumbnail").and_then(|t| Ok(ThumbnailRecord::try_from(t)?))?;
+            // A record without content is damage on the node: skip it (it is made again).
+            if let Some(c) = t.content {
+                out.push((record, ContentRecord::try_from(c)?));
+            }
+        }
+        Ok(out)
+    }
+
     /// For each object key, whether the metadata references it (a linearizable read).
     pub async fn referenced(&self, keys: &[String]) -> Result<Vec<bool>, MetaError> {
         let req = pb::ReferencedRequest { keys: keys.to_vec() };
@@ -605,4 +652,8 @@ mod tests {
         silent.insert("b".to_string(), now + Duration::from_secs(1));
         assert_eq!(pick_next(&eps(), "c", &in_call, &silent), "a");
     }
+}
+
+fn required<T>(field: Option<T>, name: &str) -> Result<T, MetaError> {
+    field.ok_or_else(|| MetaError::Internal(format!("malformed answer from the metadata service: no {name}")))
 }

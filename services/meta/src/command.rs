@@ -8,7 +8,7 @@
 use cid::Cid;
 use serde::{Deserialize, Serialize};
 
-use crate::model::{ContentRecord, MediaKey, MediaRecord};
+use crate::model::{ContentRecord, MediaKey, MediaRecord, ThumbnailRecord, ThumbnailSpec};
 
 // Commands are built once per request and moved into the log; boxing buys nothing.
 #[allow(clippy::large_enum_variant)]
@@ -49,6 +49,23 @@ pub enum Command {
         cid: Cid,
         blob_key: String,
     },
+    /// Record a thumbnail made of `source`'s bytes as the content `content`. The first
+    /// thumbnail recorded for (source, spec) stays; a later one of other bytes is a duplicate
+    /// (its objects released), unless the recorded one's bytes are lost, when it replaces it.
+    /// Idempotent like [`Command::CommitUpload`].
+    CommitThumbnail {
+        #[serde(with = "crate::model::cid_bytes")]
+        source: Cid,
+        spec: ThumbnailSpec,
+        now_ms: u64,
+        content: ContentRecord,
+        content_type: String,
+        width: u32,
+        height: u32,
+        animated: bool,
+        /// The caller found the thumbnail's stored copy under this key missing or corrupt.
+        lost_key: Option<String>,
+    },
 }
 
 impl Command {
@@ -58,7 +75,8 @@ impl Command {
             Command::CreatePending { now_ms, .. }
             | Command::CommitUpload { now_ms, .. }
             | Command::Expire { now_ms, .. }
-            | Command::BeginSweep { now_ms, .. } => *now_ms = now,
+            | Command::BeginSweep { now_ms, .. }
+            | Command::CommitThumbnail { now_ms, .. } => *now_ms = now,
             Command::Batch(cmds) => cmds.iter_mut().for_each(|c| c.stamp(now)),
             Command::ReportLost { .. } | Command::RegisterStore { .. } => {}
         }
@@ -82,6 +100,18 @@ pub enum CommandOutput {
     Batch(Vec<Result<CommandOutput, crate::error::CommandError>>),
     /// A raft entry with no command (leader no-op, membership change).
     Nothing,
+    Thumbnail(ThumbnailOutcome),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThumbnailOutcome {
+    /// The thumbnail recorded for (source, spec): the caller's, or one recorded before.
+    pub thumbnail: ThumbnailRecord,
+    /// Its content record.
+    pub content: ContentRecord,
+    /// As in [`CommitOutcome::deduplicated`]: the caller's objects are released.
+    pub deduplicated: bool,
+    pub generation: u64,
 }
 
 /// The reclaim generations: uploads name their objects under `generation`; no commit may name

@@ -166,3 +166,52 @@ pub(crate) mod cid_bytes {
         Cid::try_from(bytes.as_slice()).map_err(D::Error::custom)
     }
 }
+
+/// How a thumbnail relates to the box it was asked for: filled exactly (`crop`), or fitted
+/// inside keeping the aspect ratio (`scale`), as the Matrix spec's `method` says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ThumbnailMethod {
+    Crop,
+    Scale,
+}
+
+/// What a thumbnail is of, besides its source: a box, a method, and whether it may animate.
+/// Thumbnails are keyed by (source CID, spec), so every mxc of the same bytes shares them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ThumbnailSpec {
+    pub width: u32,
+    pub height: u32,
+    pub method: ThumbnailMethod,
+    pub animated: bool,
+}
+
+impl ThumbnailSpec {
+    /// Largest side a thumbnail may be recorded with.
+    pub const MAX_SIDE: u32 = 16_384;
+
+    /// The spec's key in the state: `96x96-crop`, `320x240-scale-animated`.
+    pub fn key(&self) -> String {
+        let method = match self.method {
+            ThumbnailMethod::Crop => "crop",
+            ThumbnailMethod::Scale => "scale",
+        };
+        let animated = if self.animated { "-animated" } else { "" };
+        format!("{}x{}-{method}{animated}", self.width, self.height)
+    }
+}
+
+/// A made thumbnail: its own content (by CID) and what it turned out as.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThumbnailRecord {
+    #[serde(with = "cid_bytes")]
+    pub source: Cid,
+    pub spec: ThumbnailSpec,
+    /// The thumbnail's bytes, stored as content like any upload.
+    #[serde(with = "cid_bytes")]
+    pub cid: Cid,
+    pub content_type: String,
+    pub width: u32,
+    pub height: u32,
+    pub animated: bool,
+    pub created_at_ms: u64,
+}

@@ -26,7 +26,7 @@ use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, Raf
 
 use crate::command::{Command, CommandOutput};
 use crate::error::StorageError;
-use crate::model::{ContentRecord, MediaKey};
+use crate::model::{ContentRecord, MediaKey, ThumbnailRecord};
 use crate::pb::{LEADER_METADATA, cid_from_wire, status_from_command_error, status_from_storage_error};
 use crate::raft::{NodeId, RaftNode};
 use crate::state_machine::StateMachine;
@@ -629,6 +629,51 @@ impl Meta for MetaService {
         let cid = cid_from_wire(&req.into_inner().cid)?;
         let content = self.read(move |sm| sm.get_content(&cid)).await?;
         Ok(Response::new(pb::GetContentResponse { content: content.as_ref().map(Into::into) }))
+    }
+
+    async fn commit_thumbnail(
+        &self,
+        req: Request<pb::CommitThumbnailRequest>,
+    ) -> Result<Response<pb::CommitThumbnailResponse>, Status> {
+        let r = req.into_inner();
+        let t = ThumbnailRecord::try_from(required(r.thumbnail, "thumbnail")?)?;
+        let content = ContentRecord::try_from(required(r.content, "content")?)?;
+        if content.cid != t.cid {
+            return Err(Status::invalid_argument("the thumbnail's CID is not its content's"));
+        }
+        let cmd = Command::CommitThumbnail {
+            source: t.source,
+            spec: t.spec,
+            now_ms: 0,
+            content: ContentRecord { refcount: 0, created_at_ms: 0, lost: false, ..content },
+            content_type: t.content_type,
+            width: t.width,
+            height: t.height,
+            animated: t.animated,
+            lost_key: r.lost_key,
+        };
+        match self.apply(cmd).await? {
+            CommandOutput::Thumbnail(o) => Ok(Response::new(pb::CommitThumbnailResponse {
+                thumbnail: Some((&o.thumbnail).into()),
+                content: Some((&o.content).into()),
+                deduplicated: o.deduplicated,
+                generation: o.generation,
+            })),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn get_thumbnails(
+        &self,
+        req: Request<pb::GetThumbnailsRequest>,
+    ) -> Result<Response<pb::GetThumbnailsResponse>, Status> {
+        let source = cid_from_wire(&req.into_inner().source)?;
+        let found = self.read(move |sm| sm.thumbnails(&source)).await?;
+        let thumbnails = found
+            .iter()
+            .map(|(t, c)| pb::RecordedThumbnail { thumbnail: Some(t.into()), content: c.as_ref().map(Into::into) })
+            .collect();
+        Ok(Response::new(pb::GetThumbnailsResponse { thumbnails }))
     }
 
     async fn referenced(

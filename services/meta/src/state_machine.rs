@@ -14,9 +14,9 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use serde::{Serialize, de::DeserializeOwned};
 use std::path::Path;
 
-use crate::command::{Changed, Command, CommandOutput, CommitOutcome, Generations};
+use crate::command::{Changed, Command, CommandOutput, CommitOutcome, Generations, ThumbnailOutcome};
 use crate::error::{CommandError, StorageError};
-use crate::model::{ContentRecord, MediaKey, MediaRecord, MediaState, blob_key};
+use crate::model::{ContentRecord, MediaKey, MediaRecord, MediaState, ThumbnailRecord, ThumbnailSpec, blob_key};
 
 /// (server_name, media_id) → postcard(MediaRecord)
 const MEDIA: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("media");
@@ -27,6 +27,8 @@ const PENDING: TableDefinition<(&str, &str, &str), u64> = TableDefinition::new("
 /// (expires_at_ms, server_name, media_id) → user_id: `PENDING` by expiry, so expiring reads
 /// only what expires
 const PENDING_BY_EXPIRY: TableDefinition<(u64, &str, &str), &str> = TableDefinition::new("pending_by_expiry");
+/// (binary source CID, [`ThumbnailSpec::key`]) → postcard(ThumbnailRecord)
+const THUMBNAILS: TableDefinition<(&[u8], &str), &[u8]> = TableDefinition::new("thumbnails");
 /// blob-store object key → binary CID, for every object a content record references
 const BLOB_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("blob_keys");
 /// object keys of unsealed generations that no commit may ever reference (released
@@ -117,6 +119,7 @@ impl StateMachine {
         txn.open_table(BLOB_KEYS)?;
         txn.open_table(TOMBSTONES)?;
         txn.open_table(CHANGES)?;
+        txn.open_table(THUMBNAILS)?;
         {
             let mut meta = txn.open_table(META)?;
             meta.insert(FORMAT, FORMAT_VERSION)?;
@@ -209,6 +212,7 @@ impl StateMachine {
                 blob_keys: txn.open_table(BLOB_KEYS)?,
                 tombstones: txn.open_table(TOMBSTONES)?,
                 meta: txn.open_table(META)?,
+                thumbnails: txn.open_table(THUMBNAILS)?,
                 changed: Vec::new(),
                 generations: None,
                 clock: None,
@@ -346,6 +350,11 @@ impl StateMachine {
             let (k, _) = entry?;
             put(&SnapshotRecord::Tombstone { key: k.value().into() })?;
         }
+        for entry in txn.open_table(THUMBNAILS)?.iter()? {
+            let (k, v) = entry?;
+            let (source, spec) = k.value();
+            put(&SnapshotRecord::Thumbnail { source: source.to_vec(), spec: spec.into(), value: v.value().to_vec() })?;
+        }
         for entry in txn.open_table(META)?.iter()? {
             let (k, v) = entry?;
             // Where this node's change history starts is its own, not replicated state.
@@ -372,7 +381,9 @@ impl StateMachine {
             let mut blob_keys = txn.open_table(BLOB_KEYS)?;
             let mut tombstones = txn.open_table(TOMBSTONES)?;
             let mut meta = txn.open_table(META)?;
+            let mut thumbnails = txn.open_table(THUMBNAILS)?;
             txn.open_table(CHANGES)?.retain(|_, _| false)?;
+            thumbnails.retain(|_, _| false)?;
             media.retain(|_, _| false)?;
             content.retain(|_, _| false)?;
             pending.retain(|_, _| false)?;
@@ -400,6 +411,9 @@ impl StateMachine {
                     }
                     SnapshotRecord::Tombstone { key } => {
                         tombstones.insert(key.as_str(), ())?;
+                    }
+                    SnapshotRecord::Thumbnail { source, spec, value } => {
+                        thumbnails.insert((source.as_slice(), spec.as_str()), value.as_slice())?;
                     }
                     SnapshotRecord::Meta { key, value } => {
                         if key != CHANGES_FROM {
@@ -439,6 +453,25 @@ impl StateMachine {
         let table = txn.open_table(CONTENT)?;
         let found = table.get(cid.to_bytes().as_slice())?;
         found.map(|v| decode("content", v.value())).transpose()
+    }
+
+    /// Every thumbnail recorded for `source`, with its content record.
+    pub fn thumbnails(&self, source: &Cid) -> Result<Vec<(ThumbnailRecord, Option<ContentRecord>)>, StorageError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(THUMBNAILS)?;
+        let content = txn.open_table(CONTENT)?;
+        let source = source.to_bytes();
+        let mut out = Vec::new();
+        for entry in table.range((source.as_slice(), "")..)? {
+            let (k, v) = entry?;
+            if k.value().0 != source.as_slice() {
+                break;
+            }
+            let record: ThumbnailRecord = decode("thumbnails", v.value())?;
+            let c = content.get(record.cid.to_bytes().as_slice())?.map(|v| decode("content", v.value())).transpose()?;
+            out.push((record, c));
+        }
+        Ok(out)
     }
 
     /// After a restore from a backup: moves the reclaim generation past any the old cluster
@@ -533,6 +566,7 @@ struct Tables<'txn> {
     blob_keys: redb::Table<'txn, &'static str, &'static [u8]>,
     tombstones: redb::Table<'txn, &'static str, ()>,
     meta: redb::Table<'txn, &'static str, u64>,
+    thumbnails: redb::Table<'txn, (&'static [u8], &'static str), &'static [u8]>,
     /// Changes to mutable facts made by the command being applied.
     changed: Vec<Changed>,
     /// The generations as of the last command applied in this transaction (read once).
@@ -597,6 +631,30 @@ impl Tables<'_> {
                 Ok(Ok(CommandOutput::Batch(outcomes)))
             }
             Command::ReportLost { cid, blob_key } => self.report_lost(cid, blob_key),
+            Command::CommitThumbnail {
+                source,
+                spec,
+                now_ms,
+                content,
+                content_type,
+                width,
+                height,
+                animated,
+                lost_key,
+            } => {
+                let now = self.clock(*now_ms)?;
+                let made = ThumbnailRecord {
+                    source: *source,
+                    spec: *spec,
+                    cid: content.cid,
+                    content_type: content_type.clone(),
+                    width: *width,
+                    height: *height,
+                    animated: *animated,
+                    created_at_ms: now,
+                };
+                Ok(self.commit_thumbnail(made, content, lost_key.as_deref(), now)?.map(CommandOutput::Thumbnail))
+            }
             Command::RegisterStore { id } => {
                 let stored = match self.meta_value(STORE_ID)? {
                     Some(existing) => existing,
@@ -767,6 +825,84 @@ impl Tables<'_> {
         self.put_media(&media)?;
         self.changed.push(Changed::Ready(media.key.clone()));
         Ok(Ok(self.outcome(media, attached)?))
+    }
+
+    fn commit_thumbnail(
+        &mut self,
+        made: ThumbnailRecord,
+        content: &ContentRecord,
+        lost_key: Option<&str>,
+        now_ms: u64,
+    ) -> Result<Result<ThumbnailOutcome, CommandError>, StorageError> {
+        let spec = made.spec;
+        let sides_ok = |w: u32, h: u32| (1..=ThumbnailSpec::MAX_SIDE).contains(&w) && (1..=ThumbnailSpec::MAX_SIDE).contains(&h);
+        if !sides_ok(spec.width, spec.height) || !sides_ok(made.width, made.height) {
+            return Ok(Err(CommandError::InvalidArgument("thumbnail size out of range".into())));
+        }
+        if made.content_type.is_empty() || content.blob_key.is_empty() {
+            return Ok(Err(CommandError::InvalidArgument("empty content type or blob key".into())));
+        }
+        // Thumbnails are of stored content only.
+        if self.get_content(&made.source)?.is_none() {
+            return Ok(Err(CommandError::NotFound));
+        }
+        let (source, spec_key) = (made.source.to_bytes(), spec.key());
+        let recorded: Option<ThumbnailRecord> = self
+            .thumbnails
+            .get((source.as_slice(), spec_key.as_str()))?
+            .map(|v| decode("thumbnails", v.value()))
+            .transpose()?;
+        let (record, attached) = match recorded {
+            // The same thumbnail again (a retry, or another edge made the same bytes): no new
+            // reference; the caller's objects repair lost content or are released.
+            Some(r) if r.cid == made.cid => match self.attach(content, lost_key, now_ms, 0)? {
+                Ok(a) => (r, a),
+                Err(e) => return Ok(Err(e)),
+            },
+            Some(r) => {
+                let current = self.get_content(&r.cid)?;
+                match current {
+                    // Another edge's thumbnail of the same spec, still stored: it stays.
+                    Some(c) if !c.lost && lost_key != Some(c.blob_key.as_str()) => {
+                        self.release(content)?;
+                        (r, Attached::Duplicate(c))
+                    }
+                    // The recorded one's bytes are lost: the caller's (other) bytes replace it.
+                    lost => {
+                        let attached = match self.attach(content, None, now_ms, 1)? {
+                            Ok(a) => a,
+                            Err(e) => return Ok(Err(e)),
+                        };
+                        if let Some(mut old) = lost {
+                            old.refcount = old.refcount.saturating_sub(1);
+                            self.put_content(&old)?;
+                        }
+                        self.put_thumbnail(&made)?;
+                        (made, attached)
+                    }
+                }
+            }
+            None => {
+                let attached = match self.attach(content, lost_key, now_ms, 1)? {
+                    Ok(a) => a,
+                    Err(e) => return Ok(Err(e)),
+                };
+                self.put_thumbnail(&made)?;
+                (made, attached)
+            }
+        };
+        let generation = self.generations()?.generation;
+        let (content, deduplicated) = match attached {
+            Attached::Ours(c) => (c, false),
+            Attached::Duplicate(c) => (c, true),
+        };
+        Ok(Ok(ThumbnailOutcome { thumbnail: record, content, deduplicated, generation }))
+    }
+
+    fn put_thumbnail(&mut self, t: &ThumbnailRecord) -> Result<(), StorageError> {
+        let source = t.source.to_bytes();
+        self.thumbnails.insert((source.as_slice(), t.spec.key().as_str()), encode(t)?.as_slice())?;
+        Ok(())
     }
 
     fn outcome(&mut self, media: MediaRecord, attached: Attached) -> Result<CommitOutcome, StorageError> {
@@ -1031,6 +1167,13 @@ enum SnapshotRecord {
     /// Trailer: the number of records before it (detects truncation).
     End {
         records: u64,
+    },
+    /// Written before `Meta` (after `Tombstone`); last here because postcard numbers variants
+    /// by position and earlier versions' snapshots must still read.
+    Thumbnail {
+        source: Vec<u8>,
+        spec: String,
+        value: Vec<u8>,
     },
 }
 

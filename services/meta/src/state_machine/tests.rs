@@ -439,3 +439,91 @@ fn a_batch_applies_each_command_as_its_own_entry_would() {
     let (_, changes) = f.sm.changes_since(1, 100).expect("read");
     assert_eq!(changes.iter().filter(|(i, _)| *i == 2).count(), 2, "{changes:?}");
 }
+
+fn thumb(source: u8, w: u32, c: ContentRecord, lost: Option<&str>) -> Command {
+    Command::CommitThumbnail {
+        source: cid(source),
+        spec: ThumbnailSpec { width: w, height: w, method: crate::model::ThumbnailMethod::Crop, animated: false },
+        now_ms: 50,
+        content: c,
+        content_type: "image/jpeg".into(),
+        width: w,
+        height: w,
+        animated: false,
+        lost_key: lost.map(key),
+    }
+}
+
+impl Fixture {
+    fn thumbnail(&mut self, cmd: Command) -> ThumbnailOutcome {
+        match self.apply(cmd) {
+            Ok(CommandOutput::Thumbnail(o)) => o,
+            other => panic!("expected a thumbnail, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_thumbnail_is_recorded_once_per_source_and_spec_and_shared() {
+    let mut f = Fixture::new();
+    // Only of stored content.
+    assert_eq!(f.apply(thumb(1, 32, content(10, "t1"), None)), Err(CommandError::NotFound));
+    f.committed(commit(None, "@a:hs", 10, content(1, "1")));
+    let first = f.thumbnail(thumb(1, 32, content(10, "t1"), None));
+    assert!(!first.deduplicated);
+    assert_eq!((first.thumbnail.cid, first.content.refcount), (cid(10), 1));
+    // A retry: the same answer, no new reference.
+    let again = f.thumbnail(thumb(1, 32, content(10, "t1"), None));
+    assert_eq!(again, first);
+    // Another edge made other bytes for the same spec: the recorded one stays, theirs is
+    // released (tombstoned: never referenced, so the caller may delete it).
+    let other = f.thumbnail(thumb(1, 32, content(11, "t2"), None));
+    assert!(other.deduplicated);
+    assert_eq!(other.thumbnail, first.thumbnail);
+    assert!(f.sm.is_tombstoned(&key("t2")).expect("read"));
+    assert!(f.sm.get_content(&cid(11)).expect("read").is_none());
+    // Another spec is its own record; the same thumbnail bytes are one content record.
+    let big = f.thumbnail(thumb(1, 96, content(10, "t3"), None));
+    assert!(big.deduplicated, "same bytes, stored once");
+    assert_eq!(big.content.refcount, 2);
+    let listed = f.sm.thumbnails(&cid(1)).expect("read");
+    assert_eq!(listed.len(), 2);
+    assert!(listed.iter().all(|(t, c)| t.source == cid(1) && c.as_ref().is_some_and(|c| c.cid == cid(10))));
+    assert!(f.sm.thumbnails(&cid(2)).expect("read").is_empty());
+    // Bounds are checked before anything is written.
+    let mut huge = thumb(1, 20_000, content(12, "t4"), None);
+    if let Command::CommitThumbnail { width, .. } = &mut huge {
+        *width = 1;
+    }
+    assert!(matches!(f.apply(huge), Err(CommandError::InvalidArgument(_))));
+}
+
+#[test]
+fn a_lost_thumbnail_is_repaired_or_replaced() {
+    let mut f = Fixture::new();
+    f.committed(commit(None, "@a:hs", 10, content(1, "1")));
+    f.thumbnail(thumb(1, 32, content(10, "t1"), None));
+    // Its bytes are found lost; the same bytes made again repair the content record.
+    f.apply(Command::ReportLost { cid: cid(10), blob_key: key("t1") }).expect("lost");
+    let repaired = f.thumbnail(thumb(1, 32, content(10, "t1b"), None));
+    assert!(!repaired.deduplicated);
+    assert_eq!(repaired.content.blob_key, key("t1b"));
+    assert!(!repaired.content.lost);
+    // Lost again, and this time the edge makes other bytes (a newer encoder): they replace
+    // the record, and the lost content loses the reference.
+    f.apply(Command::ReportLost { cid: cid(10), blob_key: key("t1b") }).expect("lost");
+    let replaced = f.thumbnail(thumb(1, 32, content(11, "t2"), None));
+    assert!(!replaced.deduplicated);
+    assert_eq!(replaced.thumbnail.cid, cid(11));
+    assert_eq!(f.sm.get_content(&cid(10)).expect("read").expect("kept").refcount, 0);
+    // A caller that found the recorded copy missing (not yet reported) replaces it as well.
+    let found_missing = f.thumbnail(thumb(1, 32, content(12, "t3"), Some("t2")));
+    assert_eq!(found_missing.thumbnail.cid, cid(12));
+    // Thumbnails travel in snapshots.
+    let mut snap = Vec::new();
+    f.sm.export(&mut snap, &[], true).expect("export");
+    let other = Fixture::new();
+    other.sm.import(&mut snap.as_slice(), &[]).expect("import");
+    assert_eq!(other.sm.thumbnails(&cid(1)).expect("read"), f.sm.thumbnails(&cid(1)).expect("read"));
+    assert_eq!(other.sm.digest().expect("digest"), f.sm.digest().expect("digest"));
+}

@@ -1,0 +1,230 @@
+//! Decoding within limits: the header first (format, canvas, orientation), pixels only once
+//! the canvas is known to be within bounds.
+
+use std::io::Cursor;
+
+use image::metadata::Orientation;
+use image::{AnimationDecoder, DynamicImage, ImageDecoder, ImageFormat, ImageReader};
+
+use crate::size::{self, Plan};
+use crate::{Error, Limits, Spec};
+
+/// A decoded source, ready to be resized.
+pub(crate) struct Decoded {
+    /// The source's size as shown (after its EXIF orientation), before any shrinking while
+    /// decoding: the size plans are made for.
+    pub full: (u32, u32),
+    /// The first frame, oriented, as RGB8 or (when transparency shows) RGBA8; possibly decoded
+    /// at a reduced scale, never below what the requested thumbnails need.
+    pub still: DynamicImage,
+    /// For each requested spec that asked for animation, in order: the animation's frames made
+    /// into that thumbnail, when the source is animated within limits.
+    pub animations: Vec<Option<Vec<u8>>>,
+}
+
+pub(crate) fn format_of(source: &[u8]) -> Result<ImageFormat, Error> {
+    let format = image::guess_format(source).map_err(|_| Error::Unsupported("not a recognised image format".into()))?;
+    match format {
+        ImageFormat::Jpeg
+        | ImageFormat::Png
+        | ImageFormat::Gif
+        | ImageFormat::WebP
+        | ImageFormat::Bmp
+        | ImageFormat::Tiff => Ok(format),
+        other => Err(Error::Unsupported(format!("{other:?} images are not thumbnailed"))),
+    }
+}
+
+pub(crate) fn may_animate(format: ImageFormat) -> bool {
+    matches!(format, ImageFormat::Gif | ImageFormat::WebP | ImageFormat::Png)
+}
+
+fn corrupt(e: impl std::fmt::Display) -> Error {
+    Error::Corrupt(e.to_string())
+}
+
+fn image_error(e: image::ImageError) -> Error {
+    match e {
+        image::ImageError::Limits(l) => Error::TooLarge(l.to_string()),
+        image::ImageError::Unsupported(u) => Error::Unsupported(u.to_string()),
+        other => corrupt(other),
+    }
+}
+
+fn check_canvas(width: u32, height: u32, limits: &Limits) -> Result<(), Error> {
+    let pixels = u64::from(width) * u64::from(height);
+    if width == 0 || height == 0 {
+        return Err(Error::Corrupt("the image has no pixels".into()));
+    }
+    if pixels > limits.max_pixels {
+        return Err(Error::TooLarge(format!(
+            "{width}×{height} is {pixels} pixels, over the limit of {}",
+            limits.max_pixels
+        )));
+    }
+    Ok(())
+}
+
+/// What the decoders may allocate: the canvas as RGBA16 (the widest pixel the formats read
+/// here produce), twice over for decoders that keep a second buffer, plus slack.
+fn image_limits(limits: &Limits) -> image::Limits {
+    let mut l = image::Limits::default();
+    l.max_alloc = Some(limits.max_pixels.saturating_mul(16).saturating_add(64 << 20));
+    l
+}
+
+fn swaps_axes(o: Orientation) -> bool {
+    matches!(
+        o,
+        Orientation::Rotate90 | Orientation::Rotate270 | Orientation::Rotate90FlipH | Orientation::Rotate270FlipH
+    )
+}
+
+pub(crate) fn decode(source: &[u8], specs: &[Spec], limits: &Limits) -> Result<Decoded, Error> {
+    if source.len() as u64 > limits.max_source_bytes {
+        return Err(Error::TooLarge(format!(
+            "the file is {} bytes, over the limit of {}",
+            source.len(),
+            limits.max_source_bytes
+        )));
+    }
+    let format = format_of(source)?;
+    let (still, full) = match format {
+        ImageFormat::Jpeg => match decode_jpeg(source, specs, limits)? {
+            Some(decoded) => decoded,
+            None => decode_still(source, format, limits)?,
+        },
+        _ => decode_still(source, format, limits)?,
+    };
+    let wants_animation = specs.iter().any(|s| s.animated) && may_animate(format);
+    let mut animations: Vec<Option<Vec<u8>>> = specs.iter().map(|_| None).collect();
+    if wants_animation && let Some(made) = animate(source, format, specs, limits)? {
+        for (slot, gif) in animations.iter_mut().zip(made) {
+            *slot = gif;
+        }
+    }
+    Ok(Decoded { full, still: opaque_if_possible(still), animations })
+}
+
+/// Any image through `image`'s own decoders, oriented.
+fn decode_still(source: &[u8], format: ImageFormat, limits: &Limits) -> Result<(DynamicImage, (u32, u32)), Error> {
+    let mut reader = ImageReader::with_format(Cursor::new(source), format);
+    reader.limits(image_limits(limits));
+    let mut decoder = reader.into_decoder().map_err(image_error)?;
+    let (w, h) = decoder.dimensions();
+    check_canvas(w, h, limits)?;
+    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+    let mut image = DynamicImage::from_decoder(decoder).map_err(image_error)?;
+    image.apply_orientation(orientation);
+    let full = (image.width(), image.height());
+    Ok((image, full))
+}
+
+/// A JPEG through `jpeg-decoder`, shrunk while decoding (1/8, 1/4 or 1/2 by reduced DCT) as far
+/// as the largest requested thumbnail allows. `None` for pixel formats it leaves to `image`.
+fn decode_jpeg(source: &[u8], specs: &[Spec], limits: &Limits) -> Result<Option<(DynamicImage, (u32, u32))>, Error> {
+    let mut decoder = jpeg_decoder::Decoder::new(Cursor::new(source));
+    decoder.set_max_decoding_buffer_size(usize::try_from(limits.max_pixels.saturating_mul(4)).unwrap_or(usize::MAX));
+    decoder.read_info().map_err(corrupt)?;
+    let info = decoder.info().ok_or_else(|| corrupt("no frame header"))?;
+    let (w, h) = (u32::from(info.width), u32::from(info.height));
+    check_canvas(w, h, limits)?;
+    if !matches!(info.pixel_format, jpeg_decoder::PixelFormat::L8 | jpeg_decoder::PixelFormat::RGB24) {
+        return Ok(None);
+    }
+    let orientation =
+        decoder.exif_data().and_then(Orientation::from_exif_chunk).unwrap_or(Orientation::NoTransforms);
+    let full = if swaps_axes(orientation) { (h, w) } else { (w, h) };
+    // The largest size any plan needs the whole image at, in the file's own axes.
+    let (mut need_w, mut need_h) = (1, 1);
+    for spec in specs {
+        let (nw, nh) = size::plan(full, spec).decode_size(full);
+        need_w = need_w.max(nw);
+        need_h = need_h.max(nh);
+    }
+    if swaps_axes(orientation) {
+        (need_w, need_h) = (need_h, need_w);
+    }
+    let denominator = [8u32, 4, 2, 1]
+        .into_iter()
+        .find(|d| w.div_ceil(*d) >= need_w && h.div_ceil(*d) >= need_h)
+        .unwrap_or(1);
+    let (dw, dh) = decoder
+        .scale(w.div_ceil(denominator) as u16, h.div_ceil(denominator) as u16)
+        .map_err(corrupt)?;
+    let pixels = decoder.decode().map_err(corrupt)?;
+    let (dw, dh) = (u32::from(dw), u32::from(dh));
+    let mut image = match info.pixel_format {
+        jpeg_decoder::PixelFormat::L8 => image::GrayImage::from_raw(dw, dh, pixels).map(DynamicImage::ImageLuma8),
+        _ => image::RgbImage::from_raw(dw, dh, pixels).map(DynamicImage::ImageRgb8),
+    }
+    .ok_or_else(|| corrupt("the decoder returned fewer pixels than its size"))?;
+    image.apply_orientation(orientation);
+    Ok(Some((image, full)))
+}
+
+/// RGB8 unless some pixel is not fully opaque (then RGBA8).
+fn opaque_if_possible(image: DynamicImage) -> DynamicImage {
+    if !image.color().has_alpha() {
+        return DynamicImage::ImageRgb8(image.into_rgb8());
+    }
+    let rgba = image.into_rgba8();
+    if rgba.pixels().all(|p| p.0[3] == u8::MAX) {
+        DynamicImage::ImageRgb8(DynamicImage::ImageRgba8(rgba).into_rgb8())
+    } else {
+        DynamicImage::ImageRgba8(rgba)
+    }
+}
+
+/// The animated thumbnails asked for, one slot per spec (`None` for specs that are still), or
+/// `None` overall when the source has a single frame or is over the animation limits.
+fn animate(source: &[u8], format: ImageFormat, specs: &[Spec], limits: &Limits) -> Result<Option<Vec<Option<Vec<u8>>>>, Error> {
+    let frames = match format {
+        ImageFormat::Gif => {
+            let mut d = image::codecs::gif::GifDecoder::new(Cursor::new(source)).map_err(image_error)?;
+            d.set_limits(image_limits(limits)).map_err(image_error)?;
+            d.into_frames()
+        }
+        ImageFormat::WebP => {
+            let mut d = image::codecs::webp::WebPDecoder::new(Cursor::new(source)).map_err(image_error)?;
+            if !d.has_animation() {
+                return Ok(None);
+            }
+            d.set_limits(image_limits(limits)).map_err(image_error)?;
+            d.into_frames()
+        }
+        ImageFormat::Png => {
+            let d = image::codecs::png::PngDecoder::with_limits(Cursor::new(source), image_limits(limits))
+                .map_err(image_error)?;
+            if !d.is_apng().map_err(image_error)? {
+                return Ok(None);
+            }
+            d.apng().map_err(image_error)?.into_frames()
+        }
+        _ => return Ok(None),
+    };
+    let mut outputs: Vec<Option<crate::encode::GifWriter>> =
+        specs.iter().map(|s| s.animated.then(|| crate::encode::GifWriter::new(*s))).collect();
+    let (mut count, mut pixels) = (0u32, 0u64);
+    for frame in frames {
+        let frame = frame.map_err(image_error)?;
+        count += 1;
+        let (w, h) = frame.buffer().dimensions();
+        pixels = pixels.saturating_add(u64::from(w) * u64::from(h));
+        if count > limits.max_frames || pixels > limits.max_animation_pixels {
+            return Ok(None);
+        }
+        for out in outputs.iter_mut().flatten() {
+            out.add(&frame)?;
+        }
+    }
+    if count < 2 {
+        return Ok(None);
+    }
+    Ok(Some(outputs.into_iter().map(|o| o.map(crate::encode::GifWriter::finish)).collect()))
+}
+
+/// The plan of `spec` for a decoded source.
+pub(crate) fn plan_for(decoded: &Decoded, spec: &Spec) -> Plan {
+    size::plan(decoded.full, spec)
+}
