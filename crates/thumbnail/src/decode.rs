@@ -19,7 +19,7 @@ pub(crate) struct Decoded {
     pub still: DynamicImage,
     /// For each requested spec that asked for animation, in order: the animation's frames made
     /// into that thumbnail, when the source is animated within limits.
-    pub animations: Vec<Option<Vec<u8>>>,
+    pub animations: Animations,
 }
 
 pub(crate) fn format_of(source: &[u8]) -> Result<ImageFormat, Error> {
@@ -97,7 +97,7 @@ pub(crate) fn decode(source: &[u8], specs: &[Spec], limits: &Limits) -> Result<D
         _ => decode_still(source, format, limits)?,
     };
     let wants_animation = specs.iter().any(|s| s.animated) && may_animate(format);
-    let mut animations: Vec<Option<Vec<u8>>> = specs.iter().map(|_| None).collect();
+    let mut animations: Animations = specs.iter().map(|_| None).collect();
     if wants_animation && let Some(made) = animate(source, format, specs, limits)? {
         for (slot, gif) in animations.iter_mut().zip(made) {
             *slot = gif;
@@ -106,8 +106,14 @@ pub(crate) fn decode(source: &[u8], specs: &[Spec], limits: &Limits) -> Result<D
     Ok(Decoded { full, still: opaque_if_possible(still), animations })
 }
 
+/// A first frame, oriented, and the source's full size as shown.
+type Still = (DynamicImage, (u32, u32));
+
+/// One animated thumbnail per spec that asked for one.
+type Animations = Vec<Option<Vec<u8>>>;
+
 /// Any image through `image`'s own decoders, oriented.
-fn decode_still(source: &[u8], format: ImageFormat, limits: &Limits) -> Result<(DynamicImage, (u32, u32)), Error> {
+fn decode_still(source: &[u8], format: ImageFormat, limits: &Limits) -> Result<Still, Error> {
     let mut reader = ImageReader::with_format(Cursor::new(source), format);
     reader.limits(image_limits(limits));
     let mut decoder = reader.into_decoder().map_err(image_error)?;
@@ -122,7 +128,7 @@ fn decode_still(source: &[u8], format: ImageFormat, limits: &Limits) -> Result<(
 
 /// A JPEG through `jpeg-decoder`, shrunk while decoding (1/8, 1/4 or 1/2 by reduced DCT) as far
 /// as the largest requested thumbnail allows. `None` for pixel formats it leaves to `image`.
-fn decode_jpeg(source: &[u8], specs: &[Spec], limits: &Limits) -> Result<Option<(DynamicImage, (u32, u32))>, Error> {
+fn decode_jpeg(source: &[u8], specs: &[Spec], limits: &Limits) -> Result<Option<Still>, Error> {
     let mut decoder = jpeg_decoder::Decoder::new(Cursor::new(source));
     decoder.set_max_decoding_buffer_size(usize::try_from(limits.max_pixels.saturating_mul(4)).unwrap_or(usize::MAX));
     decoder.read_info().map_err(corrupt)?;
@@ -132,8 +138,7 @@ fn decode_jpeg(source: &[u8], specs: &[Spec], limits: &Limits) -> Result<Option<
     if !matches!(info.pixel_format, jpeg_decoder::PixelFormat::L8 | jpeg_decoder::PixelFormat::RGB24) {
         return Ok(None);
     }
-    let orientation =
-        decoder.exif_data().and_then(Orientation::from_exif_chunk).unwrap_or(Orientation::NoTransforms);
+    let orientation = decoder.exif_data().and_then(Orientation::from_exif_chunk).unwrap_or(Orientation::NoTransforms);
     let full = if swaps_axes(orientation) { (h, w) } else { (w, h) };
     // The largest size any plan needs the whole image at, in the file's own axes.
     let (mut need_w, mut need_h) = (1, 1);
@@ -145,13 +150,9 @@ fn decode_jpeg(source: &[u8], specs: &[Spec], limits: &Limits) -> Result<Option<
     if swaps_axes(orientation) {
         (need_w, need_h) = (need_h, need_w);
     }
-    let denominator = [8u32, 4, 2, 1]
-        .into_iter()
-        .find(|d| w.div_ceil(*d) >= need_w && h.div_ceil(*d) >= need_h)
-        .unwrap_or(1);
-    let (dw, dh) = decoder
-        .scale(w.div_ceil(denominator) as u16, h.div_ceil(denominator) as u16)
-        .map_err(corrupt)?;
+    let denominator =
+        [8u32, 4, 2, 1].into_iter().find(|d| w.div_ceil(*d) >= need_w && h.div_ceil(*d) >= need_h).unwrap_or(1);
+    let (dw, dh) = decoder.scale(w.div_ceil(denominator) as u16, h.div_ceil(denominator) as u16).map_err(corrupt)?;
     let pixels = decoder.decode().map_err(corrupt)?;
     let (dw, dh) = (u32::from(dw), u32::from(dh));
     let mut image = match info.pixel_format {
@@ -178,7 +179,7 @@ fn opaque_if_possible(image: DynamicImage) -> DynamicImage {
 
 /// The animated thumbnails asked for, one slot per spec (`None` for specs that are still), or
 /// `None` overall when the source has a single frame or is over the animation limits.
-fn animate(source: &[u8], format: ImageFormat, specs: &[Spec], limits: &Limits) -> Result<Option<Vec<Option<Vec<u8>>>>, Error> {
+fn animate(source: &[u8], format: ImageFormat, specs: &[Spec], limits: &Limits) -> Result<Option<Animations>, Error> {
     let frames = match format {
         ImageFormat::Gif => {
             let mut d = image::codecs::gif::GifDecoder::new(Cursor::new(source)).map_err(image_error)?;

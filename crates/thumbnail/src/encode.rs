@@ -26,10 +26,14 @@ fn resize(image: &DynamicImage, full: (u32, u32), plan: &Plan) -> Result<Dynamic
         _ => DynamicImage::new_rgb8(plan.width, plan.height),
     };
     let (fx, fy) = (f64::from(image.width()) / f64::from(full.0), f64::from(image.height()) / f64::from(full.1));
-    let crop = plan.crop.unwrap_or(size::Rect { left: 0.0, top: 0.0, width: f64::from(full.0), height: f64::from(full.1) });
-    let options = ResizeOptions::new()
-        .resize_alg(ResizeAlg::Convolution(FilterType::Lanczos3))
-        .crop(crop.left * fx, crop.top * fy, crop.width * fx, crop.height * fy);
+    let crop =
+        plan.crop.unwrap_or(size::Rect { left: 0.0, top: 0.0, width: f64::from(full.0), height: f64::from(full.1) });
+    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Lanczos3)).crop(
+        crop.left * fx,
+        crop.top * fy,
+        crop.width * fx,
+        crop.height * fy,
+    );
     Resizer::new().resize(image, &mut out, &options).map_err(internal)?;
     Ok(out)
 }
@@ -107,11 +111,19 @@ impl GifWriter {
                 *self.plan.insert(size::plan(full, &self.spec))
             }
         };
-        let crop = plan.crop.unwrap_or(size::Rect { left: 0.0, top: 0.0, width: f64::from(full.0), height: f64::from(full.1) });
+        let crop = plan.crop.unwrap_or(size::Rect {
+            left: 0.0,
+            top: 0.0,
+            width: f64::from(full.0),
+            height: f64::from(full.1),
+        });
         let mut out = image::RgbaImage::new(plan.width, plan.height);
-        let options = ResizeOptions::new()
-            .resize_alg(ResizeAlg::Convolution(FilterType::Lanczos3))
-            .crop(crop.left, crop.top, crop.width, crop.height);
+        let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Lanczos3)).crop(
+            crop.left,
+            crop.top,
+            crop.width,
+            crop.height,
+        );
         self.resizer.resize(canvas, &mut out, &options).map_err(internal)?;
         self.encoder.encode_frame(Frame::from_parts(out, 0, 0, frame.delay())).map_err(internal)
     }

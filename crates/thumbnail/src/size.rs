@@ -33,10 +33,7 @@ impl Plan {
     pub fn decode_size(&self, source: (u32, u32)) -> (u32, u32) {
         let Some(crop) = self.crop else { return (self.width, self.height) };
         let need = |src: u32, out: u32, part: f64| (f64::from(src) * f64::from(out) / part).ceil() as u32;
-        (
-            need(source.0, self.width, crop.width).min(source.0),
-            need(source.1, self.height, crop.height).min(source.1),
-        )
+        (need(source.0, self.width, crop.width).min(source.0), need(source.1, self.height, crop.height).min(source.1))
     }
 }
 

@@ -41,7 +41,9 @@ fn animated_gif(w: u32, h: u32, frames: u32) -> Vec<u8> {
         let mut enc = image::codecs::gif::GifEncoder::new_with_speed(&mut out, 30);
         enc.set_repeat(image::codecs::gif::Repeat::Infinite).expect("repeat");
         for i in 0..frames {
-            let buf = RgbaImage::from_fn(w, h, |x, y| Rgba([((x + i * 10) % 256) as u8, (y % 256) as u8, (i * 40 % 256) as u8, 255]));
+            let buf = RgbaImage::from_fn(w, h, |x, y| {
+                Rgba([((x + i * 10) % 256) as u8, (y % 256) as u8, (i * 40 % 256) as u8, 255])
+            });
             let delay = image::Delay::from_numer_denom_ms(50, 1);
             enc.encode_frame(image::Frame::from_parts(buf, 0, 0, delay)).expect("frame");
         }
@@ -139,7 +141,8 @@ fn transparency_is_kept_as_png() {
     assert_eq!(out.get_pixel(5, 48)[3], 0);
     assert_eq!(out.get_pixel(90, 48)[3], 255);
     // An RGBA file whose pixels are all opaque is a photo: JPEG.
-    let opaque = encode(&DynamicImage::ImageRgba8(RgbaImage::from_pixel(50, 50, Rgba([1, 2, 3, 255]))), ImageFormat::Png);
+    let opaque =
+        encode(&DynamicImage::ImageRgba8(RgbaImage::from_pixel(50, 50, Rgba([1, 2, 3, 255]))), ImageFormat::Png);
     assert_eq!(generate(&opaque, &[spec], &limits()).expect("thumbnail")[0].content_type, "image/jpeg");
 }
 
@@ -258,7 +261,9 @@ fn corrupt_and_opaque_files_are_refused_with_a_reason() {
     assert!(matches!(generate(b"", &[spec], &limits()), Err(Error::Unsupported(_))));
     // Truncated files of every format: an error, never a panic.
     let still = DynamicImage::ImageRgb8(picture(300, 200));
-    for format in [ImageFormat::Jpeg, ImageFormat::Png, ImageFormat::Gif, ImageFormat::WebP, ImageFormat::Bmp, ImageFormat::Tiff] {
+    for format in
+        [ImageFormat::Jpeg, ImageFormat::Png, ImageFormat::Gif, ImageFormat::WebP, ImageFormat::Bmp, ImageFormat::Tiff]
+    {
         let bytes = encode(&still, format);
         for cut in [bytes.len() / 2, 40.min(bytes.len() - 1), 12] {
             match generate(&bytes[..cut], &[spec], &limits()) {

@@ -211,3 +211,96 @@ fn toml_lite(text: &str) -> Result<BTreeMap<String, String>, String> {
     }
     Ok(out)
 }
+
+/// One size thumbnails are made at: `{ width = 96, height = 96, method = "crop" }`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThumbnailSize {
+    pub width: u32,
+    pub height: u32,
+    /// `crop` or `scale`.
+    pub method: ThumbnailMethodName,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ThumbnailMethodName {
+    Crop,
+    Scale,
+}
+
+/// `[thumbnails]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ThumbnailConfig {
+    /// Serve thumbnails. Off: the thumbnail endpoints answer 400 ("cannot thumbnail"). Default true.
+    pub enabled: bool,
+    /// Make the configured `sizes` of every image in the background after its upload (the
+    /// upload's answer never waits for it). Default true.
+    pub pregenerate: bool,
+    /// The sizes requests are rounded up to (the nearest at least as large, same method).
+    /// Default: the spec's five (32×32 and 96×96 crop; 320×240, 640×480, 800×600 scale).
+    pub sizes: Vec<ThumbnailSize>,
+    /// A request larger than every configured size is made at the size asked, each side
+    /// capped at this. Default 1600.
+    pub max_side: u32,
+    /// Threads doing image work (decoding, resizing, encoding) on this edge. Default 1, so
+    /// request handling always keeps the other cores.
+    pub workers: usize,
+    /// Image jobs that may wait for a worker; beyond them a request gets 503 with
+    /// `Retry-After`, and background work is skipped (made on demand later). Default 16.
+    pub queue: usize,
+    /// Largest source file thumbnailed; larger ones get 413 `M_TOO_LARGE`. Default 32 MiB.
+    pub max_source_size: ByteSize,
+    /// Largest source canvas (width × height, read from the header before decoding); larger
+    /// ones (decompression bombs) get 413 `M_TOO_LARGE`. Default 32 000 000.
+    pub max_pixels: u64,
+    /// Animations with more frames get a still thumbnail. Default 300.
+    pub max_frames: u32,
+    /// Animations whose frames have more pixels in all get a still thumbnail. Default 100 000 000.
+    pub max_animation_pixels: u64,
+    /// Longest a request waits for its thumbnail to be made before a 504. Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub max_wait: Duration,
+}
+
+impl Default for ThumbnailConfig {
+    fn default() -> Self {
+        let size = |width, height, method| ThumbnailSize { width, height, method };
+        Self {
+            enabled: true,
+            pregenerate: true,
+            sizes: vec![
+                size(32, 32, ThumbnailMethodName::Crop),
+                size(96, 96, ThumbnailMethodName::Crop),
+                size(320, 240, ThumbnailMethodName::Scale),
+                size(640, 480, ThumbnailMethodName::Scale),
+                size(800, 600, ThumbnailMethodName::Scale),
+            ],
+            max_side: 1600,
+            workers: 1,
+            queue: 16,
+            max_source_size: ByteSize::mib(32),
+            max_pixels: 32_000_000,
+            max_frames: 300,
+            max_animation_pixels: 100_000_000,
+            max_wait: Duration::from_secs(30),
+        }
+    }
+}
+
+impl ThumbnailConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.workers == 0 || self.max_side == 0 {
+            return Err("thumbnails.workers and thumbnails.max_side must be above 0".into());
+        }
+        if let Some(s) = self
+            .sizes
+            .iter()
+            .find(|s| s.width == 0 || s.height == 0 || s.width.max(s.height) > self.max_side.max(16_384))
+        {
+            return Err(format!("thumbnails.sizes: {}x{} is out of range (1 to 16384 per side)", s.width, s.height));
+        }
+        Ok(())
+    }
+}

@@ -25,6 +25,7 @@ pub mod rate_limit;
 pub mod sniff;
 pub mod store;
 pub mod sweeper;
+pub mod thumbnails;
 pub mod unixfs;
 
 use std::net::SocketAddr;
@@ -57,6 +58,7 @@ pub struct EdgeSettings {
     pub store: StoreConfig,
     pub sweeper: sweeper::SweeperConfig,
     pub http: http_server::HttpConfig,
+    pub thumbnails: config::ThumbnailConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +90,7 @@ impl EdgeSettings {
         }
         self.media.validate().map_err(EdgeError::Config)?;
         self.http.validate().map_err(EdgeError::Config)?;
+        self.thumbnails.validate().map_err(EdgeError::Config)?;
         let tokens = self.auth.load().map_err(EdgeError::Config)?;
         if tokens.is_empty() && self.auth.homeserver_url.is_none() {
             return Err(EdgeError::Config(
@@ -129,8 +132,11 @@ pub async fn start(
     );
     let auth = Authenticator::new(tokens, &settings.auth, &settings.server_name, metrics.clone())
         .map_err(EdgeError::Config)?;
+    let thumbnails =
+        Arc::new(thumbnails::Thumbnails::new(settings.thumbnails.clone(), media.clone()).map_err(EdgeError::Config)?);
     let state = Arc::new(AppState {
         media: media.clone(),
+        thumbnails,
         auth,
         metrics,
         upload_limit: rate_limit::RateLimiter::new("uploads", settings.media.uploads_per_minute_per_user),

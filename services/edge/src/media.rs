@@ -17,6 +17,7 @@ use bytes::Bytes;
 use futures::Stream;
 use moka::future::Cache;
 use mxcas_meta::client::CommitRequest;
+use mxcas_meta::model::ThumbnailRecord;
 use mxcas_meta::{CommandError, ContentRecord, MediaKey, MediaRecord, MediaState, MetaClient, MetaError};
 
 use crate::api::error::ApiError;
@@ -345,6 +346,50 @@ impl MediaService {
             }
         }
         Err(ApiError::unavailable("The upload could not be recorded; retry it", 2_000))
+    }
+
+    /// Stores a made thumbnail's bytes as content of their own and records them as `made`'s
+    /// thumbnail (its `cid` is filled in here). Answers what the metadata recorded: ours, or
+    /// one another edge recorded first (ours then released and deleted). `lost_key`: the
+    /// recorded copy was found missing or corrupt there.
+    pub async fn store_thumbnail(
+        &self,
+        mut made: ThumbnailRecord,
+        bytes: Bytes,
+        lost_key: Option<String>,
+    ) -> Result<(ThumbnailRecord, ContentRecord), ApiError> {
+        let generation = self.current_generation().await?;
+        let size = (bytes.len() as u64).max(1);
+        let body = futures::stream::iter([Ok::<_, std::convert::Infallible>(bytes)]);
+        let mut content = ingest(&self.store, body, size, self.pace(), now_ms(), generation).await?.content;
+        made.cid = content.cid;
+        for _ in 0..COMMIT_ROUNDS {
+            match self.meta.commit_thumbnail(&made, &content, lost_key.as_deref()).await {
+                Ok(o) => {
+                    self.learn_generation(o.generation);
+                    if o.deduplicated {
+                        self.store.delete_later(content.object_keys().map(str::to_owned).collect());
+                    }
+                    return Ok((o.thumbnail, o.content));
+                }
+                Err(MetaError::Rejected(CommandError::Reclaimed { generation })) => {
+                    self.learn_generation(generation);
+                    self.restore(&mut content, generation).await?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ApiError::unavailable("The thumbnail could not be recorded; retry", 2_000))
+    }
+
+    /// All of `content`'s bytes, each block verified (for sources of thumbnails: bounded by
+    /// the caller).
+    pub async fn read_all(&self, content: &ContentRecord) -> Result<Vec<u8>, BlockError> {
+        let mut out = Vec::with_capacity(content.size as usize);
+        for i in 0..BlockCache::block_count(content) {
+            out.extend_from_slice(&self.blocks.block(content, i).await?);
+        }
+        Ok(out)
     }
 
     /// Copies an upload's objects to keys of `generation` (its own generation was sealed before

@@ -65,6 +65,11 @@ pub struct Metrics {
     pub store_write_seconds: Histogram,
     /// How long an upload's commit to the metadata service took.
     pub meta_commit_seconds: Histogram,
+    /// Thumbnail jobs by result: made, refused (the bytes decide: not an image, corrupt, too
+    /// large), busy (the pool was full), error.
+    pub thumbnails: Family<ResultLabels, Counter>,
+    /// How long one thumbnail job took on its worker (one decode, every size asked of it).
+    pub thumbnail_seconds: Histogram,
 }
 
 /// Buckets from 0.25 ms to about 8 s, doubling.
@@ -159,9 +164,23 @@ impl Metrics {
             "Access-token checks: static, cached, valid (asked the homeserver), refused, unavailable",
             auth_checks.clone(),
         );
+        let thumbnails = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "thumbnails",
+            "Thumbnail jobs: made, refused (not an image, corrupt, over the limits), busy (pool full), error",
+            thumbnails.clone(),
+        );
+        let thumbnail_seconds = latency_buckets();
+        registry.register(
+            "thumbnail_duration_seconds",
+            "Time of one thumbnail job on its worker (one decode, every size made of it)",
+            thumbnail_seconds.clone(),
+        );
         let uploads_in_progress = Gauge::default();
         registry.register("uploads_in_progress", "Uploads being received now", uploads_in_progress.clone());
         Self {
+            thumbnails,
+            thumbnail_seconds,
             uploads_in_progress,
             auth_checks,
             store_write_seconds,

@@ -622,6 +622,10 @@ fn wire(what: &str) -> MetaError {
     MetaError::Internal(format!("malformed answer from the metadata service: {what}"))
 }
 
+fn required<T>(field: Option<T>, name: &str) -> Result<T, MetaError> {
+    field.ok_or_else(|| MetaError::Internal(format!("malformed answer from the metadata service: no {name}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -652,8 +656,4 @@ mod tests {
         silent.insert("b".to_string(), now + Duration::from_secs(1));
         assert_eq!(pick_next(&eps(), "c", &in_call, &silent), "a");
     }
-}
-
-fn required<T>(field: Option<T>, name: &str) -> Result<T, MetaError> {
-    field.ok_or_else(|| MetaError::Internal(format!("malformed answer from the metadata service: no {name}")))
 }

@@ -835,7 +835,8 @@ impl Tables<'_> {
         now_ms: u64,
     ) -> Result<Result<ThumbnailOutcome, CommandError>, StorageError> {
         let spec = made.spec;
-        let sides_ok = |w: u32, h: u32| (1..=ThumbnailSpec::MAX_SIDE).contains(&w) && (1..=ThumbnailSpec::MAX_SIDE).contains(&h);
+        let sides_ok =
+            |w: u32, h: u32| (1..=ThumbnailSpec::MAX_SIDE).contains(&w) && (1..=ThumbnailSpec::MAX_SIDE).contains(&h);
         if !sides_ok(spec.width, spec.height) || !sides_ok(made.width, made.height) {
             return Ok(Err(CommandError::InvalidArgument("thumbnail size out of range".into())));
         }

@@ -21,8 +21,8 @@ pub struct Config {
     pub admin_listen: SocketAddr,
     /// Metadata database, local blobs (by default) and the dev token. Default `./mxcas-data`.
     pub data_dir: PathBuf,
-    /// Access token used when `[auth]` lists none (development only). Default: generated once
-    /// and kept in `<data_dir>/dev-token`.
+    /// Access token used when `[auth]` lists none and names no homeserver (development only).
+    /// Default: generated once and kept in `<data_dir>/dev-token`.
     pub dev_token: Option<String>,
     pub media: MediaConfig,
     pub cache: CacheConfig,
@@ -32,6 +32,7 @@ pub struct Config {
     pub edge: EdgeSection,
     pub sweeper: mxcas_edge::sweeper::SweeperConfig,
     pub http: mxcas_edge::http_server::HttpConfig,
+    pub thumbnails: mxcas_edge::config::ThumbnailConfig,
     /// Mutual TLS on every gRPC link (raft, metadata API, admin). Default: off.
     pub tls: mxcas_meta::tls::TlsConfig,
 }
@@ -141,6 +142,7 @@ impl Default for Config {
             edge: EdgeSection::default(),
             sweeper: Default::default(),
             http: Default::default(),
+            thumbnails: Default::default(),
             tls: Default::default(),
         }
     }

@@ -235,7 +235,9 @@ async fn serve(args: ServeArgs, role: Role) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
 
     let mut auth = config.auth.clone();
-    let dev_token = if auth.load().map_err(anyhow::Error::msg)?.is_empty() {
+    // A development token only where nothing else checks tokens: with a homeserver, its
+    // users' tokens are the only ones.
+    let dev_token = if auth.load().map_err(anyhow::Error::msg)?.is_empty() && auth.homeserver_url.is_none() {
         let token = match config.dev_token.clone() {
             Some(t) => t,
             None => dev_token(&config.data_dir)?,
@@ -256,6 +258,7 @@ async fn serve(args: ServeArgs, role: Role) -> anyhow::Result<()> {
         store: config.store.clone(),
         sweeper: config.sweeper.clone(),
         http: config.http.clone(),
+        thumbnails: config.thumbnails.clone(),
     };
     settings.validate().context("invalid configuration")?;
 

@@ -8,6 +8,7 @@ pub mod download;
 pub mod error;
 pub mod headers;
 pub mod range;
+pub mod thumbnail;
 pub mod upload;
 
 use std::sync::Arc;
@@ -26,6 +27,7 @@ use error::ApiError;
 
 pub struct AppState {
     pub media: Arc<MediaService>,
+    pub thumbnails: Arc<crate::thumbnails::Thumbnails>,
     pub auth: Authenticator,
     pub metrics: Arc<Metrics>,
     /// Uploads and `/create`s per user per minute on this edge.
@@ -45,6 +47,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/_matrix/client/v1/media/download/{server_name}/{media_id}/{file_name}", get(download::download_v1))
         .route("/_matrix/media/v3/download/{server_name}/{media_id}", get(download::download_legacy))
         .route("/_matrix/media/v3/download/{server_name}/{media_id}/{file_name}", get(download::download_legacy))
+        .route("/_matrix/client/v1/media/thumbnail/{server_name}/{media_id}", get(thumbnail::thumbnail_v1))
+        .route("/_matrix/media/v3/thumbnail/{server_name}/{media_id}", get(thumbnail::thumbnail_legacy))
         .fallback(|| async { ApiError::unrecognized() })
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "M_UNRECOGNIZED", "Method not allowed for this endpoint")

@@ -35,6 +35,7 @@ pub async fn upload(
     state.upload_limit.check(&user)?;
     let (content_type, filename) = upload_params(&state, &headers, &query)?;
     let key = state.media.upload(&user, None, content_type, filename, body.into_data_stream()).await?;
+    state.thumbnails.after_upload(key.clone());
     Ok(Json(json!({ "content_uri": key.to_string() })))
 }
 
@@ -55,7 +56,8 @@ pub async fn upload_to(
         return Err(ApiError::not_found("Media IDs of other servers cannot be uploaded to here"));
     }
     let (content_type, filename) = upload_params(&state, &headers, &query)?;
-    state.media.upload(&user, Some(media_id), content_type, filename, body.into_data_stream()).await?;
+    let key = state.media.upload(&user, Some(media_id), content_type, filename, body.into_data_stream()).await?;
+    state.thumbnails.after_upload(key);
     Ok(Json(json!({})))
 }
 
