@@ -82,13 +82,20 @@ pub fn plan(source: (u32, u32), spec: &Spec) -> Plan {
 }
 
 /// Which of the sizes an operator has thumbnails made at answers a request: the smallest one
-/// of the requested method that is at least as large as asked in both directions. When none is,
-/// the requested size itself, each side capped at `max_side` (made on demand).
+/// of the requested method that is at least as large as asked in both directions (and, for
+/// `crop`, of the same aspect ratio: a crop is in the shape asked). When none is, the requested
+/// size itself, each side capped at `max_side` (made on demand).
 ///
 /// Sizes are compared as boxes, so the answer is never smaller than asked (before the
 /// never-upscale rule, which depends on the source).
 pub fn choose(requested: &Spec, sizes: &[Spec], max_side: u32) -> Spec {
-    let fits = |s: &&Spec| s.method == requested.method && s.width >= requested.width && s.height >= requested.height;
+    let same_shape = |s: &Spec| {
+        requested.method == Method::Scale
+            || u64::from(s.width) * u64::from(requested.height) == u64::from(s.height) * u64::from(requested.width)
+    };
+    let fits = |s: &&Spec| {
+        s.method == requested.method && s.width >= requested.width && s.height >= requested.height && same_shape(s)
+    };
     let best = sizes.iter().filter(fits).min_by_key(|s| (u64::from(s.width) * u64::from(s.height), s.width));
     match best {
         Some(s) => Spec { animated: requested.animated, ..*s },
@@ -201,7 +208,9 @@ mod tests {
             (s.width, s.height, s.method)
         };
         assert_eq!(pick(32, 32, Method::Crop), (32, 32, Method::Crop));
-        assert_eq!(pick(33, 20, Method::Crop), (96, 96, Method::Crop));
+        assert_eq!(pick(40, 40, Method::Crop), (96, 96, Method::Crop));
+        // A crop keeps the shape asked: no configured size has it, so it is made as asked.
+        assert_eq!(pick(33, 20, Method::Crop), (33, 20, Method::Crop));
         assert_eq!(pick(50, 50, Method::Scale), (320, 240, Method::Scale));
         assert_eq!(pick(320, 241, Method::Scale), (640, 480, Method::Scale));
         assert_eq!(pick(800, 600, Method::Scale), (800, 600, Method::Scale));
@@ -209,6 +218,6 @@ mod tests {
         assert_eq!(pick(1024, 768, Method::Scale), (1024, 768, Method::Scale));
         assert_eq!(pick(200, 200, Method::Crop), (200, 200, Method::Crop));
         assert_eq!(pick(100_000, 5, Method::Scale), (1600, 5, Method::Scale));
-        assert_eq!(pick(0, 0, Method::Crop), (32, 32, Method::Crop));
+        assert_eq!(pick(1, 1, Method::Crop), (32, 32, Method::Crop));
     }
 }
