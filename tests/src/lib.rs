@@ -8,11 +8,12 @@
 //!
 //! External programs come from the environment that `scripts/test.sh` sets up:
 //! `MXCAS_BIN` (else `target/<profile>/mxcas` next to the test binary), `WEED_BIN`,
-//! `MXCAS_ORACLE_DIR`, `SYNAPSE_PYTHON`.
+//! `MXCAS_ORACLE_DIR`, `SYNAPSE_PYTHON` (with matrix-nio in its venv), `NGINX_BIN`.
 
 pub mod cluster;
 pub mod etcd;
 pub mod load;
+pub mod nginx;
 pub mod node;
 pub mod oracle;
 pub mod pki;

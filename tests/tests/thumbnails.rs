@@ -145,7 +145,9 @@ async fn every_format_size_method_and_animation_follows_the_spec() -> anyhow::Re
     let node =
         Node::start(NodeOptions { extra: "[thumbnails]\npregenerate = false\n".into(), ..Default::default() }).await?;
     let alpha = RgbaImage::from_fn(600, 400, |x, y| Rgba([200, (y % 256) as u8, 30, if x < 300 { 0 } else { 255 }]));
-    let sources: Vec<(&str, Vec<u8>, (u32, u32), bool)> = vec![
+    // (name, bytes, size, animated)
+    type Source = (&'static str, Vec<u8>, (u32, u32), bool);
+    let sources: Vec<Source> = vec![
         ("jpeg", encode(&DynamicImage::ImageRgb8(picture(1200, 900)), ImageFormat::Jpeg), (1200, 900), false),
         ("png-alpha", encode(&DynamicImage::ImageRgba8(alpha), ImageFormat::Png), (600, 400), false),
         ("gif-animated", animated_gif(200, 120, 6), (200, 120), true),
