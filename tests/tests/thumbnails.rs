@@ -112,19 +112,15 @@ fn check_rules(source: (u32, u32), (w, h): (u32, u32), method: &str, out: (u32, 
     assert!(ow <= sw && oh <= sh, "{what}: {ow}x{oh} is larger than the {sw}x{sh} source (upscaled)");
     match method {
         "crop" => {
+            // About the shape asked (sizes made on demand are rounded up a step per side).
+            let skew = (f64::from(ow) / f64::from(oh)) / (f64::from(w) / f64::from(h));
+            assert!((1.0 / 1.5..=1.5).contains(&skew), "{what}: {ow}x{oh} is far from {w}:{h}");
             if sw >= w && sh >= h {
-                // At least as large as asked, in the shape asked.
+                // At least as large as asked.
                 assert!(ow >= w && oh >= h, "{what}: {ow}x{oh} smaller than asked {w}x{h}");
-                assert_eq!(
-                    u64::from(ow) * u64::from(h),
-                    u64::from(oh) * u64::from(w),
-                    "{what}: {ow}x{oh} is not {w}:{h}"
-                );
             } else {
-                // Too small to fill it: the shape asked at the source's own scale.
+                // Too small to fill it: cut at the source's own scale.
                 assert!(ow == sw || oh == sh, "{what}: {ow}x{oh} of a {sw}x{sh} source");
-                let ratio = |a: u32, b: u32| f64::from(a) / f64::from(b);
-                assert!((ratio(ow, oh) - ratio(w, h)).abs() < 0.05, "{what}: {ow}x{oh} is not {w}:{h}");
             }
         }
         _ => {
@@ -257,7 +253,8 @@ async fn a_storm_of_requests_for_a_missing_thumbnail_makes_it_once() -> anyhow::
         assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
         assert_eq!(a.body, first, "every request got the same thumbnail");
     }
-    assert_eq!(inspect(answers[0].as_ref().map_err(|e| anyhow::anyhow!("{e}"))?).0, (500, 500));
+    // 500×500 is made on demand at the next step up.
+    assert_eq!(inspect(answers[0].as_ref().map_err(|e| anyhow::anyhow!("{e}"))?).0, (512, 512));
     assert_eq!(node.metric("mxcas_edge_thumbnails_total{result=\"made\"}").await?, 1.0, "made once");
     Ok(())
 }

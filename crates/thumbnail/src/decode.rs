@@ -73,6 +73,51 @@ fn image_limits(limits: &Limits) -> image::Limits {
     l
 }
 
+/// The same, once the header named the canvas: no frame or buffer may be larger than it (a
+/// GIF frame larger than its screen would otherwise pass every canvas check).
+fn canvas_limits(width: u32, height: u32) -> image::Limits {
+    let mut l = image::Limits::default();
+    l.max_image_width = Some(width);
+    l.max_image_height = Some(height);
+    l.max_alloc = Some((u64::from(width) * u64::from(height)).saturating_mul(16).saturating_add(16 << 20));
+    l
+}
+
+/// Most scans a progressive JPEG may have. Real encoders write about 10; each scan is a pass
+/// over the whole image, so thousands of tiny ones are a CPU bomb.
+const MAX_JPEG_SCANS: usize = 100;
+
+/// Counts the scans (SOS markers) of a JPEG by walking its segments, stopping once past
+/// `MAX_JPEG_SCANS`. Only marker framing is read: every length is bounded by the input.
+fn jpeg_scans(b: &[u8]) -> usize {
+    let mut i = 2; // after SOI
+    let mut scans = 0;
+    while i + 4 <= b.len() && scans <= MAX_JPEG_SCANS {
+        if b[i] != 0xff {
+            return scans; // not a marker where one must be: the decoder will say why
+        }
+        let marker = b[i + 1];
+        match marker {
+            0xff => i += 1, // fill byte
+            0xd8 | 0x01 | 0xd0..=0xd7 => i += 2,
+            0xd9 => return scans, // EOI
+            _ => {
+                let len = usize::from(u16::from_be_bytes([b[i + 2], b[i + 3]]));
+                i += 2 + len;
+                if marker == 0xda {
+                    scans += 1;
+                    // Entropy-coded data up to the next marker that is not a stuffed zero or
+                    // a restart marker.
+                    while i + 1 < b.len() && !(b[i] == 0xff && b[i + 1] != 0 && !(0xd0..=0xd7).contains(&b[i + 1])) {
+                        i += 1;
+                    }
+                }
+            }
+        }
+    }
+    scans
+}
+
 fn swaps_axes(o: Orientation) -> bool {
     matches!(
         o,
@@ -119,6 +164,15 @@ fn decode_still(source: &[u8], format: ImageFormat, limits: &Limits) -> Result<S
     let mut decoder = reader.into_decoder().map_err(image_error)?;
     let (w, h) = decoder.dimensions();
     check_canvas(w, h, limits)?;
+    decoder.set_limits(canvas_limits(w, h)).map_err(image_error)?;
+    // Wide pixels (16-bit, float) cost several times a canvas of 8-bit RGBA.
+    if decoder.total_bytes() > limits.max_pixels.saturating_mul(8) {
+        return Err(Error::TooLarge(format!(
+            "{w}×{h} at {:?} is {} bytes decoded",
+            decoder.color_type(),
+            decoder.total_bytes()
+        )));
+    }
     let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
     let mut image = DynamicImage::from_decoder(decoder).map_err(image_error)?;
     image.apply_orientation(orientation);
@@ -128,10 +182,23 @@ fn decode_still(source: &[u8], format: ImageFormat, limits: &Limits) -> Result<S
 
 /// A JPEG through `jpeg-decoder`, shrunk while decoding (1/8, 1/4 or 1/2 by reduced DCT) as far
 /// as the largest requested thumbnail allows. `None` for pixel formats it leaves to `image`.
+fn jpeg_error(e: jpeg_decoder::Error) -> Error {
+    match e {
+        // The file ends early: a fact about the bytes.
+        jpeg_decoder::Error::Io(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => corrupt(e),
+        // The decoder's own threads (or memory) failed: not a fact about the bytes.
+        jpeg_decoder::Error::Io(e) => Error::Internal(e.to_string()),
+        other => corrupt(other),
+    }
+}
+
 fn decode_jpeg(source: &[u8], specs: &[Spec], limits: &Limits) -> Result<Option<Still>, Error> {
+    if jpeg_scans(source) > MAX_JPEG_SCANS {
+        return Err(Error::TooLarge(format!("a progressive JPEG of more than {MAX_JPEG_SCANS} scans")));
+    }
     let mut decoder = jpeg_decoder::Decoder::new(Cursor::new(source));
     decoder.set_max_decoding_buffer_size(usize::try_from(limits.max_pixels.saturating_mul(4)).unwrap_or(usize::MAX));
-    decoder.read_info().map_err(corrupt)?;
+    decoder.read_info().map_err(jpeg_error)?;
     let info = decoder.info().ok_or_else(|| corrupt("no frame header"))?;
     let (w, h) = (u32::from(info.width), u32::from(info.height));
     check_canvas(w, h, limits)?;
@@ -152,9 +219,14 @@ fn decode_jpeg(source: &[u8], specs: &[Spec], limits: &Limits) -> Result<Option<
     }
     let denominator =
         [8u32, 4, 2, 1].into_iter().find(|d| w.div_ceil(*d) >= need_w && h.div_ceil(*d) >= need_h).unwrap_or(1);
-    let (dw, dh) = decoder.scale(w.div_ceil(denominator) as u16, h.div_ceil(denominator) as u16).map_err(corrupt)?;
-    let pixels = decoder.decode().map_err(corrupt)?;
+    let (dw, dh) = decoder.scale(w.div_ceil(denominator) as u16, h.div_ceil(denominator) as u16).map_err(jpeg_error)?;
     let (dw, dh) = (u32::from(dw), u32::from(dh));
+    if dw < need_w.min(w) || dh < need_h.min(h) {
+        // The decoder shrank further than asked (it accepts a scale when either side is
+        // large enough): decode at full size instead of enlarging.
+        return Ok(None);
+    }
+    let pixels = decoder.decode().map_err(jpeg_error)?;
     let mut image = match info.pixel_format {
         jpeg_decoder::PixelFormat::L8 => image::GrayImage::from_raw(dw, dh, pixels).map(DynamicImage::ImageLuma8),
         _ => image::RgbImage::from_raw(dw, dh, pixels).map(DynamicImage::ImageRgb8),
@@ -180,10 +252,14 @@ fn opaque_if_possible(image: DynamicImage) -> DynamicImage {
 /// The animated thumbnails asked for, one slot per spec (`None` for specs that are still), or
 /// `None` overall when the source has a single frame or is over the animation limits.
 fn animate(source: &[u8], format: ImageFormat, specs: &[Spec], limits: &Limits) -> Result<Option<Animations>, Error> {
+    // A GIF already at a thumbnail's size needs no re-encoding: the thumbnail is the file.
+    let mut gif_canvas = None;
     let frames = match format {
         ImageFormat::Gif => {
             let mut d = image::codecs::gif::GifDecoder::new(Cursor::new(source)).map_err(image_error)?;
-            d.set_limits(image_limits(limits)).map_err(image_error)?;
+            let (w, h) = d.dimensions();
+            d.set_limits(canvas_limits(w, h)).map_err(image_error)?;
+            gif_canvas = Some((w, h));
             d.into_frames()
         }
         ImageFormat::WebP => {
@@ -191,12 +267,15 @@ fn animate(source: &[u8], format: ImageFormat, specs: &[Spec], limits: &Limits) 
             if !d.has_animation() {
                 return Ok(None);
             }
-            d.set_limits(image_limits(limits)).map_err(image_error)?;
+            let (w, h) = d.dimensions();
+            d.set_limits(canvas_limits(w, h)).map_err(image_error)?;
             d.into_frames()
         }
         ImageFormat::Png => {
             let d = image::codecs::png::PngDecoder::with_limits(Cursor::new(source), image_limits(limits))
                 .map_err(image_error)?;
+            let (w, h) = d.dimensions();
+            check_canvas(w, h, limits)?;
             if !d.is_apng().map_err(image_error)? {
                 return Ok(None);
             }
@@ -204,11 +283,25 @@ fn animate(source: &[u8], format: ImageFormat, specs: &[Spec], limits: &Limits) 
         }
         _ => return Ok(None),
     };
-    let mut outputs: Vec<Option<crate::encode::GifWriter>> =
-        specs.iter().map(|s| s.animated.then(|| crate::encode::GifWriter::new(*s))).collect();
+    let unchanged = |spec: &Spec| {
+        gif_canvas.is_some_and(|canvas| {
+            let plan = size::plan(canvas, spec);
+            (plan.width, plan.height) == canvas
+                && plan.crop.is_none_or(|c| c.width >= f64::from(canvas.0) && c.height >= f64::from(canvas.1))
+        })
+    };
+    let mut outputs: Vec<Option<Output>> = specs
+        .iter()
+        .map(|s| match (s.animated, unchanged(s)) {
+            (false, _) => None,
+            (true, true) => Some(Output::Source),
+            (true, false) => Some(Output::Gif(Box::new(crate::encode::GifWriter::new(*s)))),
+        })
+        .collect();
     let (mut count, mut pixels) = (0u32, 0u64);
     for frame in frames {
-        let frame = frame.map_err(image_error)?;
+        // An animation that breaks off (a truncated GIF is common) is thumbnailed still.
+        let Ok(frame) = frame else { return Ok(None) };
         count += 1;
         let (w, h) = frame.buffer().dimensions();
         pixels = pixels.saturating_add(u64::from(w) * u64::from(h));
@@ -216,13 +309,39 @@ fn animate(source: &[u8], format: ImageFormat, specs: &[Spec], limits: &Limits) 
             return Ok(None);
         }
         for out in outputs.iter_mut().flatten() {
-            out.add(&frame)?;
+            if let Output::Gif(writer) = out {
+                writer.add(&frame)?;
+                if writer.len() > MAX_ANIMATED_BYTES {
+                    return Ok(None);
+                }
+            }
         }
     }
     if count < 2 {
         return Ok(None);
     }
-    Ok(Some(outputs.into_iter().map(|o| o.map(crate::encode::GifWriter::finish)).collect()))
+    Ok(Some(
+        outputs
+            .iter_mut()
+            .map(|o| {
+                o.take().map(|o| match o {
+                    Output::Gif(writer) => (*writer).finish(),
+                    Output::Source => source.to_vec(),
+                })
+            })
+            .collect(),
+    ))
+}
+
+/// Largest animated thumbnail; a larger one is made still instead (frames are encoded whole,
+/// so a source of tiny changes between frames can grow many times over).
+const MAX_ANIMATED_BYTES: usize = 8 << 20;
+
+/// What an animated thumbnail is made of.
+enum Output {
+    Gif(Box<crate::encode::GifWriter>),
+    /// The source file itself (a GIF already at the thumbnail's size).
+    Source,
 }
 
 /// The plan of `spec` for a decoded source.

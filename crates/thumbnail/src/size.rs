@@ -83,8 +83,11 @@ pub fn plan(source: (u32, u32), spec: &Spec) -> Plan {
 
 /// Which of the sizes an operator has thumbnails made at answers a request: the smallest one
 /// of the requested method that is at least as large as asked in both directions (and, for
-/// `crop`, of the same aspect ratio: a crop is in the shape asked). When none is, the requested
-/// size itself, each side capped at `max_side` (made on demand).
+/// `crop`, of the same aspect ratio: a crop is in the shape asked). When none is, a size made on
+/// demand: each side rounded up to the next step of [`LADDER`] (capped at `max_side`), so
+/// however many sizes clients ask for, a source has at most a few hundred thumbnails (a crop's
+/// shape is then within one step of the shape asked, as servers that answer with the nearest
+/// larger size do anyway).
 ///
 /// Sizes are compared as boxes, so the answer is never smaller than asked (before the
 /// never-upscale rule, which depends on the source).
@@ -100,11 +103,19 @@ pub fn choose(requested: &Spec, sizes: &[Spec], max_side: u32) -> Spec {
     match best {
         Some(s) => Spec { animated: requested.animated, ..*s },
         None => Spec {
-            width: requested.width.clamp(1, max_side.max(1)),
-            height: requested.height.clamp(1, max_side.max(1)),
+            width: step_up(requested.width, max_side),
+            height: step_up(requested.height, max_side),
             ..*requested
         },
     }
+}
+
+/// The sides sizes made on demand are rounded up to (then `max_side`).
+pub const LADDER: [u32; 10] = [32, 64, 96, 128, 192, 256, 384, 512, 768, 1024];
+
+fn step_up(side: u32, max_side: u32) -> u32 {
+    let max_side = max_side.max(1);
+    LADDER.iter().copied().find(|&s| s >= side).unwrap_or(max_side).min(max_side)
 }
 
 /// The sizes the Matrix spec suggests servers make: 32×32 and 96×96 cropped, 320×240, 640×480
@@ -209,15 +220,25 @@ mod tests {
         };
         assert_eq!(pick(32, 32, Method::Crop), (32, 32, Method::Crop));
         assert_eq!(pick(40, 40, Method::Crop), (96, 96, Method::Crop));
-        // A crop keeps the shape asked: no configured size has it, so it is made as asked.
-        assert_eq!(pick(33, 20, Method::Crop), (33, 20, Method::Crop));
+        // A crop keeps the shape asked: no configured size has it, so it is made on demand,
+        // each side rounded up a step.
+        assert_eq!(pick(33, 20, Method::Crop), (64, 32, Method::Crop));
         assert_eq!(pick(50, 50, Method::Scale), (320, 240, Method::Scale));
         assert_eq!(pick(320, 241, Method::Scale), (640, 480, Method::Scale));
         assert_eq!(pick(800, 600, Method::Scale), (800, 600, Method::Scale));
-        // Larger than every configured size: made at the size asked, within the cap.
+        // Larger than every configured size: made on demand, rounded up a step, capped.
         assert_eq!(pick(1024, 768, Method::Scale), (1024, 768, Method::Scale));
-        assert_eq!(pick(200, 200, Method::Crop), (200, 200, Method::Crop));
-        assert_eq!(pick(100_000, 5, Method::Scale), (1600, 5, Method::Scale));
+        assert_eq!(pick(200, 200, Method::Crop), (256, 256, Method::Crop));
+        assert_eq!(pick(1025, 1025, Method::Crop), (1600, 1600, Method::Crop));
+        assert_eq!(pick(100_000, 5, Method::Scale), (1600, 32, Method::Scale));
+        // However many sizes are asked for, few are made.
+        let mut made = std::collections::HashSet::new();
+        for w in 1..=1700 {
+            for h in (1..=1700).step_by(7) {
+                made.insert(pick(w, h, Method::Crop));
+            }
+        }
+        assert!(made.len() <= (LADDER.len() + 1) * (LADDER.len() + 1), "{}", made.len());
         assert_eq!(pick(1, 1, Method::Crop), (32, 32, Method::Crop));
     }
 }

@@ -275,3 +275,91 @@ fn corrupt_and_opaque_files_are_refused_with_a_reason() {
         }
     }
 }
+
+#[test]
+fn a_gif_already_at_the_thumbnail_size_is_its_own_thumbnail() {
+    let gif = animated_gif(120, 80, 5);
+    let fits = Spec { width: 320, height: 240, method: Method::Scale, animated: true };
+    let t = &generate(&gif, &[fits], &limits()).expect("thumbnail")[0];
+    assert!(t.animated);
+    assert_eq!(t.bytes, gif, "no re-encoding");
+    // Smaller boxes are resized frame by frame.
+    let smaller = Spec { width: 60, height: 40, method: Method::Scale, animated: true };
+    let t = &generate(&gif, &[smaller], &limits()).expect("thumbnail")[0];
+    assert_ne!(t.bytes, gif);
+    assert_eq!(gif_frames(&t.bytes), 5);
+    assert_eq!((decode(t).width(), decode(t).height()), (60, 40));
+}
+
+#[test]
+fn sizes_that_do_not_divide_evenly_are_made_exactly() {
+    // Shrinking while decoding (by 2, 4 or 8) gives fractional scale factors for these.
+    for (w, h) in [(1125, 2436), (1023, 767), (4001, 2999), (333, 4001), (4000, 4)] {
+        let bytes = encode(&DynamicImage::ImageRgb8(picture(w, h)), ImageFormat::Jpeg);
+        // Each size alone (as on demand: the deepest shrink) and all together (as in the
+        // background: the shrink the largest allows).
+        let specs = spec_sizes();
+        let alone = specs.iter().map(|spec| generate(&bytes, &[*spec], &limits()).map(|mut t| t.remove(0)));
+        let together = generate(&bytes, &specs, &limits()).map(|t| t.into_iter().map(Ok).collect::<Vec<_>>());
+        let together = together.unwrap_or_else(|e| panic!("{w}x{h}: {e}"));
+        for (spec, t) in specs.iter().cycle().zip(alone.chain(together)) {
+            let t = t.unwrap_or_else(|e| panic!("{w}x{h} {spec:?}: {e}"));
+            let want = plan((w, h), spec);
+            assert_eq!((decode(&t).width(), decode(&t).height()), (want.width, want.height), "{w}x{h} {spec:?}");
+        }
+    }
+}
+
+/// A GIF with a 1×1 screen and one 12000×12000 frame.
+fn gif_with_a_frame_larger_than_its_screen() -> Vec<u8> {
+    let mut b = b"GIF89a".to_vec();
+    b.extend_from_slice(&[1, 0, 1, 0, 0x00, 0, 0]);
+    let side = 12_000u16.to_le_bytes();
+    b.extend_from_slice(&[0x2c, 0, 0, 0, 0]);
+    b.extend_from_slice(&[side[0], side[1], side[0], side[1], 0x80]);
+    b.extend_from_slice(&[0, 0, 0, 255, 255, 255]);
+    b.extend_from_slice(&[0x02, 0x02, 0x4c, 0x01, 0x00, 0x3b]);
+    b
+}
+
+#[test]
+fn a_gif_frame_larger_than_its_screen_is_refused() {
+    let bomb = gif_with_a_frame_larger_than_its_screen();
+    for animated in [false, true] {
+        let spec = Spec { width: 32, height: 32, method: Method::Crop, animated };
+        match generate(&bomb, &[spec], &limits()) {
+            Err(Error::TooLarge(_) | Error::Corrupt(_)) => {}
+            other => panic!("animated={animated}: {other:?}"),
+        }
+    }
+}
+
+/// A progressive-looking JPEG: a real one with its scan repeated `n` times before EOI.
+fn jpeg_with_scans(n: usize) -> Vec<u8> {
+    let b = encode(&DynamicImage::ImageRgb8(picture(64, 64)), ImageFormat::Jpeg);
+    let sos = b.windows(2).position(|m| m == [0xff, 0xda]).expect("SOS");
+    let eoi = b.len() - 2;
+    let mut out = b[..sos].to_vec();
+    for _ in 0..n {
+        out.extend_from_slice(&b[sos..eoi]);
+    }
+    out.extend_from_slice(&[0xff, 0xd9]);
+    out
+}
+
+#[test]
+fn jpegs_of_too_many_scans_are_refused_before_decoding() {
+    let spec = Spec { width: 32, height: 32, method: Method::Crop, animated: false };
+    assert!(matches!(generate(&jpeg_with_scans(500), &[spec], &limits()), Err(Error::TooLarge(_))));
+    // A handful is an ordinary file.
+    assert!(generate(&jpeg_with_scans(1), &[spec], &limits()).is_ok());
+}
+
+#[test]
+fn a_truncated_animation_still_gets_a_still_thumbnail() {
+    let gif = animated_gif(100, 80, 6);
+    let cut = &gif[..gif.len() * 2 / 3];
+    let animated = Spec { width: 32, height: 32, method: Method::Crop, animated: true };
+    let t = &generate(cut, &[animated], &limits()).expect("a still thumbnail")[0];
+    assert!(!t.animated);
+}

@@ -229,6 +229,9 @@ pub enum ThumbnailMethodName {
     Scale,
 }
 
+/// Largest side a thumbnail may have (the metadata refuses larger).
+pub const MAX_THUMBNAIL_SIDE: u32 = 16_384;
+
 /// `[thumbnails]`
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -259,7 +262,8 @@ pub struct ThumbnailConfig {
     pub max_frames: u32,
     /// Animations whose frames have more pixels in all get a still thumbnail. Default 100 000 000.
     pub max_animation_pixels: u64,
-    /// Longest a request waits for its thumbnail to be made before a 504. Default 30s.
+    /// Longest a request waits for its thumbnail to be made; then 503 with `Retry-After` (the
+    /// making goes on and is recorded for the next request). Default 30s.
     #[serde(with = "humantime_serde")]
     pub max_wait: Duration,
 }
@@ -291,15 +295,20 @@ impl Default for ThumbnailConfig {
 
 impl ThumbnailConfig {
     pub fn validate(&self) -> Result<(), String> {
-        if self.workers == 0 || self.max_side == 0 {
-            return Err("thumbnails.workers and thumbnails.max_side must be above 0".into());
+        if self.workers == 0 || !(1..=MAX_THUMBNAIL_SIDE).contains(&self.max_side) {
+            return Err(format!(
+                "thumbnails.workers must be above 0 and thumbnails.max_side 1 to {MAX_THUMBNAIL_SIDE}"
+            ));
         }
         if let Some(s) = self
             .sizes
             .iter()
-            .find(|s| s.width == 0 || s.height == 0 || s.width.max(s.height) > self.max_side.max(16_384))
+            .find(|s| !(1..=self.max_side).contains(&s.width) || !(1..=self.max_side).contains(&s.height))
         {
-            return Err(format!("thumbnails.sizes: {}x{} is out of range (1 to 16384 per side)", s.width, s.height));
+            return Err(format!(
+                "thumbnails.sizes: {}x{} is out of range (1 to max_side {} per side)",
+                s.width, s.height, self.max_side
+            ));
         }
         Ok(())
     }

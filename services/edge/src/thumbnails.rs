@@ -45,6 +45,10 @@ pub struct Thumbnails {
     pub config: ThumbnailConfig,
     media: Arc<MediaService>,
     pool: Pool,
+    /// One permit per job the pool may hold (running or queued), taken before the source is
+    /// read into memory and kept until the job ends: at most `workers + queue` sources are in
+    /// memory at once, whatever the requests.
+    jobs: Arc<tokio::sync::Semaphore>,
     sizes: Vec<Spec>,
     limits: Limits,
     /// Recorded thumbnails by (source, spec). Records only change when lost bytes are
@@ -117,10 +121,12 @@ impl Thumbnails {
             max_frames: config.max_frames,
             max_animation_pixels: config.max_animation_pixels,
         };
+        let jobs = Arc::new(tokio::sync::Semaphore::new(config.workers + config.queue));
         Ok(Self {
             config,
             media,
             pool,
+            jobs,
             sizes,
             limits,
             known: Cache::builder().max_capacity(100_000).build(),
@@ -153,10 +159,14 @@ impl Thumbnails {
             running.await;
         }
         let this = self.clone();
-        self.known
-            .try_get_with((cid, spec), async move { this.make(source, spec, None).await })
-            .await
-            .map_err(|e: Arc<ApiError>| (*e).clone())
+        // Made in a task of its own: a request that gives up (timeout, client gone) does not
+        // stop it, so what was paid for is recorded and the next request finds it.
+        let making = async move {
+            tokio::spawn(async move { this.make(source, spec, None).await })
+                .await
+                .unwrap_or_else(|e| Err(ApiError::internal(format!("thumbnail task failed: {e}"))))
+        };
+        self.known.try_get_with((cid, spec), making).await.map_err(|e: Arc<ApiError>| (*e).clone())
     }
 
     /// The thumbnail's bytes, each block verified. Bytes found missing or corrupt are
@@ -236,18 +246,25 @@ impl Thumbnails {
         specs: Vec<ThumbnailSpec>,
     ) -> Result<Vec<(ThumbnailSpec, mxcas_thumbnail::Thumbnail)>, ApiError> {
         // Refused at once when the pool is full, before the source is read into memory.
-        if self.pool.pending() >= self.config.workers + self.config.queue {
+        let Ok(permit) = self.jobs.clone().try_acquire_owned() else {
             self.count("busy");
             return Err(busy());
-        }
+        };
         let bytes = self.media.read_all(source).await.map_err(|e| self.source_unreadable(e))?;
         let limits = self.limits;
         let job_specs: Vec<Spec> = specs.iter().map(to_spec).collect();
         let started = std::time::Instant::now();
-        let job = self.pool.run(move || mxcas_thumbnail::generate(&bytes, &job_specs, &limits)).map_err(|_| {
-            self.count("busy");
-            busy()
-        })?;
+        let job = self
+            .pool
+            .run(move || {
+                let made = mxcas_thumbnail::generate(&bytes, &job_specs, &limits);
+                drop((bytes, permit));
+                made
+            })
+            .map_err(|_| {
+                self.count("busy");
+                busy()
+            })?;
         let result = match job.await {
             Ok(r) => r,
             Err(PoolError::Panicked(why)) => {

@@ -863,10 +863,17 @@ impl Tables<'_> {
             Some(r) => {
                 let current = self.get_content(&r.cid)?;
                 match current {
-                    // Another edge's thumbnail of the same spec, still stored: it stays.
+                    // Another edge's thumbnail of the same spec, still stored: it stays. The
+                    // caller's objects are released, unless they hold content already (a
+                    // retried replacement that was itself replaced): then they are not the
+                    // caller's to delete.
                     Some(c) if !c.lost && lost_key != Some(c.blob_key.as_str()) => {
-                        self.release(content)?;
-                        (r, Attached::Duplicate(c))
+                        if self.blob_keys.get(content.blob_key.as_str())?.is_some() {
+                            (r, Attached::Ours(c))
+                        } else {
+                            self.release(content)?;
+                            (r, Attached::Duplicate(c))
+                        }
                     }
                     // The recorded one's bytes are lost: the caller's (other) bytes replace it.
                     lost => {
