@@ -108,8 +108,16 @@ fn jpeg_scans(b: &[u8]) -> usize {
                     scans += 1;
                     // Entropy-coded data up to the next marker that is not a stuffed zero or
                     // a restart marker.
-                    while i + 1 < b.len() && !(b[i] == 0xff && b[i + 1] != 0 && !(0xd0..=0xd7).contains(&b[i + 1])) {
-                        i += 1;
+                    loop {
+                        match b.get(i..).and_then(|rest| rest.iter().position(|&x| x == 0xff)) {
+                            Some(at) => i += at,
+                            None => return scans,
+                        }
+                        match b.get(i + 1) {
+                            Some(0) | Some(0xd0..=0xd7) => i += 2,
+                            Some(_) => break,
+                            None => return scans,
+                        }
                     }
                 }
             }
