@@ -115,7 +115,10 @@ impl Node {
                 ""
             } else {
                 "uploads_per_minute_per_user = 0\ndownloads_per_minute_per_user = 0\n"
-            },
+            }
+            .to_owned()
+                // Tests of the legacy endpoints see every upload unless they set a freeze.
+                + if self.opts.media.contains("freeze_legacy") { "" } else { "freeze_legacy_download_after = \"never\"\n" },
             media = self.opts.media,
             cache = self.opts.cache,
             extra = self.opts.extra,

@@ -524,6 +524,51 @@ async fn frozen_legacy_endpoints_serve_only_older_media() -> R {
         json(node.http.get(node.url(&format!("/_matrix/media/v3/download/localhost/{id}"))).send().await?).await;
     assert_eq!((s, errcode(&b)), (404, "M_NOT_FOUND"));
     assert_eq!(node.download(&id).await?.status(), 200);
+    // Frozen by default.
+    // (The harness unfreezes unless a test's [media] names the freeze; a comment does.)
+    let media = "# freeze_legacy_download_after: the default\n".to_owned();
+    let default = Node::start(NodeOptions { media, ..Default::default() }).await?;
+    let id = default.upload_ok(b"media under the default freeze".to_vec()).await?;
+    let legacy = default.http.get(default.url(&format!("/_matrix/media/v3/download/localhost/{id}"))).send().await?;
+    assert_eq!(legacy.status(), 404);
+    Ok(())
+}
+
+/// The freeze is judged by when the upload arrived, not by the age of the record: a media ID
+/// reserved before the freeze and filled after it is new media.
+#[tokio::test]
+async fn a_reservation_made_before_the_freeze_and_filled_after_it_is_frozen() -> R {
+    // The freeze: three seconds from now (RFC 3339, whole seconds).
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let freeze_at = now + 3;
+    let freeze = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(freeze_at));
+    let node = Node::start(NodeOptions {
+        media: format!("freeze_legacy_download_after = \"{freeze}\""),
+        ..Default::default()
+    })
+    .await?;
+    let before = node.upload_ok(b"uploaded before the freeze".to_vec()).await?;
+    let created: serde_json::Value =
+        node.http.post(node.url("/_matrix/media/v1/create")).bearer_auth(ALICE).send().await?.json().await?;
+    let reserved =
+        created["content_uri"].as_str().unwrap_or_default().trim_start_matches("mxc://localhost/").to_owned();
+    // Past the freeze (by the wall clock the leader stamps with).
+    while std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() <= freeze_at {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let put = node
+        .http
+        .put(node.url(&format!("/_matrix/media/v3/upload/localhost/{reserved}")))
+        .bearer_auth(ALICE)
+        .body(b"uploaded after the freeze".to_vec())
+        .send()
+        .await?;
+    assert_eq!(put.status(), 200);
+    let legacy = |id: &str| node.http.get(node.url(&format!("/_matrix/media/v3/download/localhost/{id}"))).send();
+    assert_eq!(legacy(&before).await?.status(), 200, "uploaded before: still served unauthenticated");
+    let (s, b) = json(legacy(&reserved).await?).await;
+    assert_eq!((s, errcode(&b)), (404, "M_NOT_FOUND"), "reserved before, uploaded after: frozen");
+    assert_eq!(node.download(&reserved).await?.status(), 200);
     Ok(())
 }
 

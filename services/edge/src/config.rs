@@ -44,9 +44,12 @@ pub struct MediaConfig {
     pub downloads_per_minute_per_user: u32,
     /// Serve the unauthenticated `/_matrix/media/v3/download` endpoints. Default true.
     pub legacy_download: bool,
-    /// Freeze the legacy endpoints (the spec's recommendation): media created after this
-    /// RFC 3339 time is only served through the authenticated endpoints. Default: unset.
-    pub freeze_legacy_download_after: Option<String>,
+    /// Freeze the legacy endpoints (the spec's recommendation): media whose upload arrived
+    /// after this RFC 3339 time (by the metadata leader's clock when it was recorded, not when
+    /// its ID was reserved) is only served through the authenticated endpoints. `"never"`
+    /// serves everything. Default `2024-09-01T00:00:00Z` (after the spec added authenticated
+    /// media): everything uploaded to a new mxcas is frozen.
+    pub freeze_legacy_download_after: String,
 }
 
 impl Default for MediaConfig {
@@ -63,16 +66,20 @@ impl Default for MediaConfig {
             uploads_per_minute_per_user: 60,
             downloads_per_minute_per_user: 600,
             legacy_download: true,
-            freeze_legacy_download_after: None,
+            freeze_legacy_download_after: DEFAULT_LEGACY_FREEZE.to_owned(),
         }
     }
 }
 
+/// When the legacy endpoints freeze unless configured otherwise.
+pub const DEFAULT_LEGACY_FREEZE: &str = "2024-09-01T00:00:00Z";
+
 impl MediaConfig {
-    /// The freeze time in ms since the epoch, if configured (validated by [`Self::validate`]).
+    /// The freeze time in ms since the epoch (`None`: never frozen; validated by
+    /// [`Self::validate`]).
     pub fn freeze_after_ms(&self) -> Result<Option<u64>, String> {
-        self.freeze_legacy_download_after
-            .as_deref()
+        Some(self.freeze_legacy_download_after.as_str())
+            .filter(|s| *s != "never")
             .map(|s| {
                 humantime::parse_rfc3339_weak(s)
                     .map_err(|e| {

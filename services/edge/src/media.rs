@@ -488,9 +488,15 @@ impl MediaService {
             Some(r) => r,
             None => self.resolve_uncached(key, wait).await?,
         };
+        // Frozen by when the upload arrived (the leader's clock), not when the record was made:
+        // a reservation made before the freeze and filled after it is new media.
+        let uploaded_at_ms = match &resolved.media.state {
+            MediaState::Ready { uploaded_at_ms, .. } => *uploaded_at_ms,
+            MediaState::Pending { .. } => resolved.media.created_at_ms,
+        };
         if legacy
             && let Some(freeze) = self.freeze_after_ms
-            && resolved.media.created_at_ms > freeze
+            && uploaded_at_ms > freeze
         {
             return Err(ApiError::not_found(
                 "Media uploaded after the freeze is only available through /_matrix/client/v1/media",
