@@ -34,6 +34,9 @@ pub struct NodeOptions {
     pub auth: String,
     /// Extra TOML sections appended to the config.
     pub extra: String,
+    /// Accept the test tokens [`ALICE`] and [`BOB`] (off for configs where only homeservers'
+    /// tokens may be, such as `[[tenants]]`).
+    pub static_tokens: bool,
 }
 
 impl Default for NodeOptions {
@@ -45,6 +48,7 @@ impl Default for NodeOptions {
             edge_meta: Vec::new(),
             auth: String::new(),
             extra: String::new(),
+            static_tokens: true,
         }
     }
 }
@@ -106,10 +110,15 @@ impl Node {
         };
         let config = format!(
             "server_name = \"localhost\"\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndata_dir = \"{data}\"\n\
-             [auth]\ntokens = {{ \"{ALICE}\" = \"@alice:localhost\", \"{BOB}\" = \"@bob:localhost\" }}\n{auth}\n\
+             [auth]\n{tokens}{auth}\n\
              [media]\n{rates}{media}\n[cache]\n{cache}\n[edge]\nmeta = [{edge_meta}]\n[store]\n{store}\n{extra}",
             data = self.data_dir().display(),
             auth = self.opts.auth,
+            tokens = if self.opts.static_tokens {
+                format!("tokens = {{ \"{ALICE}\" = \"@alice:localhost\", \"{BOB}\" = \"@bob:localhost\" }}\n")
+            } else {
+                String::new()
+            },
             // A few test users make every request: per-user rate limits off unless a test sets them.
             rates = if self.opts.media.contains("_per_minute_per_user") {
                 ""

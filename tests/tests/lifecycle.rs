@@ -30,6 +30,20 @@ fn bad_config_fails_fast_with_a_clear_message() -> anyhow::Result<()> {
         ("[auth]\ntokens = { \"short\" = \"@a:b\" }\n", "shorter than 8"),
         ("[media]\nfreeze_legacy_download_after = \"yesterday\"\n", "freeze_legacy_download_after"),
         ("[store]\nbackend = \"s3\"\n", "bucket"),
+        // Static tokens where homeservers' are the only ones.
+        (
+            "[auth]\ntokens = { \"long-enough-token\" = \"@a:localhost\" }\n\
+             [[tenants]]\nserver_name = \"localhost\"\nhomeserver_url = \"http://127.0.0.1:1\"\n",
+            "cannot be used with [[tenants]]",
+        ),
+        (
+            "[[tenants]]\nserver_name = \"other.example\"\nhomeserver_url = \"http://127.0.0.1:1\"\n",
+            "is not one of the [[tenants]]",
+        ),
+        (
+            "[[tenants]]\nserver_name = \"localhost\"\nhomeserver_url = \"http://127.0.0.1:1\"\nsigning_key_file = \"/nonexistent/key\"\n",
+            "signing_key_file",
+        ),
     ];
     for (config, expect) in cases {
         let path = dir.path().join("bad.toml");

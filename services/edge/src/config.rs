@@ -320,3 +320,100 @@ impl ThumbnailConfig {
         Ok(())
     }
 }
+
+/// `[[tenants]]`: one homeserver (server name) served by this cluster. With any declared,
+/// the top-level `server_name` must be one of them (the tenant of requests whose `Host` names
+/// none), and static `[auth]` tokens are refused: every token is a homeserver's.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// The homeserver's server name: its users' uploads are `mxc://<server_name>/…`.
+    pub server_name: String,
+    /// Where its client-server API answers `whoami` (required).
+    pub homeserver_url: String,
+    /// `Host` header values (as the reverse proxy sends them) that select this tenant.
+    /// Default: the server name.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Overrides `[media] max_upload_size` for this tenant.
+    pub max_upload_size: Option<ByteSize>,
+    /// Overrides `[media] uploads_per_minute_per_user`.
+    pub uploads_per_minute_per_user: Option<u32>,
+    /// Overrides `[media] downloads_per_minute_per_user`.
+    pub downloads_per_minute_per_user: Option<u32>,
+    /// The homeserver's ed25519 signing key, Synapse's format (`ed25519 <key id> <base64
+    /// seed>`), for signing federation requests (checked at start; used by federation).
+    pub signing_key_file: Option<PathBuf>,
+}
+
+/// A signing key as Synapse writes it: `ed25519 a_AbCd <unpadded base64 of the 32-byte seed>`.
+#[derive(Clone)]
+pub struct SigningKey {
+    pub key_id: String,
+    pub seed: [u8; 32],
+}
+
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SigningKey(ed25519:{}, <secret>)", self.key_id)
+    }
+}
+
+impl SigningKey {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        use base64::Engine as _;
+        let line = text.lines().map(str::trim).find(|l| !l.is_empty()).ok_or("the file is empty")?;
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        let [algorithm, version, seed] = parts[..] else {
+            return Err("want one line `ed25519 <key id> <base64 seed>`".into());
+        };
+        if algorithm != "ed25519" {
+            return Err(format!("algorithm {algorithm:?}: only ed25519 keys are used in Matrix"));
+        }
+        if version.is_empty() || !version.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Err(format!("key id {version:?} is not [A-Za-z0-9_]+"));
+        }
+        let seed = base64::engine::general_purpose::STANDARD_NO_PAD
+            .decode(seed.trim_end_matches('='))
+            .map_err(|e| format!("the seed is not base64: {e}"))?;
+        let seed: [u8; 32] = seed.try_into().map_err(|s: Vec<u8>| format!("the seed is {} bytes, not 32", s.len()))?;
+        Ok(Self { key_id: version.to_owned(), seed })
+    }
+}
+
+impl TenantConfig {
+    /// The signing key, read and checked (`None` when not configured).
+    pub fn signing_key(&self) -> Result<Option<SigningKey>, String> {
+        let Some(path) = &self.signing_key_file else { return Ok(None) };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("tenants.{}: signing_key_file {}: {e}", self.server_name, path.display()))?;
+        SigningKey::parse(&text)
+            .map(Some)
+            .map_err(|e| format!("tenants.{}: signing_key_file {}: {e}", self.server_name, path.display()))
+    }
+}
+
+#[cfg(test)]
+mod signing_key_tests {
+    use super::*;
+
+    #[test]
+    fn signing_keys_parse_in_synapses_format_only() {
+        // 32 bytes of 0x01, unpadded base64 (as Synapse writes them).
+        let seed = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE";
+        let key = SigningKey::parse(&format!("ed25519 a_AbC1 {seed}\n")).expect("valid");
+        assert_eq!((key.key_id.as_str(), key.seed), ("a_AbC1", [1u8; 32]));
+        assert!(!format!("{key:?}").contains(seed), "the seed never shows in logs");
+        for (bad, why) in [
+            ("", "empty"),
+            (&format!("rsa a_1 {seed}") as &str, "only ed25519"),
+            (&format!("ed25519 a/1 {seed}"), "key id"),
+            ("ed25519 a_1 AQEB", "not 32"),
+            ("ed25519 a_1 !!!", "not base64"),
+            ("ed25519 a_1", "one line"),
+        ] {
+            let e = SigningKey::parse(bad).expect_err(bad);
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+    }
+}

@@ -25,6 +25,7 @@ pub mod rate_limit;
 pub mod sniff;
 pub mod store;
 pub mod sweeper;
+pub mod tenants;
 pub mod thumbnails;
 pub mod unixfs;
 
@@ -38,7 +39,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api::AppState;
-use crate::api::auth::Authenticator;
 use crate::cache::BlockCache;
 use crate::config::{AuthConfig, CacheConfig, MediaConfig};
 use crate::media::MediaService;
@@ -59,6 +59,8 @@ pub struct EdgeSettings {
     pub sweeper: sweeper::SweeperConfig,
     pub http: http_server::HttpConfig,
     pub thumbnails: config::ThumbnailConfig,
+    /// `[[tenants]]` (empty: one tenant, the top-level server name and `[auth]`).
+    pub tenants: Vec<config::TenantConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,11 +94,21 @@ impl EdgeSettings {
         self.http.validate().map_err(EdgeError::Config)?;
         self.thumbnails.validate().map_err(EdgeError::Config)?;
         let tokens = self.auth.load().map_err(EdgeError::Config)?;
-        if tokens.is_empty() && self.auth.homeserver_url.is_none() {
+        if tokens.is_empty() && self.auth.homeserver_url.is_none() && self.tenants.is_empty() {
             return Err(EdgeError::Config(
                 "no way to check access tokens: set [auth] homeserver_url (or list [auth] tokens)".into(),
             ));
         }
+        // The tenants' rules (static tokens refused, the default among them, hosts, keys).
+        tenants::Tenants::new(
+            &self.server_name,
+            tokens,
+            &self.auth,
+            &self.media,
+            &self.tenants,
+            &Arc::new(Metrics::new()),
+        )
+        .map_err(EdgeError::Config)?;
         Ok(())
     }
 }
@@ -120,7 +132,9 @@ pub async fn start(
     );
     let media = Arc::new(
         MediaService::new(
-            settings.server_name.clone(),
+            std::iter::once(settings.server_name.clone())
+                .chain(settings.tenants.iter().map(|t| t.server_name.clone()))
+                .collect(),
             settings.media.clone(),
             &settings.cache,
             meta,
@@ -130,18 +144,18 @@ pub async fn start(
         )
         .map_err(EdgeError::Config)?,
     );
-    let auth = Authenticator::new(tokens, &settings.auth, &settings.server_name, metrics.clone())
-        .map_err(EdgeError::Config)?;
+    let tenants = tenants::Tenants::new(
+        &settings.server_name,
+        tokens,
+        &settings.auth,
+        &settings.media,
+        &settings.tenants,
+        &metrics,
+    )
+    .map_err(EdgeError::Config)?;
     let thumbnails =
         Arc::new(thumbnails::Thumbnails::new(settings.thumbnails.clone(), media.clone()).map_err(EdgeError::Config)?);
-    let state = Arc::new(AppState {
-        media: media.clone(),
-        thumbnails,
-        auth,
-        metrics,
-        upload_limit: rate_limit::RateLimiter::new("uploads", settings.media.uploads_per_minute_per_user),
-        download_limit: rate_limit::RateLimiter::new("downloads", settings.media.downloads_per_minute_per_user),
-    });
+    let state = Arc::new(AppState { media: media.clone(), thumbnails, tenants, metrics });
 
     let api_listener =
         TcpListener::bind(settings.listen).await.map_err(|source| EdgeError::Bind { addr: settings.listen, source })?;

@@ -40,8 +40,16 @@ pub struct Resolved {
     pub content: ContentRecord,
 }
 
+/// Where an upload goes: its tenant's server name and size limit.
+#[derive(Clone, Copy, Debug)]
+pub struct UploadTo<'a> {
+    pub server_name: &'a str,
+    pub max_size: u64,
+}
+
 pub struct MediaService {
-    pub server_name: String,
+    /// The server names whose media is held here (every tenant's).
+    pub local: std::collections::BTreeSet<String>,
     pub config: MediaConfig,
     pub freeze_after_ms: Option<u64>,
     pub meta: MetaClient,
@@ -79,7 +87,7 @@ const COMMIT_ROUNDS: usize = 4;
 
 impl MediaService {
     pub fn new(
-        server_name: String,
+        local: std::collections::BTreeSet<String>,
         config: MediaConfig,
         cache: &crate::config::CacheConfig,
         meta: MetaClient,
@@ -95,7 +103,7 @@ impl MediaService {
             .build();
         let upload_slots = Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_uploads as usize));
         Ok(Self {
-            server_name,
+            local,
             config,
             freeze_after_ms,
             meta,
@@ -189,8 +197,8 @@ impl MediaService {
     }
 
     /// Reserves a new media ID for `user` (`POST /create`). Returns `(mxc, expires_at_ms)`.
-    pub async fn create_pending(&self, user: &str) -> Result<(MediaKey, u64), ApiError> {
-        let key = MediaKey::new(&self.server_name, random_media_id());
+    pub async fn create_pending(&self, server_name: &str, user: &str) -> Result<(MediaKey, u64), ApiError> {
+        let key = MediaKey::new(server_name, random_media_id());
         let ttl = self.config.unused_expires_after;
         let record = self.meta.create_pending(&key, user, ttl, self.config.max_pending_uploads_per_user).await?;
         let expires = match record.state {
@@ -230,6 +238,7 @@ impl MediaService {
     /// the content of a reserved media ID. Returns the mxc.
     pub async fn upload<S, E>(
         &self,
+        to: UploadTo<'_>,
         user: &str,
         media_id: Option<String>,
         content_type: String,
@@ -241,7 +250,7 @@ impl MediaService {
         E: std::fmt::Display,
     {
         if let Some(id) = &media_id {
-            self.check_reservation(user, id).await?;
+            self.check_reservation(to.server_name, user, id).await?;
         }
         let _mine = self.user_slot(user)?;
         let _slot = match tokio::time::timeout(Duration::from_secs(10), self.upload_slots.clone().acquire_owned()).await
@@ -250,7 +259,7 @@ impl MediaService {
             _ => return Err(ApiError::unavailable("Too many uploads in progress; retry shortly", 5_000)),
         };
         let started = now_ms();
-        let limit = self.config.max_upload_size.as_u64();
+        let limit = to.max_size;
         let generation = self.current_generation().await?;
         let ingested = match ingest(&self.store, body, limit, self.pace(), started, generation).await {
             Ok(i) => i,
@@ -269,7 +278,7 @@ impl MediaService {
             Some(_) => (crate::sniff::for_reserved(&ingested.head, content_type), filename),
         };
         let mut request = CommitRequest {
-            server_name: self.server_name.clone(),
+            server_name: to.server_name.to_owned(),
             media_id,
             user_id: user.to_owned(),
             content: ingested.content.clone(),
@@ -445,8 +454,8 @@ impl MediaService {
 
     /// Fails fast, before any byte is read, when `media_id` cannot take this user's upload
     /// (the metadata service checks again, atomically, when the upload commits).
-    async fn check_reservation(&self, user: &str, media_id: &str) -> Result<(), ApiError> {
-        let key = MediaKey::new(&self.server_name, media_id);
+    async fn check_reservation(&self, server_name: &str, user: &str, media_id: &str) -> Result<(), ApiError> {
+        let key = MediaKey::new(server_name, media_id);
         let rejected = |e: mxcas_meta::CommandError| ApiError::from(MetaError::Rejected(e));
         match self.meta.get_media(&key).await? {
             None => Err(rejected(mxcas_meta::CommandError::NotFound)),
@@ -478,7 +487,7 @@ impl MediaService {
     /// Resolves an mxc of this server to its content, waiting up to `wait` for an async upload
     /// that has not arrived yet.
     pub async fn resolve(&self, key: &MediaKey, wait: Duration, legacy: bool) -> Result<Resolved, ApiError> {
-        if key.server_name != self.server_name {
+        if !self.local.contains(&key.server_name) {
             return Err(ApiError::not_found(format!(
                 "Media from {} is not held here (fetching from other servers is not supported yet)",
                 key.server_name

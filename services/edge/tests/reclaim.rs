@@ -72,6 +72,7 @@ async fn fixture() -> Fixture {
         sweeper: mxcas_edge::sweeper::SweeperConfig { enabled: false, ..Default::default() },
         http: Default::default(),
         thumbnails: Default::default(),
+        tenants: Vec::new(),
     };
     let edge = mxcas_edge::start(settings, meta, cancel.clone(), &TaskTracker::new()).await.expect("edge");
     Fixture { api: format!("http://{}", edge.api_addr), media: edge.media, dir, http: reqwest::Client::new(), cancel }

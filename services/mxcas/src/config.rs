@@ -33,6 +33,8 @@ pub struct Config {
     pub sweeper: mxcas_edge::sweeper::SweeperConfig,
     pub http: mxcas_edge::http_server::HttpConfig,
     pub thumbnails: mxcas_edge::config::ThumbnailConfig,
+    /// `[[tenants]]`: the homeservers this cluster serves (see docs/configuration.md).
+    pub tenants: Vec<mxcas_edge::config::TenantConfig>,
     /// Mutual TLS on every gRPC link (raft, metadata API, admin). Default: off.
     pub tls: mxcas_meta::tls::TlsConfig,
 }
@@ -143,6 +145,7 @@ impl Default for Config {
             sweeper: Default::default(),
             http: Default::default(),
             thumbnails: Default::default(),
+            tenants: Vec::new(),
             tls: Default::default(),
         }
     }

@@ -237,7 +237,10 @@ async fn serve(args: ServeArgs, role: Role) -> anyhow::Result<()> {
     let mut auth = config.auth.clone();
     // A development token only where nothing else checks tokens: with a homeserver, its
     // users' tokens are the only ones.
-    let dev_token = if auth.load().map_err(anyhow::Error::msg)?.is_empty() && auth.homeserver_url.is_none() {
+    let dev_token = if auth.load().map_err(anyhow::Error::msg)?.is_empty()
+        && auth.homeserver_url.is_none()
+        && config.tenants.is_empty()
+    {
         let token = match config.dev_token.clone() {
             Some(t) => t,
             None => dev_token(&config.data_dir)?,
@@ -259,6 +262,7 @@ async fn serve(args: ServeArgs, role: Role) -> anyhow::Result<()> {
         sweeper: config.sweeper.clone(),
         http: config.http.clone(),
         thumbnails: config.thumbnails.clone(),
+        tenants: config.tenants.clone(),
     };
     settings.validate().context("invalid configuration")?;
 

@@ -44,8 +44,9 @@ pub async fn download_v1(
     path: Result<Path<MediaPath>, PathRejection>,
     Query(query): Query<BTreeMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    let caller = state.auth.authenticate(&headers, &query).await?;
-    state.download_limit.check(&caller.user_id)?;
+    let tenant = state.tenants.for_request(&headers);
+    let caller = tenant.auth.authenticate(&headers, &query).await?;
+    tenant.download_limit.check(&caller.user_id)?;
     let Path(path) = path.map_err(super::path_error)?;
     serve(&state, method, &headers, path, &query, false).await
 }

@@ -22,18 +22,14 @@ use axum::routing::{get, post, put};
 
 use crate::media::MediaService;
 use crate::metrics::{Metrics, RouteLabels};
-use auth::Authenticator;
 use error::ApiError;
 
 pub struct AppState {
     pub media: Arc<MediaService>,
     pub thumbnails: Arc<crate::thumbnails::Thumbnails>,
-    pub auth: Authenticator,
+    /// Who a request is from is decided by its tenant's homeserver (`tenants.rs`).
+    pub tenants: crate::tenants::Tenants,
     pub metrics: Arc<Metrics>,
-    /// Uploads and `/create`s per user per minute on this edge.
-    pub upload_limit: crate::rate_limit::RateLimiter,
-    /// Authenticated downloads per user per minute on this edge.
-    pub download_limit: crate::rate_limit::RateLimiter,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {

@@ -21,8 +21,9 @@ pub async fn config(
     headers: HeaderMap,
     Query(query): Query<BTreeMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    state.auth.authenticate(&headers, &query).await?;
-    Ok(Json(json!({ "m.upload.size": state.media.config.max_upload_size.as_u64() })))
+    let tenant = state.tenants.for_request(&headers);
+    tenant.auth.authenticate(&headers, &query).await?;
+    Ok(Json(json!({ "m.upload.size": tenant.max_upload_size })))
 }
 
 pub async fn upload(
@@ -31,10 +32,12 @@ pub async fn upload(
     Query(query): Query<BTreeMap<String, String>>,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    let user = state.auth.authenticate_member(&headers, &query).await?.user_id;
-    state.upload_limit.check(&user)?;
-    let (content_type, filename) = upload_params(&state, &headers, &query)?;
-    let key = state.media.upload(&user, None, content_type, filename, body.into_data_stream()).await?;
+    let tenant = state.tenants.for_request(&headers);
+    let user = tenant.auth.authenticate_member(&headers, &query).await?.user_id;
+    tenant.upload_limit.check(&user)?;
+    let (content_type, filename) = upload_params(tenant.max_upload_size, &headers, &query)?;
+    let to = crate::media::UploadTo { server_name: &tenant.server_name, max_size: tenant.max_upload_size };
+    let key = state.media.upload(to, &user, None, content_type, filename, body.into_data_stream()).await?;
     state.thumbnails.after_upload(key.clone());
     Ok(Json(json!({ "content_uri": key.to_string() })))
 }
@@ -46,17 +49,27 @@ pub async fn upload_to(
     Query(query): Query<BTreeMap<String, String>>,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    let user = state.auth.authenticate_member(&headers, &query).await?.user_id;
-    state.upload_limit.check(&user)?;
+    let tenant = state.tenants.for_request(&headers);
+    let user = tenant.auth.authenticate_member(&headers, &query).await?.user_id;
+    tenant.upload_limit.check(&user)?;
     let Path((server_name, media_id)) = path.map_err(super::path_error)?;
     if !super::valid_server_name(&server_name) || !super::valid_media_id(&media_id) {
         return Err(ApiError::bad_request("M_INVALID_PARAM", "Malformed server name or media ID"));
     }
-    if server_name != state.media.server_name {
+    if server_name != tenant.server_name {
+        // Another tenant's media ID is never this homeserver's users' to fill.
+        if state.tenants.server_names().any(|s| s == server_name) {
+            return Err(ApiError::new(
+                axum::http::StatusCode::FORBIDDEN,
+                "M_FORBIDDEN",
+                "This media ID belongs to another homeserver",
+            ));
+        }
         return Err(ApiError::not_found("Media IDs of other servers cannot be uploaded to here"));
     }
-    let (content_type, filename) = upload_params(&state, &headers, &query)?;
-    let key = state.media.upload(&user, Some(media_id), content_type, filename, body.into_data_stream()).await?;
+    let (content_type, filename) = upload_params(tenant.max_upload_size, &headers, &query)?;
+    let to = crate::media::UploadTo { server_name: &tenant.server_name, max_size: tenant.max_upload_size };
+    let key = state.media.upload(to, &user, Some(media_id), content_type, filename, body.into_data_stream()).await?;
     state.thumbnails.after_upload(key);
     Ok(Json(json!({})))
 }
@@ -66,20 +79,20 @@ pub async fn create(
     headers: HeaderMap,
     Query(query): Query<BTreeMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    let user = state.auth.authenticate_member(&headers, &query).await?.user_id;
-    state.upload_limit.check(&user)?;
-    let (key, expires_at) = state.media.create_pending(&user).await?;
+    let tenant = state.tenants.for_request(&headers);
+    let user = tenant.auth.authenticate_member(&headers, &query).await?.user_id;
+    tenant.upload_limit.check(&user)?;
+    let (key, expires_at) = state.media.create_pending(&tenant.server_name, &user).await?;
     Ok(Json(json!({ "content_uri": key.to_string(), "unused_expires_at": expires_at })))
 }
 
 /// Content type and filename of an upload; rejects a declared size over the limit before any
 /// byte is read.
 fn upload_params(
-    state: &AppState,
+    limit: u64,
     headers: &HeaderMap,
     query: &BTreeMap<String, String>,
 ) -> Result<(String, Option<String>), ApiError> {
-    let limit = state.media.config.max_upload_size.as_u64();
     if let Some(len) = headers.get(header::CONTENT_LENGTH) {
         let len: u64 = len
             .to_str()
