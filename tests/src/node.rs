@@ -209,6 +209,14 @@ impl Node {
         self.spawn().await
     }
 
+    /// Restarts with other options (same data directory).
+    pub async fn restart_with(&mut self, opts: NodeOptions) -> anyhow::Result<()> {
+        self.kill9();
+        self.opts = opts;
+        self.write_config()?;
+        self.spawn().await
+    }
+
     /// Every log this node wrote, across restarts.
     pub fn log(&self) -> String {
         (1..=self.starts)

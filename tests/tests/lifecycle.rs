@@ -37,8 +37,9 @@ fn bad_config_fails_fast_with_a_clear_message() -> anyhow::Result<()> {
             "cannot be used with [[tenants]]",
         ),
         (
-            "[[tenants]]\nserver_name = \"other.example\"\nhomeserver_url = \"http://127.0.0.1:1\"\n",
-            "is not one of the [[tenants]]",
+            "[auth]\nhomeserver_url = \"http://127.0.0.1:1\"\n\
+             [[tenants]]\nserver_name = \"other.example\"\nhomeserver_url = \"http://127.0.0.1:1\"\n",
+            "homeserver_url cannot be used with [[tenants]]",
         ),
         (
             "[[tenants]]\nserver_name = \"localhost\"\nhomeserver_url = \"http://127.0.0.1:1\"\nsigning_key_file = \"/nonexistent/key\"\n",

@@ -538,23 +538,18 @@ async fn frozen_legacy_endpoints_serve_only_older_media() -> R {
 /// reserved before the freeze and filled after it is new media.
 #[tokio::test]
 async fn a_reservation_made_before_the_freeze_and_filled_after_it_is_frozen() -> R {
-    // The freeze: three seconds from now (RFC 3339, whole seconds).
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
-    let freeze_at = now + 3;
-    let freeze = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(freeze_at));
-    let node = Node::start(NodeOptions {
-        media: format!("freeze_legacy_download_after = \"{freeze}\""),
-        ..Default::default()
-    })
-    .await?;
+    let mut node = Node::start(NodeOptions::default()).await?;
     let before = node.upload_ok(b"uploaded before the freeze".to_vec()).await?;
     let created: serde_json::Value =
         node.http.post(node.url("/_matrix/media/v1/create")).bearer_auth(ALICE).send().await?.json().await?;
     let reserved =
         created["content_uri"].as_str().unwrap_or_default().trim_start_matches("mxc://localhost/").to_owned();
-    // Past the freeze (by the wall clock the leader stamps with).
-    while std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() <= freeze_at {
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // The freeze: a whole second after both, then the reservation is filled past it (by the
+    // wall clock the leader stamps uploads with).
+    let secs = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs());
+    let freeze_at = secs()? + 1;
+    while secs()? <= freeze_at {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     let put = node
         .http
@@ -564,6 +559,12 @@ async fn a_reservation_made_before_the_freeze_and_filled_after_it_is_frozen() ->
         .send()
         .await?;
     assert_eq!(put.status(), 200);
+    let freeze = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(freeze_at));
+    node.restart_with(NodeOptions {
+        media: format!("freeze_legacy_download_after = \"{freeze}\""),
+        ..Default::default()
+    })
+    .await?;
     let legacy = |id: &str| node.http.get(node.url(&format!("/_matrix/media/v3/download/localhost/{id}"))).send();
     assert_eq!(legacy(&before).await?.status(), 200, "uploaded before: still served unauthenticated");
     let (s, b) = json(legacy(&reserved).await?).await;

@@ -64,7 +64,8 @@ async fn each_homeserver_is_a_tenant_of_its_own() -> anyhow::Result<()> {
     let cross = upload(&node, ONE, &bob, b"bob at one".to_vec()).await?;
     assert_eq!((cross.status, errcode(&cross)), (401, "M_UNKNOWN_TOKEN"), "{}", cross.json);
 
-    // A media ID reserved at two cannot be filled through one, whoever asks.
+    // A media ID reserved at two is two's: whatever the Host, two's homeserver checks the token
+    // of whoever fills it.
     let created = answer(
         node.http.post(node.url("/_matrix/media/v1/create")).header("host", TWO).bearer_auth(&bob).send().await?,
     )
@@ -82,7 +83,16 @@ async fn each_homeserver_is_a_tenant_of_its_own() -> anyhow::Result<()> {
         .send()
         .await?;
     let put = answer(put).await;
-    assert_eq!((put.status, errcode(&put)), (403, "M_FORBIDDEN"), "{}", put.json);
+    assert_eq!((put.status, errcode(&put)), (401, "M_UNKNOWN_TOKEN"), "{}", put.json);
+    let put = node
+        .http
+        .put(node.url(&format!("/_matrix/media/v3/upload/{path}")))
+        .header("host", ONE)
+        .bearer_auth(&bob)
+        .body("bob's bytes")
+        .send()
+        .await?;
+    assert_eq!(put.status(), 200, "bob fills his own reservation, whichever Host");
 
     // Media of every tenant is local: alice (at one) downloads bob's (at two).
     let bob_path = bob_mxc.trim_start_matches("mxc://");
@@ -107,9 +117,9 @@ async fn each_homeserver_is_a_tenant_of_its_own() -> anyhow::Result<()> {
     assert_eq!((big.status, errcode(&big)), (413, "M_TOO_LARGE"), "{}", big.json);
     assert_eq!(upload(&node, ONE, &alice, vec![7u8; 2048]).await?.status, 200);
 
-    // A Host naming no tenant is the default tenant's (the top-level server_name, one).
+    // A Host naming no tenant is refused before any homeserver sees the token (handing it to
+    // some default tenant would get another homeserver's users an "unknown token").
     let other = upload(&node, "unknown.example", &alice, b"via an unknown host".to_vec()).await?;
-    assert_eq!(other.status, 200, "{}", other.json);
-    assert!(other.json["content_uri"].as_str().unwrap_or_default().starts_with("mxc://localhost/"));
+    assert_eq!((other.status, errcode(&other)), (404, "M_UNRECOGNIZED"), "{}", other.json);
     Ok(())
 }

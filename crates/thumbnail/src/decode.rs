@@ -292,11 +292,12 @@ fn animate(source: &[u8], format: ImageFormat, specs: &[Spec], limits: &Limits) 
         _ => return Ok(None),
     };
     let unchanged = |spec: &Spec| {
-        gif_canvas.is_some_and(|canvas| {
-            let plan = size::plan(canvas, spec);
-            (plan.width, plan.height) == canvas
-                && plan.crop.is_none_or(|c| c.width >= f64::from(canvas.0) && c.height >= f64::from(canvas.1))
-        })
+        source.len() <= MAX_ANIMATED_BYTES
+            && gif_canvas.is_some_and(|canvas| {
+                let plan = size::plan(canvas, spec);
+                (plan.width, plan.height) == canvas
+                    && plan.crop.is_none_or(|c| c.width >= f64::from(canvas.0) && c.height >= f64::from(canvas.1))
+            })
     };
     let mut outputs: Vec<Option<Output>> = specs
         .iter()

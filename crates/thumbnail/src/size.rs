@@ -102,6 +102,19 @@ pub fn choose(requested: &Spec, sizes: &[Spec], max_side: u32) -> Spec {
     let best = sizes.iter().filter(fits).min_by_key(|s| (u64::from(s.width) * u64::from(s.height), s.width));
     match best {
         Some(s) => Spec { animated: requested.animated, ..*s },
+        None if requested.method == Method::Crop => {
+            // The larger side goes up the ladder; the other keeps the shape, its ratio rounded
+            // up to one of a few (so the crop is never smaller than asked and within a step of
+            // the shape asked).
+            let (w, h) = (requested.width.max(1), requested.height.max(1));
+            let (large, small) = (w.max(h), w.min(h));
+            let side = step_up(large, max_side);
+            let ratio = f64::from(small) / f64::from(large);
+            let quantized = CROP_RATIOS.iter().copied().rev().find(|&r| r >= ratio - 1e-9).unwrap_or(1.0);
+            let other = ((f64::from(side) * quantized).ceil() as u32).clamp(1, side);
+            let (width, height) = if w >= h { (side, other) } else { (other, side) };
+            Spec { width, height, ..*requested }
+        }
         None => Spec {
             width: step_up(requested.width, max_side),
             height: step_up(requested.height, max_side),
@@ -109,6 +122,23 @@ pub fn choose(requested: &Spec, sizes: &[Spec], max_side: u32) -> Spec {
         },
     }
 }
+
+/// The shapes (smaller side over larger) crops made on demand are rounded up to.
+pub const CROP_RATIOS: [f64; 13] = [
+    1.0,
+    0.875,
+    0.75,
+    0.666_666_666_666_666_6,
+    0.5625,
+    0.5,
+    0.375,
+    0.25,
+    0.125,
+    0.0625,
+    0.031_25,
+    0.015_625,
+    0.007_812_5,
+];
 
 /// The sides sizes made on demand are rounded up to (then `max_side`).
 pub const LADDER: [u32; 10] = [32, 64, 96, 128, 192, 256, 384, 512, 768, 1024];
@@ -222,7 +252,9 @@ mod tests {
         assert_eq!(pick(40, 40, Method::Crop), (96, 96, Method::Crop));
         // A crop keeps the shape asked: no configured size has it, so it is made on demand,
         // each side rounded up a step.
-        assert_eq!(pick(33, 20, Method::Crop), (64, 32, Method::Crop));
+        assert_eq!(pick(33, 20, Method::Crop), (64, 43, Method::Crop));
+        assert_eq!(pick(50, 70, Method::Crop), (72, 96, Method::Crop));
+        assert_eq!(pick(10, 20, Method::Crop), (16, 32, Method::Crop));
         assert_eq!(pick(50, 50, Method::Scale), (320, 240, Method::Scale));
         assert_eq!(pick(320, 241, Method::Scale), (640, 480, Method::Scale));
         assert_eq!(pick(800, 600, Method::Scale), (800, 600, Method::Scale));
@@ -238,7 +270,14 @@ mod tests {
                 made.insert(pick(w, h, Method::Crop));
             }
         }
-        assert!(made.len() <= (LADDER.len() + 1) * (LADDER.len() + 1), "{}", made.len());
+        assert!(made.len() <= (LADDER.len() + 1) * CROP_RATIOS.len() * 2, "{}", made.len());
+        // Every pick is at least as large as asked and close to its shape.
+        for (w, h) in [(10, 20), (1000, 10), (33, 20), (50, 70), (300, 301), (1599, 7), (7, 7)] {
+            let (pw, ph, _) = pick(w, h, Method::Crop);
+            assert!(pw >= w && ph >= h, "{w}x{h} -> {pw}x{ph}");
+            let skew = (f64::from(pw) / f64::from(ph)) / (f64::from(w) / f64::from(h));
+            assert!((0.5..=2.0).contains(&skew), "{w}x{h} -> {pw}x{ph}");
+        }
         assert_eq!(pick(1, 1, Method::Crop), (32, 32, Method::Crop));
     }
 }

@@ -132,9 +132,11 @@ pub async fn start(
     );
     let media = Arc::new(
         MediaService::new(
-            std::iter::once(settings.server_name.clone())
-                .chain(settings.tenants.iter().map(|t| t.server_name.clone()))
-                .collect(),
+            if settings.tenants.is_empty() {
+                std::iter::once(settings.server_name.clone()).collect()
+            } else {
+                settings.tenants.iter().map(|t| t.server_name.clone()).collect()
+            },
             settings.media.clone(),
             &settings.cache,
             meta,

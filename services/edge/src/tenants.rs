@@ -7,6 +7,10 @@
 //! default tenant. Uploads land under the requesting tenant's server name; media of every
 //! tenant is local media, downloadable by the users of any of them (as a homeserver's users
 //! download remote media through their own server).
+//!
+//! With `[[tenants]]` declared, a request whose `Host` names none is refused (404
+//! `M_UNRECOGNIZED`) before any token is looked at: handing it to some default tenant would send
+//! another homeserver's tokens to it, and its "unknown token" would log those users out.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -14,6 +18,7 @@ use std::sync::Arc;
 use axum::http::{HeaderMap, header};
 
 use crate::api::auth::Authenticator;
+use crate::api::error::ApiError;
 use crate::config::{AuthConfig, MediaConfig, SigningKey, TenantConfig};
 use crate::metrics::Metrics;
 use crate::rate_limit::RateLimiter;
@@ -33,7 +38,13 @@ pub struct Tenant {
 pub struct Tenants {
     all: Vec<Arc<Tenant>>,
     by_host: HashMap<String, usize>,
-    default: usize,
+    /// The only tenant (none declared): every request is its.
+    only: Option<usize>,
+}
+
+/// A `Host` value as looked up: lower case, without a trailing dot.
+fn normal_host(h: &str) -> String {
+    h.trim().trim_end_matches('.').to_ascii_lowercase()
 }
 
 impl Tenants {
@@ -70,7 +81,12 @@ impl Tenants {
                 max_upload_size: media.max_upload_size.as_u64(),
                 signing_key: None,
             };
-            return Ok(Self { all: vec![Arc::new(only)], by_host: HashMap::new(), default: 0 });
+            return Ok(Self { all: vec![Arc::new(only)], by_host: HashMap::new(), only: Some(0) });
+        }
+        if auth.homeserver_url.is_some() {
+            return Err(
+                "[auth] homeserver_url cannot be used with [[tenants]]: set each tenant's homeserver_url".into()
+            );
         }
         if !tokens.is_empty() {
             return Err(
@@ -85,12 +101,21 @@ impl Tenants {
             if !crate::api::valid_server_name(&t.server_name) {
                 return Err(format!("tenants: {:?} is not a valid Matrix server name", t.server_name));
             }
-            if all.iter().any(|x: &Arc<Tenant>| x.server_name == t.server_name) {
+            if all.iter().any(|x: &Arc<Tenant>| x.server_name.eq_ignore_ascii_case(&t.server_name)) {
                 return Err(format!("tenants: {} is declared twice", t.server_name));
+            }
+            if t.max_upload_size.is_some_and(|m| m.as_u64() == 0) {
+                return Err(format!("tenants.{}: max_upload_size must be above 0", t.server_name));
             }
             let hosts = if t.hosts.is_empty() { vec![t.server_name.clone()] } else { t.hosts.clone() };
             for host in hosts {
-                let host = host.to_ascii_lowercase();
+                let host = normal_host(&host);
+                if !crate::api::valid_server_name(&host) {
+                    return Err(format!(
+                        "tenants.{}: host {host:?} is not a host name (as in a Host header: name[:port], no scheme or path)",
+                        t.server_name
+                    ));
+                }
                 if by_host.insert(host.clone(), all.len()).is_some() {
                     return Err(format!("tenants: host {host} selects two tenants"));
                 }
@@ -107,31 +132,135 @@ impl Tenants {
                 signing_key: t.signing_key()?,
             }));
         }
-        let default = all.iter().position(|t| t.server_name == server_name).ok_or_else(|| {
-            format!(
-                "server_name {server_name:?} is not one of the [[tenants]]: set it to the tenant that requests \
-                 naming no tenant's host belong to"
-            )
-        })?;
-        Ok(Self { all, by_host, default })
+        let _ = server_name; // with tenants, the top-level server name is not one of them
+        Ok(Self { all, by_host, only: None })
     }
 
-    /// The tenant a request is for, by its `Host` header (with or without the port).
-    pub fn for_request(&self, headers: &HeaderMap) -> &Arc<Tenant> {
-        let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_ascii_lowercase);
+    /// The tenant a request is for, by its `Host` header (with or without the port; case and a
+    /// trailing dot ignored). With tenants declared, a `Host` naming none is refused.
+    pub fn for_request(&self, headers: &HeaderMap) -> Result<&Arc<Tenant>, ApiError> {
+        if let Some(only) = self.only {
+            return Ok(&self.all[only]);
+        }
+        let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(normal_host);
         let without_port = |h: &str| -> Option<String> {
             let (name, port) = h.rsplit_once(':')?;
             let is_port = !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit());
             (is_port && (!name.contains(':') || name.ends_with(']'))).then(|| name.to_owned())
         };
-        let found = host
-            .as_deref()
-            .and_then(|h| self.by_host.get(h).or_else(|| without_port(h).and_then(|n| self.by_host.get(&n))));
-        &self.all[found.copied().unwrap_or(self.default)]
+        let found = host.as_deref().and_then(|h| {
+            self.by_host.get(h).or_else(|| without_port(h).and_then(|n| self.by_host.get(normal_host(&n).as_str())))
+        });
+        match found {
+            Some(&i) => Ok(&self.all[i]),
+            None => {
+                tracing::warn!(host = ?host, "request for a host no tenant lists; is the proxy forwarding Host?");
+                Err(ApiError::new(
+                    axum::http::StatusCode::NOT_FOUND,
+                    "M_UNRECOGNIZED",
+                    "This media repository serves no homeserver under this host name",
+                ))
+            }
+        }
     }
 
-    /// Every tenant's server name: the media held here.
-    pub fn server_names(&self) -> impl Iterator<Item = &str> {
-        self.all.iter().map(|t| t.server_name.as_str())
+    /// The tenant whose server name is `server_name`, if any.
+    pub fn by_server_name(&self, server_name: &str) -> Option<&Arc<Tenant>> {
+        self.all.iter().find(|t| t.server_name == server_name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tenant(name: &str, hosts: &[&str]) -> TenantConfig {
+        TenantConfig {
+            server_name: name.into(),
+            homeserver_url: "http://127.0.0.1:1".into(),
+            hosts: hosts.iter().map(|h| (*h).to_owned()).collect(),
+            max_upload_size: None,
+            uploads_per_minute_per_user: None,
+            downloads_per_minute_per_user: None,
+            signing_key_file: None,
+        }
+    }
+
+    fn tenants(declared: &[TenantConfig]) -> Result<Tenants, String> {
+        Tenants::new(
+            "localhost",
+            BTreeMap::new(),
+            &AuthConfig::default(),
+            &MediaConfig::default(),
+            declared,
+            &Arc::new(Metrics::new()),
+        )
+    }
+
+    fn pick<'a>(t: &'a Tenants, host: Option<&str>) -> Option<&'a str> {
+        let mut h = HeaderMap::new();
+        if let Some(host) = host {
+            h.insert(header::HOST, host.parse().expect("header"));
+        }
+        t.for_request(&h).ok().map(|t| t.server_name.as_str())
+    }
+
+    #[test]
+    fn the_host_header_picks_the_tenant_and_unknown_hosts_get_none() {
+        let t = tenants(&[tenant("a.example", &[]), tenant("b.example", &["matrix.b.example", "[::1]", "10.0.0.5"])])
+            .expect("valid");
+        assert_eq!(pick(&t, Some("a.example")), Some("a.example"));
+        assert_eq!(pick(&t, Some("A.Example:443")), Some("a.example"));
+        assert_eq!(pick(&t, Some("a.example.")), Some("a.example"));
+        assert_eq!(pick(&t, Some("matrix.b.example:8448")), Some("b.example"));
+        assert_eq!(pick(&t, Some("[::1]:8008")), Some("b.example"));
+        assert_eq!(pick(&t, Some("[::1]")), Some("b.example"));
+        assert_eq!(pick(&t, Some("10.0.0.5:80")), Some("b.example"));
+        // The server name itself is not b's host: its hosts are listed.
+        assert_eq!(pick(&t, Some("b.example")), None);
+        assert_eq!(pick(&t, Some("c.example")), None);
+        assert_eq!(pick(&t, None), None);
+        // One tenant (none declared): every request is its.
+        let one = tenants(&[]).expect("valid");
+        assert_eq!(pick(&one, Some("anything")), Some("localhost"));
+        assert_eq!(pick(&one, None), Some("localhost"));
+    }
+
+    #[test]
+    fn tenant_configs_that_cannot_work_are_refused() {
+        let cases: Vec<(Vec<TenantConfig>, &str)> = vec![
+            (vec![tenant("a.example", &[]), tenant("A.example", &["x.example"])], "declared twice"),
+            (vec![tenant("a.example", &["h.example"]), tenant("b.example", &["h.example"])], "selects two"),
+            (vec![tenant("a.example", &["https://a.example/"])], "not a host name"),
+            (vec![tenant("bad name", &[])], "not a valid Matrix server name"),
+            (
+                vec![TenantConfig { max_upload_size: Some(bytesize::ByteSize::b(0)), ..tenant("a.example", &[]) }],
+                "above 0",
+            ),
+        ];
+        for (declared, why) in cases {
+            match tenants(&declared) {
+                Err(e) => assert!(e.contains(why), "{why}: {e}"),
+                Ok(_) => panic!("accepted: {why}"),
+            }
+        }
+        let with_tokens = Tenants::new(
+            "localhost",
+            BTreeMap::from([("long-enough-token".to_owned(), "@a:a.example".to_owned())]),
+            &AuthConfig::default(),
+            &MediaConfig::default(),
+            &[tenant("a.example", &[])],
+            &Arc::new(Metrics::new()),
+        );
+        assert!(with_tokens.err().is_some_and(|e| e.contains("cannot be used with [[tenants]]")));
+        let with_hs = Tenants::new(
+            "localhost",
+            BTreeMap::new(),
+            &AuthConfig { homeserver_url: Some("http://127.0.0.1:1".into()), ..AuthConfig::default() },
+            &MediaConfig::default(),
+            &[tenant("a.example", &[])],
+            &Arc::new(Metrics::new()),
+        );
+        assert!(with_hs.err().is_some_and(|e| e.contains("homeserver_url cannot be used")));
     }
 }

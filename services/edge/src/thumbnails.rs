@@ -158,15 +158,18 @@ impl Thumbnails {
         {
             running.await;
         }
+        // The single flight runs in a task of its own: a request that gives up (timeout, client
+        // gone) neither stops the making nor hands it to the next request to start again; later
+        // requests join it, and what was paid for is recorded.
         let this = self.clone();
-        // Made in a task of its own: a request that gives up (timeout, client gone) does not
-        // stop it, so what was paid for is recorded and the next request finds it.
-        let making = async move {
-            tokio::spawn(async move { this.make(source, spec, None).await })
+        let flight = tokio::spawn(async move {
+            let maker = this.clone();
+            this.known
+                .try_get_with((cid, spec), async move { maker.make(source, spec, None).await })
                 .await
-                .unwrap_or_else(|e| Err(ApiError::internal(format!("thumbnail task failed: {e}"))))
-        };
-        self.known.try_get_with((cid, spec), making).await.map_err(|e: Arc<ApiError>| (*e).clone())
+                .map_err(|e: Arc<ApiError>| (*e).clone())
+        });
+        flight.await.unwrap_or_else(|e| Err(ApiError::internal(format!("thumbnail task failed: {e}"))))
     }
 
     /// The thumbnail's bytes, each block verified. Bytes found missing or corrupt are

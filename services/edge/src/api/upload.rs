@@ -21,7 +21,7 @@ pub async fn config(
     headers: HeaderMap,
     Query(query): Query<BTreeMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    let tenant = state.tenants.for_request(&headers);
+    let tenant = state.tenants.for_request(&headers)?;
     tenant.auth.authenticate(&headers, &query).await?;
     Ok(Json(json!({ "m.upload.size": tenant.max_upload_size })))
 }
@@ -32,7 +32,7 @@ pub async fn upload(
     Query(query): Query<BTreeMap<String, String>>,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    let tenant = state.tenants.for_request(&headers);
+    let tenant = state.tenants.for_request(&headers)?;
     let user = tenant.auth.authenticate_member(&headers, &query).await?.user_id;
     tenant.upload_limit.check(&user)?;
     let (content_type, filename) = upload_params(tenant.max_upload_size, &headers, &query)?;
@@ -49,24 +49,17 @@ pub async fn upload_to(
     Query(query): Query<BTreeMap<String, String>>,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    let tenant = state.tenants.for_request(&headers);
-    let user = tenant.auth.authenticate_member(&headers, &query).await?.user_id;
-    tenant.upload_limit.check(&user)?;
     let Path((server_name, media_id)) = path.map_err(super::path_error)?;
     if !super::valid_server_name(&server_name) || !super::valid_media_id(&media_id) {
         return Err(ApiError::bad_request("M_INVALID_PARAM", "Malformed server name or media ID"));
     }
-    if server_name != tenant.server_name {
-        // Another tenant's media ID is never this homeserver's users' to fill.
-        if state.tenants.server_names().any(|s| s == server_name) {
-            return Err(ApiError::new(
-                axum::http::StatusCode::FORBIDDEN,
-                "M_FORBIDDEN",
-                "This media ID belongs to another homeserver",
-            ));
-        }
+    // The mxc names its tenant: its homeserver checks the token (so only that homeserver's
+    // users can fill its reservations), its limits apply.
+    let Some(tenant) = state.tenants.by_server_name(&server_name) else {
         return Err(ApiError::not_found("Media IDs of other servers cannot be uploaded to here"));
-    }
+    };
+    let user = tenant.auth.authenticate_member(&headers, &query).await?.user_id;
+    tenant.upload_limit.check(&user)?;
     let (content_type, filename) = upload_params(tenant.max_upload_size, &headers, &query)?;
     let to = crate::media::UploadTo { server_name: &tenant.server_name, max_size: tenant.max_upload_size };
     let key = state.media.upload(to, &user, Some(media_id), content_type, filename, body.into_data_stream()).await?;
@@ -79,7 +72,7 @@ pub async fn create(
     headers: HeaderMap,
     Query(query): Query<BTreeMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    let tenant = state.tenants.for_request(&headers);
+    let tenant = state.tenants.for_request(&headers)?;
     let user = tenant.auth.authenticate_member(&headers, &query).await?.user_id;
     tenant.upload_limit.check(&user)?;
     let (key, expires_at) = state.media.create_pending(&tenant.server_name, &user).await?;
