@@ -42,6 +42,22 @@ pub struct MediaConfig {
     /// Authenticated downloads one user may make per minute on this edge (same rules).
     /// 0: no limit. Default 600.
     pub downloads_per_minute_per_user: u32,
+    /// Upload quotas, held in the metadata (so they hold across every edge), counted per
+    /// period of the metadata leader's clock. Default 1 day.
+    #[serde(with = "humantime_serde")]
+    pub quota_period: Duration,
+    /// Bytes one user may upload per period (new media; the same bytes again are free).
+    /// 0: no quota. Default 0. Over it: 403 `M_USER_LIMIT_EXCEEDED`.
+    pub user_bytes_per_period: ByteSize,
+    /// Files one user may upload per period. 0: no quota. Default 0.
+    pub user_files_per_period: u64,
+    /// Bytes all users of a tenant (server name) may upload per period. 0: no quota. Default 0.
+    /// Over it: 403 `M_RESOURCE_LIMIT_EXCEEDED`.
+    pub tenant_bytes_per_period: ByteSize,
+    /// Files all users of a tenant may upload per period. 0: no quota. Default 0.
+    pub tenant_files_per_period: u64,
+    /// Sent as `info_uri` with `M_USER_LIMIT_EXCEEDED`: where users learn about the quota.
+    pub quota_info_uri: Option<String>,
     /// Serve the unauthenticated `/_matrix/media/v3/download` endpoints. Default true.
     pub legacy_download: bool,
     /// Freeze the legacy endpoints (the spec's recommendation): media whose upload arrived
@@ -65,6 +81,12 @@ impl Default for MediaConfig {
             max_concurrent_uploads_per_user: 8,
             uploads_per_minute_per_user: 60,
             downloads_per_minute_per_user: 600,
+            quota_period: Duration::from_secs(24 * 3600),
+            user_bytes_per_period: ByteSize::b(0),
+            user_files_per_period: 0,
+            tenant_bytes_per_period: ByteSize::b(0),
+            tenant_files_per_period: 0,
+            quota_info_uri: None,
             legacy_download: true,
             freeze_legacy_download_after: DEFAULT_LEGACY_FREEZE.to_owned(),
         }
@@ -104,6 +126,9 @@ impl MediaConfig {
         }
         if self.unused_expires_after.is_zero() {
             return Err("media.unused_expires_after must be above 0".into());
+        }
+        if self.quota_period.as_millis() == 0 {
+            return Err("media.quota_period must be at least 1ms".into());
         }
         self.freeze_after_ms().map(|_| ())
     }
@@ -341,6 +366,11 @@ pub struct TenantConfig {
     pub uploads_per_minute_per_user: Option<u32>,
     /// Overrides `[media] downloads_per_minute_per_user`.
     pub downloads_per_minute_per_user: Option<u32>,
+    /// Override `[media]`'s quotas for this tenant.
+    pub user_bytes_per_period: Option<ByteSize>,
+    pub user_files_per_period: Option<u64>,
+    pub tenant_bytes_per_period: Option<ByteSize>,
+    pub tenant_files_per_period: Option<u64>,
     /// The homeserver's ed25519 signing key, Synapse's format (`ed25519 <key id> <base64
     /// seed>`), for signing federation requests (checked at start; used by federation).
     pub signing_key_file: Option<PathBuf>,

@@ -29,6 +29,14 @@ use crate::metrics::{Metrics, ResultLabels};
 use crate::pause::{self, PausePoints};
 use crate::store::BlobStore;
 
+/// Adds `info_uri` to a user's quota refusal.
+fn with_info_uri(mut e: ApiError, uri: Option<&str>) -> ApiError {
+    if e.errcode == "M_USER_LIMIT_EXCEEDED" {
+        e.info_uri = uri.map(str::to_owned);
+    }
+    e
+}
+
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
@@ -45,6 +53,10 @@ pub struct Resolved {
 pub struct UploadTo<'a> {
     pub server_name: &'a str,
     pub max_size: u64,
+    /// The tenant's quotas (held in the metadata, across every edge).
+    pub quota: Option<&'a mxcas_meta::model::Quota>,
+    /// Sent with a user's quota refusal.
+    pub quota_info_uri: Option<&'a str>,
 }
 
 pub struct MediaService {
@@ -197,10 +209,16 @@ impl MediaService {
     }
 
     /// Reserves a new media ID for `user` (`POST /create`). Returns `(mxc, expires_at_ms)`.
-    pub async fn create_pending(&self, server_name: &str, user: &str) -> Result<(MediaKey, u64), ApiError> {
-        let key = MediaKey::new(server_name, random_media_id());
+    pub async fn create_pending(&self, to: UploadTo<'_>, user: &str) -> Result<(MediaKey, u64), ApiError> {
+        // Over quota: refused before it costs a raft write (the command checks again).
+        self.check_quota(to, user).await?;
+        let key = MediaKey::new(to.server_name, random_media_id());
         let ttl = self.config.unused_expires_after;
-        let record = self.meta.create_pending(&key, user, ttl, self.config.max_pending_uploads_per_user).await?;
+        let record = self
+            .meta
+            .create_pending(&key, user, ttl, self.config.max_pending_uploads_per_user, to.quota)
+            .await
+            .map_err(|e| with_info_uri(e.into(), to.quota_info_uri))?;
         let expires = match record.state {
             MediaState::Pending { expires_at_ms } => expires_at_ms,
             MediaState::Ready { .. } => return Err(ApiError::internal("a new reservation already has content")),
@@ -258,6 +276,9 @@ impl MediaService {
             Ok(Ok(permit)) => permit,
             _ => return Err(ApiError::unavailable("Too many uploads in progress; retry shortly", 5_000)),
         };
+        // Quotas are decided by the commit, atomically, and not before the bytes are read: the
+        // same bytes again (a client retrying an upload whose answer it lost) make no new media
+        // and are never refused.
         let started = now_ms();
         let limit = to.max_size;
         let generation = self.current_generation().await?;
@@ -285,8 +306,9 @@ impl MediaService {
             content_type,
             filename,
             lost_key: None,
+            quota: to.quota.cloned(),
         };
-        let result = self.commit(&mut request).await;
+        let result = self.commit(&mut request).await.map_err(|e| with_info_uri(e, to.quota_info_uri));
         self.count_upload(match &result {
             Ok((Committed::New, _)) => "new",
             Ok((Committed::Repaired, _)) => "repaired",
@@ -450,6 +472,26 @@ impl MediaService {
             self.check_store_identity().await?;
         }
         Ok(intact)
+    }
+
+    /// Refuses when `user`'s (or the tenant's) quota is used up, from a linearizable read of
+    /// the usage, before a reservation costs a raft write. The metadata service decides again,
+    /// atomically.
+    async fn check_quota(&self, to: UploadTo<'_>, user: &str) -> Result<(), ApiError> {
+        let Some(q) = to.quota else { return Ok(()) };
+        let (u, t) = self.meta.usage(user, to.server_name, Duration::from_millis(q.period_ms)).await?;
+        let full = |used: mxcas_meta::model::Usage, bytes: u64, files: u64| {
+            (bytes > 0 && used.bytes >= bytes) || (files > 0 && used.files >= files)
+        };
+        let scope = if full(u, q.user_bytes, q.user_files) {
+            mxcas_meta::model::QuotaScope::User
+        } else if full(t, q.tenant_bytes, q.tenant_files) {
+            mxcas_meta::model::QuotaScope::Tenant
+        } else {
+            return Ok(());
+        };
+        let refused = ApiError::from(MetaError::Rejected(CommandError::QuotaExceeded { scope }));
+        Err(with_info_uri(refused, to.quota_info_uri))
     }
 
     /// Fails fast, before any byte is read, when `media_id` cannot take this user's upload

@@ -31,6 +31,10 @@ pub struct Tenant {
     /// Authenticated downloads (and thumbnails) per user per minute on this edge.
     pub download_limit: RateLimiter,
     pub max_upload_size: u64,
+    /// Upload quotas held in the metadata (`None`: none configured).
+    pub quota: Option<mxcas_meta::model::Quota>,
+    /// Sent with a user's quota refusal.
+    pub quota_info_uri: Option<String>,
     /// For federation (checked at start).
     pub signing_key: Option<SigningKey>,
 }
@@ -40,6 +44,18 @@ pub struct Tenants {
     by_host: HashMap<String, usize>,
     /// The only tenant (none declared): every request is its.
     only: Option<usize>,
+}
+
+/// The quotas of a tenant: `[media]`'s, overridden by the tenant's own.
+fn quota_of(media: &MediaConfig, t: Option<&TenantConfig>) -> Option<mxcas_meta::model::Quota> {
+    let q = mxcas_meta::model::Quota {
+        period_ms: (media.quota_period.as_millis() as u64).max(1),
+        user_bytes: t.and_then(|t| t.user_bytes_per_period).unwrap_or(media.user_bytes_per_period).as_u64(),
+        user_files: t.and_then(|t| t.user_files_per_period).unwrap_or(media.user_files_per_period),
+        tenant_bytes: t.and_then(|t| t.tenant_bytes_per_period).unwrap_or(media.tenant_bytes_per_period).as_u64(),
+        tenant_files: t.and_then(|t| t.tenant_files_per_period).unwrap_or(media.tenant_files_per_period),
+    };
+    (q.user_bytes > 0 || q.user_files > 0 || q.tenant_bytes > 0 || q.tenant_files > 0).then_some(q)
 }
 
 /// A `Host` value as looked up: lower case, without a trailing dot.
@@ -79,6 +95,8 @@ impl Tenants {
                 upload_limit,
                 download_limit,
                 max_upload_size: media.max_upload_size.as_u64(),
+                quota: quota_of(media, None),
+                quota_info_uri: media.quota_info_uri.clone(),
                 signing_key: None,
             };
             return Ok(Self { all: vec![Arc::new(only)], by_host: HashMap::new(), only: Some(0) });
@@ -129,6 +147,8 @@ impl Tenants {
                 upload_limit,
                 download_limit,
                 max_upload_size: t.max_upload_size.unwrap_or(media.max_upload_size).as_u64(),
+                quota: quota_of(media, Some(t)),
+                quota_info_uri: media.quota_info_uri.clone(),
                 signing_key: t.signing_key()?,
             }));
         }
@@ -182,6 +202,10 @@ mod tests {
             max_upload_size: None,
             uploads_per_minute_per_user: None,
             downloads_per_minute_per_user: None,
+            user_bytes_per_period: None,
+            user_files_per_period: None,
+            tenant_bytes_per_period: None,
+            tenant_files_per_period: None,
             signing_key_file: None,
         }
     }

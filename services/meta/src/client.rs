@@ -24,7 +24,7 @@ use tonic::transport::Channel;
 
 use crate::command::{CommitOutcome, Generations, ThumbnailOutcome};
 use crate::error::MetaError;
-use crate::model::{ContentRecord, MediaKey, MediaRecord, ThumbnailRecord};
+use crate::model::{ContentRecord, MediaKey, MediaRecord, Quota, ThumbnailRecord, Usage};
 use crate::pb::{LEADER_METADATA, meta_error_from_status};
 use crate::tls;
 
@@ -120,6 +120,8 @@ pub struct CommitRequest {
     pub filename: Option<String>,
     /// The stored copy under this key was found missing or corrupt: replace it.
     pub lost_key: Option<String>,
+    /// Counted against the user's and the server name's quota (see `Command::Limited`).
+    pub quota: Option<Quota>,
 }
 
 impl From<&CommitRequest> for pb::CommitUploadRequest {
@@ -134,6 +136,7 @@ impl From<&CommitRequest> for pb::CommitUploadRequest {
             content_type: c.content_type.clone(),
             filename: c.filename.clone(),
             lost_key: c.lost_key.clone(),
+            quota: c.quota.as_ref().map(Into::into),
         }
     }
 }
@@ -303,12 +306,14 @@ impl MetaClient {
         user_id: &str,
         ttl: Duration,
         max_pending_per_user: u32,
+        quota: Option<&Quota>,
     ) -> Result<MediaRecord, MetaError> {
         let req = pb::CreatePendingRequest {
             media: Some(media.into()),
             user_id: user_id.to_owned(),
             ttl_ms: ttl.as_millis() as u64,
             max_pending_per_user,
+            quota: quota.map(Into::into),
         };
         let resp = self
             .retrying(Retry::Never, |mut cl| {
@@ -519,6 +524,26 @@ impl MetaClient {
         let thumbnail = required(resp.thumbnail, "thumbnail").and_then(|t| Ok(ThumbnailRecord::try_from(t)?))?;
         let content = required(resp.content, "content").and_then(|c| Ok(ContentRecord::try_from(c)?))?;
         Ok(ThumbnailOutcome { thumbnail, content, deduplicated: resp.deduplicated, generation: resp.generation })
+    }
+
+    /// What `user` and `tenant` uploaded in the current window of `period` (a linearizable
+    /// read; the windows' `window` field is not filled).
+    pub async fn usage(&self, user: &str, tenant: &str, period: Duration) -> Result<(Usage, Usage), MetaError> {
+        let req = pb::GetUsageRequest {
+            user_id: user.to_owned(),
+            tenant: tenant.to_owned(),
+            period_ms: period.as_millis() as u64,
+        };
+        let resp = self
+            .retrying(Retry::Read, |mut cl| {
+                let req = req.clone();
+                async move { cl.get_usage(req).await }
+            })
+            .await?
+            .into_inner();
+        let usage =
+            |u: Option<pb::Usage>| u.map(|u| Usage { window: 0, bytes: u.bytes, files: u.files }).unwrap_or_default();
+        Ok((usage(resp.user), usage(resp.tenant)))
     }
 
     /// Every thumbnail recorded for `source`, with their content records (a linearizable read).

@@ -8,7 +8,7 @@
 use cid::Cid;
 use serde::{Deserialize, Serialize};
 
-use crate::model::{ContentRecord, MediaKey, MediaRecord, ThumbnailRecord, ThumbnailSpec};
+use crate::model::{ContentRecord, MediaKey, MediaRecord, Quota, ThumbnailRecord, ThumbnailSpec};
 
 // Commands are built once per request and moved into the log; boxing buys nothing.
 #[allow(clippy::large_enum_variant)]
@@ -66,6 +66,11 @@ pub enum Command {
         /// The caller found the thumbnail's stored copy under this key missing or corrupt.
         lost_key: Option<String>,
     },
+    /// `command` (a `CommitUpload` or `CreatePending`) within `quota` for `user` and `tenant`:
+    /// an upload that would make a new media record over either quota of the current window is
+    /// refused, one within them is counted; a reservation is refused once either is used up.
+    /// A commit that makes no new record (a retry, the same bytes again) is neither.
+    Limited { quota: Quota, user: String, tenant: String, command: Box<Command> },
 }
 
 impl Command {
@@ -78,6 +83,7 @@ impl Command {
             | Command::BeginSweep { now_ms, .. }
             | Command::CommitThumbnail { now_ms, .. } => *now_ms = now,
             Command::Batch(cmds) => cmds.iter_mut().for_each(|c| c.stamp(now)),
+            Command::Limited { command, .. } => command.stamp(now),
             Command::ReportLost { .. } | Command::RegisterStore { .. } => {}
         }
     }

@@ -22,6 +22,9 @@ pub enum CommandError {
     /// or it was released): store the bytes again under `generation` and commit that.
     #[error("the uploaded object may have been reclaimed; store it again under generation {generation}")]
     Reclaimed { generation: u64 },
+    /// The account's (or its tenant's) upload quota for this period is used up.
+    #[error("upload quota of the {scope:?} exceeded for this period")]
+    QuotaExceeded { scope: crate::model::QuotaScope },
 }
 
 /// This node's storage failed. Fatal for a state machine: stop and let an operator look.

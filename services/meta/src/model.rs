@@ -215,3 +215,29 @@ pub struct ThumbnailRecord {
     pub animated: bool,
     pub created_at_ms: u64,
 }
+
+/// What one account and one tenant (server name) may upload per period of leader time; 0 is
+/// no limit. Usage counts within windows `[k × period, (k + 1) × period)`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quota {
+    pub period_ms: u64,
+    pub user_bytes: u64,
+    pub user_files: u64,
+    pub tenant_bytes: u64,
+    pub tenant_files: u64,
+}
+
+/// What was uploaded in one window.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub window: u64,
+    pub bytes: u64,
+    pub files: u64,
+}
+
+/// Whose quota a refusal is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum QuotaScope {
+    User,
+    Tenant,
+}

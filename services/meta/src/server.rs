@@ -438,7 +438,8 @@ const MAX_COMMITS_PER_CALL: usize = 1024;
 fn commit_command(r: pb::CommitUploadRequest) -> Result<Command, Status> {
     let media = required(r.media, "media")?;
     let content = ContentRecord::try_from(required(r.content, "content")?)?;
-    Ok(Command::CommitUpload {
+    let (user, tenant) = (r.user_id.clone(), media.server_name.clone());
+    let commit = Command::CommitUpload {
         server_name: media.server_name,
         media_id: Some(media.media_id).filter(|m| !m.is_empty()),
         user_id: r.user_id,
@@ -447,6 +448,10 @@ fn commit_command(r: pb::CommitUploadRequest) -> Result<Command, Status> {
         content_type: r.content_type,
         filename: r.filename,
         lost_key: r.lost_key,
+    };
+    Ok(match r.quota {
+        Some(q) => Command::Limited { quota: q.into(), user, tenant, command: Box::new(commit) },
+        None => commit,
     })
 }
 
@@ -477,12 +482,18 @@ impl Meta for MetaService {
         req: Request<pb::CreatePendingRequest>,
     ) -> Result<Response<pb::CreatePendingResponse>, Status> {
         let r = req.into_inner();
+        let media: MediaKey = required(r.media, "media")?.into();
+        let (user, tenant) = (r.user_id.clone(), media.server_name.clone());
         let cmd = Command::CreatePending {
-            media: required(r.media, "media")?.into(),
+            media,
             user_id: r.user_id,
             now_ms: 0,
             ttl_ms: r.ttl_ms,
             max_pending_per_user: r.max_pending_per_user,
+        };
+        let cmd = match r.quota {
+            Some(q) => Command::Limited { quota: q.into(), user, tenant, command: Box::new(cmd) },
+            None => cmd,
         };
         match self.apply(cmd).await? {
             CommandOutput::Pending(media) => {
@@ -674,6 +685,14 @@ impl Meta for MetaService {
             .map(|(t, c)| pb::RecordedThumbnail { thumbnail: Some(t.into()), content: c.as_ref().map(Into::into) })
             .collect();
         Ok(Response::new(pb::GetThumbnailsResponse { thumbnails }))
+    }
+
+    async fn get_usage(&self, req: Request<pb::GetUsageRequest>) -> Result<Response<pb::GetUsageResponse>, Status> {
+        let r = req.into_inner();
+        let now = now_ms();
+        let (u, t) = self.read(move |sm| sm.usage(&r.user_id, &r.tenant, r.period_ms, now.max(sm.clock()?))).await?;
+        let wire = |u: crate::model::Usage| Some(pb::Usage { bytes: u.bytes, files: u.files });
+        Ok(Response::new(pb::GetUsageResponse { user: wire(u), tenant: wire(t) }))
     }
 
     async fn referenced(

@@ -16,7 +16,10 @@ use std::path::Path;
 
 use crate::command::{Changed, Command, CommandOutput, CommitOutcome, Generations, ThumbnailOutcome};
 use crate::error::{CommandError, StorageError};
-use crate::model::{ContentRecord, MediaKey, MediaRecord, MediaState, ThumbnailRecord, ThumbnailSpec, blob_key};
+use crate::model::{
+    ContentRecord, MediaKey, MediaRecord, MediaState, Quota, QuotaScope, ThumbnailRecord, ThumbnailSpec, Usage,
+    blob_key,
+};
 
 /// (server_name, media_id) → postcard(MediaRecord)
 const MEDIA: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("media");
@@ -29,6 +32,8 @@ const PENDING: TableDefinition<(&str, &str, &str), u64> = TableDefinition::new("
 const PENDING_BY_EXPIRY: TableDefinition<(u64, &str, &str), &str> = TableDefinition::new("pending_by_expiry");
 /// (binary source CID, [`ThumbnailSpec::key`]) → postcard(ThumbnailRecord)
 const THUMBNAILS: TableDefinition<(&[u8], &str), &[u8]> = TableDefinition::new("thumbnails");
+/// `u:<user>` / `t:<server name>` → postcard(Usage): uploads of the current quota window
+const USAGE: TableDefinition<&str, &[u8]> = TableDefinition::new("usage");
 /// blob-store object key → binary CID, for every object a content record references
 const BLOB_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("blob_keys");
 /// object keys of unsealed generations that no commit may ever reference (released
@@ -120,6 +125,7 @@ impl StateMachine {
         txn.open_table(TOMBSTONES)?;
         txn.open_table(CHANGES)?;
         txn.open_table(THUMBNAILS)?;
+        txn.open_table(USAGE)?;
         {
             let mut meta = txn.open_table(META)?;
             meta.insert(FORMAT, FORMAT_VERSION)?;
@@ -213,6 +219,7 @@ impl StateMachine {
                 tombstones: txn.open_table(TOMBSTONES)?,
                 meta: txn.open_table(META)?,
                 thumbnails: txn.open_table(THUMBNAILS)?,
+                usage: txn.open_table(USAGE)?,
                 changed: Vec::new(),
                 generations: None,
                 clock: None,
@@ -355,6 +362,10 @@ impl StateMachine {
             let (source, spec) = k.value();
             put(&SnapshotRecord::Thumbnail { source: source.to_vec(), spec: spec.into(), value: v.value().to_vec() })?;
         }
+        for entry in txn.open_table(USAGE)?.iter()? {
+            let (k, v) = entry?;
+            put(&SnapshotRecord::Usage { key: k.value().into(), value: v.value().to_vec() })?;
+        }
         for entry in txn.open_table(META)?.iter()? {
             let (k, v) = entry?;
             // Where this node's change history starts is its own, not replicated state.
@@ -382,8 +393,10 @@ impl StateMachine {
             let mut tombstones = txn.open_table(TOMBSTONES)?;
             let mut meta = txn.open_table(META)?;
             let mut thumbnails = txn.open_table(THUMBNAILS)?;
+            let mut usage = txn.open_table(USAGE)?;
             txn.open_table(CHANGES)?.retain(|_, _| false)?;
             thumbnails.retain(|_, _| false)?;
+            usage.retain(|_, _| false)?;
             media.retain(|_, _| false)?;
             content.retain(|_, _| false)?;
             pending.retain(|_, _| false)?;
@@ -414,6 +427,9 @@ impl StateMachine {
                     }
                     SnapshotRecord::Thumbnail { source, spec, value } => {
                         thumbnails.insert((source.as_slice(), spec.as_str()), value.as_slice())?;
+                    }
+                    SnapshotRecord::Usage { key, value } => {
+                        usage.insert(key.as_str(), value.as_slice())?;
                     }
                     SnapshotRecord::Meta { key, value } => {
                         if key != CHANGES_FROM {
@@ -453,6 +469,18 @@ impl StateMachine {
         let table = txn.open_table(CONTENT)?;
         let found = table.get(cid.to_bytes().as_slice())?;
         found.map(|v| decode("content", v.value())).transpose()
+    }
+
+    /// What `user` and `tenant` uploaded in the window of `now_ms` (by `period_ms`).
+    pub fn usage(&self, user: &str, tenant: &str, period_ms: u64, now_ms: u64) -> Result<(Usage, Usage), StorageError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(USAGE)?;
+        let window = now_ms / period_ms.max(1);
+        let read = |key: String| -> Result<Usage, StorageError> {
+            let found: Option<Usage> = table.get(key.as_str())?.map(|v| decode("usage", v.value())).transpose()?;
+            Ok(found.filter(|u| u.window == window).unwrap_or(Usage { window, ..Usage::default() }))
+        };
+        Ok((read(usage_key(QuotaScope::User, user))?, read(usage_key(QuotaScope::Tenant, tenant))?))
     }
 
     /// Every thumbnail recorded for `source`, with its content record.
@@ -567,6 +595,7 @@ struct Tables<'txn> {
     tombstones: redb::Table<'txn, &'static str, ()>,
     meta: redb::Table<'txn, &'static str, u64>,
     thumbnails: redb::Table<'txn, (&'static [u8], &'static str), &'static [u8]>,
+    usage: redb::Table<'txn, &'static str, &'static [u8]>,
     /// Changes to mutable facts made by the command being applied.
     changed: Vec<Changed>,
     /// The generations as of the last command applied in this transaction (read once).
@@ -631,6 +660,7 @@ impl Tables<'_> {
                 Ok(Ok(CommandOutput::Batch(outcomes)))
             }
             Command::ReportLost { cid, blob_key } => self.report_lost(cid, blob_key),
+            Command::Limited { quota, user, tenant, command } => self.limited(quota, user, tenant, command),
             Command::CommitThumbnail {
                 source,
                 spec,
@@ -905,6 +935,61 @@ impl Tables<'_> {
             Attached::Duplicate(c) => (c, true),
         };
         Ok(Ok(ThumbnailOutcome { thumbnail: record, content, deduplicated, generation }))
+    }
+
+    fn limited(&mut self, quota: &Quota, user: &str, tenant: &str, command: &Command) -> Result<Applied, StorageError> {
+        let (now_ms, charge) = match command {
+            Command::CommitUpload { server_name, media_id, now_ms, content, .. } => {
+                // Only a commit that makes a new media record is counted (and can be refused).
+                let id = media_id.clone().unwrap_or_else(|| content.cid.to_string());
+                let ready = matches!(
+                    self.get_media(server_name, &id)?,
+                    Some(MediaRecord { state: MediaState::Ready { .. }, .. })
+                );
+                (*now_ms, (!ready).then_some(content.size))
+            }
+            Command::CreatePending { now_ms, .. } => (*now_ms, None),
+            _ => return Ok(Err(CommandError::InvalidArgument("only uploads and reservations take a quota".into()))),
+        };
+        let now = self.clock(now_ms)?;
+        let window = now / quota.period_ms.max(1);
+        let (u, t) = (
+            self.window_usage(QuotaScope::User, user, window)?,
+            self.window_usage(QuotaScope::Tenant, tenant, window)?,
+        );
+        // An upload must fit; a reservation is refused once a quota is used up.
+        let (bytes, files) = charge.map_or((0, 0), |size| (size, 1));
+        let over = |used: Usage, max_bytes: u64, max_files: u64| match charge {
+            Some(_) => {
+                (max_bytes > 0 && used.bytes.saturating_add(bytes) > max_bytes)
+                    || (max_files > 0 && used.files.saturating_add(files) > max_files)
+            }
+            None if matches!(command, Command::CreatePending { .. }) => {
+                (max_bytes > 0 && used.bytes >= max_bytes) || (max_files > 0 && used.files >= max_files)
+            }
+            None => false,
+        };
+        if over(u, quota.user_bytes, quota.user_files) {
+            return Ok(Err(CommandError::QuotaExceeded { scope: QuotaScope::User }));
+        }
+        if over(t, quota.tenant_bytes, quota.tenant_files) {
+            return Ok(Err(CommandError::QuotaExceeded { scope: QuotaScope::Tenant }));
+        }
+        let out = self.apply(command)?;
+        if out.is_ok() && charge.is_some() {
+            for (scope, who, used) in [(QuotaScope::User, user, u), (QuotaScope::Tenant, tenant, t)] {
+                let next =
+                    Usage { window, bytes: used.bytes.saturating_add(bytes), files: used.files.saturating_add(files) };
+                self.usage.insert(usage_key(scope, who).as_str(), encode(&next)?.as_slice())?;
+            }
+        }
+        Ok(out)
+    }
+
+    fn window_usage(&self, scope: QuotaScope, who: &str, window: u64) -> Result<Usage, StorageError> {
+        let found: Option<Usage> =
+            self.usage.get(usage_key(scope, who).as_str())?.map(|v| decode("usage", v.value())).transpose()?;
+        Ok(found.filter(|u| u.window == window).unwrap_or(Usage { window, ..Usage::default() }))
     }
 
     fn put_thumbnail(&mut self, t: &ThumbnailRecord) -> Result<(), StorageError> {
@@ -1183,6 +1268,11 @@ enum SnapshotRecord {
         spec: String,
         value: Vec<u8>,
     },
+    /// Written after `Thumbnail`, before `Meta`.
+    Usage {
+        key: String,
+        value: Vec<u8>,
+    },
 }
 
 /// What [`StateMachine::export`] wrote.
@@ -1194,6 +1284,13 @@ pub struct Exported {
     pub extras: Vec<Option<Vec<u8>>>,
     /// The state digest of what was exported (as [`StateMachine::digest`] gives it), if asked.
     pub digest: Option<[u8; 32]>,
+}
+
+fn usage_key(scope: QuotaScope, who: &str) -> String {
+    match scope {
+        QuotaScope::User => format!("u:{who}"),
+        QuotaScope::Tenant => format!("t:{who}"),
+    }
 }
 
 fn io_err(e: std::io::Error) -> StorageError {

@@ -67,6 +67,7 @@ fn commit(n: u8, key: String) -> CommitRequest {
         content_type: "application/octet-stream".into(),
         filename: None,
         lost_key: None,
+        quota: None,
     }
 }
 

@@ -40,6 +40,7 @@ fn commit_request(n: u64) -> pb::CommitUploadRequest {
         content_type: "application/octet-stream".into(),
         filename: None,
         lost_key: None,
+        quota: None,
     }
 }
 
@@ -112,6 +113,7 @@ async fn client_commit_rate(
                     content_type: req.content_type,
                     filename: None,
                     lost_key: None,
+                    quota: None,
                 };
                 match client.commit_upload(&commit).await {
                     Ok(o) if o.media.key.media_id == commit.content.cid.to_string() && !o.deduplicated => {

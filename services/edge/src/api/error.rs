@@ -20,11 +20,13 @@ pub struct ApiError {
     pub retry_after_ms: Option<u64>,
     /// `soft_logout` of an `M_UNKNOWN_TOKEN` (the client may refresh instead of logging out).
     pub soft_logout: Option<bool>,
+    /// `info_uri` of an `M_USER_LIMIT_EXCEEDED` (where the user learns about the limit).
+    pub info_uri: Option<String>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, errcode: &'static str, message: impl Into<String>) -> Self {
-        Self { status, errcode, message: message.into(), retry_after_ms: None, soft_logout: None }
+        Self { status, errcode, message: message.into(), retry_after_ms: None, soft_logout: None, info_uri: None }
     }
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "M_NOT_FOUND", message)
@@ -64,6 +66,9 @@ impl IntoResponse for ApiError {
         if let Some(soft) = self.soft_logout {
             body["soft_logout"] = soft.into();
         }
+        if let Some(uri) = &self.info_uri {
+            body["info_uri"] = uri.clone().into();
+        }
         let mut resp = (self.status, Json(body)).into_response();
         if let Some(ms) = self.retry_after_ms {
             let secs = ms.div_ceil(1000).max(1);
@@ -93,6 +98,20 @@ impl From<MetaError> for ApiError {
                     format!("Too many pending uploads (limit {limit}); upload content to one or wait for it to expire"),
                 )
             },
+            MetaError::Rejected(CommandError::QuotaExceeded { scope: mxcas_meta::model::QuotaScope::User }) => {
+                ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "M_USER_LIMIT_EXCEEDED",
+                    "Your upload quota for this period is used up; delete media or wait for the next period",
+                )
+            }
+            MetaError::Rejected(CommandError::QuotaExceeded { scope: mxcas_meta::model::QuotaScope::Tenant }) => {
+                ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "M_RESOURCE_LIMIT_EXCEEDED",
+                    "This homeserver's upload quota for this period is used up; contact its administrator",
+                )
+            }
             MetaError::Rejected(CommandError::Reclaimed { .. }) => {
                 ApiError::unavailable("The upload took too long to be recorded; upload it again", 1_000)
             }

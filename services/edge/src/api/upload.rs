@@ -36,7 +36,7 @@ pub async fn upload(
     let user = tenant.auth.authenticate_member(&headers, &query).await?.user_id;
     tenant.upload_limit.check(&user)?;
     let (content_type, filename) = upload_params(tenant.max_upload_size, &headers, &query)?;
-    let to = crate::media::UploadTo { server_name: &tenant.server_name, max_size: tenant.max_upload_size };
+    let to = destination(tenant);
     let key = state.media.upload(to, &user, None, content_type, filename, body.into_data_stream()).await?;
     state.thumbnails.after_upload(key.clone());
     Ok(Json(json!({ "content_uri": key.to_string() })))
@@ -61,7 +61,7 @@ pub async fn upload_to(
     let user = tenant.auth.authenticate_member(&headers, &query).await?.user_id;
     tenant.upload_limit.check(&user)?;
     let (content_type, filename) = upload_params(tenant.max_upload_size, &headers, &query)?;
-    let to = crate::media::UploadTo { server_name: &tenant.server_name, max_size: tenant.max_upload_size };
+    let to = destination(tenant);
     let key = state.media.upload(to, &user, Some(media_id), content_type, filename, body.into_data_stream()).await?;
     state.thumbnails.after_upload(key);
     Ok(Json(json!({})))
@@ -75,8 +75,18 @@ pub async fn create(
     let tenant = state.tenants.for_request(&headers)?;
     let user = tenant.auth.authenticate_member(&headers, &query).await?.user_id;
     tenant.upload_limit.check(&user)?;
-    let (key, expires_at) = state.media.create_pending(&tenant.server_name, &user).await?;
+    let (key, expires_at) = state.media.create_pending(destination(tenant), &user).await?;
     Ok(Json(json!({ "content_uri": key.to_string(), "unused_expires_at": expires_at })))
+}
+
+/// Where a tenant's uploads go, within its limits.
+fn destination(tenant: &crate::tenants::Tenant) -> crate::media::UploadTo<'_> {
+    crate::media::UploadTo {
+        server_name: &tenant.server_name,
+        max_size: tenant.max_upload_size,
+        quota: tenant.quota.as_ref(),
+        quota_info_uri: tenant.quota_info_uri.as_deref(),
+    }
 }
 
 /// Content type and filename of an upload; rejects a declared size over the limit before any

@@ -10,6 +10,8 @@ pub const LEADER_METADATA: &str = "x-mxcas-leader";
 /// Key of the binary status detail that carries a [`CommandError`] across the wire exactly.
 const DETAIL_PENDING_LIMIT: &str = "pending-limit:";
 const DETAIL_RECLAIMED: &str = "reclaimed:";
+const DETAIL_QUOTA_USER: &str = "quota:user:";
+const DETAIL_QUOTA_TENANT: &str = "quota:tenant:";
 
 pub fn status_from_command_error(e: &CommandError) -> Status {
     match e {
@@ -22,6 +24,13 @@ pub fn status_from_command_error(e: &CommandError) -> Status {
         CommandError::InvalidArgument(m) => Status::invalid_argument(m.clone()),
         CommandError::Reclaimed { generation } => {
             Status::failed_precondition(format!("{DETAIL_RECLAIMED}{generation}: {e}"))
+        }
+        CommandError::QuotaExceeded { scope } => {
+            let detail = match scope {
+                crate::model::QuotaScope::User => DETAIL_QUOTA_USER,
+                crate::model::QuotaScope::Tenant => DETAIL_QUOTA_TENANT,
+            };
+            Status::resource_exhausted(format!("{detail} {e}"))
         }
     }
 }
@@ -40,6 +49,12 @@ pub fn meta_error_from_status(s: &Status) -> MetaError {
         Code::NotFound => CommandError::NotFound.into(),
         Code::AlreadyExists => CommandError::AlreadyExists.into(),
         Code::PermissionDenied => CommandError::PermissionDenied.into(),
+        Code::ResourceExhausted if msg.starts_with(DETAIL_QUOTA_USER) => {
+            CommandError::QuotaExceeded { scope: crate::model::QuotaScope::User }.into()
+        }
+        Code::ResourceExhausted if msg.starts_with(DETAIL_QUOTA_TENANT) => {
+            CommandError::QuotaExceeded { scope: crate::model::QuotaScope::Tenant }.into()
+        }
         Code::ResourceExhausted => {
             let limit = msg
                 .strip_prefix(DETAIL_PENDING_LIMIT)

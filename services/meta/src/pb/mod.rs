@@ -6,6 +6,7 @@ mod content;
 mod error;
 mod generations;
 mod media;
+mod quota;
 mod thumbnail;
 
 pub use error::{LEADER_METADATA, meta_error_from_status, status_from_command_error, status_from_storage_error};

@@ -185,7 +185,7 @@ impl<W: Write> CompactWriter<W> {
             SnapshotRecord::Tombstone { key } => Compact::Tombstone { key: Key::of(key) },
             SnapshotRecord::Meta { key, value } => Compact::Meta { key: key.clone(), value: *value },
             SnapshotRecord::End { records } => Compact::End { records: *records },
-            SnapshotRecord::Thumbnail { .. } => Compact::Raw(rec.clone()),
+            SnapshotRecord::Thumbnail { .. } | SnapshotRecord::Usage { .. } => Compact::Raw(rec.clone()),
         };
         self.write(&compact)
     }

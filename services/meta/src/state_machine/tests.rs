@@ -527,3 +527,56 @@ fn a_lost_thumbnail_is_repaired_or_replaced() {
     assert_eq!(other.sm.thumbnails(&cid(1)).expect("read"), f.sm.thumbnails(&cid(1)).expect("read"));
     assert_eq!(other.sm.digest().expect("digest"), f.sm.digest().expect("digest"));
 }
+
+fn limited(quota: &crate::model::Quota, user: &str, cmd: Command) -> Command {
+    Command::Limited { quota: quota.clone(), user: user.into(), tenant: "hs".into(), command: Box::new(cmd) }
+}
+
+#[test]
+fn quotas_count_new_media_per_window_and_refuse_what_does_not_fit() {
+    use crate::model::{Quota, QuotaScope};
+    let mut f = Fixture::new();
+    let q = Quota { period_ms: 1000, user_bytes: 250, user_files: 0, tenant_bytes: 0, tenant_files: 3 };
+    // 100 + 100 fit alice's 250 bytes; a third 100 does not.
+    f.committed(limited(&q, "@a:hs", commit(None, "@a:hs", 10, content(1, "1"))));
+    f.committed(limited(&q, "@a:hs", commit(None, "@a:hs", 20, content(2, "2"))));
+    let over = f.apply(limited(&q, "@a:hs", commit(None, "@a:hs", 30, content(3, "3"))));
+    assert_eq!(over, Err(CommandError::QuotaExceeded { scope: QuotaScope::User }));
+    assert!(f.sm.get_content(&cid(3)).expect("read").is_none(), "a refused commit leaves no trace");
+    // A retry, or the same bytes again, makes no new record: never refused, never counted.
+    f.committed(limited(&q, "@a:hs", commit(None, "@a:hs", 40, content(1, "1"))));
+    f.committed(limited(&q, "@a:hs", commit(None, "@a:hs", 40, content(2, "2b"))));
+    let (u, t) = f.sm.usage("@a:hs", "hs", 1000, 40).expect("usage");
+    assert_eq!((u.bytes, u.files, t.files), (200, 2, 2));
+    // Once a quota is used up, a reservation is refused too.
+    let full = Quota { user_files: 2, ..q.clone() };
+    assert_eq!(
+        f.apply(limited(&full, "@a:hs", pending("p1", "@a:hs", 50, 1000, 5))),
+        Err(CommandError::QuotaExceeded { scope: QuotaScope::User })
+    );
+    // The tenant's quota counts everyone: bob's first file is the tenant's third, his second
+    // is over it.
+    f.committed(limited(&q, "@b:hs", commit(None, "@b:hs", 60, content(4, "4"))));
+    assert_eq!(
+        f.apply(limited(&q, "@b:hs", commit(None, "@b:hs", 70, content(5, "5")))),
+        Err(CommandError::QuotaExceeded { scope: QuotaScope::Tenant })
+    );
+    // Usage travels in snapshots.
+    let mut snap = Vec::new();
+    f.sm.export(&mut snap, &[], true).expect("export");
+    let other = Fixture::new();
+    other.sm.import(&mut snap.as_slice(), &[]).expect("import");
+    assert_eq!(
+        other.sm.usage("@a:hs", "hs", 1000, 70).expect("usage"),
+        f.sm.usage("@a:hs", "hs", 1000, 70).expect("usage")
+    );
+    // The next window (by the leader's clock) starts afresh.
+    f.committed(limited(&q, "@a:hs", commit(None, "@a:hs", 1500, content(3, "3"))));
+    let (u, t) = f.sm.usage("@a:hs", "hs", 1000, 1500).expect("usage");
+    assert_eq!((u.bytes, u.files, t.files), (100, 1, 1));
+    // Only uploads and reservations take a quota.
+    assert!(matches!(
+        f.apply(limited(&q, "@a:hs", Command::RegisterStore { id: 5 })),
+        Err(CommandError::InvalidArgument(_))
+    ));
+}
