@@ -30,6 +30,8 @@ fn bad_config_fails_fast_with_a_clear_message() -> anyhow::Result<()> {
         ("[auth]\ntokens = { \"short\" = \"@a:b\" }\n", "shorter than 8"),
         ("[media]\nfreeze_legacy_download_after = \"yesterday\"\n", "freeze_legacy_download_after"),
         ("[store]\nbackend = \"s3\"\n", "bucket"),
+        ("[media]\nuser_files_per_period = 3\n", "quota_info_uri"),
+        ("[media]\ntenant_bytes_per_period = \"1 GiB\"\n", "quota_admin_contact"),
         // Static tokens where homeservers' are the only ones.
         (
             "[auth]\ntokens = { \"long-enough-token\" = \"@a:localhost\" }\n\

@@ -26,8 +26,8 @@ async fn quotas_hold_across_edges_and_refuse_before_costing_a_write() -> anyhow:
     let s3 = SeaweedFs::start().await?;
     let cluster = Cluster::start(1, MetaOptions::default()).await?;
     // alice: 3 files a day; everyone at localhost together: 5.
-    let media =
-        "user_files_per_period = 3\ntenant_files_per_period = 5\nquota_info_uri = \"https://example.org/quota\"\n";
+    let media = "user_files_per_period = 3\ntenant_files_per_period = 5\nquota_info_uri = \"https://example.org/quota\"\n\
+         quota_admin_contact = \"mailto:admin@example.org\"\n";
     let edge = || {
         Node::start(NodeOptions {
             store: s3.store(),
@@ -37,6 +37,11 @@ async fn quotas_hold_across_edges_and_refuse_before_costing_a_write() -> anyhow:
         })
     };
     let (a, b) = (edge().await?, edge().await?);
+
+    // A reservation made while alice has room, to fill once she has none.
+    let (s, j) = create(&a, ALICE).await?;
+    assert_eq!(s, 200, "{j}");
+    let reserved = j["content_uri"].as_str().unwrap_or_default().trim_start_matches("mxc://").to_owned();
 
     // Three uploads spread over both edges fit; the fourth, on either, does not.
     for (i, node) in [&a, &b, &a].into_iter().enumerate() {
@@ -64,5 +69,17 @@ async fn quotas_hold_across_edges_and_refuse_before_costing_a_write() -> anyhow:
     }
     let (s, j) = upload(&b, BOB, test_bytes(30, 1000)).await?;
     assert_eq!((s, errcode(&j)), (403, "M_RESOURCE_LIMIT_EXCEEDED"), "{j}");
+    assert_eq!(j["admin_contact"], "mailto:admin@example.org");
+
+    // Filling the early reservation would be a new file over alice's quota: refused.
+    let put = b
+        .http
+        .put(b.url(&format!("/_matrix/media/v3/upload/{reserved}")))
+        .bearer_auth(ALICE)
+        .body(test_bytes(40, 1000));
+    let resp = put.send().await?;
+    let status = resp.status().as_u16();
+    let j: serde_json::Value = resp.json().await.unwrap_or_default();
+    assert_eq!((status, errcode(&j)), (403, "M_USER_LIMIT_EXCEEDED"), "{j}");
     Ok(())
 }

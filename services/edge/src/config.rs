@@ -57,7 +57,11 @@ pub struct MediaConfig {
     /// Files all users of a tenant may upload per period. 0: no quota. Default 0.
     pub tenant_files_per_period: u64,
     /// Sent as `info_uri` with `M_USER_LIMIT_EXCEEDED`: where users learn about the quota.
+    /// Required (MSC4335) when a user quota is set.
     pub quota_info_uri: Option<String>,
+    /// Sent as `admin_contact` with `M_RESOURCE_LIMIT_EXCEEDED` (e.g. `mailto:…`). Required
+    /// when a tenant quota is set.
+    pub quota_admin_contact: Option<String>,
     /// Serve the unauthenticated `/_matrix/media/v3/download` endpoints. Default true.
     pub legacy_download: bool,
     /// Freeze the legacy endpoints (the spec's recommendation): media whose upload arrived
@@ -87,6 +91,7 @@ impl Default for MediaConfig {
             tenant_bytes_per_period: ByteSize::b(0),
             tenant_files_per_period: 0,
             quota_info_uri: None,
+            quota_admin_contact: None,
             legacy_download: true,
             freeze_legacy_download_after: DEFAULT_LEGACY_FREEZE.to_owned(),
         }
@@ -129,6 +134,16 @@ impl MediaConfig {
         }
         if self.quota_period.as_millis() == 0 {
             return Err("media.quota_period must be at least 1ms".into());
+        }
+        let user_quota = self.user_bytes_per_period.as_u64() > 0 || self.user_files_per_period > 0;
+        if user_quota && self.quota_info_uri.is_none() {
+            return Err(
+                "media.quota_info_uri must be set with a user quota: clients show it to users who hit it".into()
+            );
+        }
+        let tenant_quota = self.tenant_bytes_per_period.as_u64() > 0 || self.tenant_files_per_period > 0;
+        if tenant_quota && self.quota_admin_contact.is_none() {
+            return Err("media.quota_admin_contact must be set with a tenant quota (the spec's admin_contact)".into());
         }
         self.freeze_after_ms().map(|_| ())
     }

@@ -29,10 +29,12 @@ use crate::metrics::{Metrics, ResultLabels};
 use crate::pause::{self, PausePoints};
 use crate::store::BlobStore;
 
-/// Adds `info_uri` to a user's quota refusal.
-fn with_info_uri(mut e: ApiError, uri: Option<&str>) -> ApiError {
-    if e.errcode == "M_USER_LIMIT_EXCEEDED" {
-        e.info_uri = uri.map(str::to_owned);
+/// Adds `info_uri` to a user's quota refusal and `admin_contact` to a tenant's.
+fn with_info_uri(mut e: ApiError, to: UploadTo<'_>) -> ApiError {
+    match e.errcode {
+        "M_USER_LIMIT_EXCEEDED" => e.info_uri = to.quota_info_uri.map(str::to_owned),
+        "M_RESOURCE_LIMIT_EXCEEDED" => e.admin_contact = to.quota_admin_contact.map(str::to_owned),
+        _ => {}
     }
     e
 }
@@ -57,6 +59,8 @@ pub struct UploadTo<'a> {
     pub quota: Option<&'a mxcas_meta::model::Quota>,
     /// Sent with a user's quota refusal.
     pub quota_info_uri: Option<&'a str>,
+    /// Sent with a tenant's quota refusal.
+    pub quota_admin_contact: Option<&'a str>,
 }
 
 pub struct MediaService {
@@ -218,7 +222,7 @@ impl MediaService {
             .meta
             .create_pending(&key, user, ttl, self.config.max_pending_uploads_per_user, to.quota)
             .await
-            .map_err(|e| with_info_uri(e.into(), to.quota_info_uri))?;
+            .map_err(|e| with_info_uri(e.into(), to))?;
         let expires = match record.state {
             MediaState::Pending { expires_at_ms } => expires_at_ms,
             MediaState::Ready { .. } => return Err(ApiError::internal("a new reservation already has content")),
@@ -276,9 +280,13 @@ impl MediaService {
             Ok(Ok(permit)) => permit,
             _ => return Err(ApiError::unavailable("Too many uploads in progress; retry shortly", 5_000)),
         };
-        // Quotas are decided by the commit, atomically, and not before the bytes are read: the
-        // same bytes again (a client retrying an upload whose answer it lost) make no new media
-        // and are never refused.
+        // Quotas are decided by the commit, atomically. A synchronous upload is not refused
+        // before its bytes are read: the same bytes again (a client retrying an upload whose
+        // answer it lost) make no new media and are never refused. A reservation is filled once,
+        // so one over quota is refused before a byte is read.
+        if media_id.is_some() {
+            self.check_quota(to, user).await?;
+        }
         let started = now_ms();
         let limit = to.max_size;
         let generation = self.current_generation().await?;
@@ -308,7 +316,7 @@ impl MediaService {
             lost_key: None,
             quota: to.quota.cloned(),
         };
-        let result = self.commit(&mut request).await.map_err(|e| with_info_uri(e, to.quota_info_uri));
+        let result = self.commit(&mut request).await.map_err(|e| with_info_uri(e, to));
         self.count_upload(match &result {
             Ok((Committed::New, _)) => "new",
             Ok((Committed::Repaired, _)) => "repaired",
@@ -334,6 +342,12 @@ impl MediaService {
                     self.learn_generation(generation);
                     self.restore(&mut request.content, generation).await?;
                     continue;
+                }
+                // Final: had an earlier attempt of this commit landed, this one would make no new
+                // media and not be refused. So nothing references these objects, ever.
+                Err(MetaError::Rejected(e @ CommandError::QuotaExceeded { .. })) => {
+                    self.store.delete_later(request.content.object_keys().map(str::to_owned).collect());
+                    return Err(MetaError::Rejected(e).into());
                 }
                 Err(e) => return Err(e.into()),
             };
@@ -479,7 +493,16 @@ impl MediaService {
     /// atomically.
     async fn check_quota(&self, to: UploadTo<'_>, user: &str) -> Result<(), ApiError> {
         let Some(q) = to.quota else { return Ok(()) };
-        let (u, t) = self.meta.usage(user, to.server_name, Duration::from_millis(q.period_ms)).await?;
+        let (u, t) = match self.meta.usage(user, to.server_name, Duration::from_millis(q.period_ms)).await {
+            Ok(usage) => usage,
+            // A metadata service older than quotas (mid-upgrade): no pre-check; upgrade every
+            // metadata node before edges with quotas (docs/operations/cluster.md).
+            Err(MetaError::Internal(m)) if m.starts_with("Unimplemented") => {
+                tracing::warn!("the metadata service does not know quotas yet: upgrade it before the edges");
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
         let full = |used: mxcas_meta::model::Usage, bytes: u64, files: u64| {
             (bytes > 0 && used.bytes >= bytes) || (files > 0 && used.files >= files)
         };
@@ -491,7 +514,7 @@ impl MediaService {
             return Ok(());
         };
         let refused = ApiError::from(MetaError::Rejected(CommandError::QuotaExceeded { scope }));
-        Err(with_info_uri(refused, to.quota_info_uri))
+        Err(with_info_uri(refused, to))
     }
 
     /// Fails fast, before any byte is read, when `media_id` cannot take this user's upload

@@ -35,6 +35,8 @@ pub struct Tenant {
     pub quota: Option<mxcas_meta::model::Quota>,
     /// Sent with a user's quota refusal.
     pub quota_info_uri: Option<String>,
+    /// Sent with a tenant's quota refusal.
+    pub quota_admin_contact: Option<String>,
     /// For federation (checked at start).
     pub signing_key: Option<SigningKey>,
 }
@@ -97,6 +99,7 @@ impl Tenants {
                 max_upload_size: media.max_upload_size.as_u64(),
                 quota: quota_of(media, None),
                 quota_info_uri: media.quota_info_uri.clone(),
+                quota_admin_contact: media.quota_admin_contact.clone(),
                 signing_key: None,
             };
             return Ok(Self { all: vec![Arc::new(only)], by_host: HashMap::new(), only: Some(0) });
@@ -149,6 +152,7 @@ impl Tenants {
                 max_upload_size: t.max_upload_size.unwrap_or(media.max_upload_size).as_u64(),
                 quota: quota_of(media, Some(t)),
                 quota_info_uri: media.quota_info_uri.clone(),
+                quota_admin_contact: media.quota_admin_contact.clone(),
                 signing_key: t.signing_key()?,
             }));
         }

@@ -939,6 +939,14 @@ impl Tables<'_> {
 
     fn limited(&mut self, quota: &Quota, user: &str, tenant: &str, command: &Command) -> Result<Applied, StorageError> {
         let (now_ms, charge) = match command {
+            Command::CommitUpload { server_name, user_id, .. }
+            | Command::CreatePending { media: MediaKey { server_name, .. }, user_id, .. }
+                if server_name != tenant || user_id != user =>
+            {
+                return Ok(Err(CommandError::InvalidArgument(
+                    "a quota is the user's and the server name's of its command".into(),
+                )));
+            }
             Command::CommitUpload { server_name, media_id, now_ms, content, .. } => {
                 // Only a commit that makes a new media record is counted (and can be refused).
                 let id = media_id.clone().unwrap_or_else(|| content.cid.to_string());

@@ -22,11 +22,21 @@ pub struct ApiError {
     pub soft_logout: Option<bool>,
     /// `info_uri` of an `M_USER_LIMIT_EXCEEDED` (where the user learns about the limit).
     pub info_uri: Option<String>,
+    /// `admin_contact` of an `M_RESOURCE_LIMIT_EXCEEDED`.
+    pub admin_contact: Option<String>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, errcode: &'static str, message: impl Into<String>) -> Self {
-        Self { status, errcode, message: message.into(), retry_after_ms: None, soft_logout: None, info_uri: None }
+        Self {
+            status,
+            errcode,
+            message: message.into(),
+            retry_after_ms: None,
+            soft_logout: None,
+            info_uri: None,
+            admin_contact: None,
+        }
     }
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "M_NOT_FOUND", message)
@@ -69,6 +79,9 @@ impl IntoResponse for ApiError {
         if let Some(uri) = &self.info_uri {
             body["info_uri"] = uri.clone().into();
         }
+        if let Some(contact) = &self.admin_contact {
+            body["admin_contact"] = contact.clone().into();
+        }
         let mut resp = (self.status, Json(body)).into_response();
         if let Some(ms) = self.retry_after_ms {
             let secs = ms.div_ceil(1000).max(1);
@@ -102,14 +115,14 @@ impl From<MetaError> for ApiError {
                 ApiError::new(
                     StatusCode::FORBIDDEN,
                     "M_USER_LIMIT_EXCEEDED",
-                    "Your upload quota for this period is used up; delete media or wait for the next period",
+                    "This upload does not fit your upload quota for this period; wait for the next period",
                 )
             }
             MetaError::Rejected(CommandError::QuotaExceeded { scope: mxcas_meta::model::QuotaScope::Tenant }) => {
                 ApiError::new(
                     StatusCode::FORBIDDEN,
                     "M_RESOURCE_LIMIT_EXCEEDED",
-                    "This homeserver's upload quota for this period is used up; contact its administrator",
+                    "This upload does not fit this homeserver's upload quota for this period; contact its administrator",
                 )
             }
             MetaError::Rejected(CommandError::Reclaimed { .. }) => {

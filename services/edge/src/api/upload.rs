@@ -86,6 +86,7 @@ fn destination(tenant: &crate::tenants::Tenant) -> crate::media::UploadTo<'_> {
         max_size: tenant.max_upload_size,
         quota: tenant.quota.as_ref(),
         quota_info_uri: tenant.quota_info_uri.as_deref(),
+        quota_admin_contact: tenant.quota_admin_contact.as_deref(),
     }
 }
 

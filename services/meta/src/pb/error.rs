@@ -55,14 +55,12 @@ pub fn meta_error_from_status(s: &Status) -> MetaError {
         Code::ResourceExhausted if msg.starts_with(DETAIL_QUOTA_TENANT) => {
             CommandError::QuotaExceeded { scope: crate::model::QuotaScope::Tenant }.into()
         }
-        Code::ResourceExhausted => {
-            let limit = msg
-                .strip_prefix(DETAIL_PENDING_LIMIT)
-                .and_then(|rest| rest.split(':').next())
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0);
+        Code::ResourceExhausted if msg.starts_with(DETAIL_PENDING_LIMIT) => {
+            let limit = msg[DETAIL_PENDING_LIMIT.len()..].split(':').next().and_then(|n| n.parse().ok()).unwrap_or(0);
             CommandError::PendingLimit { limit }.into()
         }
+        // Anything else out of resources (a transport's own overload signal) is retryable.
+        Code::ResourceExhausted => MetaError::Unavailable(msg),
         Code::InvalidArgument => CommandError::InvalidArgument(msg).into(),
         Code::FailedPrecondition if msg.starts_with(DETAIL_RECLAIMED) => {
             match msg[DETAIL_RECLAIMED.len()..].split(':').next().and_then(|n| n.parse().ok()) {

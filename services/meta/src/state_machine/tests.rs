@@ -574,6 +574,11 @@ fn quotas_count_new_media_per_window_and_refuse_what_does_not_fit() {
     f.committed(limited(&q, "@a:hs", commit(None, "@a:hs", 1500, content(3, "3"))));
     let (u, t) = f.sm.usage("@a:hs", "hs", 1000, 1500).expect("usage");
     assert_eq!((u.bytes, u.files, t.files), (100, 1, 1));
+    // A quota is its command's user's and server name's.
+    assert!(matches!(
+        f.apply(limited(&q, "@b:hs", commit(None, "@a:hs", 1600, content(6, "6")))),
+        Err(CommandError::InvalidArgument(_))
+    ));
     // Only uploads and reservations take a quota.
     assert!(matches!(
         f.apply(limited(&q, "@a:hs", Command::RegisterStore { id: 5 })),
