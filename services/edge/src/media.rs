@@ -257,7 +257,8 @@ impl MediaService {
     }
 
     /// Stores `body` and records it: as a new mxc named by its CID (`media_id == None`) or as
-    /// the content of a reserved media ID. Returns the mxc.
+    /// the content of a reserved media ID. Returns the mxc's record and its content's, as the
+    /// commit answered them.
     pub async fn upload<S, E>(
         &self,
         to: UploadTo<'_>,
@@ -266,7 +267,7 @@ impl MediaService {
         content_type: String,
         filename: Option<String>,
         body: S,
-    ) -> Result<MediaKey, ApiError>
+    ) -> Result<Resolved, ApiError>
     where
         S: Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
@@ -325,13 +326,13 @@ impl MediaService {
         });
         // On error nothing is deleted here: a commit whose answer was lost may have landed,
         // and an unreferenced object is the sweeper's once its generation is sealed.
-        result.map(|(_, key)| key)
+        result.map(|(_, resolved)| resolved)
     }
 
     /// Commits `request` until it is settled: stores the objects again under the current
     /// generation if theirs was sealed meanwhile, checks that a copy it deduplicates onto is
     /// really there and repairs it with ours if not, and deletes ours once released.
-    async fn commit(&self, request: &mut CommitRequest) -> Result<(Committed, MediaKey), ApiError> {
+    async fn commit(&self, request: &mut CommitRequest) -> Result<(Committed, Resolved), ApiError> {
         for _ in 0..COMMIT_ROUNDS {
             let started = std::time::Instant::now();
             let answer = self.meta.commit_upload(request).await;
@@ -361,7 +362,7 @@ impl MediaService {
                 } else {
                     Committed::New
                 };
-                return Ok((how, outcome.media.key));
+                return Ok((how, Resolved { media: outcome.media, content: outcome.content }));
             }
             // The bytes are stored already; ours are released (tombstoned: no commit can
             // reference them now). Make sure that copy exists before telling the client its
@@ -369,7 +370,7 @@ impl MediaService {
             match self.stored_copy_intact(&outcome.content).await {
                 Ok(true) => {
                     self.store.delete_later(request.content.object_keys().map(str::to_owned).collect());
-                    return Ok((Committed::Deduplicated, outcome.media.key));
+                    return Ok((Committed::Deduplicated, Resolved { media: outcome.media, content: outcome.content }));
                 }
                 // Cannot tell: keep our copy (the sweeper takes it once sealed) and let the
                 // client retry, which deduplicates and checks again.

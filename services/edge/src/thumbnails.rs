@@ -25,7 +25,7 @@ use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use moka::future::Cache;
 use mxcas_meta::model::{ThumbnailMethod, ThumbnailRecord, ThumbnailSpec};
-use mxcas_meta::{ContentRecord, MediaKey, MediaState};
+use mxcas_meta::{ContentRecord, MediaState};
 use mxcas_thumbnail::{Limits, Method, Pool, PoolError, Spec};
 
 use crate::api::error::ApiError;
@@ -335,22 +335,16 @@ impl Thumbnails {
         self.media.metrics.thumbnails.get_or_create(&ResultLabels { result }).inc();
     }
 
-    /// After an upload to `key`: makes the configured sizes in the background if it is an
-    /// image (never delaying the caller).
-    pub fn after_upload(self: &Arc<Self>, key: MediaKey) {
+    /// After an upload (its records as the commit answered them): makes the configured sizes
+    /// in the background if it is an image (never delaying the caller). Nothing is looked up
+    /// or cached here: the commit's answer is the record.
+    pub fn after_upload(self: &Arc<Self>, uploaded: Resolved) {
         if !self.config.enabled || !self.config.pregenerate || self.sizes.is_empty() {
             return;
         }
+        let Ok(source) = self.check_source(&uploaded) else { return };
         let this = self.clone();
         tokio::spawn(async move {
-            let resolved = match this.media.resolve(&key, std::time::Duration::ZERO, false).await {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::debug!(mxc = %key, error = %e.message, "no pregeneration: media not readable");
-                    return;
-                }
-            };
-            let Ok(source) = this.check_source(&resolved) else { return };
             let cid = source.cid;
             let work = {
                 let mut running = this.pregenerating.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

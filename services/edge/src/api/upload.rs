@@ -37,9 +37,10 @@ pub async fn upload(
     tenant.upload_limit.check(&user)?;
     let (content_type, filename) = upload_params(tenant.max_upload_size, &headers, &query)?;
     let to = destination(tenant);
-    let key = state.media.upload(to, &user, None, content_type, filename, body.into_data_stream()).await?;
-    state.thumbnails.after_upload(key.clone());
-    Ok(Json(json!({ "content_uri": key.to_string() })))
+    let uploaded = state.media.upload(to, &user, None, content_type, filename, body.into_data_stream()).await?;
+    let uri = uploaded.media.key.to_string();
+    state.thumbnails.after_upload(uploaded);
+    Ok(Json(json!({ "content_uri": uri })))
 }
 
 pub async fn upload_to(
@@ -62,8 +63,9 @@ pub async fn upload_to(
     tenant.upload_limit.check(&user)?;
     let (content_type, filename) = upload_params(tenant.max_upload_size, &headers, &query)?;
     let to = destination(tenant);
-    let key = state.media.upload(to, &user, Some(media_id), content_type, filename, body.into_data_stream()).await?;
-    state.thumbnails.after_upload(key);
+    let uploaded =
+        state.media.upload(to, &user, Some(media_id), content_type, filename, body.into_data_stream()).await?;
+    state.thumbnails.after_upload(uploaded);
     Ok(Json(json!({})))
 }
 
