@@ -384,6 +384,50 @@ mod tests {
         assert_eq!(hex, GOLDEN_OTHERS);
     }
 
+    /// The commands added with thumbnails and quotas, pinned the same way.
+    #[test]
+    fn the_stored_form_of_thumbnail_and_quota_commands_is_fixed() {
+        use crate::model::{Quota, ThumbnailMethod, ThumbnailSpec};
+        let cid = cid::Cid::new_v1(0x55, cid::multihash::Multihash::<64>::wrap(0x12, &[5u8; 32]).expect("fits"));
+        let content = crate::ContentRecord {
+            cid,
+            size: 3,
+            chunk_size: 1 << 20,
+            blob_key: "blobs/000000000001/t".into(),
+            index_key: None,
+            refcount: 0,
+            created_at_ms: 0,
+            lost: false,
+        };
+        let commands = vec![
+            Command::CommitThumbnail {
+                source: cid,
+                spec: ThumbnailSpec { width: 96, height: 96, method: ThumbnailMethod::Crop, animated: true },
+                now_ms: 1,
+                content,
+                content_type: "image/gif".into(),
+                width: 96,
+                height: 90,
+                animated: true,
+                lost_key: None,
+            },
+            Command::Limited {
+                quota: Quota { period_ms: 2, user_bytes: 3, user_files: 4, tenant_bytes: 5, tenant_files: 6 },
+                user: "@u:hs".into(),
+                tenant: "hs".into(),
+                command: Box::new(Command::Expire { now_ms: 7, limit: 8 }),
+            },
+        ];
+        let e = Entry::<TypeConfig> {
+            log_id: LogId::new(CommittedLeaderId::new(4, 1), 13),
+            payload: EntryPayload::Normal(Command::Batch(commands)),
+        };
+        let hex: String = encode_entry(&e).expect("encodes").iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, GOLDEN_THUMBNAIL_AND_QUOTA);
+    }
+
+    const GOLDEN_THUMBNAIL_AND_QUOTA: &str = "0004010d01050207240155122005050505050505050505050505050505050505050505050505050505050505056060000101240155122005050505050505050505050505050505050505050505050505050505050505050380804014626c6f62732f3030303030303030303030312f740000000009696d6167652f676966605a01000802030405060540753a6873026873020708";
+
     const GOLDEN_OTHERS: [&str; 3] = [
         "0003020a00",
         "0003020b0201020102020103613a310203623a32",
