@@ -84,6 +84,12 @@ pub struct Edge {
 impl EdgeSettings {
     /// Checks everything that can be checked before a port is bound.
     pub fn validate(&self) -> Result<(), EdgeError> {
+        self.tenants(&Arc::new(Metrics::new())).map(|_| ())
+    }
+
+    /// Checks the settings and builds the tenants from them (the token checks reading, and the
+    /// tenants' rules: static tokens refused, hosts, keys), counting into `metrics`.
+    fn tenants(&self, metrics: &Arc<Metrics>) -> Result<tenants::Tenants, EdgeError> {
         if !api::valid_server_name(&self.server_name) {
             return Err(EdgeError::Config(format!(
                 "server_name {:?} is not a valid Matrix server name",
@@ -99,17 +105,8 @@ impl EdgeSettings {
                 "no way to check access tokens: set [auth] homeserver_url (or list [auth] tokens)".into(),
             ));
         }
-        // The tenants' rules (static tokens refused, the default among them, hosts, keys).
-        tenants::Tenants::new(
-            &self.server_name,
-            tokens,
-            &self.auth,
-            &self.media,
-            &self.tenants,
-            &Arc::new(Metrics::new()),
-        )
-        .map_err(EdgeError::Config)?;
-        Ok(())
+        tenants::Tenants::new(&self.server_name, tokens, &self.auth, &self.media, &self.tenants, metrics)
+            .map_err(EdgeError::Config)
     }
 }
 
@@ -120,9 +117,8 @@ pub async fn start(
     cancel: CancellationToken,
     tracker: &TaskTracker,
 ) -> Result<Edge, EdgeError> {
-    settings.validate()?;
-    let tokens = settings.auth.load().map_err(EdgeError::Config)?;
     let metrics = Arc::new(Metrics::new());
+    let tenants = settings.tenants(&metrics)?;
     let store = BlobStore::open(&settings.store, &settings.data_dir, metrics.clone())?;
     let blocks = BlockCache::new(
         settings.cache.capacity.as_u64(),
@@ -146,15 +142,6 @@ pub async fn start(
         )
         .map_err(EdgeError::Config)?,
     );
-    let tenants = tenants::Tenants::new(
-        &settings.server_name,
-        tokens,
-        &settings.auth,
-        &settings.media,
-        &settings.tenants,
-        &metrics,
-    )
-    .map_err(EdgeError::Config)?;
     let thumbnails =
         Arc::new(thumbnails::Thumbnails::new(settings.thumbnails.clone(), media.clone()).map_err(EdgeError::Config)?);
     let state = Arc::new(AppState { media: media.clone(), thumbnails, tenants, metrics });

@@ -30,7 +30,7 @@ use crate::pause::{self, PausePoints};
 use crate::store::BlobStore;
 
 /// Adds `info_uri` to a user's quota refusal and `admin_contact` to a tenant's.
-fn with_info_uri(mut e: ApiError, to: UploadTo<'_>) -> ApiError {
+fn with_quota_details(mut e: ApiError, to: UploadTo<'_>) -> ApiError {
     match e.errcode {
         "M_USER_LIMIT_EXCEEDED" => e.info_uri = to.quota_info_uri.map(str::to_owned),
         "M_RESOURCE_LIMIT_EXCEEDED" => e.admin_contact = to.quota_admin_contact.map(str::to_owned),
@@ -222,7 +222,7 @@ impl MediaService {
             .meta
             .create_pending(&key, user, ttl, self.config.max_pending_uploads_per_user, to.quota)
             .await
-            .map_err(|e| with_info_uri(e.into(), to))?;
+            .map_err(|e| with_quota_details(e.into(), to))?;
         let expires = match record.state {
             MediaState::Pending { expires_at_ms } => expires_at_ms,
             MediaState::Ready { .. } => return Err(ApiError::internal("a new reservation already has content")),
@@ -317,7 +317,7 @@ impl MediaService {
             lost_key: None,
             quota: to.quota.cloned(),
         };
-        let result = self.commit(&mut request).await.map_err(|e| with_info_uri(e, to));
+        let result = self.commit(&mut request).await.map_err(|e| with_quota_details(e, to));
         self.count_upload(match &result {
             Ok((Committed::New, _)) => "new",
             Ok((Committed::Repaired, _)) => "repaired",
@@ -515,7 +515,7 @@ impl MediaService {
             return Ok(());
         };
         let refused = ApiError::from(MetaError::Rejected(CommandError::QuotaExceeded { scope }));
-        Err(with_info_uri(refused, to))
+        Err(with_quota_details(refused, to))
     }
 
     /// Fails fast, before any byte is read, when `media_id` cannot take this user's upload

@@ -29,7 +29,6 @@ use mxcas_meta::{ContentRecord, MediaState};
 use mxcas_thumbnail::{Limits, Method, Pool, PoolError, Spec};
 
 use crate::api::error::ApiError;
-use crate::cache::BlockError;
 use crate::config::{ThumbnailConfig, ThumbnailMethodName};
 use crate::media::{MediaService, Resolved};
 use crate::metrics::ResultLabels;
@@ -253,7 +252,8 @@ impl Thumbnails {
             self.count("busy");
             return Err(busy());
         };
-        let bytes = self.media.read_all(source).await.map_err(|e| self.source_unreadable(e))?;
+        // A lost source is answered here; the download path is the one that reports it.
+        let bytes = self.media.read_all(source).await?;
         let limits = self.limits;
         let job_specs: Vec<Spec> = specs.iter().map(to_spec).collect();
         let started = std::time::Instant::now();
@@ -303,11 +303,6 @@ impl Thumbnails {
                 }
             }
         }
-    }
-
-    fn source_unreadable(&self, e: BlockError) -> ApiError {
-        // The download path reports and answers a lost source; here it is only refused.
-        ApiError::from(e)
     }
 
     async fn store(

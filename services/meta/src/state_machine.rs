@@ -477,8 +477,8 @@ impl StateMachine {
         let table = txn.open_table(USAGE)?;
         let window = now_ms / period_ms.max(1);
         let read = |key: String| -> Result<Usage, StorageError> {
-            let found: Option<Usage> = table.get(key.as_str())?.map(|v| decode("usage", v.value())).transpose()?;
-            Ok(found.filter(|u| u.window == window).unwrap_or(Usage { window, ..Usage::default() }))
+            let found = table.get(key.as_str())?.map(|v| decode("usage", v.value())).transpose()?;
+            Ok(in_window(found, window))
         };
         Ok((read(usage_key(QuotaScope::User, user))?, read(usage_key(QuotaScope::Tenant, tenant))?))
     }
@@ -995,9 +995,8 @@ impl Tables<'_> {
     }
 
     fn window_usage(&self, scope: QuotaScope, who: &str, window: u64) -> Result<Usage, StorageError> {
-        let found: Option<Usage> =
-            self.usage.get(usage_key(scope, who).as_str())?.map(|v| decode("usage", v.value())).transpose()?;
-        Ok(found.filter(|u| u.window == window).unwrap_or(Usage { window, ..Usage::default() }))
+        let found = self.usage.get(usage_key(scope, who).as_str())?.map(|v| decode("usage", v.value())).transpose()?;
+        Ok(in_window(found, window))
     }
 
     fn put_thumbnail(&mut self, t: &ThumbnailRecord) -> Result<(), StorageError> {
@@ -1292,6 +1291,11 @@ pub struct Exported {
     pub extras: Vec<Option<Vec<u8>>>,
     /// The state digest of what was exported (as [`StateMachine::digest`] gives it), if asked.
     pub digest: Option<[u8; 32]>,
+}
+
+/// A stored usage row as of `window`: a row of an earlier window counts nothing.
+fn in_window(stored: Option<Usage>, window: u64) -> Usage {
+    stored.filter(|u| u.window == window).unwrap_or(Usage { window, ..Usage::default() })
 }
 
 fn usage_key(scope: QuotaScope, who: &str) -> String {

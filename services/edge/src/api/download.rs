@@ -8,12 +8,11 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures::stream;
@@ -22,13 +21,10 @@ use serde::Deserialize;
 
 use super::AppState;
 use super::error::ApiError;
-use super::headers::{CONTENT_SECURITY_POLICY, content_disposition};
+use super::headers::{content_disposition, insert, media_headers, not_modified, wait_of};
 use super::range::{RangeDecision, decide};
 use crate::cache::{BlockCache, BlockError};
 use crate::media::Resolved;
-
-/// A request without `timeout_ms` waits this long for an async upload (the spec's default).
-const DEFAULT_WAIT: Duration = Duration::from_secs(20);
 
 #[derive(Deserialize)]
 pub struct MediaPath {
@@ -79,13 +75,7 @@ async fn serve(
     if !super::valid_media_id(&path.media_id) {
         return Err(ApiError::bad_request("M_INVALID_PARAM", "Malformed media ID"));
     }
-    let wait = match query.get("timeout_ms") {
-        None => DEFAULT_WAIT,
-        Some(v) => Duration::from_millis(
-            v.parse::<u64>().map_err(|_| ApiError::bad_request("M_INVALID_PARAM", "timeout_ms must be an integer"))?,
-        ),
-    }
-    .min(state.media.config.max_download_wait);
+    let wait = wait_of(query, state.media.config.max_download_wait)?;
     let key = MediaKey::new(path.server_name, path.media_id);
     let resolved = state.media.resolve(&key, wait, legacy).await?;
     let file_name = path.file_name.as_deref();
@@ -143,26 +133,9 @@ async fn respond(
     let size = r.content.size;
     let etag = format!("\"{cid}\"");
 
-    let mut h = HeaderMap::new();
-    let insert = |h: &mut HeaderMap, name: header::HeaderName, value: &str| {
-        if let Ok(v) = HeaderValue::from_str(value) {
-            h.insert(name, v);
-        }
-    };
-    insert(&mut h, header::ETAG, &etag);
-    insert(
-        &mut h,
-        header::CACHE_CONTROL,
-        if legacy { "public, max-age=31536000, immutable" } else { "private, max-age=31536000, immutable" },
-    );
-    insert(&mut h, header::CONTENT_SECURITY_POLICY, CONTENT_SECURITY_POLICY);
-    insert(&mut h, header::HeaderName::from_static("cross-origin-resource-policy"), "cross-origin");
-    insert(&mut h, header::X_CONTENT_TYPE_OPTIONS, "nosniff");
+    let mut h = media_headers(&etag, legacy);
     insert(&mut h, header::ACCEPT_RANGES, "bytes");
-
-    let if_none_match = req_headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok());
-    if if_none_match.is_some_and(|v| v.trim() == "*" || v.split(',').any(|t| t.trim().trim_start_matches("W/") == etag))
-    {
+    if not_modified(req_headers, &etag) {
         return Ok((StatusCode::NOT_MODIFIED, h).into_response());
     }
 

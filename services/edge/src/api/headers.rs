@@ -141,6 +141,56 @@ pub fn content_disposition(content_type: &str, filename: Option<&str>) -> String
     }
 }
 
+/// Sets `name` to `value` unless `value` is not a valid header value (then leaves it out).
+pub fn insert(h: &mut axum::http::HeaderMap, name: axum::http::header::HeaderName, value: &str) {
+    if let Ok(v) = axum::http::HeaderValue::from_str(value) {
+        h.insert(name, v);
+    }
+}
+
+/// The headers every answer with media (a download or a thumbnail) carries: its `ETag`, year-long
+/// immutable caching (public for the legacy endpoints, private for the authenticated ones),
+/// the sandboxing CSP, CORP cross-origin and no sniffing.
+pub fn media_headers(etag: &str, legacy: bool) -> axum::http::HeaderMap {
+    use axum::http::header;
+    let mut h = axum::http::HeaderMap::new();
+    insert(&mut h, header::ETAG, etag);
+    insert(
+        &mut h,
+        header::CACHE_CONTROL,
+        if legacy { "public, max-age=31536000, immutable" } else { "private, max-age=31536000, immutable" },
+    );
+    insert(&mut h, header::CONTENT_SECURITY_POLICY, CONTENT_SECURITY_POLICY);
+    insert(&mut h, header::HeaderName::from_static("cross-origin-resource-policy"), "cross-origin");
+    insert(&mut h, header::X_CONTENT_TYPE_OPTIONS, "nosniff");
+    h
+}
+
+/// Whether the request's `If-None-Match` names `etag` (weak or strong) or is `*`.
+pub fn not_modified(req: &axum::http::HeaderMap, etag: &str) -> bool {
+    let if_none_match = req.get(axum::http::header::IF_NONE_MATCH).and_then(|v| v.to_str().ok());
+    if_none_match.is_some_and(|v| v.trim() == "*" || v.split(',').any(|t| t.trim().trim_start_matches("W/") == etag))
+}
+
+/// A request without `timeout_ms` waits this long for an async upload (the spec's default).
+const DEFAULT_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// How long a download or thumbnail request waits for media not uploaded yet: `timeout_ms`
+/// (default 20 s), capped at `max`.
+pub fn wait_of(
+    query: &std::collections::BTreeMap<String, String>,
+    max: std::time::Duration,
+) -> Result<std::time::Duration, super::error::ApiError> {
+    let wait = match query.get("timeout_ms") {
+        None => DEFAULT_WAIT,
+        Some(v) => std::time::Duration::from_millis(
+            v.parse::<u64>()
+                .map_err(|_| super::error::ApiError::bad_request("M_INVALID_PARAM", "timeout_ms must be an integer"))?,
+        ),
+    };
+    Ok(wait.min(max))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,17 +14,14 @@ use std::time::Duration;
 
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use mxcas_meta::MediaKey;
 use serde::Deserialize;
 
 use super::AppState;
 use super::error::ApiError;
-use super::headers::CONTENT_SECURITY_POLICY;
-
-/// A request without `timeout_ms` waits this long for an async upload (the spec's default).
-const DEFAULT_WAIT: Duration = Duration::from_secs(20);
+use super::headers::{insert, media_headers, not_modified, wait_of};
 
 #[derive(Deserialize)]
 pub struct ThumbnailPath {
@@ -87,11 +84,7 @@ fn parse(query: &BTreeMap<String, String>, max_wait: Duration) -> Result<Asked, 
         Some("true") => true,
         Some(_) => return Err(invalid("animated must be true or false")),
     };
-    let wait = match query.get("timeout_ms") {
-        None => DEFAULT_WAIT,
-        Some(v) => Duration::from_millis(v.parse::<u64>().map_err(|_| invalid("timeout_ms must be an integer"))?),
-    }
-    .min(max_wait);
+    let wait = wait_of(query, max_wait)?;
     Ok(Asked { spec: mxcas_thumbnail::Spec { width, height, method, animated }, wait })
 }
 
@@ -126,24 +119,8 @@ async fn serve(
         .map_err(|_| ApiError::unavailable("The thumbnail is still being made; retry shortly", 2_000))??;
 
     let etag = format!("\"{}\"", made.record.cid);
-    let mut h = HeaderMap::new();
-    let insert = |h: &mut HeaderMap, name: header::HeaderName, value: &str| {
-        if let Ok(v) = HeaderValue::from_str(value) {
-            h.insert(name, v);
-        }
-    };
-    insert(&mut h, header::ETAG, &etag);
-    insert(
-        &mut h,
-        header::CACHE_CONTROL,
-        if legacy { "public, max-age=31536000, immutable" } else { "private, max-age=31536000, immutable" },
-    );
-    insert(&mut h, header::CONTENT_SECURITY_POLICY, CONTENT_SECURITY_POLICY);
-    insert(&mut h, header::HeaderName::from_static("cross-origin-resource-policy"), "cross-origin");
-    insert(&mut h, header::X_CONTENT_TYPE_OPTIONS, "nosniff");
-    let if_none_match = req_headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok());
-    if if_none_match.is_some_and(|v| v.trim() == "*" || v.split(',').any(|t| t.trim().trim_start_matches("W/") == etag))
-    {
+    let mut h = media_headers(&etag, legacy);
+    if not_modified(req_headers, &etag) {
         return Ok((StatusCode::NOT_MODIFIED, h).into_response());
     }
     // Thumbnails are images this server made (JPEG, PNG, GIF): always shown inline.
