@@ -9,7 +9,9 @@ use std::io::Cursor;
 use std::time::Duration;
 
 use image::{AnimationDecoder, DynamicImage, ImageFormat, Rgb, RgbImage, Rgba, RgbaImage};
+use mxcas_tests::cluster::{Cluster, MetaOptions};
 use mxcas_tests::node::ALICE;
+use mxcas_tests::s3::SeaweedFs;
 use mxcas_tests::{Node, NodeOptions, wait_for};
 
 /// A picture with detail everywhere.
@@ -256,6 +258,38 @@ async fn a_storm_of_requests_for_a_missing_thumbnail_makes_it_once() -> anyhow::
     // 500×500 is made on demand at the next step up.
     assert_eq!(inspect(answers[0].as_ref().map_err(|e| anyhow::anyhow!("{e}"))?).0, (512, 512));
     assert_eq!(node.metric("mxcas_edge_thumbnails_total{result=\"made\"}").await?, 1.0, "made once");
+    Ok(())
+}
+
+/// Two edges of one metadata cluster: the storm is split between them, and the edge that
+/// loses the claim waits for the other's thumbnail instead of making its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_across_edges_makes_a_thumbnail_once_cluster_wide() -> anyhow::Result<()> {
+    let s3 = SeaweedFs::start().await?;
+    let cluster = Cluster::start(1, MetaOptions::default()).await?;
+    let edge = || {
+        Node::start(NodeOptions {
+            store: s3.store(),
+            edge_meta: cluster.endpoints(),
+            extra: "[thumbnails]\npregenerate = false\n".into(),
+            ..Default::default()
+        })
+    };
+    let (a, b) = (edge().await?, edge().await?);
+    let id = upload(&a, encode(&DynamicImage::ImageRgb8(picture(3000, 2000)), ImageFormat::Jpeg), "image/jpeg").await?;
+    let requests =
+        (0..16).map(|i| thumbnail(if i % 2 == 0 { &a } else { &b }, &id, "width=320&height=240&method=scale"));
+    let answers = futures::future::join_all(requests).await;
+    let first = answers[0].as_ref().map_err(|e| anyhow::anyhow!("{e}"))?.body.clone();
+    for a in &answers {
+        let a = a.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+        assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+        assert_eq!(a.body, first, "every request on either edge got the same thumbnail");
+    }
+    assert_eq!(inspect(answers[0].as_ref().map_err(|e| anyhow::anyhow!("{e}"))?).0, (320, 213));
+    let made = "mxcas_edge_thumbnails_total{result=\"made\"}";
+    let (on_a, on_b) = (a.metric(made).await?, b.metric(made).await?);
+    assert_eq!(on_a + on_b, 1.0, "made {on_a} times on one edge and {on_b} on the other");
     Ok(())
 }
 

@@ -396,14 +396,14 @@ impl MediaService {
 
     /// Stores a made thumbnail's bytes as content of their own and records them as `made`'s
     /// thumbnail (its `cid` is filled in here). Answers what the metadata recorded: ours, or
-    /// one another edge recorded first (ours then released and deleted). `lost_key`: the
-    /// recorded copy was found missing or corrupt there.
+    /// one another edge recorded first (ours then released and deleted), and whether it is
+    /// ours. `lost_key`: the recorded copy was found missing or corrupt there.
     pub async fn store_thumbnail(
         &self,
         mut made: ThumbnailRecord,
         bytes: Bytes,
         lost_key: Option<String>,
-    ) -> Result<(ThumbnailRecord, ContentRecord), ApiError> {
+    ) -> Result<(ThumbnailRecord, ContentRecord, bool), ApiError> {
         let generation = self.current_generation().await?;
         let size = (bytes.len() as u64).max(1);
         let body = futures::stream::iter([Ok::<_, std::convert::Infallible>(bytes)]);
@@ -416,7 +416,8 @@ impl MediaService {
                     if o.deduplicated {
                         self.store.delete_later(content.object_keys().map(str::to_owned).collect());
                     }
-                    return Ok((o.thumbnail, o.content));
+                    let ours = o.thumbnail.cid == content.cid;
+                    return Ok((o.thumbnail, o.content, ours));
                 }
                 Err(MetaError::Rejected(CommandError::Reclaimed { generation })) => {
                     self.learn_generation(generation);

@@ -5,9 +5,11 @@
 //!
 //! - **Single flight.** On one edge, concurrent requests for a missing thumbnail share one
 //!   making (the known-thumbnail cache's loader), and wait for a background pregeneration of
-//!   the same source instead of starting their own. Across edges the metadata arbitrates: the
-//!   first thumbnail recorded for (source, spec) stays, a later one is a released duplicate
-//!   (generation is deterministic, so it is usually the same bytes anyway).
+//!   the same source instead of starting their own. Across edges, the edge about to make a
+//!   thumbnail first claims it from the metadata leader; the others wait for it to be
+//!   recorded (polling, within the request's wait) or for the claim to lapse. Claims are
+//!   advice: when they are lost (a leader change) two edges may both make it, and the first
+//!   thumbnail recorded for (source, spec) stays, a later one being a released duplicate.
 //! - **Background.** After an image upload, the configured sizes are made in one decode,
 //!   without delaying the upload's answer; a full queue skips it (made on demand later).
 //! - **Refusals** that the bytes decide (not an image, corrupt, over the limits) are
@@ -24,6 +26,7 @@ use cid::Cid;
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use moka::future::Cache;
+use mxcas_meta::claims::Claim;
 use mxcas_meta::model::{ThumbnailMethod, ThumbnailRecord, ThumbnailSpec};
 use mxcas_meta::{ContentRecord, MediaState};
 use mxcas_thumbnail::{Limits, Method, Pool, PoolError, Spec};
@@ -38,6 +41,16 @@ use crate::metrics::ResultLabels;
 pub struct Made {
     pub record: ThumbnailRecord,
     pub content: ContentRecord,
+    /// Its bytes, when this edge just made and recorded them (they are what it hashed into
+    /// `content.cid`): the requests waiting for the making are answered without reading them
+    /// back. Never kept in the cache.
+    fresh: Option<Bytes>,
+}
+
+impl Made {
+    fn without_bytes(&self) -> Self {
+        Self { fresh: None, ..self.clone() }
+    }
 }
 
 pub struct Thumbnails {
@@ -57,7 +70,12 @@ pub struct Thumbnails {
     refused: Cache<Cid, ApiError>,
     /// Background pregenerations in flight, by source.
     pregenerating: Mutex<HashMap<Cid, Shared<BoxFuture<'static, ()>>>>,
+    /// This process, as it claims thumbnails from the metadata leader.
+    claimant: String,
 }
+
+/// Longest pause between looks at a thumbnail another edge is making.
+const MAX_CLAIM_POLL: std::time::Duration = std::time::Duration::from_millis(250);
 
 fn method_of(m: ThumbnailMethodName) -> Method {
     match m {
@@ -131,6 +149,7 @@ impl Thumbnails {
             known: Cache::builder().max_capacity(100_000).build(),
             refused: Cache::builder().max_capacity(100_000).build(),
             pregenerating: Mutex::new(HashMap::new()),
+            claimant: format!("edge-{}-{:016x}", std::process::id(), rand::random::<u64>()),
         })
     }
 
@@ -163,10 +182,16 @@ impl Thumbnails {
         let this = self.clone();
         let flight = tokio::spawn(async move {
             let maker = this.clone();
-            this.known
+            let made = this
+                .known
                 .try_get_with((cid, spec), async move { maker.make(source, spec, None).await })
                 .await
-                .map_err(|e: Arc<ApiError>| (*e).clone())
+                .map_err(|e: Arc<ApiError>| (*e).clone())?;
+            if made.fresh.is_some() {
+                // The cache keeps records, not bytes.
+                this.known.insert((cid, spec), made.without_bytes()).await;
+            }
+            Ok(made)
         });
         flight.await.unwrap_or_else(|e| Err(ApiError::internal(format!("thumbnail task failed: {e}"))))
     }
@@ -174,6 +199,9 @@ impl Thumbnails {
     /// The thumbnail's bytes, each block verified. Bytes found missing or corrupt are
     /// reported lost and made again once.
     pub async fn bytes(self: &Arc<Self>, resolved: &Resolved, made: Made) -> Result<(Made, Bytes), ApiError> {
+        if let Some(bytes) = made.fresh.clone() {
+            return Ok((made.without_bytes(), bytes));
+        }
         let failure = match self.media.read_all(&made.content).await {
             Ok(bytes) => return Ok((made, bytes.into())),
             Err(e) if e.is_data_loss() => e,
@@ -189,9 +217,13 @@ impl Thumbnails {
         self.media.meta.report_lost(&made.content.cid, &made.content.blob_key).await?;
         let source = self.check_source(resolved)?;
         let again = self.make(source, made.record.spec, Some(made.content.blob_key.clone())).await?;
-        let bytes = self.media.read_all(&again.content).await?;
+        let bytes = match again.fresh.clone() {
+            Some(fresh) => fresh,
+            None => self.media.read_all(&again.content).await?.into(),
+        };
+        let again = again.without_bytes();
         self.known.insert(key, again.clone()).await;
-        Ok((again, bytes.into()))
+        Ok((again, bytes))
     }
 
     fn check_source(&self, resolved: &Resolved) -> Result<ContentRecord, ApiError> {
@@ -214,21 +246,63 @@ impl Thumbnails {
         Ok(resolved.content.clone())
     }
 
-    /// Makes, stores and records `spec` of `source`, unless the metadata has it already.
+    /// Makes, stores and records `spec` of `source`, unless the metadata has it already or
+    /// another edge makes it first. (A lost thumbnail, `lost_key`, is remade without a claim:
+    /// whoever finds the loss replaces it.)
     async fn make(
         &self,
         source: ContentRecord,
         spec: ThumbnailSpec,
         lost_key: Option<String>,
     ) -> Result<Made, ApiError> {
-        if lost_key.is_none()
-            && let Some(found) = self.recorded(&source.cid, &[spec]).await?.into_iter().next()
-        {
-            return Ok(found);
+        if lost_key.is_none() {
+            if let Some(found) = self.recorded(&source.cid, &[spec]).await?.into_iter().next() {
+                return Ok(found);
+            }
+            if let Some(found) = self.claim_or_wait(&source.cid, spec).await? {
+                return Ok(found);
+            }
         }
-        let mut made = self.generate(&source, vec![spec]).await?;
-        let (spec, thumb) = made.pop().ok_or_else(|| ApiError::internal("no thumbnail made"))?;
-        self.store(&source, spec, thumb, lost_key).await
+        let made = async {
+            let mut made = self.generate(&source, vec![spec]).await?;
+            let (spec, thumb) = made.pop().ok_or_else(|| ApiError::internal("no thumbnail made"))?;
+            self.store(&source, spec, thumb, lost_key.clone()).await
+        }
+        .await;
+        if made.is_err() && lost_key.is_none() {
+            self.release(source.cid, spec);
+        }
+        made
+    }
+
+    /// Claims the making of `spec` of `source` from the metadata leader: `None` once this
+    /// edge holds the claim, or the thumbnail as recorded by the edge that held it. Waits
+    /// while another edge holds it (bounded by the caller's wait and the claim's lease).
+    async fn claim_or_wait(&self, source: &Cid, spec: ThumbnailSpec) -> Result<Option<Made>, ApiError> {
+        let mut pause = std::time::Duration::from_millis(20);
+        loop {
+            match self.media.meta.claim_thumbnail(source, &spec, &self.claimant, self.config.max_wait, false).await? {
+                Claim::Granted => return Ok(None),
+                Claim::Held(left) => {
+                    tokio::time::sleep(pause.min(left)).await;
+                    pause = (pause * 2).min(MAX_CLAIM_POLL);
+                    if let Some(found) = self.recorded(source, &[spec]).await?.into_iter().next() {
+                        return Ok(Some(found));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gives up this edge's claim on `spec` of `source` (making it failed), in the background:
+    /// a claim not given up lapses anyway.
+    fn release(&self, source: Cid, spec: ThumbnailSpec) {
+        let (meta, claimant, lease) = (self.media.meta.clone(), self.claimant.clone(), self.config.max_wait);
+        tokio::spawn(async move {
+            if let Err(e) = meta.claim_thumbnail(&source, &spec, &claimant, lease, true).await {
+                tracing::debug!(source = %source, error = %e, "thumbnail claim not released (it lapses)");
+            }
+        });
     }
 
     /// The recorded thumbnails of `source` among `specs` (with bytes not known lost).
@@ -237,7 +311,7 @@ impl Thumbnails {
         Ok(all
             .into_iter()
             .filter(|(r, c)| specs.contains(&r.spec) && !c.lost)
-            .map(|(record, content)| Made { record, content })
+            .map(|(record, content)| Made { record, content, fresh: None })
             .collect())
     }
 
@@ -322,8 +396,10 @@ impl Thumbnails {
             animated: thumb.animated,
             created_at_ms: 0,
         };
-        let (record, content) = self.media.store_thumbnail(record, thumb.bytes.into(), lost_key).await?;
-        Ok(Made { record, content })
+        let bytes = Bytes::from(thumb.bytes);
+        let (record, content, ours) = self.media.store_thumbnail(record, bytes.clone(), lost_key).await?;
+        // Recorded as other bytes (another edge's thumbnail came first): answer with those.
+        Ok(Made { record, content, fresh: ours.then_some(bytes) })
     }
 
     fn count(&self, result: &'static str) {
@@ -373,13 +449,31 @@ impl Thumbnails {
         for m in have {
             self.known.insert((m.record.source, m.record.spec), m).await;
         }
-        if missing.is_empty() {
+        // Only what this edge may make: sizes another edge is making already are its to record.
+        let mut mine = Vec::new();
+        for spec in missing {
+            if self.media.meta.claim_thumbnail(&source.cid, &spec, &self.claimant, self.config.max_wait, false).await?
+                == Claim::Granted
+            {
+                mine.push(spec);
+            }
+        }
+        if mine.is_empty() {
             return Ok(());
         }
-        for (spec, thumb) in self.generate(&source, missing).await? {
-            let made = self.store(&source, spec, thumb, None).await?;
-            self.known.insert((source.cid, spec), made).await;
+        let made = async {
+            for (spec, thumb) in self.generate(&source, mine.clone()).await? {
+                let made = self.store(&source, spec, thumb, None).await?;
+                self.known.insert((source.cid, spec), made.without_bytes()).await;
+            }
+            Ok(())
         }
-        Ok(())
+        .await;
+        if made.is_err() {
+            for spec in mine {
+                self.release(source.cid, spec);
+            }
+        }
+        made
     }
 }

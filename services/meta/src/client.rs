@@ -22,9 +22,10 @@ use mxcas_proto::meta as pb;
 use mxcas_proto::meta::meta_client::MetaClient as PbClient;
 use tonic::transport::Channel;
 
+use crate::claims::Claim;
 use crate::command::{CommitOutcome, Generations, ThumbnailOutcome};
 use crate::error::MetaError;
-use crate::model::{ContentRecord, MediaKey, MediaRecord, Quota, ThumbnailRecord, Usage};
+use crate::model::{ContentRecord, MediaKey, MediaRecord, Quota, ThumbnailRecord, ThumbnailSpec, Usage};
 use crate::pb::{LEADER_METADATA, meta_error_from_status};
 use crate::tls;
 
@@ -524,6 +525,41 @@ impl MetaClient {
         let thumbnail = required(resp.thumbnail, "thumbnail").and_then(|t| Ok(ThumbnailRecord::try_from(t)?))?;
         let content = required(resp.content, "content").and_then(|c| Ok(ContentRecord::try_from(c)?))?;
         Ok(ThumbnailOutcome { thumbnail, content, deduplicated: resp.deduplicated, generation: resp.generation })
+    }
+
+    /// Claims the making of `spec` of `source` for `claimant` (or, with `release`, gives its
+    /// claim up). A metadata service older than claims grants every claim: edges then make
+    /// thumbnails as before, and the first recorded stays.
+    pub async fn claim_thumbnail(
+        &self,
+        source: &Cid,
+        spec: &ThumbnailSpec,
+        claimant: &str,
+        lease: Duration,
+        release: bool,
+    ) -> Result<Claim, MetaError> {
+        let req = pb::ClaimThumbnailRequest {
+            source: source.to_bytes(),
+            spec: Some(spec.into()),
+            claimant: claimant.to_owned(),
+            lease_ms: u64::try_from(lease.as_millis()).unwrap_or(u64::MAX),
+            release,
+        };
+        let resp = self
+            .retrying(Retry::Read, |mut cl| {
+                let req = req.clone();
+                async move {
+                    match cl.claim_thumbnail(req).await {
+                        Err(s) if s.code() == tonic::Code::Unimplemented => {
+                            Ok(tonic::Response::new(pb::ClaimThumbnailResponse { granted: true, held_for_ms: 0 }))
+                        }
+                        other => other,
+                    }
+                }
+            })
+            .await?
+            .into_inner();
+        Ok(if resp.granted { Claim::Granted } else { Claim::Held(Duration::from_millis(resp.held_for_ms)) })
     }
 
     /// What `user` and `tenant` uploaded in the current window of `period` (a linearizable

@@ -10,6 +10,7 @@
 //!
 //! Must not depend on: the edge (HTTP, blob store, caches). Only [`pb`] names prost types.
 
+pub mod claims;
 pub mod client;
 pub mod command;
 pub mod error;

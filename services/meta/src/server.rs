@@ -24,6 +24,7 @@ use tonic::{Request, Response, Status};
 use openraft::BasicNode;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, RaftError};
 
+use crate::claims::{Claim, Claims};
 use crate::command::{Command, CommandOutput};
 use crate::error::StorageError;
 use crate::model::{ContentRecord, MediaKey, ThumbnailRecord};
@@ -288,6 +289,8 @@ pub struct MetaService {
     /// The last state digest and the applied index it was computed at: a digest reads the
     /// whole state, so it is computed once per state, by one caller at a time.
     digest: Arc<tokio::sync::Mutex<Option<DigestAt>>>,
+    /// Which edge is making which unrecorded thumbnail (advice only, see [`crate::claims`]).
+    claims: Arc<std::sync::Mutex<Claims>>,
 }
 
 /// A state digest and the applied index it was computed at.
@@ -336,7 +339,15 @@ impl MetaService {
     pub fn new(node: RaftNode) -> Self {
         let read_index = ReadIndex::start(&node);
         let writes = Writes::start(&node);
-        Self { node_id: node.id, sm: node.sm.clone(), node, read_index, writes, digest: Default::default() }
+        Self {
+            node_id: node.id,
+            sm: node.sm.clone(),
+            node,
+            read_index,
+            writes,
+            digest: Default::default(),
+            claims: Default::default(),
+        }
     }
 
     /// The tonic service to mount on a server.
@@ -663,7 +674,10 @@ impl Meta for MetaService {
             animated: t.animated,
             lost_key: r.lost_key,
         };
-        match self.apply(cmd).await? {
+        let key = (t.source, t.spec);
+        let outcome = self.apply(cmd).await?;
+        self.claims.lock().unwrap_or_else(std::sync::PoisonError::into_inner).recorded(&key);
+        match outcome {
             CommandOutput::Thumbnail(o) => Ok(Response::new(pb::CommitThumbnailResponse {
                 thumbnail: Some((&o.thumbnail).into()),
                 content: Some((&o.content).into()),
@@ -685,6 +699,34 @@ impl Meta for MetaService {
             .map(|(t, c)| pb::RecordedThumbnail { thumbnail: Some(t.into()), content: c.as_ref().map(Into::into) })
             .collect();
         Ok(Response::new(pb::GetThumbnailsResponse { thumbnails }))
+    }
+
+    async fn claim_thumbnail(
+        &self,
+        req: Request<pb::ClaimThumbnailRequest>,
+    ) -> Result<Response<pb::ClaimThumbnailResponse>, Status> {
+        let r = req.into_inner();
+        let source = cid_from_wire(&r.source)?;
+        let spec = crate::model::ThumbnailSpec::try_from(required(r.spec, "spec")?)?;
+        if r.claimant.is_empty() || r.claimant.len() > 256 {
+            return Err(Status::invalid_argument("claimant must be 1 to 256 bytes"));
+        }
+        // Only the leader arbitrates (a follower answers with a redirect).
+        self.read_index.confirm().await?;
+        let key = (source, spec);
+        let mut claims = self.claims.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if r.release {
+            claims.release(&key, &r.claimant);
+            return Ok(Response::new(pb::ClaimThumbnailResponse { granted: true, held_for_ms: 0 }));
+        }
+        let lease = std::time::Duration::from_millis(r.lease_ms);
+        Ok(Response::new(match claims.claim(key, &r.claimant, lease, std::time::Instant::now()) {
+            Claim::Granted => pb::ClaimThumbnailResponse { granted: true, held_for_ms: 0 },
+            Claim::Held(left) => pb::ClaimThumbnailResponse {
+                granted: false,
+                held_for_ms: u64::try_from(left.as_millis()).unwrap_or(u64::MAX).max(1),
+            },
+        }))
     }
 
     async fn get_usage(&self, req: Request<pb::GetUsageRequest>) -> Result<Response<pb::GetUsageResponse>, Status> {

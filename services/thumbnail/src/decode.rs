@@ -329,17 +329,21 @@ fn animate(source: &[u8], format: ImageFormat, specs: &[Spec], limits: &Limits) 
     if count < 2 {
         return Ok(None);
     }
-    Ok(Some(
-        outputs
-            .iter_mut()
-            .map(|o| {
-                o.take().map(|o| match o {
-                    Output::Gif(writer) => (*writer).finish(),
-                    Output::Source => source.to_vec(),
-                })
-            })
-            .collect(),
-    ))
+    let mut animations = Vec::with_capacity(outputs.len());
+    for output in outputs {
+        animations.push(match output {
+            Some(Output::Gif(writer)) => {
+                let gif = (*writer).finish()?;
+                if gif.len() > MAX_ANIMATED_BYTES {
+                    return Ok(None);
+                }
+                Some(gif)
+            }
+            Some(Output::Source) => Some(source.to_vec()),
+            None => None,
+        });
+    }
+    Ok(Some(animations))
 }
 
 /// Largest animated thumbnail; a larger one is made still instead (frames are encoded whole,

@@ -1,7 +1,6 @@
 //! Resizing and encoding.
 
 use fast_image_resize::{FilterType, ResizeAlg, ResizeOptions, Resizer};
-use image::codecs::gif::{GifEncoder, Repeat};
 use image::codecs::jpeg::JpegEncoder;
 use image::codecs::png::{CompressionType, PngEncoder};
 use image::{DynamicImage, Frame, ImageEncoder};
@@ -12,9 +11,6 @@ use crate::{Error, Spec, Thumbnail};
 
 /// JPEG quality of still thumbnails: photos at thumbnail sizes show no artefacts at 80.
 const JPEG_QUALITY: u8 = 80;
-/// NeuQuant speed of GIF frames (1 best, 30 fastest). Thumbnail frames are small and shown
-/// small: the fastest sampling loses nothing visible and quarters the encoding time.
-const GIF_SPEED: i32 = 30;
 
 fn internal(e: impl std::fmt::Display) -> Error {
     Error::Internal(e.to_string())
@@ -70,49 +66,96 @@ pub(crate) fn thumbnail(decoded: &Decoded, index: usize, spec: &Spec) -> Result<
     Ok(Thumbnail { bytes, content_type, width: plan.width, height: plan.height, animated: false })
 }
 
+/// NeuQuant sampling of the shared palette (1 best, 30 fastest). The palette is learnt once
+/// per animation, so the better sampling costs little.
+const PALETTE_SAMPLING: i32 = 30;
+/// Colours of the shared palette; the 256th index is transparency.
+const PALETTE_COLOURS: usize = 255;
+const TRANSPARENT: u8 = 255;
+/// Pixels of the first frames the palette is learnt from (the frames are held until then).
+const PALETTE_SAMPLE_PIXELS: usize = 1 << 18;
+/// Bits per channel of the colour → palette index table.
+const LOOKUP_BITS: u32 = 6;
+const UNMAPPED: u16 = u16::MAX;
+
 /// An animated GIF thumbnail, written frame by frame as the source's frames are decoded (so
 /// only one source canvas is ever in memory).
+///
+/// All frames share one palette, learnt from the first frames' pixels, and pixels are mapped
+/// to it through a table filled as colours appear: the per-frame quantizer this replaced spent
+/// most of its time building a palette for each frame and searching it for each pixel.
 pub(crate) struct GifWriter {
     spec: Spec,
     plan: Option<Plan>,
-    encoder: GifEncoder<SharedBuf>,
-    out: SharedBuf,
     resizer: Resizer,
+    /// Resized frames (and their delay in centiseconds) held until the palette is learnt.
+    held: Vec<(image::RgbaImage, u16)>,
+    held_pixels: usize,
+    palette: Option<Palette>,
+    encoder: Option<gif::Encoder<Vec<u8>>>,
 }
 
-/// Where a [`GifEncoder`] writes: it keeps its writer until dropped (when it writes the GIF
-/// trailer) and has no way to hand it back, so the bytes are read through a second handle.
-#[derive(Clone, Default)]
-struct SharedBuf(std::rc::Rc<std::cell::RefCell<Vec<u8>>>);
+struct Palette {
+    quant: color_quant::NeuQuant,
+    /// Palette index by colour reduced to `LOOKUP_BITS` per channel, [`UNMAPPED`] until seen.
+    lookup: Vec<u16>,
+}
 
-impl std::io::Write for SharedBuf {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.borrow_mut().extend_from_slice(buf);
-        Ok(buf.len())
+impl Palette {
+    fn learn(frames: &[(image::RgbaImage, u16)]) -> Self {
+        let mut sample = Vec::new();
+        for (frame, _) in frames {
+            for p in frame.pixels().filter(|p| p[3] >= 128) {
+                sample.extend_from_slice(&[p[0], p[1], p[2], 255]);
+            }
+        }
+        let quant = color_quant::NeuQuant::new(PALETTE_SAMPLING, PALETTE_COLOURS, &sample);
+        Self { quant, lookup: vec![UNMAPPED; 1 << (3 * LOOKUP_BITS)] }
     }
 
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+    /// The palette as the GIF's global colour table (RGB, the transparent entry black).
+    fn colour_table(&self) -> Vec<u8> {
+        let mut table: Vec<u8> = self.quant.color_map_rgb();
+        table.resize(256 * 3, 0);
+        table
+    }
+
+    fn index(&mut self, [r, g, b, a]: [u8; 4]) -> u8 {
+        if a < 128 {
+            return TRANSPARENT;
+        }
+        let shift = 8 - LOOKUP_BITS;
+        let key = (usize::from(r >> shift) << (2 * LOOKUP_BITS))
+            | (usize::from(g >> shift) << LOOKUP_BITS)
+            | usize::from(b >> shift);
+        let slot = &mut self.lookup[key];
+        if *slot == UNMAPPED {
+            // The centre of the colour's cell, so the table does not depend on which colour
+            // of the cell came first.
+            let centre = |c: u8| (c >> shift << shift) | (1 << (shift - 1));
+            *slot = self.quant.index_of(&[centre(r), centre(g), centre(b), 255]) as u16;
+        }
+        *slot as u8
     }
 }
 
 impl GifWriter {
     pub(crate) fn new(spec: Spec) -> Self {
-        let out = SharedBuf::default();
-        let encoder = GifEncoder::new_with_speed(out.clone(), GIF_SPEED);
-        Self { spec, plan: None, encoder, out, resizer: Resizer::new() }
+        Self {
+            spec,
+            plan: None,
+            resizer: Resizer::new(),
+            held: Vec::new(),
+            held_pixels: 0,
+            palette: None,
+            encoder: None,
+        }
     }
 
     pub(crate) fn add(&mut self, frame: &Frame) -> Result<(), Error> {
         let canvas = frame.buffer();
         let full = canvas.dimensions();
-        let plan = match self.plan {
-            Some(p) => p,
-            None => {
-                self.encoder.set_repeat(Repeat::Infinite).map_err(internal)?;
-                *self.plan.insert(size::plan(full, &self.spec))
-            }
-        };
+        let plan = *self.plan.get_or_insert_with(|| size::plan(full, &self.spec));
         let crop = plan.crop.unwrap_or(size::Rect {
             left: 0.0,
             top: 0.0,
@@ -127,17 +170,76 @@ impl GifWriter {
             crop.height,
         );
         self.resizer.resize(canvas, &mut out, &options).map_err(internal)?;
-        self.encoder.encode_frame(Frame::from_parts(out, 0, 0, frame.delay())).map_err(internal)
+        let (numer, denom) = frame.delay().numer_denom_ms();
+        let centiseconds =
+            u16::try_from((u64::from(numer) + 5 * u64::from(denom.max(1))) / (10 * u64::from(denom.max(1))))
+                .unwrap_or(u16::MAX);
+        if self.palette.is_none() {
+            self.held_pixels += out.as_raw().len() / 4;
+            self.held.push((out, centiseconds));
+            if self.held_pixels >= PALETTE_SAMPLE_PIXELS {
+                self.start()?;
+            }
+            return Ok(());
+        }
+        self.write(&out, centiseconds)
     }
 
-    /// Bytes written so far.
+    /// Learns the palette from the held frames, starts the file and writes them.
+    fn start(&mut self) -> Result<(), Error> {
+        let palette = Palette::learn(&self.held);
+        let (width, height) = self.plan.map_or((1, 1), |p| (p.width, p.height));
+        let too_large = |_| Error::Internal(format!("{width}×{height} is too large for a GIF"));
+        let mut encoder = gif::Encoder::new(
+            Vec::new(),
+            u16::try_from(width).map_err(too_large)?,
+            u16::try_from(height).map_err(too_large)?,
+            &palette.colour_table(),
+        )
+        .map_err(internal)?;
+        encoder.set_repeat(gif::Repeat::Infinite).map_err(internal)?;
+        self.encoder = Some(encoder);
+        self.palette = Some(palette);
+        for (frame, delay) in std::mem::take(&mut self.held) {
+            self.write(&frame, delay)?;
+        }
+        self.held_pixels = 0;
+        Ok(())
+    }
+
+    fn write(&mut self, frame: &image::RgbaImage, delay: u16) -> Result<(), Error> {
+        let (Some(palette), Some(encoder)) = (self.palette.as_mut(), self.encoder.as_mut()) else {
+            return Err(Error::Internal("GIF frame written before its palette".into()));
+        };
+        let indices: Vec<u8> = frame.pixels().map(|p| palette.index(p.0)).collect();
+        let transparent = indices.contains(&TRANSPARENT).then_some(TRANSPARENT);
+        let (width, height) = frame.dimensions();
+        let out = gif::Frame {
+            delay,
+            // Frames are whole composited canvases: what is transparent in one must not show
+            // the one before.
+            dispose: gif::DisposalMethod::Background,
+            transparent,
+            width: width as u16,
+            height: height as u16,
+            buffer: indices.into(),
+            ..gif::Frame::default()
+        };
+        encoder.write_frame(&out).map_err(internal)
+    }
+
+    /// Bytes written so far (frames held for the palette not counted).
     pub(crate) fn len(&self) -> usize {
-        self.out.0.borrow().len()
+        self.encoder.as_ref().map_or(0, |e| e.get_ref().len())
     }
 
-    pub(crate) fn finish(self) -> Vec<u8> {
-        let Self { encoder, out, .. } = self;
-        drop(encoder);
-        out.0.take()
+    pub(crate) fn finish(mut self) -> Result<Vec<u8>, Error> {
+        if self.palette.is_none() {
+            self.start()?;
+        }
+        match self.encoder.take() {
+            Some(encoder) => encoder.into_inner().map_err(internal),
+            None => Err(Error::Internal("no GIF frames".into())),
+        }
     }
 }
