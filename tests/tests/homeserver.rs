@@ -97,6 +97,7 @@ async fn access_tokens_are_the_homeservers() -> anyhow::Result<()> {
     link.set_target(hs.url.trim_start_matches("http://").parse()?);
     let node = Node::start(NodeOptions {
         auth: format!("homeserver_url = \"http://{}\"\ncache_ttl = \"2s\"\nnegative_cache_ttl = \"1s\"\n", link.addr),
+        static_tokens: false,
         ..Default::default()
     })
     .await?;

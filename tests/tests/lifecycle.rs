@@ -39,6 +39,10 @@ fn bad_config_fails_fast_with_a_clear_message() -> anyhow::Result<()> {
             "cannot be used with [[tenants]]",
         ),
         (
+            "[auth]\ntokens = { \"long-enough-token\" = \"@a:localhost\" }\nhomeserver_url = \"http://127.0.0.1:1\"\n",
+            "cannot be used with [auth] homeserver_url",
+        ),
+        (
             "[auth]\nhomeserver_url = \"http://127.0.0.1:1\"\n\
              [[tenants]]\nserver_name = \"other.example\"\nhomeserver_url = \"http://127.0.0.1:1\"\n",
             "homeserver_url cannot be used with [[tenants]]",

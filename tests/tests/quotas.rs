@@ -53,6 +53,9 @@ async fn quotas_hold_across_edges_and_refuse_before_costing_a_write() -> anyhow:
         assert_eq!((s, errcode(&j)), (403, "M_USER_LIMIT_EXCEEDED"), "{j}");
         assert_eq!(j["info_uri"], "https://example.org/quota");
     }
+    for node in [&a, &b] {
+        assert_eq!(node.metric("mxcas_edge_uploads_total{result=\"refused\"}").await?, 1.0, "counted as refused");
+    }
     // The same bytes again make no new media: not refused, not counted.
     let (s, j) = upload(&b, ALICE, test_bytes(0, 1000)).await?;
     assert_eq!(s, 200, "{j}");

@@ -76,8 +76,12 @@ async fn matrix_nio_through_nginx_to_synapse_and_mxcas() -> anyhow::Result<()> {
     let hs = Synapse::start("localhost").await?;
     hs.register("alice", "alice-password-1")?;
     hs.register("bob", "bob-password-1")?;
-    let node =
-        Node::start(NodeOptions { auth: format!("homeserver_url = \"{}\"\n", hs.url), ..Default::default() }).await?;
+    let node = Node::start(NodeOptions {
+        auth: format!("homeserver_url = \"{}\"\n", hs.url),
+        static_tokens: false,
+        ..Default::default()
+    })
+    .await?;
     let nginx = Nginx::start(&[node.api.as_str()], &hs.url).await?;
 
     let flow = run_flow(&nginx.url, "alice:alice-password-1", "bob:bob-password-1").await?;

@@ -386,6 +386,9 @@ pub struct TenantConfig {
     pub user_files_per_period: Option<u64>,
     pub tenant_bytes_per_period: Option<ByteSize>,
     pub tenant_files_per_period: Option<u64>,
+    /// Override `[media] quota_info_uri` and `quota_admin_contact` for this tenant's users.
+    pub quota_info_uri: Option<String>,
+    pub quota_admin_contact: Option<String>,
     /// The homeserver's ed25519 signing key, Synapse's format (`ed25519 <key id> <base64
     /// seed>`), for signing federation requests (checked at start; used by federation).
     pub signing_key_file: Option<PathBuf>,

@@ -100,6 +100,13 @@ impl EdgeSettings {
         self.http.validate().map_err(EdgeError::Config)?;
         self.thumbnails.validate().map_err(EdgeError::Config)?;
         let tokens = self.auth.load().map_err(EdgeError::Config)?;
+        if !tokens.is_empty() && self.auth.homeserver_url.is_some() {
+            return Err(EdgeError::Config(
+                "[auth] tokens (or tokens_file) cannot be used with [auth] homeserver_url: every token must be the \
+                 homeserver's. Remove them (static tokens are for the embedded default without a homeserver)"
+                    .into(),
+            ));
+        }
         if tokens.is_empty() && self.auth.homeserver_url.is_none() && self.tenants.is_empty() {
             return Err(EdgeError::Config(
                 "no way to check access tokens: set [auth] homeserver_url (or list [auth] tokens)".into(),

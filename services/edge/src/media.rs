@@ -39,6 +39,10 @@ fn with_quota_details(mut e: ApiError, to: UploadTo<'_>) -> ApiError {
     e
 }
 
+fn is_quota_refusal(e: &ApiError) -> bool {
+    matches!(e.errcode, "M_USER_LIMIT_EXCEEDED" | "M_RESOURCE_LIMIT_EXCEEDED")
+}
+
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
@@ -322,6 +326,7 @@ impl MediaService {
             Ok((Committed::New, _)) => "new",
             Ok((Committed::Repaired, _)) => "repaired",
             Ok((Committed::Deduplicated, _)) => "deduplicated",
+            Err(e) if is_quota_refusal(e) => "refused",
             Err(_) => "error",
         });
         // On error nothing is deleted here: a commit whose answer was lost may have landed,

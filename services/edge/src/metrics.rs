@@ -105,7 +105,11 @@ impl Metrics {
         let upload_bytes = Counter::default();
         registry.register("upload_bytes", "Bytes received in uploads", upload_bytes.clone());
         let uploads = Family::<ResultLabels, Counter>::default();
-        registry.register("uploads", "Finished uploads: new, deduplicated, error", uploads.clone());
+        registry.register(
+            "uploads",
+            "Finished uploads: new, deduplicated, repaired, refused (over a quota), error",
+            uploads.clone(),
+        );
         let orphans_deleted = Counter::default();
         registry.register(
             "orphans_deleted",

@@ -141,6 +141,22 @@ impl Tenants {
                     return Err(format!("tenants: host {host} selects two tenants"));
                 }
             }
+            let quota = quota_of(media, Some(t));
+            let quota_info_uri = t.quota_info_uri.clone().or_else(|| media.quota_info_uri.clone());
+            let quota_admin_contact = t.quota_admin_contact.clone().or_else(|| media.quota_admin_contact.clone());
+            if quota.as_ref().is_some_and(|q| q.user_bytes > 0 || q.user_files > 0) && quota_info_uri.is_none() {
+                return Err(format!(
+                    "tenants.{}: a user quota needs quota_info_uri (the tenant's or [media]'s)",
+                    t.server_name
+                ));
+            }
+            if quota.as_ref().is_some_and(|q| q.tenant_bytes > 0 || q.tenant_files > 0) && quota_admin_contact.is_none()
+            {
+                return Err(format!(
+                    "tenants.{}: a tenant quota needs quota_admin_contact (the tenant's or [media]'s)",
+                    t.server_name
+                ));
+            }
             let tenant_auth = AuthConfig { homeserver_url: Some(t.homeserver_url.clone()), ..auth.clone() };
             let (upload_limit, download_limit) = rates(Some(t));
             all.push(Arc::new(Tenant {
@@ -150,9 +166,9 @@ impl Tenants {
                 upload_limit,
                 download_limit,
                 max_upload_size: t.max_upload_size.unwrap_or(media.max_upload_size).as_u64(),
-                quota: quota_of(media, Some(t)),
-                quota_info_uri: media.quota_info_uri.clone(),
-                quota_admin_contact: media.quota_admin_contact.clone(),
+                quota,
+                quota_info_uri,
+                quota_admin_contact,
                 signing_key: t.signing_key()?,
             }));
         }
@@ -210,8 +226,28 @@ mod tests {
             user_files_per_period: None,
             tenant_bytes_per_period: None,
             tenant_files_per_period: None,
+            quota_info_uri: None,
+            quota_admin_contact: None,
             signing_key_file: None,
         }
+    }
+
+    #[test]
+    fn quota_details_are_per_tenant_and_required_with_its_quotas() {
+        let mut one = tenant("one.example", &[]);
+        one.user_files_per_period = Some(3);
+        assert!(tenants(std::slice::from_ref(&one)).err().is_some_and(|e| e.contains("quota_info_uri")));
+        one.quota_info_uri = Some("https://one.example/quota".into());
+        let mut two = tenant("two.example", &[]);
+        two.tenant_files_per_period = Some(10);
+        assert!(tenants(&[one.clone(), two.clone()]).err().is_some_and(|e| e.contains("quota_admin_contact")));
+        two.quota_admin_contact = Some("mailto:ops@two.example".into());
+        let t = tenants(&[one, two]).expect("valid tenants");
+        let (one, two) = (&t.all[0], &t.all[1]);
+        assert_eq!(one.quota_info_uri.as_deref(), Some("https://one.example/quota"));
+        assert_eq!(one.quota_admin_contact, None);
+        assert_eq!(two.quota_admin_contact.as_deref(), Some("mailto:ops@two.example"));
+        assert_eq!(two.quota_info_uri, None);
     }
 
     fn tenants(declared: &[TenantConfig]) -> Result<Tenants, String> {

@@ -32,8 +32,13 @@ const PENDING: TableDefinition<(&str, &str, &str), u64> = TableDefinition::new("
 const PENDING_BY_EXPIRY: TableDefinition<(u64, &str, &str), &str> = TableDefinition::new("pending_by_expiry");
 /// (binary source CID, [`ThumbnailSpec::key`]) → postcard(ThumbnailRecord)
 const THUMBNAILS: TableDefinition<(&[u8], &str), &[u8]> = TableDefinition::new("thumbnails");
-/// `u:<user>` / `t:<server name>` → postcard(Usage): uploads of the current quota window
+/// `<window start ms, 16 hex digits>:u:<user>` / `…:t:<server name>` → postcard(Usage): uploads
+/// per quota window. Keys sort by window, so rows of past windows are found first and pruned
+/// a few per quota command (see [`USAGE_PRUNE_BATCH`]).
 const USAGE: TableDefinition<&str, &[u8]> = TableDefinition::new("usage");
+/// Usage rows of past windows removed per quota command: more than the two it may add, so
+/// past windows drain however many users once uploaded.
+const USAGE_PRUNE_BATCH: usize = 8;
 /// blob-store object key → binary CID, for every object a content record references
 const BLOB_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("blob_keys");
 /// object keys of unsealed generations that no commit may ever reference (released
@@ -476,11 +481,17 @@ impl StateMachine {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(USAGE)?;
         let window = now_ms / period_ms.max(1);
+        let start = window.saturating_mul(period_ms.max(1));
         let read = |key: String| -> Result<Usage, StorageError> {
             let found = table.get(key.as_str())?.map(|v| decode("usage", v.value())).transpose()?;
             Ok(in_window(found, window))
         };
-        Ok((read(usage_key(QuotaScope::User, user))?, read(usage_key(QuotaScope::Tenant, tenant))?))
+        Ok((read(usage_key(QuotaScope::User, user, start))?, read(usage_key(QuotaScope::Tenant, tenant, start))?))
+    }
+
+    /// How many usage rows are stored (of any window).
+    pub fn usage_rows(&self) -> Result<u64, StorageError> {
+        Ok(self.db.begin_read()?.open_table(USAGE)?.len()?)
     }
 
     /// Every thumbnail recorded for `source`, with its content record.
@@ -961,9 +972,11 @@ impl Tables<'_> {
         };
         let now = self.clock(now_ms)?;
         let window = now / quota.period_ms.max(1);
+        let start = window.saturating_mul(quota.period_ms.max(1));
+        self.prune_usage(start)?;
         let (u, t) = (
-            self.window_usage(QuotaScope::User, user, window)?,
-            self.window_usage(QuotaScope::Tenant, tenant, window)?,
+            self.window_usage(QuotaScope::User, user, window, start)?,
+            self.window_usage(QuotaScope::Tenant, tenant, window, start)?,
         );
         // An upload must fit; a reservation is refused once a quota is used up.
         let (bytes, files) = charge.map_or((0, 0), |size| (size, 1));
@@ -988,15 +1001,34 @@ impl Tables<'_> {
             for (scope, who, used) in [(QuotaScope::User, user, u), (QuotaScope::Tenant, tenant, t)] {
                 let next =
                     Usage { window, bytes: used.bytes.saturating_add(bytes), files: used.files.saturating_add(files) };
-                self.usage.insert(usage_key(scope, who).as_str(), encode(&next)?.as_slice())?;
+                self.usage.insert(usage_key(scope, who, start).as_str(), encode(&next)?.as_slice())?;
             }
         }
         Ok(out)
     }
 
-    fn window_usage(&self, scope: QuotaScope, who: &str, window: u64) -> Result<Usage, StorageError> {
-        let found = self.usage.get(usage_key(scope, who).as_str())?.map(|v| decode("usage", v.value())).transpose()?;
+    fn window_usage(&self, scope: QuotaScope, who: &str, window: u64, start: u64) -> Result<Usage, StorageError> {
+        let key = usage_key(scope, who, start);
+        let found = self.usage.get(key.as_str())?.map(|v| decode("usage", v.value())).transpose()?;
         Ok(in_window(found, window))
+    }
+
+    /// Removes up to [`USAGE_PRUNE_BATCH`] usage rows of windows before the one starting at
+    /// `start` (first those of the earliest windows), and as many of the form before windows
+    /// were part of the key (`u:…`, `t:…`, which sort after every hex digit).
+    fn prune_usage(&mut self, start: u64) -> Result<(), StorageError> {
+        let current = format!("{start:016x}");
+        let mut stale = Vec::new();
+        for entry in self.usage.range(..current.as_str())?.take(USAGE_PRUNE_BATCH) {
+            stale.push(entry?.0.value().to_owned());
+        }
+        for entry in self.usage.range("g"..)?.take(USAGE_PRUNE_BATCH) {
+            stale.push(entry?.0.value().to_owned());
+        }
+        for key in stale {
+            self.usage.remove(key.as_str())?;
+        }
+        Ok(())
     }
 
     fn put_thumbnail(&mut self, t: &ThumbnailRecord) -> Result<(), StorageError> {
@@ -1298,10 +1330,10 @@ fn in_window(stored: Option<Usage>, window: u64) -> Usage {
     stored.filter(|u| u.window == window).unwrap_or(Usage { window, ..Usage::default() })
 }
 
-fn usage_key(scope: QuotaScope, who: &str) -> String {
+fn usage_key(scope: QuotaScope, who: &str, window_start_ms: u64) -> String {
     match scope {
-        QuotaScope::User => format!("u:{who}"),
-        QuotaScope::Tenant => format!("t:{who}"),
+        QuotaScope::User => format!("{window_start_ms:016x}:u:{who}"),
+        QuotaScope::Tenant => format!("{window_start_ms:016x}:t:{who}"),
     }
 }
 

@@ -1,7 +1,7 @@
 //! Times `generate` on a file, per spec, in process (no HTTP, no store): where thumbnail time
 //! goes before the edge adds its own.
 //!
-//!     cargo run --release -p mxcas-thumbnail --example time -- FILE [REPS]
+//!     cargo run --release -p mxcas-thumbnail --example time -- FILE [REPS [WxH]]
 
 use std::time::Instant;
 
@@ -9,8 +9,10 @@ use mxcas_thumbnail::{Limits, Method, Spec, generate};
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let path = args.next().expect("usage: time FILE [REPS]");
+    let path = args.next().expect("usage: time FILE [REPS [WxH]]");
     let reps: usize = args.next().map_or(5, |r| r.parse().expect("REPS is a number"));
+    // Optionally one size only: WxH, crop or scale.
+    let only = args.next();
     let source = std::fs::read(&path).expect("readable file");
     let specs = [
         Spec { width: 32, height: 32, method: Method::Crop, animated: true },
@@ -20,7 +22,7 @@ fn main() {
         Spec { width: 800, height: 600, method: Method::Scale, animated: true },
     ];
     let mut total = 0.0;
-    for spec in &specs {
+    for spec in specs.iter().filter(|s| only.as_ref().is_none_or(|o| *o == format!("{}x{}", s.width, s.height))) {
         let mut times = Vec::new();
         let mut out = None;
         for _ in 0..reps {
@@ -32,6 +34,17 @@ fn main() {
         let median = times[times.len() / 2];
         total += median;
         let t = &out.expect("made")[0];
+        // To look at them: OUT=dir.
+        if let Some(dir) = std::env::var_os("OUT") {
+            let ext = t.content_type.trim_start_matches("image/");
+            let path = std::path::Path::new(&dir).join(format!(
+                "{}x{}-{}.{ext}",
+                spec.width,
+                spec.height,
+                spec.method.as_str()
+            ));
+            std::fs::write(path, &t.bytes).expect("writable OUT");
+        }
         println!(
             "{}x{} {}: {median:.1} ms median → {}x{} {} {} B",
             spec.width,

@@ -75,7 +75,7 @@ const TRANSPARENT: u8 = 255;
 /// Pixels of the first frames the palette is learnt from (the frames are held until then).
 const PALETTE_SAMPLE_PIXELS: usize = 1 << 18;
 /// Bits per channel of the colour → palette index table.
-const LOOKUP_BITS: u32 = 6;
+const LOOKUP_BITS: u32 = 5;
 const UNMAPPED: u16 = u16::MAX;
 
 /// An animated GIF thumbnail, written frame by frame as the source's frames are decoded (so

@@ -757,4 +757,68 @@ mod tests {
             )
         );
     }
+
+    #[test]
+    fn the_stored_form_of_thumbnail_and_usage_records_is_fixed() {
+        use crate::model::{ThumbnailMethod, ThumbnailRecord, ThumbnailSpec, Usage};
+        // Both travel as they are stored (postcard of the record, positional): reordering a
+        // field changes these bytes, and snapshots already written could no longer be read.
+        let spec = ThumbnailSpec { width: 96, height: 96, method: ThumbnailMethod::Crop, animated: true };
+        let thumbnail = ThumbnailRecord {
+            source: cid(1),
+            spec,
+            cid: cid(2),
+            content_type: "image/gif".into(),
+            width: 96,
+            height: 54,
+            animated: true,
+            created_at_ms: 1_700_000_000_000,
+        };
+        let usage = Usage { window: 19_675, bytes: 1 << 20, files: 3 };
+        let bytes = compact(&[
+            SnapshotRecord::Thumbnail {
+                source: cid(1).to_bytes(),
+                spec: spec.key(),
+                value: postcard::to_allocvec(&thumbnail).expect("encode"),
+            },
+            SnapshotRecord::Usage {
+                key: "00000189c5ee1800:u:@a:hs".into(),
+                value: postcard::to_allocvec(&usage).expect("encode"),
+            },
+            SnapshotRecord::End { records: 2 },
+        ]);
+        assert_eq!(
+            super::hex(&bytes),
+            concat!(
+                "000000006d787332",
+                // Thumbnail, 157 bytes, raw: source CID, spec key, then the record: source,
+                // 96×96 crop animated, its CID, type, 96×54, animated, created.
+                "9d01",
+                "07",
+                "06",
+                "24015512200101010101010101010101010101010101010101010101010101010101010101",
+                "1339367839362d63726f702d616e696d61746564",
+                "61",
+                "24015512200101010101010101010101010101010101010101010101010101010101010101",
+                "60600001",
+                "24015512200202020202020202020202020202020202020202020202020202020202020202",
+                "09696d6167652f676966",
+                "6036",
+                "01",
+                "80d095ffbc31",
+                // Usage, 35 bytes, raw: key, then window, bytes, files.
+                "23",
+                "07",
+                "07",
+                "18303030303031383963356565313830303a753a40613a6873",
+                "07",
+                "db9901",
+                "808040",
+                "03",
+                // End, 2 records.
+                "02",
+                "0602",
+            )
+        );
+    }
 }

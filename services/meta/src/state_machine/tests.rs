@@ -528,6 +528,31 @@ fn a_lost_thumbnail_is_repaired_or_replaced() {
     assert_eq!(other.sm.digest().expect("digest"), f.sm.digest().expect("digest"));
 }
 
+#[test]
+fn usage_of_past_windows_is_pruned_by_later_quota_commands() {
+    use crate::model::Quota;
+    let mut f = Fixture::new();
+    let q = Quota { period_ms: 1000, user_bytes: 0, user_files: 100, tenant_bytes: 0, tenant_files: 0 };
+    // Twenty users upload in window 0: twenty rows and the tenant's.
+    for i in 0..20u8 {
+        let user = format!("@u{i}:hs");
+        f.committed(limited(&q, &user, commit(None, &user, 10 + u64::from(i), content(i, &i.to_string()))));
+    }
+    assert_eq!(f.sm.usage_rows().expect("rows"), 21);
+    // In window 5 one user keeps uploading: each of its commands removes past rows, a batch
+    // at a time, until only the current window's are left.
+    let user = "@u0:hs";
+    let mut rows = Vec::new();
+    for i in 0..4u8 {
+        f.committed(limited(&q, user, commit(None, user, 5000 + u64::from(i), content(100 + i, &format!("n{i}")))));
+        rows.push(f.sm.usage_rows().expect("rows"));
+    }
+    assert_eq!(rows, [15, 7, 2, 2], "past rows drain {USAGE_PRUNE_BATCH} per command; the current two stay");
+    let (u, t) = f.sm.usage(user, "hs", 1000, 5003).expect("usage");
+    assert_eq!((u.files, t.files), (4, 4), "the current window counts on");
+    assert_eq!(f.sm.usage("@u1:hs", "hs", 1000, 5003).expect("usage").0.files, 0);
+}
+
 fn limited(quota: &crate::model::Quota, user: &str, cmd: Command) -> Command {
     Command::Limited { quota: quota.clone(), user: user.into(), tenant: "hs".into(), command: Box::new(cmd) }
 }
