@@ -293,6 +293,46 @@ async fn a_storm_across_edges_makes_a_thumbnail_once_cluster_wide() -> anyhow::R
     Ok(())
 }
 
+/// A claim that is never recorded (a claimant that died, or one that renews and never makes
+/// it) holds the thumbnail back for one wait at most: then the edge makes it itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_never_recorded_delays_a_thumbnail_by_one_wait_at_most() -> anyhow::Result<()> {
+    use mxcas_proto::meta as pb;
+    let s3 = SeaweedFs::start().await?;
+    let cluster = Cluster::start(1, MetaOptions::default()).await?;
+    let node = Node::start(NodeOptions {
+        store: s3.store(),
+        edge_meta: cluster.endpoints(),
+        extra: "[thumbnails]\npregenerate = false\nmax_wait = \"2s\"\n".into(),
+        ..Default::default()
+    })
+    .await?;
+    let bytes = encode(&DynamicImage::ImageRgb8(picture(600, 400)), ImageFormat::Jpeg);
+    let id = upload(&node, bytes.clone(), "image/jpeg").await?;
+    // Someone else claims the 96×96 crop, for as long as the leader allows, and never records it.
+    let mut meta = pb::meta_client::MetaClient::new(cluster.metas[0].channel().await?);
+    let claim = pb::ClaimThumbnailRequest {
+        source: mxcas_edge::unixfs::cid_of(&bytes).to_bytes(),
+        spec: Some(pb::ThumbnailSpec { width: 96, height: 96, method: "crop".into(), animated: false }),
+        claimant: "elsewhere".into(),
+        lease_ms: 3_600_000,
+        release: false,
+    };
+    assert!(meta.claim_thumbnail(claim.clone()).await?.into_inner().granted);
+    let first = thumbnail(&node, &id, "width=96&height=96&method=crop").await?;
+    assert!([200, 503].contains(&first.status), "{}", String::from_utf8_lossy(&first.body));
+    // Still claimed elsewhere (renewed), yet the edge made it once the wait was over.
+    assert!(meta.claim_thumbnail(claim).await?.into_inner().granted);
+    let made = wait_for("the thumbnail", Duration::from_secs(20), || async {
+        let a = thumbnail(&node, &id, "width=96&height=96&method=crop").await.ok()?;
+        (a.status == 200).then_some(a)
+    })
+    .await?;
+    assert_eq!(inspect(&made).0, (96, 96));
+    assert_eq!(node.metric("mxcas_edge_thumbnails_total{result=\"made\"}").await?, 1.0);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bombs_corrupt_and_opaque_files_get_the_spec_errors() -> anyhow::Result<()> {
     let node =

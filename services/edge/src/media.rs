@@ -289,8 +289,13 @@ impl MediaService {
         // before its bytes are read: the same bytes again (a client retrying an upload whose
         // answer it lost) make no new media and are never refused. A reservation is filled once,
         // so one over quota is refused before a byte is read.
-        if media_id.is_some() {
-            self.check_quota(to, user).await?;
+        if media_id.is_some()
+            && let Err(e) = self.check_quota(to, user).await
+        {
+            if is_quota_refusal(&e) {
+                self.count_upload("refused");
+            }
+            return Err(e);
         }
         let started = now_ms();
         let limit = to.max_size;

@@ -280,9 +280,24 @@ impl Thumbnails {
     /// while another edge holds it (bounded by the caller's wait and the claim's lease).
     async fn claim_or_wait(&self, source: &Cid, spec: ThumbnailSpec) -> Result<Option<Made>, ApiError> {
         let mut pause = std::time::Duration::from_millis(20);
+        // Claims are advice: past this, make it anyway (a holder that renews its claim and
+        // never records, or a leader that keeps answering "held", costs a second making, not
+        // a thumbnail that is never served).
+        let give_up = tokio::time::Instant::now() + self.config.max_wait;
         loop {
             match self.media.meta.claim_thumbnail(source, &spec, &self.claimant, self.config.max_wait, false).await? {
-                Claim::Granted => return Ok(None),
+                Claim::Granted => {
+                    // Recorded between the caller's look and this claim: nothing to make.
+                    let found = self.recorded(source, &[spec]).await?.into_iter().next();
+                    if found.is_some() {
+                        self.release(*source, spec);
+                    }
+                    return Ok(found);
+                }
+                Claim::Held(_) if tokio::time::Instant::now() >= give_up => {
+                    tracing::warn!(source = %source, "a thumbnail claimed elsewhere was not recorded in time; making it here");
+                    return Ok(None);
+                }
                 Claim::Held(left) => {
                     tokio::time::sleep(pause.min(left)).await;
                     pause = (pause * 2).min(MAX_CLAIM_POLL);
@@ -452,10 +467,16 @@ impl Thumbnails {
         // Only what this edge may make: sizes another edge is making already are its to record.
         let mut mine = Vec::new();
         for spec in missing {
-            if self.media.meta.claim_thumbnail(&source.cid, &spec, &self.claimant, self.config.max_wait, false).await?
-                == Claim::Granted
+            match self.media.meta.claim_thumbnail(&source.cid, &spec, &self.claimant, self.config.max_wait, false).await
             {
-                mine.push(spec);
+                Ok(Claim::Granted) => mine.push(spec),
+                Ok(Claim::Held(_)) => {}
+                Err(e) => {
+                    for spec in mine {
+                        self.release(source.cid, spec);
+                    }
+                    return Err(e.into());
+                }
             }
         }
         if mine.is_empty() {

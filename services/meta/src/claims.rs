@@ -29,24 +29,41 @@ pub enum Claim {
 
 #[derive(Default)]
 pub struct Claims {
-    held: HashMap<(Cid, ThumbnailSpec), (String, Instant)>,
+    held: HashMap<(Cid, ThumbnailSpec), Held>,
+    /// With the table full: when its earliest claim lapses (no sweep before then).
+    sweep_at: Option<Instant>,
+}
+
+struct Held {
+    claimant: String,
+    /// When this claimant was first granted it: renewals never hold it past
+    /// `since + MAX_LEASE`.
+    since: Instant,
+    expires: Instant,
 }
 
 impl Claims {
     pub fn claim(&mut self, key: (Cid, ThumbnailSpec), claimant: &str, lease: Duration, now: Instant) -> Claim {
-        let until = now + lease.min(MAX_LEASE);
+        let lease = lease.min(MAX_LEASE);
         match self.held.get_mut(&key) {
-            Some((holder, expires)) if holder != claimant && *expires > now => Claim::Held(*expires - now),
-            Some(entry) => {
-                *entry = (claimant.to_owned(), until);
+            Some(h) if h.claimant != claimant && h.expires > now => Claim::Held(h.expires - now),
+            // Renewed by its holder, never past MAX_LEASE from its first grant: a claimant
+            // asking again and again cannot hold it for ever.
+            Some(h) if h.claimant == claimant && h.expires > now => {
+                h.expires = (now + lease).min(h.since + MAX_LEASE).max(h.expires);
+                Claim::Granted
+            }
+            Some(h) => {
+                *h = Held { claimant: claimant.to_owned(), since: now, expires: now + lease };
                 Claim::Granted
             }
             None => {
-                if self.held.len() >= CAPACITY {
-                    self.held.retain(|_, (_, expires)| *expires > now);
+                if self.held.len() >= CAPACITY && self.sweep_at.is_none_or(|at| at <= now) {
+                    self.held.retain(|_, h| h.expires > now);
+                    self.sweep_at = self.held.values().map(|h| h.expires).min();
                 }
                 if self.held.len() < CAPACITY {
-                    self.held.insert(key, (claimant.to_owned(), until));
+                    self.held.insert(key, Held { claimant: claimant.to_owned(), since: now, expires: now + lease });
                 }
                 Claim::Granted
             }
@@ -55,7 +72,7 @@ impl Claims {
 
     /// Ends `claimant`'s claim (another's is left alone).
     pub fn release(&mut self, key: &(Cid, ThumbnailSpec), claimant: &str) {
-        if self.held.get(key).is_some_and(|(holder, _)| holder == claimant) {
+        if self.held.get(key).is_some_and(|h| h.claimant == claimant) {
             self.held.remove(key);
         }
     }
@@ -102,6 +119,12 @@ mod tests {
         // Lapsed: the next claimant gets it.
         assert_eq!(c.claim(key(1), "b", lease, t0 + Duration::from_secs(40)), Claim::Granted);
         assert_eq!(c.claim(key(1), "a", lease, t0 + Duration::from_secs(41)), Claim::Held(Duration::from_secs(29)));
+        // Renewals never hold it past MAX_LEASE from its first grant.
+        assert_eq!(c.claim(key(3), "a", MAX_LEASE, t0), Claim::Granted);
+        for minute in 1..5 {
+            assert_eq!(c.claim(key(3), "a", MAX_LEASE, t0 + Duration::from_secs(60 * minute)), Claim::Granted);
+        }
+        assert_eq!(c.claim(key(3), "b", lease, t0 + MAX_LEASE), Claim::Granted, "lapsed however often renewed");
         // Only the holder releases it.
         c.release(&key(1), "a");
         assert!(matches!(c.claim(key(1), "c", lease, t0 + Duration::from_secs(41)), Claim::Held(_)));
@@ -110,6 +133,7 @@ mod tests {
         // Recording it ends the claim whoever holds it.
         c.recorded(&key(1));
         c.recorded(&key(2));
+        c.recorded(&key(3));
         assert!(c.is_empty());
     }
 

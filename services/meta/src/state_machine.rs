@@ -32,9 +32,10 @@ const PENDING: TableDefinition<(&str, &str, &str), u64> = TableDefinition::new("
 const PENDING_BY_EXPIRY: TableDefinition<(u64, &str, &str), &str> = TableDefinition::new("pending_by_expiry");
 /// (binary source CID, [`ThumbnailSpec::key`]) → postcard(ThumbnailRecord)
 const THUMBNAILS: TableDefinition<(&[u8], &str), &[u8]> = TableDefinition::new("thumbnails");
-/// `<window start ms, 16 hex digits>:u:<user>` / `…:t:<server name>` → postcard(Usage): uploads
-/// per quota window. Keys sort by window, so rows of past windows are found first and pruned
-/// a few per quota command (see [`USAGE_PRUNE_BATCH`]).
+/// `<window end ms, 16 hex digits>:<period ms, hex>:u:<user>` / `…:t:<server name>` →
+/// postcard(Usage): uploads per quota window. Keys sort by when their window ends, so rows of
+/// windows that are over come first and are pruned a few per quota command (see
+/// [`USAGE_PRUNE_BATCH`]); quotas of different periods keep rows of their own.
 const USAGE: TableDefinition<&str, &[u8]> = TableDefinition::new("usage");
 /// Usage rows of past windows removed per quota command: more than the two it may add, so
 /// past windows drain however many users once uploaded.
@@ -481,12 +482,14 @@ impl StateMachine {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(USAGE)?;
         let window = now_ms / period_ms.max(1);
-        let start = window.saturating_mul(period_ms.max(1));
         let read = |key: String| -> Result<Usage, StorageError> {
             let found = table.get(key.as_str())?.map(|v| decode("usage", v.value())).transpose()?;
             Ok(in_window(found, window))
         };
-        Ok((read(usage_key(QuotaScope::User, user, start))?, read(usage_key(QuotaScope::Tenant, tenant, start))?))
+        Ok((
+            read(usage_key(QuotaScope::User, user, window, period_ms))?,
+            read(usage_key(QuotaScope::Tenant, tenant, window, period_ms))?,
+        ))
     }
 
     /// How many usage rows are stored (of any window).
@@ -971,12 +974,12 @@ impl Tables<'_> {
             _ => return Ok(Err(CommandError::InvalidArgument("only uploads and reservations take a quota".into()))),
         };
         let now = self.clock(now_ms)?;
-        let window = now / quota.period_ms.max(1);
-        let start = window.saturating_mul(quota.period_ms.max(1));
-        self.prune_usage(start)?;
+        let period = quota.period_ms;
+        let window = now / period.max(1);
+        self.prune_usage(now)?;
         let (u, t) = (
-            self.window_usage(QuotaScope::User, user, window, start)?,
-            self.window_usage(QuotaScope::Tenant, tenant, window, start)?,
+            self.window_usage(QuotaScope::User, user, window, period)?,
+            self.window_usage(QuotaScope::Tenant, tenant, window, period)?,
         );
         // An upload must fit; a reservation is refused once a quota is used up.
         let (bytes, files) = charge.map_or((0, 0), |size| (size, 1));
@@ -1001,25 +1004,26 @@ impl Tables<'_> {
             for (scope, who, used) in [(QuotaScope::User, user, u), (QuotaScope::Tenant, tenant, t)] {
                 let next =
                     Usage { window, bytes: used.bytes.saturating_add(bytes), files: used.files.saturating_add(files) };
-                self.usage.insert(usage_key(scope, who, start).as_str(), encode(&next)?.as_slice())?;
+                self.usage.insert(usage_key(scope, who, window, period).as_str(), encode(&next)?.as_slice())?;
             }
         }
         Ok(out)
     }
 
-    fn window_usage(&self, scope: QuotaScope, who: &str, window: u64, start: u64) -> Result<Usage, StorageError> {
-        let key = usage_key(scope, who, start);
+    fn window_usage(&self, scope: QuotaScope, who: &str, window: u64, period: u64) -> Result<Usage, StorageError> {
+        let key = usage_key(scope, who, window, period);
         let found = self.usage.get(key.as_str())?.map(|v| decode("usage", v.value())).transpose()?;
         Ok(in_window(found, window))
     }
 
-    /// Removes up to [`USAGE_PRUNE_BATCH`] usage rows of windows before the one starting at
-    /// `start` (first those of the earliest windows), and as many of the form before windows
-    /// were part of the key (`u:…`, `t:…`, which sort after every hex digit).
-    fn prune_usage(&mut self, start: u64) -> Result<(), StorageError> {
-        let current = format!("{start:016x}");
+    /// Removes up to [`USAGE_PRUNE_BATCH`] usage rows of windows over by `now` (those that
+    /// ended first, first), and as many of the form before windows were part of the key
+    /// (`u:…`, `t:…`, which sort after every hex digit).
+    fn prune_usage(&mut self, now: u64) -> Result<(), StorageError> {
+        // Every key of a window that ended at or before `now` sorts below this.
+        let over = format!("{:016x}", now.saturating_add(1));
         let mut stale = Vec::new();
-        for entry in self.usage.range(..current.as_str())?.take(USAGE_PRUNE_BATCH) {
+        for entry in self.usage.range(..over.as_str())?.take(USAGE_PRUNE_BATCH) {
             stale.push(entry?.0.value().to_owned());
         }
         for entry in self.usage.range("g"..)?.take(USAGE_PRUNE_BATCH) {
@@ -1330,10 +1334,12 @@ fn in_window(stored: Option<Usage>, window: u64) -> Usage {
     stored.filter(|u| u.window == window).unwrap_or(Usage { window, ..Usage::default() })
 }
 
-fn usage_key(scope: QuotaScope, who: &str, window_start_ms: u64) -> String {
+fn usage_key(scope: QuotaScope, who: &str, window: u64, period_ms: u64) -> String {
+    let period = period_ms.max(1);
+    let end = window.saturating_add(1).saturating_mul(period);
     match scope {
-        QuotaScope::User => format!("{window_start_ms:016x}:u:{who}"),
-        QuotaScope::Tenant => format!("{window_start_ms:016x}:t:{who}"),
+        QuotaScope::User => format!("{end:016x}:{period:x}:u:{who}"),
+        QuotaScope::Tenant => format!("{end:016x}:{period:x}:t:{who}"),
     }
 }
 

@@ -782,7 +782,7 @@ mod tests {
                 value: postcard::to_allocvec(&thumbnail).expect("encode"),
             },
             SnapshotRecord::Usage {
-                key: "00000189c5ee1800:u:@a:hs".into(),
+                key: "00000189c5ee1800:5265c00:u:@a:hs".into(),
                 value: postcard::to_allocvec(&usage).expect("encode"),
             },
             SnapshotRecord::End { records: 2 },
@@ -806,11 +806,12 @@ mod tests {
                 "6036",
                 "01",
                 "80d095ffbc31",
-                // Usage, 35 bytes, raw: key, then window, bytes, files.
-                "23",
+                // Usage, 43 bytes, raw: key (window end, period, scope, who), then window,
+                // bytes, files.
+                "2b",
                 "07",
                 "07",
-                "18303030303031383963356565313830303a753a40613a6873",
+                "20303030303031383963356565313830303a353236356330303a753a40613a6873",
                 "07",
                 "db9901",
                 "808040",

@@ -551,6 +551,16 @@ fn usage_of_past_windows_is_pruned_by_later_quota_commands() {
     let (u, t) = f.sm.usage(user, "hs", 1000, 5003).expect("usage");
     assert_eq!((u.files, t.files), (4, 4), "the current window counts on");
     assert_eq!(f.sm.usage("@u1:hs", "hs", 1000, 5003).expect("usage").0.files, 0);
+    // A quota of another period (edges mid-rollout) keeps rows of its own: a day's usage is
+    // not pruned by hourly windows ending.
+    let day = Quota { period_ms: 86_400_000, ..q.clone() };
+    f.committed(limited(&day, "@d:hs", commit(None, "@d:hs", 5100, content(120, "d1"))));
+    for i in 0..3u8 {
+        let at = 10_000 * (u64::from(i) + 1);
+        f.committed(limited(&q, user, commit(None, user, at, content(130 + i, &format!("h{i}")))));
+    }
+    assert_eq!(f.sm.usage("@d:hs", "hs", 86_400_000, 40_000).expect("usage").0.files, 1);
+    assert_eq!(f.sm.usage("@d:hs", "hs", 1000, 40_000).expect("usage").0.files, 0);
 }
 
 fn limited(quota: &crate::model::Quota, user: &str, cmd: Command) -> Command {
