@@ -255,6 +255,7 @@ impl Thumbnails {
         spec: ThumbnailSpec,
         lost_key: Option<String>,
     ) -> Result<Made, ApiError> {
+        let started = std::time::Instant::now();
         if lost_key.is_none() {
             if let Some(found) = self.recorded(&source.cid, &[spec]).await?.into_iter().next() {
                 return Ok(found);
@@ -263,10 +264,16 @@ impl Thumbnails {
                 return Ok(found);
             }
         }
+        let claimed = started.elapsed();
         let made = async {
             let mut made = self.generate(&source, vec![spec]).await?;
+            let generated = started.elapsed();
             let (spec, thumb) = made.pop().ok_or_else(|| ApiError::internal("no thumbnail made"))?;
-            self.store(&source, spec, thumb, lost_key.clone()).await
+            let stored = self.store(&source, spec, thumb, lost_key.clone()).await;
+            // Where a making's time goes (the pool's own part is in the duration metric).
+            tracing::debug!(source = %source.cid, lookup_and_claim = ?claimed, read_and_make = ?(generated - claimed),
+                store_and_record = ?(started.elapsed() - generated), "thumbnail made");
+            stored
         }
         .await;
         if made.is_err() && lost_key.is_none() {
