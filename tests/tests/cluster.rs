@@ -675,7 +675,7 @@ async fn a_reconnecting_edge_misses_no_change_across_a_partitioned_leader() -> a
     // The isolated node serves no reads: asked directly, it refuses.
     let isolated = cluster.metas[(leader - 1) as usize].channel().await?;
     let mut client = mxcas_proto::meta::meta_client::MetaClient::new(isolated);
-    let req = mxcas_proto::meta::GetContentRequest { cid: mxcas_edge::unixfs::raw_cid(b"x").to_bytes() };
+    let req = mxcas_proto::meta::GetContentRequest { cid: mxcas_cas::raw_cid(b"x").to_bytes() };
     let refused = tokio::time::timeout(Duration::from_secs(10), client.get_content(req)).await?;
     match refused {
         Err(status) => assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}"),

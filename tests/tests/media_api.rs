@@ -25,7 +25,7 @@ async fn upload_returns_the_cid_and_downloads_byte_identical() -> R {
     let data = b"hello mxcas".to_vec();
     let (status, body) = json(node.upload(data.clone(), "text/plain", Some("hello.txt")).await?).await;
     assert_eq!(status, 200, "{body}");
-    let want = format!("mxc://localhost/{}", mxcas_edge::unixfs::cid_of(&data));
+    let want = format!("mxc://localhost/{}", mxcas_cas::cid_of(&data));
     assert_eq!(body["content_uri"], want.as_str());
     let id = want.rsplit('/').next().unwrap_or_default();
     assert!(id.starts_with("bafkrei"));
@@ -151,7 +151,7 @@ async fn config_reports_the_upload_limit() -> R {
 #[tokio::test]
 async fn not_found_and_malformed_ids() -> R {
     let node = Node::start(NodeOptions::default()).await?;
-    let missing = mxcas_edge::unixfs::cid_of(b"never uploaded").to_string();
+    let missing = mxcas_cas::cid_of(b"never uploaded").to_string();
     let (s, b) = json(node.download(&missing).await?).await;
     assert_eq!((s, errcode(&b)), (404, "M_NOT_FOUND"));
     let (s, b) =
@@ -339,7 +339,7 @@ async fn async_upload_flow() -> R {
     assert_eq!((s, errcode(&b)), (404, "M_NOT_FOUND"));
     // A media ID that happens to be a CID is not a reservation either, and an existing mxc
     // is never overwritten through PUT.
-    let cid = mxcas_edge::unixfs::cid_of(b"put without create").to_string();
+    let cid = mxcas_cas::cid_of(b"put without create").to_string();
     let put_cid = node.url(&format!("/_matrix/media/v3/upload/localhost/{cid}"));
     for _ in 0..2 {
         let (s, b) = json(node.http.put(&put_cid).bearer_auth(ALICE).body("put without create").send().await?).await;

@@ -312,7 +312,7 @@ async fn a_claim_never_recorded_delays_a_thumbnail_by_one_wait_at_most() -> anyh
     // Someone else claims the 96×96 crop, for as long as the leader allows, and never records it.
     let mut meta = pb::meta_client::MetaClient::new(cluster.metas[0].channel().await?);
     let claim = pb::ClaimThumbnailRequest {
-        source: mxcas_edge::unixfs::cid_of(&bytes).to_bytes(),
+        source: mxcas_cas::cid_of(&bytes).to_bytes(),
         spec: Some(pb::ThumbnailSpec { width: 96, height: 96, method: "crop".into(), animated: false }),
         claimant: "elsewhere".into(),
         lease_ms: 3_600_000,

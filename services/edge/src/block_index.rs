@@ -13,7 +13,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use cid::Cid;
 use sha2::{Digest, Sha256};
 
-use crate::unixfs::{DAG_PB, Dag, RAW, cid_from_digest};
+use mxcas_cas::{DAG_PB, Dag, RAW, cid_from_digest};
 
 const MAGIC: &[u8; 8] = b"MXCIDX01";
 
@@ -191,7 +191,7 @@ fn dag_pb_links(block: &Bytes) -> Result<Vec<Cid>, IndexError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::unixfs::{CHUNK_SIZE, DagBuilder};
+    use mxcas_cas::{CHUNK_SIZE, DagBuilder};
 
     #[test]
     fn round_trips_and_rejects_damage() {
@@ -224,7 +224,7 @@ mod tests {
         swapped.leaves.swap(0, 1);
         assert!(swapped.verify(&dag.root, dag.size, CHUNK_SIZE as u32).is_err());
         assert!(good.verify(&dag.root, dag.size + 1, CHUNK_SIZE as u32).is_err());
-        let other = crate::unixfs::cid_of(b"other");
+        let other = mxcas_cas::cid_of(b"other");
         assert!(good.verify(&other, dag.size, CHUNK_SIZE as u32).is_err());
     }
 }

@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 use crate::block_index::BlockIndex;
 use crate::metrics::{Metrics, ResultLabels};
 use crate::store::{BlobStore, StoreError};
-use crate::unixfs::sha256_digest;
+use mxcas_cas::sha256_digest;
 use mxcas_meta::ContentRecord;
 
 #[derive(Debug, thiserror::Error, Clone)]

@@ -2,7 +2,7 @@
 //!
 //! The body is read once. Each piece goes to the store and into a 1 MiB leaf buffer; every
 //! full leaf is hashed on the blocking pool as a short task (under a millisecond), so a slow
-//! client never holds a thread, and the UnixFS DAG (see [`crate::unixfs`]) grows from the leaf
+//! client never holds a thread, and the UnixFS DAG (see [`mxcas_cas`]) grows from the leaf
 //! digests. The first [`PART_SIZE`] bytes are buffered and, if the body ends there, stored
 //! with one `put`; otherwise a multipart upload starts and the rest streams through it. Memory
 //! per upload is bounded (one part, one leaf, parts in flight), whatever the file size. Any
@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 
 use crate::block_index::BlockIndex;
 use crate::store::{BlobStore, PART_SIZE, StoreError};
-use crate::unixfs::{CHUNK_SIZE, Dag, DagBuilder};
+use mxcas_cas::{CHUNK_SIZE, Dag, DagBuilder};
 use mxcas_meta::ContentRecord;
 use mxcas_meta::model::blob_key;
 

@@ -1,6 +1,6 @@
 //! mxcas-edge: the stateless front of mxcas.
 //!
-//! Serves the Matrix media API ([`api`]), names every upload by its CID ([`unixfs`]),
+//! Serves the Matrix media API ([`api`]), names every upload by its CID ([`mxcas_cas`]),
 //! streams bytes into object storage ([`ingest`], [`store`]), keeps hot blocks in memory
 //! ([`cache`]) and asks the metadata service (`mxcas-meta`'s client) what an mxc holds.
 //! An edge keeps no state but caches: any number can run in front of one store and one
@@ -27,7 +27,6 @@ pub mod store;
 pub mod sweeper;
 pub mod tenants;
 pub mod thumbnails;
-pub mod unixfs;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

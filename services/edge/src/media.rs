@@ -487,7 +487,7 @@ impl MediaService {
             && match &content.index_key {
                 Some(index) => self.store.size(index).await.map_err(unavailable)?.is_some(),
                 None => match self.store.get(&content.blob_key).await {
-                    Ok(bytes) => crate::unixfs::sha256_digest(&content.cid)
+                    Ok(bytes) => mxcas_cas::sha256_digest(&content.cid)
                         .is_some_and(|want| <[u8; 32]>::from(<sha2::Sha256 as sha2::Digest>::digest(&bytes)) == want),
                     Err(StoreError::NotFound(_)) => false,
                     Err(e) => return Err(unavailable(e)),

@@ -195,7 +195,7 @@ fn cid(files: &[PathBuf]) -> anyhow::Result<()> {
     let mut buf = vec![0u8; 1 << 20];
     for path in files {
         let mut file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        let mut dag = mxcas_edge::unixfs::DagBuilder::new();
+        let mut dag = mxcas_cas::DagBuilder::new();
         loop {
             let n = file.read(&mut buf).with_context(|| format!("cannot read {}", path.display()))?;
             if n == 0 {

@@ -22,7 +22,7 @@ use mxcas_tests::{Node, NodeOptions};
 
 fn commit_request(n: u64) -> pb::CommitUploadRequest {
     let bytes = n.to_le_bytes();
-    let cid = mxcas_edge::unixfs::raw_cid(&bytes);
+    let cid = mxcas_cas::raw_cid(&bytes);
     pb::CommitUploadRequest {
         media: Some(pb::MediaKey { server_name: "localhost".into(), media_id: String::new() }),
         user_id: "@bench:localhost".into(),

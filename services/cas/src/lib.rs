@@ -1,0 +1,16 @@
+//! Content addressing for mxcas: how bytes are named, so that IPFS tooling and mxcas give the
+//! same bytes the same CID (MSC2706) and a media ID can be checked against its bytes
+//! (MSC2846).
+//!
+//! - [`profile`]: the CIDs mxcas makes, by the IPIP-499 `unixfs-v1-2025` profile: raw leaves
+//!   of 1 MiB, balanced dag-pb trees of 1024 links, CIDv1 sha2-256; [`DagBuilder`] computes
+//!   them incrementally at constant memory.
+//!
+//! Pure CPU work on bytes in memory: this crate must not depend on an async runtime, a blob
+//! store or HTTP (the edge, the `cid` command and tests all use it).
+
+pub mod profile;
+
+pub use profile::{
+    CHUNK_SIZE, DAG_PB, Dag, DagBuilder, MAX_LINKS, RAW, SHA2_256, cid_from_digest, cid_of, raw_cid, sha256_digest,
+};
