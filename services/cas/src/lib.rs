@@ -5,11 +5,16 @@
 //! - [`profile`]: the CIDs mxcas makes, by the IPIP-499 `unixfs-v1-2025` profile: raw leaves
 //!   of 1 MiB, balanced dag-pb trees of 1024 links, CIDv1 sha2-256; [`DagBuilder`] computes
 //!   them incrementally at constant memory.
+//! - [`dag_pb`]: the dag-pb codec, strict on decoding (one meaning per block) and canonical on
+//!   encoding; [`unixfs`]: the UnixFS data it carries, and [`unixfs::FileNode`], a file node
+//!   whose sizes add up.
 //!
 //! Pure CPU work on bytes in memory: this crate must not depend on an async runtime, a blob
 //! store or HTTP (the edge, the `cid` command and tests all use it).
 
+pub mod dag_pb;
 pub mod profile;
+pub mod unixfs;
 
 pub use profile::{
     CHUNK_SIZE, DAG_PB, Dag, DagBuilder, MAX_LINKS, RAW, SHA2_256, cid_from_digest, cid_of, raw_cid, sha256_digest,

@@ -20,6 +20,9 @@ use cid::Cid;
 use multihash::Multihash;
 use sha2::{Digest, Sha256};
 
+use crate::dag_pb::{self, PbLink, PbNode};
+use crate::unixfs::{Data, DataType};
+
 /// Leaf size of the profile (1 MiB).
 pub const CHUNK_SIZE: usize = 1 << 20;
 /// Most links in one dag-pb node.
@@ -157,35 +160,26 @@ impl DagBuilder {
 
     fn encode_node(&mut self, links: &[Link]) -> Link {
         let filesize: u64 = links.iter().map(|l| l.filesize).sum();
-        let mut data = Vec::with_capacity(8 + 4 * links.len());
-        put_tag(&mut data, 1, 0); // Type
-        put_varint(&mut data, 2); // File
-        put_tag(&mut data, 3, 0); // filesize
-        put_varint(&mut data, filesize);
-        for l in links {
-            put_tag(&mut data, 4, 0); // blocksizes (non-packed)
-            put_varint(&mut data, l.filesize);
-        }
-        let mut block = Vec::with_capacity(48 * links.len() + data.len() + 8);
-        let mut link_buf = Vec::with_capacity(64);
-        for l in links {
-            link_buf.clear();
-            let cid = l.cid.to_bytes();
-            put_tag(&mut link_buf, 1, 2); // Hash
-            put_varint(&mut link_buf, cid.len() as u64);
-            link_buf.extend_from_slice(&cid);
-            put_tag(&mut link_buf, 2, 2); // Name: present and empty
-            put_varint(&mut link_buf, 0);
-            put_tag(&mut link_buf, 3, 0); // Tsize
-            put_varint(&mut link_buf, l.tsize);
-            put_tag(&mut block, 2, 2); // Links
-            put_varint(&mut block, link_buf.len() as u64);
-            block.extend_from_slice(&link_buf);
-        }
-        put_tag(&mut block, 1, 2); // Data
-        put_varint(&mut block, data.len() as u64);
-        block.extend_from_slice(&data);
-
+        // Type File, filesize, one non-packed blocksizes entry per child; links with an empty
+        // Name and their Tsize, links first (dag_pb's canonical form).
+        let data = Data {
+            kind: DataType::File,
+            data: None,
+            filesize: Some(filesize),
+            blocksizes: links.iter().map(|l| l.filesize).collect(),
+            hash_type: None,
+            fanout: None,
+            mode: None,
+            mtime: None,
+        };
+        let node = PbNode {
+            links: links
+                .iter()
+                .map(|l| PbLink { hash: l.cid, name: Some(String::new()), tsize: Some(l.tsize) })
+                .collect(),
+            data: Some(data.encode()),
+        };
+        let block = dag_pb::encode(&node);
         let cid = cid_from_digest(DAG_PB, &Sha256::digest(&block).into());
         let tsize = block.len() as u64 + links.iter().map(|l| l.tsize).sum::<u64>();
         self.nodes.push((cid, block));
@@ -224,18 +218,6 @@ impl DagBuilder {
         };
         Dag { root, size: self.size, leaves: self.leaves, nodes: self.nodes }
     }
-}
-
-fn put_tag(buf: &mut Vec<u8>, field: u64, wire_type: u64) {
-    put_varint(buf, (field << 3) | wire_type);
-}
-
-fn put_varint(buf: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        buf.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    buf.push(v as u8);
 }
 
 /// The CID of a whole byte slice (tests and small inputs).
@@ -340,74 +322,6 @@ mod tests {
         assert_eq!(sha256_digest(&cid), Some(Sha256::digest(b"hello").into()));
     }
 
-    /// A minimal dag-pb/UnixFS reader, to walk what [`DagBuilder`] wrote.
-    mod walk {
-        pub struct Node {
-            pub links: Vec<(Vec<u8>, u64)>,
-            pub filesize: u64,
-            pub blocksizes: Vec<u64>,
-        }
-
-        fn varint(b: &[u8], i: &mut usize) -> u64 {
-            let (mut v, mut shift) = (0u64, 0);
-            loop {
-                let byte = b[*i];
-                *i += 1;
-                v |= ((byte & 0x7f) as u64) << shift;
-                if byte < 0x80 {
-                    return v;
-                }
-                shift += 7;
-            }
-        }
-
-        fn fields(b: &[u8]) -> Vec<(u64, Result<&[u8], u64>)> {
-            let (mut i, mut out) = (0, Vec::new());
-            while i < b.len() {
-                let tag = varint(b, &mut i);
-                if tag & 7 == 2 {
-                    let len = varint(b, &mut i) as usize;
-                    out.push((tag >> 3, Ok(&b[i..i + len])));
-                    i += len;
-                } else {
-                    out.push((tag >> 3, Err(varint(b, &mut i))));
-                }
-            }
-            out
-        }
-
-        pub fn parse(block: &[u8]) -> Node {
-            let mut node = Node { links: Vec::new(), filesize: 0, blocksizes: Vec::new() };
-            for (field, value) in fields(block) {
-                match (field, value) {
-                    (2, Ok(link)) => {
-                        let mut hash = Vec::new();
-                        let mut tsize = 0;
-                        for (f, v) in fields(link) {
-                            match (f, v) {
-                                (1, Ok(h)) => hash = h.to_vec(),
-                                (3, Err(t)) => tsize = t,
-                                _ => {}
-                            }
-                        }
-                        node.links.push((hash, tsize));
-                    }
-                    (1, Ok(data)) => {
-                        for (f, v) in fields(data) {
-                            match (f, v) {
-                                (3, Err(n)) => node.filesize = n,
-                                (4, Err(n)) => node.blocksizes.push(n),
-                                _ => {}
-                            }
-                        }
-                    }
-                    _ => {}
-                }
-            }
-            node
-        }
-    }
-
     /// Walks the DAG from the root; returns (leaf digests in order, Tsize of the root).
     fn leaves_of(dag: &Dag) -> (Vec<[u8; 32]>, u64, u64) {
         let nodes: std::collections::HashMap<Vec<u8>, &Vec<u8>> =
@@ -419,14 +333,15 @@ mod tests {
                 return (0, 0);
             }
             let block = nodes[&cid.to_bytes()];
-            let node = walk::parse(block);
-            assert_eq!(node.links.len(), node.blocksizes.len());
+            // Strict dag-pb whose sizes add up, or this panics.
+            let node = crate::unixfs::FileNode::from_block(block).expect("a UnixFS file node");
             assert!(node.links.len() <= MAX_LINKS);
             let mut tsize = block.len() as u64;
-            for ((hash, t), bs) in node.links.iter().zip(&node.blocksizes) {
+            for (link, bs) in node.links.iter().zip(&node.blocksizes) {
+                let (hash, t) = (link.hash.to_bytes(), &link.tsize.expect("Tsize written"));
                 let before = out.len();
-                let (child_tsize, child_filesize) = go(hash, nodes, out);
-                let child = Cid::try_from(hash.as_slice()).expect("cid");
+                let (child_tsize, child_filesize) = go(&hash, nodes, out);
+                let child = link.hash;
                 if child.codec() == RAW {
                     assert_eq!(out.len(), before + 1);
                     assert_eq!(*t, *bs, "a raw leaf's Tsize is its size");

@@ -13,6 +13,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use cid::Cid;
 use sha2::{Digest, Sha256};
 
+use mxcas_cas::unixfs::FileNode;
 use mxcas_cas::{DAG_PB, Dag, RAW, cid_from_digest};
 
 const MAGIC: &[u8; 8] = b"MXCIDX01";
@@ -121,9 +122,11 @@ impl BlockIndex {
                 continue;
             }
             let block = nodes.get(&cid).ok_or(IndexError("the DAG links a node the index lacks"))?;
-            let links = dag_pb_links(block)?;
+            // A file node of strict dag-pb whose sizes add up (mxcas_cas::unixfs).
+            let node =
+                FileNode::from_block(block).map_err(|_| IndexError("a DAG node is not a valid UnixFS file node"))?;
             // Depth first, left to right: push children in reverse.
-            stack.extend(links.into_iter().rev());
+            stack.extend(node.links.into_iter().rev().map(|l| l.hash));
         }
         if leaves.len() != self.leaves.len() {
             return Err(IndexError("the DAG links fewer leaves than the index lists"));
@@ -135,57 +138,6 @@ impl BlockIndex {
         }
         Ok(())
     }
-}
-
-fn varint(b: &mut Bytes) -> Result<u64, IndexError> {
-    let mut v = 0u64;
-    for shift in (0..64).step_by(7) {
-        if !b.has_remaining() {
-            return Err(IndexError("truncated dag-pb varint"));
-        }
-        let byte = b.get_u8();
-        v |= u64::from(byte & 0x7f) << shift;
-        if byte < 0x80 {
-            return Ok(v);
-        }
-    }
-    Err(IndexError("overlong dag-pb varint"))
-}
-
-/// The link CIDs of a dag-pb node (field 2, each with its Hash in field 1), in order.
-fn dag_pb_links(block: &Bytes) -> Result<Vec<Cid>, IndexError> {
-    fn fields(mut b: Bytes) -> Result<Vec<(u64, Option<Bytes>)>, IndexError> {
-        let mut out = Vec::new();
-        while b.has_remaining() {
-            let tag = varint(&mut b)?;
-            match tag & 7 {
-                0 => {
-                    varint(&mut b)?;
-                    out.push((tag >> 3, None));
-                }
-                2 => {
-                    let len = usize::try_from(varint(&mut b)?).map_err(|_| IndexError("dag-pb length"))?;
-                    if b.remaining() < len {
-                        return Err(IndexError("truncated dag-pb field"));
-                    }
-                    out.push((tag >> 3, Some(b.split_to(len))));
-                }
-                _ => return Err(IndexError("unexpected dag-pb wire type")),
-            }
-        }
-        Ok(out)
-    }
-    let mut links = Vec::new();
-    for (field, value) in fields(block.clone())? {
-        if let (2, Some(link)) = (field, value) {
-            let hash = fields(link)?
-                .into_iter()
-                .find_map(|(f, v)| (f == 1).then_some(v).flatten())
-                .ok_or(IndexError("dag-pb link without a hash"))?;
-            links.push(Cid::try_from(hash.as_ref()).map_err(|_| IndexError("dag-pb link with a bad CID"))?);
-        }
-    }
-    Ok(links)
 }
 
 #[cfg(test)]
