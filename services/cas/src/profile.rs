@@ -194,9 +194,11 @@ impl DagBuilder {
         self.finish_tree()
     }
 
-    /// Finishes a DAG built with [`Self::push_leaf`] (an empty file still needs its one empty
-    /// leaf pushed).
-    pub fn finish_leaves(self) -> Dag {
+    /// Finishes a DAG built with [`Self::push_leaf`]; with no leaf pushed, the empty file's.
+    pub fn finish_leaves(mut self) -> Dag {
+        if self.leaves.is_empty() {
+            self.push_leaf(Sha256::digest(b"").into(), 0);
+        }
         self.finish_tree()
     }
 
@@ -313,6 +315,14 @@ mod tests {
             b.update(&data);
             assert_eq!(pushed.finish_leaves(), b.finish(), "size {len}");
         }
+    }
+
+    #[test]
+    fn leaves_pushed_or_not_make_the_same_dag() {
+        assert_eq!(DagBuilder::new().finish_leaves().root, cid_of(b""));
+        let mut b = DagBuilder::new();
+        b.push_leaf(Sha256::digest(b"abc").into(), 3);
+        assert_eq!(b.finish_leaves().root, cid_of(b"abc"));
     }
 
     #[test]

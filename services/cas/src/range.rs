@@ -15,6 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
+use std::sync::Arc;
 
 use cid::Cid;
 
@@ -39,6 +40,13 @@ pub enum RangeError {
     TooManyLinks { links: usize, limit: usize },
     #[error("the range needs more than {0} blocks")]
     TooManyBlocks(usize),
+    /// A link claiming zero bytes of the file: no importer writes one, and a reader could
+    /// skip it or not (two meanings of one CID).
+    #[error("block {0} links a child of zero bytes")]
+    EmptyChild(Cid),
+    /// An earlier block failed this read; it is over.
+    #[error("the read failed earlier: {0}")]
+    Failed(Box<RangeError>),
     /// `add` was given a block nothing asked for.
     #[error("block {0} was not wanted")]
     NotWanted(Cid),
@@ -58,10 +66,14 @@ pub struct FileRange {
     limits: Limits,
     /// Asked for; clamped to the file's size once the root is known.
     range: Range<u64>,
-    /// Blocks still needed, by CID (one CID may sit at several offsets).
+    /// Blocks still needed, by CID in its v1 form (one CID may sit at several offsets, and a
+    /// DAG may name one block as CIDv0 and as CIDv1).
     pending: HashMap<Cid, Vec<Pending>>,
-    /// Bytes of the range ready to be taken, by file offset.
-    ready: BTreeMap<u64, Vec<u8>>,
+    /// Bytes of the range ready to be taken, by file offset: views into the blocks (a block
+    /// that sits at many offsets is held once).
+    ready: BTreeMap<u64, (Arc<[u8]>, Range<usize>)>,
+    /// The error that ended the read, answered to every later call.
+    failed: Option<RangeError>,
     /// Next offset `next_bytes` gives.
     position: u64,
     /// The file's size, once the root is in.
@@ -82,6 +94,7 @@ impl FileRange {
             ready: BTreeMap::new(),
             size: None,
             planned: 0,
+            failed: None,
         };
         me.want(root, Pending { offset: 0, claimed: None, depth: 0 })?;
         Ok(me)
@@ -97,33 +110,56 @@ impl FileRange {
         self.range.clone()
     }
 
-    /// Every block needed and not yet added, in file order.
+    /// Every block needed and not yet added, in file order (CIDv1 form).
     pub fn wants(&self) -> Vec<Cid> {
+        if self.failed.is_some() {
+            return Vec::new();
+        }
         let mut w: Vec<(u64, Cid)> =
             self.pending.iter().map(|(cid, at)| (at.iter().map(|p| p.offset).min().unwrap_or(0), *cid)).collect();
-        w.sort_by_key(|(offset, cid)| (*offset, cid.to_bytes()));
+        w.sort_unstable();
         w.into_iter().map(|(_, cid)| cid).collect()
     }
 
-    /// True once every byte of the range has been taken.
+    /// True once every byte of the range has been taken (never after a failure).
     pub fn is_done(&self) -> bool {
-        self.pending.is_empty() && self.ready.is_empty()
+        self.failed.is_none()
+            && self.pending.is_empty()
+            && self.ready.is_empty()
+            && (self.size.is_some() && self.position == self.range.end)
     }
 
     /// Adds a wanted block; its file bytes in the range become ready, its children wanted.
+    /// An error ends the read: later calls answer it again ([`RangeError::Failed`]), except
+    /// [`RangeError::NotWanted`], which changes nothing.
     pub fn add(&mut self, block: VerifiedBlock) -> Result<(), RangeError> {
+        if let Some(e) = &self.failed {
+            return Err(RangeError::Failed(Box::new(e.clone())));
+        }
+        let key = v1(block.cid());
+        if !self.pending.contains_key(&key) {
+            return Err(RangeError::NotWanted(*block.cid()));
+        }
+        let added = self.place_block(key, block);
+        if let Err(e) = &added {
+            self.failed = Some(e.clone());
+        }
+        added
+    }
+
+    fn place_block(&mut self, key: Cid, block: VerifiedBlock) -> Result<(), RangeError> {
         let cid = *block.cid();
-        let at = self.pending.remove(&cid).ok_or(RangeError::NotWanted(cid))?;
+        let at = self.pending.remove(&key).unwrap_or_default();
         let place = |p: &Pending, actual: u64| match p.claimed {
             Some(claimed) if claimed != actual => Err(RangeError::Inconsistent { cid, claimed, actual }),
             _ => Ok(()),
         };
         if cid.codec() == RAW {
-            let bytes = block.into_bytes();
+            let bytes: Arc<[u8]> = block.into_bytes().into();
             for p in &at {
                 place(p, bytes.len() as u64)?;
                 self.root_size(p, bytes.len() as u64);
-                self.take(p.offset, &bytes);
+                self.take(p.offset, &bytes, 0..bytes.len());
             }
             return Ok(());
         }
@@ -131,11 +167,15 @@ impl FileRange {
         if node.links.len() > self.limits.max_links {
             return Err(RangeError::TooManyLinks { links: node.links.len(), limit: self.limits.max_links });
         }
+        if node.blocksizes.contains(&0) {
+            return Err(RangeError::EmptyChild(cid));
+        }
+        let inline: Arc<[u8]> = node.inline.into();
         for p in &at {
             place(p, node.filesize)?;
             self.root_size(p, node.filesize);
-            self.take(p.offset, &node.inline);
-            let mut offset = p.offset + node.inline.len() as u64;
+            self.take(p.offset, &inline, 0..inline.len());
+            let mut offset = p.offset + inline.len() as u64;
             for (link, &size) in node.links.iter().zip(&node.blocksizes) {
                 let child = Pending { offset, claimed: Some(size), depth: p.depth + 1 };
                 offset += size;
@@ -153,9 +193,9 @@ impl FileRange {
         if *entry.key() != self.position {
             return None;
         }
-        let bytes = entry.remove();
-        self.position += bytes.len() as u64;
-        Some(bytes)
+        let (block, part) = entry.remove();
+        self.position += part.len() as u64;
+        Some(block[part].to_vec())
     }
 
     fn root_size(&mut self, p: &Pending, size: u64) {
@@ -171,13 +211,13 @@ impl FileRange {
         offset < self.range.end && offset.saturating_add(len) > self.range.start
     }
 
-    /// The part of `bytes` (at file `offset`) inside the range, made ready.
-    fn take(&mut self, offset: u64, bytes: &[u8]) {
-        let end = offset + bytes.len() as u64;
+    /// The part of `block[part]` (at file `offset`) inside the range, made ready.
+    fn take(&mut self, offset: u64, block: &Arc<[u8]>, part: Range<usize>) {
+        let end = offset + part.len() as u64;
         let (from, to) = (offset.max(self.range.start), end.min(self.range.end));
         if from < to {
-            let slice = &bytes[(from - offset) as usize..(to - offset) as usize];
-            self.ready.insert(from, slice.to_vec());
+            let view = part.start + (from - offset) as usize..part.start + (to - offset) as usize;
+            self.ready.insert(from, (block.clone(), view));
         }
     }
 
@@ -190,13 +230,18 @@ impl FileRange {
         if self.planned > self.limits.max_blocks {
             return Err(RangeError::TooManyBlocks(self.limits.max_blocks));
         }
-        if let Some(block) = VerifiedBlock::from_identity(&cid, &self.limits) {
-            self.pending.entry(cid).or_default().push(p);
-            return self.add(block?);
+        let key = v1(&cid);
+        self.pending.entry(key).or_default().push(p);
+        match VerifiedBlock::from_identity(&cid, &self.limits) {
+            Some(block) => self.place_block(key, block?),
+            None => Ok(()),
         }
-        self.pending.entry(cid).or_default().push(p);
-        Ok(())
     }
+}
+
+/// The CIDv1 of a CID (a CIDv0 is dag-pb by definition; anything else is v1 already).
+fn v1(cid: &Cid) -> Cid {
+    cid.into_v1().unwrap_or(*cid)
 }
 
 #[cfg(test)]
@@ -215,6 +260,8 @@ mod tests {
     /// Reads `range` with blocks from `store`, handed over in `order`'s way (reversed or not).
     fn read(root: Cid, range: Range<u64>, store: &HashMap<Cid, Vec<u8>>, reverse: bool) -> Result<Vec<u8>, RangeError> {
         let l = Limits::default();
+        // Wants come as CIDv1, whatever form the DAG links them in.
+        let store: HashMap<Cid, &Vec<u8>> = store.iter().map(|(k, v)| (v1(k), v)).collect();
         let mut r = FileRange::new(root, range, l)?;
         let mut out = Vec::new();
         loop {
@@ -229,7 +276,7 @@ mod tests {
                 wants.reverse();
             }
             for cid in wants {
-                let bytes = store.get(&cid).expect("the store has every block").clone();
+                let bytes = (*store.get(&cid).expect("the store has every block")).clone();
                 r.add(VerifiedBlock::verify(cid, bytes, &l)?)?;
             }
         }
@@ -364,6 +411,9 @@ mod tests {
         r.add(VerifiedBlock::verify(root_cid, root, &l).expect("root")).expect("root adds");
         let err = r.add(VerifiedBlock::verify(raw_cid(&leaf), leaf.clone(), &l).expect("leaf")).expect_err("sizes");
         assert!(matches!(err, RangeError::Inconsistent { claimed: 4, actual: 5, .. }), "{err}");
+        // The failure ends the read: it is never reported done with bytes missing.
+        assert!(!r.is_done());
+        assert!(r.wants().is_empty());
         // More blocks than a read may need.
         let few = Limits { max_blocks: 1, ..l };
         let mut r = FileRange::new(root_cid, 0..10, few).expect("plan");
@@ -408,6 +458,42 @@ mod tests {
         ));
         let cbor = Cid::new_v1(0x71, *raw_cid(b"x").hash());
         assert!(matches!(FileRange::new(cbor, 0..1, l), Err(RangeError::Verify(VerifyError::UnsupportedCodec(0x71)))));
+    }
+
+    /// One block linked many times is held once, however many times the range repeats it; a
+    /// child of zero bytes is refused (a reader could skip it or not); CIDv0 and CIDv1 names
+    /// of one block are one block.
+    #[test]
+    fn repeated_blocks_are_held_once_and_names_of_one_block_agree() {
+        let l = Limits::default();
+        let leaf = vec![9u8; 64 << 10];
+        let x = file_node(&[], &vec![(raw_cid(&leaf), leaf.len() as u64); 1000]);
+        let x_cid = v0(&x);
+        let root = file_node(&[], &vec![(x_cid, 1000 * leaf.len() as u64); 16]);
+        let root_cid = Cid::new_v1(DAG_PB, *v0(&root).hash());
+        let mut r = FileRange::new(root_cid, 0..u64::MAX, l).expect("plan");
+        r.add(VerifiedBlock::verify(root_cid, root, &l).expect("root")).expect("root");
+        // The root names X as CIDv0; a source answers it as CIDv1.
+        let x_v1 = Cid::new_v1(DAG_PB, *x_cid.hash());
+        assert_eq!(r.wants(), [x_v1]);
+        r.add(VerifiedBlock::verify(x_v1, x, &l).expect("x")).expect("x");
+        r.add(VerifiedBlock::verify(raw_cid(&leaf), leaf.clone(), &l).expect("leaf")).expect("leaf");
+        // 16 000 × 64 KiB ready, one 64 KiB block held: take them without keeping them.
+        let mut taken = 0u64;
+        while let Some(b) = r.next_bytes() {
+            assert_eq!(b.len(), leaf.len());
+            taken += b.len() as u64;
+        }
+        assert_eq!(taken, 16_000 * leaf.len() as u64);
+        assert!(r.is_done());
+
+        let empty = file_node(&[], &[(raw_cid(&leaf), 0), (raw_cid(b"abc"), 3)]);
+        let empty_cid = v0(&empty);
+        let mut r = FileRange::new(empty_cid, 0..3, l).expect("plan");
+        assert!(matches!(
+            r.add(VerifiedBlock::verify(empty_cid, empty, &l).expect("root")),
+            Err(RangeError::EmptyChild(_))
+        ));
     }
 
     proptest::proptest! {

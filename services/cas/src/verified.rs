@@ -22,7 +22,8 @@ pub const IDENTITY: u64 = 0x00;
 pub struct Limits {
     /// Largest block accepted (IPFS peers exchange blocks of at most 2 MiB).
     pub max_block_size: usize,
-    /// Largest identity CID payload.
+    /// Largest identity CID payload (the `cid` crate holds digests of at most 64 bytes, so a
+    /// longer one never decodes whatever this says).
     pub max_identity_size: usize,
     /// Deepest a file's DAG may be (the root is depth 0).
     pub max_depth: usize,
@@ -34,7 +35,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_block_size: 2 << 20, max_identity_size: 1024, max_depth: 32, max_links: 16_384, max_blocks: 1 << 20 }
+        Self { max_block_size: 2 << 20, max_identity_size: 64, max_depth: 32, max_links: 16_384, max_blocks: 1 << 20 }
     }
 }
 
