@@ -163,14 +163,9 @@ impl DagBuilder {
         // Type File, filesize, one non-packed blocksizes entry per child; links with an empty
         // Name and their Tsize, links first (dag_pb's canonical form).
         let data = Data {
-            kind: DataType::File,
-            data: None,
             filesize: Some(filesize),
             blocksizes: links.iter().map(|l| l.filesize).collect(),
-            hash_type: None,
-            fanout: None,
-            mode: None,
-            mtime: None,
+            ..Data::new(DataType::File)
         };
         let node = PbNode {
             links: links

@@ -327,14 +327,10 @@ mod tests {
 
     fn file_node(inline: &[u8], children: &[(Cid, u64)]) -> Vec<u8> {
         let data = Data {
-            kind: DataType::File,
             data: (!inline.is_empty()).then(|| inline.to_vec()),
             filesize: Some(inline.len() as u64 + children.iter().map(|(_, s)| s).sum::<u64>()),
             blocksizes: children.iter().map(|(_, s)| *s).collect(),
-            hash_type: None,
-            fanout: None,
-            mode: None,
-            mtime: None,
+            ..Data::new(DataType::File)
         };
         let links = children.iter().map(|(c, _)| PbLink { hash: *c, name: None, tsize: None }).collect();
         dag_pb::encode(&PbNode { links, data: Some(data.encode()) })
@@ -353,17 +349,8 @@ mod tests {
             let leaf = dag_pb::encode(&PbNode {
                 links: vec![],
                 data: Some(
-                    Data {
-                        kind: DataType::Raw,
-                        data: Some(piece.to_vec()),
-                        filesize: Some(piece.len() as u64),
-                        blocksizes: vec![],
-                        hash_type: None,
-                        fanout: None,
-                        mode: None,
-                        mtime: None,
-                    }
-                    .encode(),
+                    Data { data: Some(piece.to_vec()), filesize: Some(piece.len() as u64), ..Data::new(DataType::Raw) }
+                        .encode(),
                 ),
             });
             let cid = v0(&leaf);
@@ -434,22 +421,7 @@ mod tests {
         }
         assert_eq!(read(child.0, 0..5, &store, false), Err(RangeError::TooDeep(l.max_depth)));
         // Not a file, and codecs that cannot be proven.
-        let dir = dag_pb::encode(&PbNode {
-            links: vec![],
-            data: Some(
-                Data {
-                    kind: DataType::Directory,
-                    data: None,
-                    filesize: None,
-                    blocksizes: vec![],
-                    hash_type: None,
-                    fanout: None,
-                    mode: None,
-                    mtime: None,
-                }
-                .encode(),
-            ),
-        });
+        let dir = dag_pb::encode(&PbNode { links: vec![], data: Some(Data::new(DataType::Directory).encode()) });
         let dir_cid = v0(&dir);
         let mut r = FileRange::new(dir_cid, 0..1, l).expect("plan");
         assert!(matches!(

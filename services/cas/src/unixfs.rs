@@ -62,11 +62,10 @@ pub struct Data {
 }
 
 impl Data {
-    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        let mut r = Reader::new(bytes);
-        let mut kind = None;
-        let mut d = Self {
-            kind: DataType::Raw,
+    /// A message of `kind` with no other field set.
+    pub fn new(kind: DataType) -> Self {
+        Self {
+            kind,
             data: None,
             filesize: None,
             blocksizes: Vec::new(),
@@ -74,7 +73,13 @@ impl Data {
             fanout: None,
             mode: None,
             mtime: None,
-        };
+        }
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(bytes);
+        let mut kind = None;
+        let mut d = Self::new(DataType::Raw);
         let mut seen = 0u16;
         while !r.is_empty() {
             let (field, wire) = r.tag()?;
@@ -201,16 +206,7 @@ mod tests {
     }
 
     fn file(filesize: Option<u64>, blocksizes: Vec<u64>, inline: Option<Vec<u8>>) -> Data {
-        Data {
-            kind: DataType::File,
-            data: inline,
-            filesize,
-            blocksizes,
-            hash_type: None,
-            fanout: None,
-            mode: None,
-            mtime: None,
-        }
+        Data { data: inline, filesize, blocksizes, ..Data::new(DataType::File) }
     }
 
     #[test]

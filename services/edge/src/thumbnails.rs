@@ -472,24 +472,19 @@ impl Thumbnails {
             self.known.insert((m.record.source, m.record.spec), m).await;
         }
         // Only what this edge may make: sizes another edge is making already are its to record.
+        // Claims taken are released if anything after them fails (a claim error included).
         let mut mine = Vec::new();
-        for spec in missing {
-            match self.media.meta.claim_thumbnail(&source.cid, &spec, &self.claimant, self.config.max_wait, false).await
-            {
-                Ok(Claim::Granted) => mine.push(spec),
-                Ok(Claim::Held(_)) => {}
-                Err(e) => {
-                    for spec in mine {
-                        self.release(source.cid, spec);
-                    }
-                    return Err(e.into());
+        let made = async {
+            for spec in missing {
+                let claim =
+                    self.media.meta.claim_thumbnail(&source.cid, &spec, &self.claimant, self.config.max_wait, false);
+                if claim.await? == Claim::Granted {
+                    mine.push(spec);
                 }
             }
-        }
-        if mine.is_empty() {
-            return Ok(());
-        }
-        let made = async {
+            if mine.is_empty() {
+                return Ok(());
+            }
             for (spec, thumb) in self.generate(&source, mine.clone()).await? {
                 let made = self.store(&source, spec, thumb, None).await?;
                 self.known.insert((source.cid, spec), made.without_bytes()).await;

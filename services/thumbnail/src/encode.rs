@@ -16,6 +16,16 @@ fn internal(e: impl std::fmt::Display) -> Error {
     Error::Internal(e.to_string())
 }
 
+/// Lanczos3 resizing of `part` of the source.
+fn lanczos(part: size::Rect) -> ResizeOptions {
+    ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Lanczos3)).crop(
+        part.left,
+        part.top,
+        part.width,
+        part.height,
+    )
+}
+
 /// `image` (RGB8 or RGBA8, `scale` times the size of `full`) resized per `plan`.
 fn resize(image: &DynamicImage, full: (u32, u32), plan: &Plan) -> Result<DynamicImage, Error> {
     let mut out = match image {
@@ -23,15 +33,13 @@ fn resize(image: &DynamicImage, full: (u32, u32), plan: &Plan) -> Result<Dynamic
         _ => DynamicImage::new_rgb8(plan.width, plan.height),
     };
     let (fx, fy) = (f64::from(image.width()) / f64::from(full.0), f64::from(image.height()) / f64::from(full.1));
-    let crop =
-        plan.crop.unwrap_or(size::Rect { left: 0.0, top: 0.0, width: f64::from(full.0), height: f64::from(full.1) });
+    let crop = plan.shown(full);
     // In the decoded image's pixels, kept inside it: scaling by a ratio of sizes can land a
     // rounding step past its edge.
     let (iw, ih) = (f64::from(image.width()), f64::from(image.height()));
     let (left, top) = ((crop.left * fx).clamp(0.0, iw), (crop.top * fy).clamp(0.0, ih));
     let (width, height) = ((crop.width * fx).min(iw - left), (crop.height * fy).min(ih - top));
-    let options =
-        ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Lanczos3)).crop(left, top, width, height);
+    let options = lanczos(size::Rect { left, top, width, height });
     Resizer::new().resize(image, &mut out, &options).map_err(internal)?;
     Ok(out)
 }
@@ -156,20 +164,8 @@ impl GifWriter {
         let canvas = frame.buffer();
         let full = canvas.dimensions();
         let plan = *self.plan.get_or_insert_with(|| size::plan(full, &self.spec));
-        let crop = plan.crop.unwrap_or(size::Rect {
-            left: 0.0,
-            top: 0.0,
-            width: f64::from(full.0),
-            height: f64::from(full.1),
-        });
         let mut out = image::RgbaImage::new(plan.width, plan.height);
-        let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Lanczos3)).crop(
-            crop.left,
-            crop.top,
-            crop.width,
-            crop.height,
-        );
-        self.resizer.resize(canvas, &mut out, &options).map_err(internal)?;
+        self.resizer.resize(canvas, &mut out, &lanczos(plan.shown(full))).map_err(internal)?;
         let (numer, denom) = frame.delay().numer_denom_ms();
         let centiseconds =
             u16::try_from((u64::from(numer) + 5 * u64::from(denom.max(1))) / (10 * u64::from(denom.max(1))))

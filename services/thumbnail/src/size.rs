@@ -28,6 +28,11 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// The part of a source of size `full` the thumbnail shows: the crop, or all of it.
+    pub fn shown(&self, full: (u32, u32)) -> Rect {
+        self.crop.unwrap_or(Rect { left: 0.0, top: 0.0, width: f64::from(full.0), height: f64::from(full.1) })
+    }
+
     /// The smallest size the whole source may be decoded at without losing detail this plan
     /// needs (decoders that can shrink while decoding, like JPEG's reduced DCT, stop there).
     pub fn decode_size(&self, source: (u32, u32)) -> (u32, u32) {

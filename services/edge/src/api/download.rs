@@ -40,9 +40,7 @@ pub async fn download_v1(
     path: Result<Path<MediaPath>, PathRejection>,
     Query(query): Query<BTreeMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    let tenant = state.tenants.for_request(&headers)?;
-    let caller = tenant.auth.authenticate(&headers, &query).await?;
-    tenant.download_limit.check(&caller.user_id)?;
+    super::authorize_media(&state, &headers, &query).await?;
     let Path(path) = path.map_err(super::path_error)?;
     serve(&state, method, &headers, path, &query, false).await
 }
@@ -55,9 +53,7 @@ pub async fn download_legacy(
     Query(query): Query<BTreeMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let Path(path) = path.map_err(super::path_error)?;
-    if !state.media.config.legacy_download {
-        return Err(ApiError::not_found("Unauthenticated media download is disabled; use /_matrix/client/v1/media"));
-    }
+    super::legacy_allowed(&state)?;
     serve(&state, method, &headers, path, &query, true).await
 }
 

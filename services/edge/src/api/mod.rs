@@ -115,6 +115,26 @@ async fn observe(State(state): State<Arc<AppState>>, req: Request, next: Next) -
     resp
 }
 
+/// The authenticated media endpoints' gate (downloads and thumbnails alike): the request's
+/// tenant, a token it accepts, and that user's download rate.
+pub async fn authorize_media(
+    state: &AppState,
+    headers: &axum::http::HeaderMap,
+    query: &std::collections::BTreeMap<String, String>,
+) -> Result<(), ApiError> {
+    let tenant = state.tenants.for_request(headers)?;
+    let caller = tenant.auth.authenticate(headers, query).await?;
+    tenant.download_limit.check(&caller.user_id)
+}
+
+/// The legacy unauthenticated media endpoints' gate: off unless `[media] legacy_download`.
+pub fn legacy_allowed(state: &AppState) -> Result<(), ApiError> {
+    if !state.media.config.legacy_download {
+        return Err(ApiError::not_found("Unauthenticated media download is disabled; use /_matrix/client/v1/media"));
+    }
+    Ok(())
+}
+
 /// A path that does not decode (bad UTF-8, wrong shape) as Matrix JSON.
 pub fn path_error(e: axum::extract::rejection::PathRejection) -> ApiError {
     ApiError::bad_request("M_INVALID_PARAM", format!("Malformed path: {}", e.body_text()))
