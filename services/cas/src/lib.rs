@@ -12,10 +12,12 @@
 //!   remote bytes reach a reader), and the [`Limits`] on remote DAGs.
 //! - [`range`]: [`FileRange`], which plans the blocks covering a byte range of any UnixFS file
 //!   and checks each as it arrives, in any order, from any source.
+//! - [`car`]: CARv1, written by the gateway and read, verified block by block, from others.
 //!
 //! Pure CPU work on bytes in memory: this crate must not depend on an async runtime, a blob
 //! store or HTTP (the edge, the `cid` command and tests all use it).
 
+pub mod car;
 pub mod dag_pb;
 pub mod profile;
 pub mod range;
