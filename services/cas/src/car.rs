@@ -373,7 +373,7 @@ mod tests {
     #[test]
     fn a_dag_reads_back_from_its_car_including_cidv0_sections() {
         let mut b = DagBuilder::new();
-        b.update(&vec![3u8; (crate::CHUNK_SIZE as usize) * 2 + 5]);
+        b.update(&vec![3u8; crate::CHUNK_SIZE * 2 + 5]);
         let dag = b.finish();
         let mut blocks: Vec<(Cid, Vec<u8>)> = dag.nodes.iter().map(|(c, n)| (*c, n.clone())).collect();
         let v0 = Cid::new_v0(*dag.nodes[0].0.hash()).expect("sha2-256 dag-pb has a CIDv0");
