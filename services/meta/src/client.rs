@@ -500,6 +500,46 @@ impl MetaClient {
         resp.into_inner().content.map(ContentRecord::try_from).transpose().map_err(MetaError::from)
     }
 
+    /// Records that `root`'s stored DAG holds `blocks` (see [`Command::IndexBlocks`]), in
+    /// calls of at most [`MAX_BLOCKS_PER_INDEX`]; safe to retry. Returns the blocks added.
+    ///
+    /// [`Command::IndexBlocks`]: crate::command::Command::IndexBlocks
+    /// [`MAX_BLOCKS_PER_INDEX`]: crate::command::MAX_BLOCKS_PER_INDEX
+    pub async fn index_blocks(&self, root: &Cid, blocks: &[Cid]) -> Result<u64, MetaError> {
+        let mut added = 0;
+        for part in blocks.chunks(crate::command::MAX_BLOCKS_PER_INDEX) {
+            let req =
+                pb::IndexBlocksRequest { root: root.to_bytes(), blocks: part.iter().map(|c| c.to_bytes()).collect() };
+            let resp = self
+                .retrying(Retry::Write, |mut cl| {
+                    let req = req.clone();
+                    async move { cl.index_blocks(req).await }
+                })
+                .await?;
+            added += resp.into_inner().added;
+        }
+        Ok(added)
+    }
+
+    /// Roots of stored content whose DAG holds `block` (a linearizable read).
+    pub async fn find_block(&self, block: &Cid) -> Result<Vec<Cid>, MetaError> {
+        let req = pb::FindBlockRequest { cid: block.to_bytes() };
+        let resp = self
+            .retrying(Retry::Read, |mut cl| {
+                let req = req.clone();
+                async move { cl.find_block(req).await }
+            })
+            .await?;
+        resp.into_inner()
+            .roots
+            .iter()
+            .map(|b| {
+                Cid::try_from(b.as_slice())
+                    .map_err(|e| MetaError::Internal(format!("bad root CID from the metadata service: {e}")))
+            })
+            .collect()
+    }
+
     /// Records a thumbnail stored as `content` (see [`Command::CommitThumbnail`]); safe to
     /// retry.
     ///

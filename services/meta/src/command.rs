@@ -71,7 +71,20 @@ pub enum Command {
     /// refused, one within them is counted; a reservation is refused once either is used up.
     /// A commit that makes no new record (a retry, the same bytes again) is neither.
     Limited { quota: Quota, user: String, tenant: String, command: Box<Command> },
+    /// Records that the stored DAG of `root` holds `blocks` (its leaves and inner nodes), so
+    /// the trustless gateway finds a block by its own CID. Idempotent; refused for a root
+    /// with no content record, and for more than [`MAX_BLOCKS_PER_INDEX`] blocks at once.
+    IndexBlocks {
+        #[serde(with = "crate::model::cid_bytes")]
+        root: Cid,
+        #[serde(with = "crate::model::cid_list")]
+        blocks: Vec<Cid>,
+    },
 }
+
+/// Most blocks one [`Command::IndexBlocks`] may carry (a raft entry of about 600 KiB); a
+/// larger DAG is indexed in several.
+pub const MAX_BLOCKS_PER_INDEX: usize = 16_384;
 
 impl Command {
     /// Stamps the proposing leader's clock on the command.
@@ -84,7 +97,7 @@ impl Command {
             | Command::CommitThumbnail { now_ms, .. } => *now_ms = now,
             Command::Batch(cmds) => cmds.iter_mut().for_each(|c| c.stamp(now)),
             Command::Limited { command, .. } => command.stamp(now),
-            Command::ReportLost { .. } | Command::RegisterStore { .. } => {}
+            Command::ReportLost { .. } | Command::RegisterStore { .. } | Command::IndexBlocks { .. } => {}
         }
     }
 }
@@ -107,6 +120,10 @@ pub enum CommandOutput {
     /// A raft entry with no command (leader no-op, membership change).
     Nothing,
     Thumbnail(ThumbnailOutcome),
+    /// [`Command::IndexBlocks`]: how many of its blocks were not indexed under that root yet.
+    Indexed {
+        added: u64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

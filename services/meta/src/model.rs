@@ -167,6 +167,24 @@ pub(crate) mod cid_bytes {
     }
 }
 
+pub(crate) mod cid_list {
+    use cid::Cid;
+    use serde::{Deserialize, Deserializer, Serializer, de::Error, ser::SerializeSeq};
+
+    pub fn serialize<S: Serializer>(cids: &[Cid], s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(cids.len()))?;
+        for cid in cids {
+            seq.serialize_element(&cid.to_bytes())?;
+        }
+        seq.end()
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Cid>, D::Error> {
+        let list: Vec<Vec<u8>> = Deserialize::deserialize(d)?;
+        list.iter().map(|b| Cid::try_from(b.as_slice()).map_err(D::Error::custom)).collect()
+    }
+}
+
 /// How a thumbnail relates to the box it was asked for: filled exactly (`crop`), or fitted
 /// inside keeping the aspect ratio (`scale`), as the Matrix spec's `method` says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -653,6 +653,32 @@ impl Meta for MetaService {
         Ok(Response::new(pb::GetContentResponse { content: content.as_ref().map(Into::into) }))
     }
 
+    async fn index_blocks(
+        &self,
+        req: Request<pb::IndexBlocksRequest>,
+    ) -> Result<Response<pb::IndexBlocksResponse>, Status> {
+        let r = req.into_inner();
+        let root = cid_from_wire(&r.root)?;
+        if r.blocks.len() > crate::command::MAX_BLOCKS_PER_INDEX {
+            return Err(Status::invalid_argument(format!(
+                "{} blocks in one call (at most {}): send them in several",
+                r.blocks.len(),
+                crate::command::MAX_BLOCKS_PER_INDEX
+            )));
+        }
+        let blocks = r.blocks.iter().map(|b| cid_from_wire(b)).collect::<Result<Vec<_>, _>>()?;
+        match self.apply(Command::IndexBlocks { root, blocks }).await? {
+            CommandOutput::Indexed { added } => Ok(Response::new(pb::IndexBlocksResponse { added })),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn find_block(&self, req: Request<pb::FindBlockRequest>) -> Result<Response<pb::FindBlockResponse>, Status> {
+        let cid = cid_from_wire(&req.into_inner().cid)?;
+        let roots = self.read(move |sm| sm.block_roots(&cid)).await?;
+        Ok(Response::new(pb::FindBlockResponse { roots: roots.iter().map(|c| c.to_bytes()).collect() }))
+    }
+
     async fn commit_thumbnail(
         &self,
         req: Request<pb::CommitThumbnailRequest>,

@@ -37,6 +37,12 @@ const THUMBNAILS: TableDefinition<(&[u8], &str), &[u8]> = TableDefinition::new("
 /// windows that are over come first and are pruned a few per quota command (see
 /// [`USAGE_PRUNE_BATCH`]); quotas of different periods keep rows of their own.
 const USAGE: TableDefinition<&str, &[u8]> = TableDefinition::new("usage");
+/// (block CID, root CID): the stored DAGs holding each block, for the trustless gateway.
+/// Written by [`Command::IndexBlocks`]; content records are never removed, so neither are
+/// these (removal of media will remove both).
+const BLOCKS: TableDefinition<(&[u8], &[u8]), ()> = TableDefinition::new("blocks");
+/// Most roots [`StateMachine::block_roots`] answers for one block.
+pub const MAX_BLOCK_ROOTS: usize = 8;
 /// Usage rows of past windows removed per quota command: more than the two it may add, so
 /// past windows drain however many users once uploaded.
 const USAGE_PRUNE_BATCH: usize = 8;
@@ -132,6 +138,7 @@ impl StateMachine {
         txn.open_table(CHANGES)?;
         txn.open_table(THUMBNAILS)?;
         txn.open_table(USAGE)?;
+        txn.open_table(BLOCKS)?;
         {
             let mut meta = txn.open_table(META)?;
             meta.insert(FORMAT, FORMAT_VERSION)?;
@@ -226,6 +233,7 @@ impl StateMachine {
                 meta: txn.open_table(META)?,
                 thumbnails: txn.open_table(THUMBNAILS)?,
                 usage: txn.open_table(USAGE)?,
+                blocks: txn.open_table(BLOCKS)?,
                 changed: Vec::new(),
                 generations: None,
                 clock: None,
@@ -372,6 +380,11 @@ impl StateMachine {
             let (k, v) = entry?;
             put(&SnapshotRecord::Usage { key: k.value().into(), value: v.value().to_vec() })?;
         }
+        for entry in txn.open_table(BLOCKS)?.iter()? {
+            let (k, _) = entry?;
+            let (block, root) = k.value();
+            put(&SnapshotRecord::Block { block: block.to_vec(), root: root.to_vec() })?;
+        }
         for entry in txn.open_table(META)?.iter()? {
             let (k, v) = entry?;
             // Where this node's change history starts is its own, not replicated state.
@@ -400,7 +413,9 @@ impl StateMachine {
             let mut meta = txn.open_table(META)?;
             let mut thumbnails = txn.open_table(THUMBNAILS)?;
             let mut usage = txn.open_table(USAGE)?;
+            let mut blocks = txn.open_table(BLOCKS)?;
             txn.open_table(CHANGES)?.retain(|_, _| false)?;
+            blocks.retain(|_, _| false)?;
             thumbnails.retain(|_, _| false)?;
             usage.retain(|_, _| false)?;
             media.retain(|_, _| false)?;
@@ -436,6 +451,9 @@ impl StateMachine {
                     }
                     SnapshotRecord::Usage { key, value } => {
                         usage.insert(key.as_str(), value.as_slice())?;
+                    }
+                    SnapshotRecord::Block { block, root } => {
+                        blocks.insert((block.as_slice(), root.as_slice()), ())?;
                     }
                     SnapshotRecord::Meta { key, value } => {
                         if key != CHANGES_FROM {
@@ -493,6 +511,25 @@ impl StateMachine {
     }
 
     /// How many usage rows are stored (of any window).
+    /// Roots of stored DAGs that hold `block` (at most [`MAX_BLOCK_ROOTS`], in CID byte order).
+    pub fn block_roots(&self, block: &Cid) -> Result<Vec<Cid>, StorageError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(BLOCKS)?;
+        let key = block.to_bytes();
+        let mut roots = Vec::new();
+        for entry in table.range((key.as_slice(), &[][..])..)? {
+            let (k, _) = entry?;
+            let (b, root) = k.value();
+            if b != key.as_slice() || roots.len() == MAX_BLOCK_ROOTS {
+                break;
+            }
+            let root =
+                Cid::try_from(root).map_err(|e| StorageError::Corrupt { table: "blocks", detail: e.to_string() })?;
+            roots.push(root);
+        }
+        Ok(roots)
+    }
+
     pub fn usage_rows(&self) -> Result<u64, StorageError> {
         Ok(self.db.begin_read()?.open_table(USAGE)?.len()?)
     }
@@ -610,6 +647,7 @@ struct Tables<'txn> {
     meta: redb::Table<'txn, &'static str, u64>,
     thumbnails: redb::Table<'txn, (&'static [u8], &'static str), &'static [u8]>,
     usage: redb::Table<'txn, &'static str, &'static [u8]>,
+    blocks: redb::Table<'txn, (&'static [u8], &'static [u8]), ()>,
     /// Changes to mutable facts made by the command being applied.
     changed: Vec<Changed>,
     /// The generations as of the last command applied in this transaction (read once).
@@ -699,6 +737,7 @@ impl Tables<'_> {
                 };
                 Ok(self.commit_thumbnail(made, content, lost_key.as_deref(), now)?.map(CommandOutput::Thumbnail))
             }
+            Command::IndexBlocks { root, blocks } => self.index_blocks(root, blocks),
             Command::RegisterStore { id } => {
                 let stored = match self.meta_value(STORE_ID)? {
                     Some(existing) => existing,
@@ -1162,6 +1201,28 @@ impl Tables<'_> {
         found.map(|v| decode("content", v.value())).transpose()
     }
 
+    fn index_blocks(&mut self, root: &Cid, blocks: &[Cid]) -> Result<Applied, StorageError> {
+        if blocks.len() > crate::command::MAX_BLOCKS_PER_INDEX {
+            return Ok(Err(CommandError::InvalidArgument(format!(
+                "{} blocks in one index command (at most {})",
+                blocks.len(),
+                crate::command::MAX_BLOCKS_PER_INDEX
+            ))));
+        }
+        if self.get_content(root)?.is_none() {
+            return Ok(Err(CommandError::NotFound));
+        }
+        let root = root.to_bytes();
+        let mut added = 0;
+        for block in blocks {
+            let block = block.to_bytes();
+            if block != root && self.blocks.insert((block.as_slice(), root.as_slice()), ())?.is_none() {
+                added += 1;
+            }
+        }
+        Ok(Ok(CommandOutput::Indexed { added }))
+    }
+
     fn report_lost(&mut self, cid: &Cid, blob_key: &str) -> Result<Applied, StorageError> {
         let marked = match self.get_content(cid)? {
             Some(mut c) if c.blob_key == blob_key && !c.lost => {
@@ -1315,6 +1376,11 @@ enum SnapshotRecord {
     Usage {
         key: String,
         value: Vec<u8>,
+    },
+    /// Written after `Usage`, before `Meta`.
+    Block {
+        block: Vec<u8>,
+        root: Vec<u8>,
     },
 }
 

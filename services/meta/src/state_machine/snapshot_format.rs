@@ -185,7 +185,9 @@ impl<W: Write> CompactWriter<W> {
             SnapshotRecord::Tombstone { key } => Compact::Tombstone { key: Key::of(key) },
             SnapshotRecord::Meta { key, value } => Compact::Meta { key: key.clone(), value: *value },
             SnapshotRecord::End { records } => Compact::End { records: *records },
-            SnapshotRecord::Thumbnail { .. } | SnapshotRecord::Usage { .. } => Compact::Raw(rec.clone()),
+            SnapshotRecord::Thumbnail { .. } | SnapshotRecord::Usage { .. } | SnapshotRecord::Block { .. } => {
+                Compact::Raw(rec.clone())
+            }
         };
         self.write(&compact)
     }
@@ -759,7 +761,7 @@ mod tests {
     }
 
     #[test]
-    fn the_stored_form_of_thumbnail_and_usage_records_is_fixed() {
+    fn the_stored_form_of_thumbnail_usage_and_block_records_is_fixed() {
         use crate::model::{ThumbnailMethod, ThumbnailRecord, ThumbnailSpec, Usage};
         // Both travel as they are stored (postcard of the record, positional): reordering a
         // field changes these bytes, and snapshots already written could no longer be read.
@@ -785,7 +787,8 @@ mod tests {
                 key: "00000189c5ee1800:5265c00:u:@a:hs".into(),
                 value: postcard::to_allocvec(&usage).expect("encode"),
             },
-            SnapshotRecord::End { records: 2 },
+            SnapshotRecord::Block { block: cid(2).to_bytes(), root: cid(1).to_bytes() },
+            SnapshotRecord::End { records: 3 },
         ]);
         assert_eq!(
             super::hex(&bytes),
@@ -816,9 +819,15 @@ mod tests {
                 "db9901",
                 "808040",
                 "03",
-                // End, 2 records.
+                // Block, 76 bytes, raw: block CID, root CID.
+                "4c",
+                "07",
+                "08",
+                "24015512200202020202020202020202020202020202020202020202020202020202020202",
+                "24015512200101010101010101010101010101010101010101010101010101010101010101",
+                // End, 3 records.
                 "02",
-                "0602",
+                "0603",
             )
         );
     }

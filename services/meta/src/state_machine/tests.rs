@@ -308,6 +308,7 @@ fn export_then_import_reproduces_the_state() {
     f.committed(commit(None, "@a:hs", 10, content(1, "dup")));
     f.committed(commit(Some("p1"), "@a:hs", 10, content(2, "2")));
     f.apply(pending("p2", "@b:hs", 0, 1000, 5)).expect("pending");
+    f.apply(Command::IndexBlocks { root: cid(2), blocks: vec![cid(20), cid(21)] }).expect("indexed");
     f.sweep(20, 1);
     let mut snap = Vec::new();
     let Exported { records, extras, digest } = f.sm.export(&mut snap, &["nothing"], true).expect("export");
@@ -325,6 +326,7 @@ fn export_then_import_reproduces_the_state() {
     assert!(other.sm.is_tombstoned(&key("dup")).expect("read"));
     assert_eq!(other.sm.extra("k").expect("extra"), Some(b"v".to_vec()));
     assert_eq!(other.sm.referenced(&[key("1"), key("9")]).expect("referenced"), vec![true, false]);
+    assert_eq!(other.sm.block_roots(&cid(21)).expect("read"), vec![cid(2)], "the block index came back");
     let mut again = Vec::new();
     other.sm.export(&mut again, &[], false).expect("export");
     assert_eq!(again, snap, "export is deterministic");
@@ -619,4 +621,35 @@ fn quotas_count_new_media_per_window_and_refuse_what_does_not_fit() {
         f.apply(limited(&q, "@a:hs", Command::RegisterStore { id: 5 })),
         Err(CommandError::InvalidArgument(_))
     ));
+}
+
+#[test]
+fn blocks_are_found_by_their_own_cid_in_every_dag_that_holds_them() {
+    let mut f = Fixture::new();
+    f.committed(commit(None, "@a:hs", 10, content(1, "1")));
+    f.committed(commit(None, "@a:hs", 10, content(2, "2")));
+    let index = |root: u8, blocks: &[u8]| Command::IndexBlocks {
+        root: cid(root),
+        blocks: blocks.iter().map(|&b| cid(b)).collect(),
+    };
+    assert_eq!(f.apply(index(1, &[10, 11, 12])), Ok(CommandOutput::Indexed { added: 3 }));
+    // Idempotent: a retry adds nothing; a block shared by two files is found in both.
+    assert_eq!(f.apply(index(1, &[10, 11, 12])), Ok(CommandOutput::Indexed { added: 0 }));
+    assert_eq!(f.apply(index(2, &[12, 13, 2])), Ok(CommandOutput::Indexed { added: 2 }), "a root is not its own block");
+    assert_eq!(f.sm.block_roots(&cid(12)).expect("read"), vec![cid(1), cid(2)]);
+    assert_eq!(f.sm.block_roots(&cid(10)).expect("read"), vec![cid(1)]);
+    assert_eq!(f.sm.block_roots(&cid(99)).expect("read"), vec![]);
+    assert_eq!(f.sm.block_roots(&cid(2)).expect("read"), vec![]);
+    // Only stored content has blocks, and one command carries a bounded number of them.
+    assert_eq!(f.apply(index(7, &[70])), Err(CommandError::NotFound));
+    assert!(f.sm.block_roots(&cid(70)).expect("read").is_empty());
+    let too_many =
+        Command::IndexBlocks { root: cid(1), blocks: vec![cid(5); crate::command::MAX_BLOCKS_PER_INDEX + 1] };
+    assert!(matches!(f.apply(too_many), Err(CommandError::InvalidArgument(_))));
+    // At most MAX_BLOCK_ROOTS roots are answered for one block.
+    for n in 30..30 + MAX_BLOCK_ROOTS as u8 + 2 {
+        f.committed(commit(None, "@a:hs", 10, content(n, &n.to_string())));
+        f.apply(index(n, &[50])).expect("indexed");
+    }
+    assert_eq!(f.sm.block_roots(&cid(50)).expect("read").len(), MAX_BLOCK_ROOTS);
 }
