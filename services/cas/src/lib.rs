@@ -12,6 +12,7 @@
 //!   remote bytes reach a reader), and the [`Limits`] on remote DAGs.
 //! - [`range`]: [`FileRange`], which plans the blocks covering a byte range of any UnixFS file
 //!   and checks each as it arrives, in any order, from any source.
+//! - [`walk`]: which blocks of a file DAG a trustless gateway's CAR carries, in order.
 //! - [`car`]: CARv1, written by the gateway and read, verified block by block, from others.
 //!
 //! Pure CPU work on bytes in memory: this crate must not depend on an async runtime, a blob
@@ -23,6 +24,7 @@ pub mod profile;
 pub mod range;
 pub mod unixfs;
 pub mod verified;
+pub mod walk;
 
 pub use profile::{
     CHUNK_SIZE, DAG_PB, Dag, DagBuilder, MAX_LINKS, RAW, SHA2_256, cid_from_digest, cid_of, raw_cid, sha256_digest,

@@ -173,7 +173,7 @@ impl BlockCache {
         Ok(bytes)
     }
 
-    async fn index(&self, content: &ContentRecord, index_key: &str) -> Result<Arc<BlockIndex>, BlockError> {
+    pub async fn index(&self, content: &ContentRecord, index_key: &str) -> Result<Arc<BlockIndex>, BlockError> {
         let store = self.store.clone();
         let key = index_key.to_owned();
         let (cid, size, chunk_size) = (content.cid, content.size, content.chunk_size);

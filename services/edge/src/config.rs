@@ -70,6 +70,21 @@ pub struct MediaConfig {
     /// serves everything. Default `2024-09-01T00:00:00Z` (after the spec added authenticated
     /// media): everything uploaded to a new mxcas is frozen.
     pub freeze_legacy_download_after: String,
+    /// Who may use the IPFS trustless gateway (`/ipfs/{cid}`, raw blocks and CARs of stored
+    /// content): `public` (anyone who knows a CID), `authenticated` (an access token, as for
+    /// media downloads) or `off`. Default `authenticated`: knowing a hash is not always
+    /// enough (see docs/decentralisation.md). Tenants may override it.
+    pub ipfs_gateway: GatewayAccess,
+}
+
+/// Who may use the IPFS trustless gateway.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GatewayAccess {
+    Public,
+    #[default]
+    Authenticated,
+    Off,
 }
 
 impl Default for MediaConfig {
@@ -94,6 +109,7 @@ impl Default for MediaConfig {
             quota_admin_contact: None,
             legacy_download: true,
             freeze_legacy_download_after: DEFAULT_LEGACY_FREEZE.to_owned(),
+            ipfs_gateway: GatewayAccess::default(),
         }
     }
 }
@@ -389,6 +405,8 @@ pub struct TenantConfig {
     /// Override `[media] quota_info_uri` and `quota_admin_contact` for this tenant's users.
     pub quota_info_uri: Option<String>,
     pub quota_admin_contact: Option<String>,
+    /// Overrides `[media] ipfs_gateway` for requests with this tenant's hosts.
+    pub ipfs_gateway: Option<GatewayAccess>,
     /// The homeserver's ed25519 signing key, Synapse's format (`ed25519 <key id> <base64
     /// seed>`), for signing federation requests (checked at start; used by federation).
     pub signing_key_file: Option<PathBuf>,

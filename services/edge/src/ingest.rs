@@ -18,7 +18,8 @@ use sha2::{Digest, Sha256};
 
 use crate::block_index::BlockIndex;
 use crate::store::{BlobStore, PART_SIZE, StoreError};
-use mxcas_cas::{CHUNK_SIZE, Dag, DagBuilder};
+use cid::Cid;
+use mxcas_cas::{CHUNK_SIZE, Dag, DagBuilder, RAW, cid_from_digest};
 use mxcas_meta::ContentRecord;
 use mxcas_meta::model::blob_key;
 
@@ -62,6 +63,9 @@ pub struct Ingested {
     pub content: ContentRecord,
     /// The first [`crate::sniff::HEAD`] bytes (all of a smaller upload): what decides its type.
     pub head: Vec<u8>,
+    /// The CIDs of the DAG's blocks other than its root (leaves once each, then inner nodes),
+    /// for the gateway's block index; empty for a one-block file.
+    pub blocks: Vec<Cid>,
 }
 
 /// How fast a client must send: something every `idle_timeout`, and at least `min_rate`
@@ -138,7 +142,9 @@ where
             return Err(e);
         }
     };
+    let blocks = blocks_of(&dag);
     Ok(Ingested {
+        blocks,
         content: ContentRecord {
             cid: dag.root,
             size: dag.size,
@@ -151,6 +157,17 @@ where
         },
         head,
     })
+}
+
+/// Every block of `dag` but its root, each once.
+fn blocks_of(dag: &Dag) -> Vec<Cid> {
+    if dag.leaves.len() <= 1 {
+        return Vec::new();
+    }
+    let mut seen = std::collections::HashSet::with_capacity(dag.leaves.len());
+    let leaves = dag.leaves.iter().filter(|d| seen.insert(**d)).map(|d| cid_from_digest(RAW, d));
+    let nodes = dag.nodes.iter().map(|(c, _)| *c).filter(|c| *c != dag.root);
+    leaves.chain(nodes).collect()
 }
 
 /// sha2-256 of one leaf, on the blocking pool (a short task, never held across I/O).

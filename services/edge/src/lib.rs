@@ -15,6 +15,7 @@ pub mod api;
 pub mod block_index;
 pub mod cache;
 pub mod config;
+pub mod gateway;
 pub mod http_server;
 pub mod ingest;
 pub mod local_files;

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use cid::Cid;
 use futures::Stream;
 use moka::future::Cache;
 use mxcas_meta::client::CommitRequest;
@@ -336,7 +337,26 @@ impl MediaService {
         });
         // On error nothing is deleted here: a commit whose answer was lost may have landed,
         // and an unreferenced object is the sweeper's once its generation is sealed.
-        result.map(|(_, resolved)| resolved)
+        let (_, resolved) = result?;
+        self.index_blocks(&resolved.content.cid, &ingested.blocks).await;
+        Ok(resolved)
+    }
+
+    /// Records the blocks of a stored DAG for the trustless gateway (every upload of it, so
+    /// one whose indexing failed is indexed by the next). The bytes are safe whatever
+    /// happens here: a failure only leaves inner blocks unfound by the gateway until then.
+    async fn index_blocks(&self, root: &Cid, blocks: &[Cid]) {
+        if blocks.is_empty() {
+            return;
+        }
+        match self.meta.index_blocks(root, blocks).await {
+            Ok(_) => {}
+            Err(e) => {
+                self.metrics.block_index_failures.inc();
+                tracing::warn!(cid = %root, blocks = blocks.len(), error = %e,
+                    "could not index the blocks of an upload for the IPFS gateway; uploading the file again retries");
+            }
+        }
     }
 
     /// Commits `request` until it is settled: stores the objects again under the current

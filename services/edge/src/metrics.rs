@@ -26,7 +26,7 @@ pub struct KindLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
-    /// `hit`, `miss`, `coalesced` or `error`.
+    /// A small fixed set per metric (`hit`, `miss`, `coalesced`, `error` for the cache).
     pub result: &'static str,
 }
 
@@ -70,6 +70,12 @@ pub struct Metrics {
     pub thumbnails: Family<ResultLabels, Counter>,
     /// How long one thumbnail job took on its worker (one decode, every size asked of it).
     pub thumbnail_seconds: Histogram,
+    /// Uploads whose blocks could not be recorded for the IPFS gateway (retried by the next
+    /// upload of the same bytes).
+    pub block_index_failures: Counter,
+    /// Trustless-gateway responses by result: raw, car, not_modified, not_found, refused
+    /// (bad request or access), error.
+    pub gateway: Family<ResultLabels, Counter>,
 }
 
 /// Buckets from 0.25 ms to about 8 s, doubling.
@@ -180,9 +186,23 @@ impl Metrics {
             "Time of one thumbnail job on its worker (one decode, every size made of it)",
             thumbnail_seconds.clone(),
         );
+        let block_index_failures = Counter::default();
+        registry.register(
+            "block_index_failures",
+            "Uploads whose blocks could not be indexed for the IPFS gateway (the next upload of the file retries)",
+            block_index_failures.clone(),
+        );
+        let gateway = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "gateway_responses",
+            "IPFS trustless gateway responses: raw, car, not_modified, not_found, refused, error",
+            gateway.clone(),
+        );
         let uploads_in_progress = Gauge::default();
         registry.register("uploads_in_progress", "Uploads being received now", uploads_in_progress.clone());
         Self {
+            block_index_failures,
+            gateway,
             thumbnails,
             thumbnail_seconds,
             uploads_in_progress,

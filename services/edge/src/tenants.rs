@@ -19,7 +19,7 @@ use axum::http::{HeaderMap, header};
 
 use crate::api::auth::Authenticator;
 use crate::api::error::ApiError;
-use crate::config::{AuthConfig, MediaConfig, SigningKey, TenantConfig};
+use crate::config::{AuthConfig, GatewayAccess, MediaConfig, SigningKey, TenantConfig};
 use crate::metrics::Metrics;
 use crate::rate_limit::RateLimiter;
 
@@ -39,6 +39,8 @@ pub struct Tenant {
     pub quota_admin_contact: Option<String>,
     /// For federation (checked at start).
     pub signing_key: Option<SigningKey>,
+    /// Who may use the IPFS gateway under this tenant's hosts.
+    pub ipfs_gateway: GatewayAccess,
 }
 
 pub struct Tenants {
@@ -101,6 +103,7 @@ impl Tenants {
                 quota_info_uri: media.quota_info_uri.clone(),
                 quota_admin_contact: media.quota_admin_contact.clone(),
                 signing_key: None,
+                ipfs_gateway: media.ipfs_gateway,
             };
             return Ok(Self { all: vec![Arc::new(only)], by_host: HashMap::new(), only: Some(0) });
         }
@@ -170,6 +173,7 @@ impl Tenants {
                 quota_info_uri,
                 quota_admin_contact,
                 signing_key: t.signing_key()?,
+                ipfs_gateway: t.ipfs_gateway.unwrap_or(media.ipfs_gateway),
             }));
         }
         let _ = server_name; // with tenants, the top-level server name is not one of them
@@ -228,6 +232,7 @@ mod tests {
             tenant_files_per_period: None,
             quota_info_uri: None,
             quota_admin_contact: None,
+            ipfs_gateway: None,
             signing_key_file: None,
         }
     }

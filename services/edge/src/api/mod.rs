@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod download;
 pub mod error;
+pub mod gateway;
 pub mod headers;
 pub mod range;
 pub mod thumbnail;
@@ -45,6 +46,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/_matrix/media/v3/download/{server_name}/{media_id}/{file_name}", get(download::download_legacy))
         .route("/_matrix/client/v1/media/thumbnail/{server_name}/{media_id}", get(thumbnail::thumbnail_v1))
         .route("/_matrix/media/v3/thumbnail/{server_name}/{media_id}", get(thumbnail::thumbnail_legacy))
+        .route("/ipfs/{cid}", get(gateway::ipfs))
+        .route("/ipfs/{cid}/{*path}", get(gateway::ipfs_path))
         .fallback(|| async { ApiError::unrecognized() })
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "M_UNRECOGNIZED", "Method not allowed for this endpoint")
@@ -67,7 +70,10 @@ async fn cors(req: Request, next: Next) -> Response {
         header::ACCESS_CONTROL_ALLOW_HEADERS,
         HeaderValue::from_static("X-Requested-With, Content-Type, Authorization, Range, If-None-Match"),
     );
-    h.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static("Content-Range, Content-Length, ETag"));
+    h.insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static("Content-Range, Content-Length, ETag, X-Ipfs-Path, X-Ipfs-Roots"),
+    );
     resp
 }
 

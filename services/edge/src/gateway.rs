@@ -1,0 +1,157 @@
+//! Stored content as the IPFS trustless gateway serves it: any block of any stored DAG, found
+//! by its own CID, and the blocks of a CAR response (MSC2706; the Trustless Gateway spec).
+//!
+//! A block is found as a root (its content record) or, for a leaf or inner node of a larger
+//! file, through the metadata's block index (`FindBlock`: the roots whose DAG holds it), then
+//! in that file's block index. Whatever is served is verified: roots and leaves are read
+//! through the block cache, which checks each against its hash, and inner nodes come from a
+//! block index that was checked against its root before use (`BlockIndex::verify`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use cid::Cid;
+use mxcas_cas::walk::{Walk, WalkError, walk};
+use mxcas_cas::{DAG_PB, Limits, RAW, SHA2_256, sha256_digest};
+use mxcas_meta::{ContentRecord, MetaError};
+
+use crate::block_index::BlockIndex;
+use crate::cache::{BlockCache, BlockError};
+use crate::media::MediaService;
+
+/// A stored file's DAG.
+pub struct StoredDag {
+    pub content: ContentRecord,
+    /// `None` for a one-block file (its root is its only block).
+    pub index: Option<Arc<BlockIndex>>,
+}
+
+/// Where one block of a [`StoredDag`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// `index.nodes[i]`: a dag-pb node, in memory.
+    Node(usize),
+    /// Leaf `i` of the file, read from the store (leaf 0 of a one-block file is all of it).
+    Leaf(u64),
+}
+
+/// A block found: the DAG it was found in, and where in it.
+pub struct Located {
+    pub dag: StoredDag,
+    pub source: Source,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LocateError {
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    #[error(transparent)]
+    Block(#[from] BlockError),
+}
+
+/// The form stored CIDs are in (CIDv1; a CIDv0 names the same dag-pb block).
+pub fn as_v1(cid: &Cid) -> Cid {
+    if cid.version() == cid::Version::V0 { Cid::new_v1(DAG_PB, *cid.hash()) } else { *cid }
+}
+
+impl StoredDag {
+    async fn load(blocks: &BlockCache, content: ContentRecord) -> Result<Self, BlockError> {
+        let index = match &content.index_key {
+            Some(key) => Some(blocks.index(&content, key).await?),
+            None => None,
+        };
+        Ok(Self { content, index })
+    }
+
+    /// Where `cid` (CIDv1) is in this DAG, if it is.
+    fn find(&self, cid: &Cid) -> Option<Source> {
+        let Some(index) = &self.index else {
+            return (*cid == self.content.cid).then_some(Source::Leaf(0));
+        };
+        match cid.codec() {
+            DAG_PB => index.nodes.iter().position(|(c, _)| c == cid).map(Source::Node),
+            RAW => {
+                let digest = sha256_digest(cid)?;
+                index.leaves.iter().position(|l| *l == digest).map(|i| Source::Leaf(i as u64))
+            }
+            _ => None,
+        }
+    }
+
+    /// Bytes of the block at `source`, verified.
+    pub async fn bytes(&self, blocks: &BlockCache, source: Source) -> Result<Bytes, BlockError> {
+        match (source, &self.index) {
+            (Source::Node(i), Some(index)) => Ok(index.nodes[i].1.clone()),
+            (Source::Node(_), None) => {
+                Err(BlockError::OutOfRange { cid: self.content.cid.to_string(), block: u64::MAX })
+            }
+            (Source::Leaf(i), _) => blocks.block(&self.content, i).await,
+        }
+    }
+
+    /// Length of the block at `source`, without reading it.
+    pub fn len(&self, source: Source) -> u64 {
+        match (source, &self.index) {
+            (Source::Node(i), Some(index)) => index.nodes[i].1.len() as u64,
+            (Source::Node(_), None) => 0,
+            (Source::Leaf(i), _) => {
+                let r = BlockCache::block_range(&self.content, i);
+                r.end - r.start
+            }
+        }
+    }
+
+    /// The sections of a CAR of the DAG below `start` (a block of this DAG, as the request
+    /// named it), in order, each with where its bytes are.
+    pub fn plan(&self, start: Cid, how: Walk, limits: &Limits) -> Result<Vec<(Cid, Source)>, WalkError> {
+        let nodes: HashMap<Cid, &[u8]> =
+            self.index.iter().flat_map(|index| index.nodes.iter().map(|(c, b)| (*c, b.as_ref()))).collect();
+        // Leaves by hash: equal hashes are equal bytes, so the first leaf of a hash serves all.
+        let mut leaves: HashMap<[u8; 32], u64> = HashMap::new();
+        if let Some(index) = &self.index {
+            for (i, l) in index.leaves.iter().enumerate().rev() {
+                leaves.insert(*l, i as u64);
+            }
+        }
+        let cids = walk(start, how, limits, |c| nodes.get(&as_v1(c)).copied())?;
+        cids.into_iter()
+            .map(|cid| {
+                let v1 = as_v1(&cid);
+                let source = match (&self.index, v1.codec()) {
+                    (None, _) => (v1 == self.content.cid).then_some(Source::Leaf(0)),
+                    (Some(_), RAW) => sha256_digest(&v1).and_then(|d| leaves.get(&d).copied()).map(Source::Leaf),
+                    (Some(index), _) => index.nodes.iter().position(|(c, _)| *c == v1).map(Source::Node),
+                };
+                source.map(|s| (cid, s)).ok_or(WalkError::Missing(cid))
+            })
+            .collect()
+    }
+}
+
+/// Finds the stored block `cid` names (any CID form). `None`: no stored DAG holds it.
+pub async fn locate(media: &MediaService, cid: &Cid) -> Result<Option<Located>, LocateError> {
+    let v1 = as_v1(cid);
+    if v1.hash().code() != SHA2_256 || !matches!(v1.codec(), RAW | DAG_PB) {
+        return Ok(None);
+    }
+    if let Some(content) = media.meta.get_content(&v1).await? {
+        let dag = StoredDag::load(&media.blocks, content).await?;
+        if let Some(source) = dag.find(&v1) {
+            return Ok(Some(Located { dag, source }));
+        }
+    }
+    for root in media.meta.find_block(&v1).await? {
+        let Some(content) = media.meta.get_content(&root).await? else { continue };
+        let dag = match StoredDag::load(&media.blocks, content).await {
+            Ok(dag) => dag,
+            // Another file holding the block may still be readable.
+            Err(e) if e.is_data_loss() => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(source) = dag.find(&v1) {
+            return Ok(Some(Located { dag, source }));
+        }
+    }
+    Ok(None)
+}
