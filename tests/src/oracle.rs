@@ -45,9 +45,11 @@ pub fn verified_fetch(gateway: &str, cids: &[&str]) -> anyhow::Result<Vec<(u64, 
         .collect()
 }
 
-/// Reads a CAR file with `@ipld/car`, checking every block against its CID: the roots, then
-/// each block's CID and length, in order.
-pub fn read_car(path: &Path) -> anyhow::Result<(Vec<String>, Vec<(String, u64)>)> {
+/// What `@ipld/car` read: the roots, then each block's CID and length, in order.
+pub type CarContents = (Vec<String>, Vec<(String, u64)>);
+
+/// Reads a CAR file with `@ipld/car`, checking every block against its CID.
+pub fn read_car(path: &Path) -> anyhow::Result<CarContents> {
     let out = Command::new("node")
         .arg(oracle_dir().join("read_car.mjs"))
         .arg(path)
