@@ -37,8 +37,10 @@ fn header<'a>(h: &'a reqwest::header::HeaderMap, name: &str) -> &'a str {
     h.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
 }
 
-/// The blocks of a CAR, verified by mxcas's reader, and the file they make.
-fn read_car(bytes: &[u8]) -> anyhow::Result<(Vec<Cid>, Vec<(Cid, Vec<u8>)>)> {
+type Blocks = Vec<(Cid, Vec<u8>)>;
+
+/// The roots and blocks of a CAR, verified by mxcas's reader.
+fn read_car(bytes: &[u8]) -> anyhow::Result<(Vec<Cid>, Blocks)> {
     let (roots, blocks) = car::read(bytes, Limits::default())?;
     Ok((roots, blocks.into_iter().map(|b| (*b.cid(), b.into_bytes())).collect()))
 }
