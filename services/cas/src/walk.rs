@@ -156,33 +156,57 @@ pub fn walk<'a>(
     };
     let mut out = Vec::new();
     let mut seen = HashSet::new();
-    // (block, offset of its first byte in the file, depth), depth first: children pushed in
-    // reverse.
-    let mut stack = vec![(root, 0u64, 0usize)];
-    while let Some((cid, offset, depth)) = stack.pop() {
-        if out.len() >= limits.max_blocks {
+    let mut visits = 0usize;
+    let mut parsed: std::collections::HashMap<Cid, std::rc::Rc<FileNode>> = std::collections::HashMap::new();
+    let whole = how.bytes.is_none();
+    // (block, offset of its first byte in the file, bytes its parent says it holds, depth),
+    // depth first: children pushed in reverse.
+    let mut stack = vec![(root, 0u64, top.filesize, 0usize)];
+    while let Some((cid, offset, size, depth)) = stack.pop() {
+        // Every visit counts, sent or not: a DAG linking one subtree many times cannot make
+        // the walk long while its output stays short.
+        visits += 1;
+        if visits > limits.max_blocks {
             return Err(WalkError::TooManyBlocks(limits.max_blocks));
         }
         if is_identity(&cid) {
             continue;
         }
-        if how.dups || seen.insert(cid) {
+        let first = seen.insert(cid);
+        if how.dups || first {
             out.push(cid);
         }
-        if cid.codec() == RAW {
+        // Without a range, a block seen before had all of its subtree sent after it then.
+        if cid.codec() == RAW || (!first && whole && !how.dups) {
             continue;
         }
         if depth >= limits.max_depth {
             return Err(WalkError::TooDeep(limits.max_depth));
         }
-        let n = if cid == root { top.clone() } else { file(&cid)? };
-        let mut start = offset + n.inline.len() as u64;
+        // Parsed once however often it is linked.
+        let n = match parsed.get(&cid) {
+            Some(n) => std::rc::Rc::clone(n),
+            None => {
+                let n = std::rc::Rc::new(if cid == root { top.clone() } else { file(&cid)? });
+                parsed.insert(cid, std::rc::Rc::clone(&n));
+                n
+            }
+        };
+        if n.filesize != size {
+            return Err(WalkError::NotAFile {
+                cid,
+                reason: format!("holds {} bytes, its parent says {size}", n.filesize),
+            });
+        }
+        let overflow = || WalkError::NotAFile { cid, reason: "offsets overflow".into() };
+        let mut start = offset.checked_add(n.inline.len() as u64).ok_or_else(overflow)?;
         let mut children = Vec::with_capacity(n.links.len());
         for (link, &size) in n.links.iter().zip(&n.blocksizes) {
-            let end = start + size;
-            // A child holding no byte of the range is left out (with no range: none is).
-            if start < range.end && end > range.start {
-                children.push((link.hash, start, depth + 1));
+            let end = start.checked_add(size).ok_or_else(overflow)?;
+            // Without a range every child is sent (even one holding no bytes); with one, only
+            // those holding some of its bytes.
+            if whole || (start < range.end && end > range.start) {
+                children.push((link.hash, start, size, depth + 1));
             }
             start = end;
         }
@@ -264,6 +288,36 @@ mod tests {
         let zero = raw_cid(&vec![0u8; CHUNK_SIZE]);
         assert_eq!(run(root, &nodes, ALL).expect("walk"), vec![root, zero]);
         assert_eq!(run(root, &nodes, Walk { dups: true, ..ALL }).expect("walk"), vec![root, zero, zero, zero]);
+    }
+
+    #[test]
+    fn a_dag_linking_one_subtree_many_times_is_walked_within_its_bounds() {
+        use crate::dag_pb::{PbLink, PbNode};
+        use crate::unixfs::{Data, DataType};
+        // Each level links the level below 1000 times: 1000^depth visits if walked naively.
+        let leaf = raw_cid(&[1u8; 4]);
+        let (mut child, mut size) = (leaf, 4u64);
+        let mut nodes = HashMap::new();
+        for _ in 0..6 {
+            let mut data = Data::new(DataType::File);
+            data.blocksizes = vec![size; 1000];
+            data.filesize = Some(size * 1000);
+            let links =
+                (0..1000).map(|_| PbLink { hash: child, name: Some(String::new()), tsize: Some(size) }).collect();
+            let block = crate::dag_pb::encode(&PbNode { links, data: Some(data.encode()) });
+            child = crate::cid_from_digest(DAG_PB, &<sha2::Sha256 as sha2::Digest>::digest(&block).into());
+            nodes.insert(child, block);
+            size *= 1000;
+        }
+        // dups=n: each node once; its repeats are not descended into.
+        assert_eq!(run(child, &nodes, ALL).expect("walk").len(), 7);
+        // dups=y or a range must descend, and meet the bound.
+        assert_eq!(
+            run(child, &nodes, Walk { dups: true, ..ALL }),
+            Err(WalkError::TooManyBlocks(Limits::default().max_blocks))
+        );
+        let ranged = Walk { bytes: EntityBytes::parse("0:*"), ..ALL };
+        assert_eq!(run(child, &nodes, ranged), Err(WalkError::TooManyBlocks(Limits::default().max_blocks)));
     }
 
     #[test]

@@ -105,6 +105,11 @@ impl StoredDag {
     /// The sections of a CAR of the DAG below `start` (a block of this DAG, as the request
     /// named it), in order, each with where its bytes are.
     pub fn plan(&self, start: Cid, how: Walk, limits: &Limits) -> Result<Vec<(Cid, Source)>, WalkError> {
+        // One block: nothing to walk.
+        if how.bytes.is_none() && (how.scope == mxcas_cas::walk::Scope::Block || start.codec() == RAW) {
+            let source = self.find(&as_v1(&start)).ok_or(WalkError::Missing(start))?;
+            return Ok(vec![(start, source)]);
+        }
         let nodes: HashMap<Cid, &[u8]> =
             self.index.iter().flat_map(|index| index.nodes.iter().map(|(c, b)| (*c, b.as_ref()))).collect();
         // Leaves by hash: equal hashes are equal bytes, so the first leaf of a hash serves all.
@@ -129,29 +134,90 @@ impl StoredDag {
     }
 }
 
-/// Finds the stored block `cid` names (any CID form). `None`: no stored DAG holds it.
-pub async fn locate(media: &MediaService, cid: &Cid) -> Result<Option<Located>, LocateError> {
-    let v1 = as_v1(cid);
-    if v1.hash().code() != SHA2_256 || !matches!(v1.codec(), RAW | DAG_PB) {
-        return Ok(None);
+/// Finds blocks: the metadata's block index, with the roots found for each block kept (a
+/// block's roots only grow, so a root found stays right; misses are never kept).
+pub struct Gateway {
+    roots: moka::future::Cache<Cid, Cid>,
+}
+
+impl Default for Gateway {
+    fn default() -> Self {
+        Self::new()
     }
-    if let Some(content) = media.meta.get_content(&v1).await? {
-        let dag = StoredDag::load(&media.blocks, content).await?;
-        if let Some(source) = dag.find(&v1) {
-            return Ok(Some(Located { dag, source }));
+}
+
+impl Gateway {
+    pub fn new() -> Self {
+        Self { roots: moka::future::Cache::builder().max_capacity(100_000).build() }
+    }
+
+    /// Finds the stored block `cid` names (any CID form). `None`: no stored DAG holds it.
+    /// A DAG whose stored bytes are reported lost is tried after the others.
+    pub async fn locate(&self, media: &MediaService, cid: &Cid) -> Result<Option<Located>, LocateError> {
+        let v1 = as_v1(cid);
+        if v1.hash().code() != SHA2_256 || !matches!(v1.codec(), RAW | DAG_PB) {
+            return Ok(None);
         }
+        let mut lost = Vec::new();
+        // The root found before, the block itself as a root, then the roots the index names.
+        let cached = self.roots.get(&v1).await;
+        for root in cached.iter().copied().chain([v1]) {
+            if let Some(found) = self.try_root(media, &root, &v1, &mut lost).await? {
+                return Ok(Some(found));
+            }
+        }
+        for root in media.meta.find_block(&v1).await? {
+            if Some(root) == cached {
+                continue;
+            }
+            if let Some(found) = self.try_root(media, &root, &v1, &mut lost).await? {
+                return Ok(Some(found));
+            }
+        }
+        for content in lost {
+            if let Some(found) = self.found_in(media, content, &v1).await? {
+                return Ok(Some(found));
+            }
+        }
+        Ok(None)
     }
-    for root in media.meta.find_block(&v1).await? {
-        let Some(content) = media.meta.get_content(&root).await? else { continue };
+
+    /// Looks for `v1` in the DAG of `root`; a DAG reported lost is put aside for last.
+    async fn try_root(
+        &self,
+        media: &MediaService,
+        root: &Cid,
+        v1: &Cid,
+        lost: &mut Vec<ContentRecord>,
+    ) -> Result<Option<Located>, LocateError> {
+        let Some(content) = media.meta.get_content(root).await? else { return Ok(None) };
+        if content.lost {
+            lost.push(content);
+            return Ok(None);
+        }
+        self.found_in(media, content, v1).await
+    }
+
+    async fn found_in(
+        &self,
+        media: &MediaService,
+        content: ContentRecord,
+        v1: &Cid,
+    ) -> Result<Option<Located>, LocateError> {
+        let root = content.cid;
         let dag = match StoredDag::load(&media.blocks, content).await {
             Ok(dag) => dag,
             // Another file holding the block may still be readable.
-            Err(e) if e.is_data_loss() => continue,
+            Err(e) if e.is_data_loss() => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        if let Some(source) = dag.find(&v1) {
-            return Ok(Some(Located { dag, source }));
-        }
+        Ok(dag.find(v1).map(|source| {
+            if root != *v1 {
+                let roots = self.roots.clone();
+                let key = *v1;
+                tokio::spawn(async move { roots.insert(key, root).await });
+            }
+            Located { dag, source }
+        }))
     }
-    Ok(None)
 }

@@ -151,7 +151,13 @@ pub async fn start(
     );
     let thumbnails =
         Arc::new(thumbnails::Thumbnails::new(settings.thumbnails.clone(), media.clone()).map_err(EdgeError::Config)?);
-    let state = Arc::new(AppState { media: media.clone(), thumbnails, tenants, metrics });
+    let state = Arc::new(AppState {
+        media: media.clone(),
+        thumbnails,
+        tenants,
+        metrics,
+        gateway: crate::gateway::Gateway::new(),
+    });
 
     let api_listener =
         TcpListener::bind(settings.listen).await.map_err(|source| EdgeError::Bind { addr: settings.listen, source })?;

@@ -337,16 +337,21 @@ impl MediaService {
         });
         // On error nothing is deleted here: a commit whose answer was lost may have landed,
         // and an unreferenced object is the sweeper's once its generation is sealed.
-        let (_, resolved) = result?;
-        self.index_blocks(&resolved.content.cid, &ingested.blocks).await;
+        let (committed, resolved) = result?;
+        // The upload is recorded: its slots are free before the index is written.
+        drop((_slot, _mine));
+        self.index_blocks(&resolved.content.cid, &ingested.blocks, matches!(committed, Committed::Deduplicated)).await;
         Ok(resolved)
     }
 
     /// Records the blocks of a stored DAG for the trustless gateway (every upload of it, so
     /// one whose indexing failed is indexed by the next). The bytes are safe whatever
     /// happens here: a failure only leaves inner blocks unfound by the gateway until then.
-    async fn index_blocks(&self, root: &Cid, blocks: &[Cid]) {
-        if blocks.is_empty() {
+    async fn index_blocks(&self, root: &Cid, blocks: &[Cid], deduplicated: bool) {
+        let Some(last) = blocks.last() else { return };
+        // The same file again: indexed already unless its first indexing failed (the last
+        // block is recorded with the last call).
+        if deduplicated && self.meta.find_block(last).await.is_ok_and(|roots| roots.contains(root)) {
             return;
         }
         match self.meta.index_blocks(root, blocks).await {
@@ -630,20 +635,28 @@ impl MediaService {
             return Ok(fresh);
         }
         // Twice, from the leader's current record: lost, if this store is the cluster's.
+        self.record_loss(&stale.content, error).await?;
+        Err(ApiError::data_loss())
+    }
+
+    /// `content`'s stored bytes were found missing or corrupt: once the store is checked to be
+    /// the cluster's (a wrong bucket is a misconfiguration, not a loss), counted, logged and
+    /// reported to the metadata service.
+    pub async fn record_loss(&self, content: &ContentRecord, error: &BlockError) -> Result<(), ApiError> {
         self.check_store_identity().await?;
         self.metrics.data_loss.inc();
         tracing::error!(
-            cid = %stale.content.cid,
-            blob = %stale.content.blob_key,
+            cid = %content.cid,
+            blob = %content.blob_key,
             %error,
             "stored media is lost: its object is missing or fails verification; an upload of the same bytes repairs it"
         );
-        if !stale.content.lost
-            && let Err(e) = self.meta.report_lost(&stale.content.cid, &stale.content.blob_key).await
+        if !content.lost
+            && let Err(e) = self.meta.report_lost(&content.cid, &content.blob_key).await
         {
             tracing::warn!(error = %e, "could not record the loss in the metadata service");
         }
-        Err(ApiError::data_loss())
+        Ok(())
     }
 
     async fn resolve_uncached(&self, key: &MediaKey, wait: Duration) -> Result<Resolved, ApiError> {

@@ -176,6 +176,17 @@ impl Tenants {
                 ipfs_gateway: t.ipfs_gateway.unwrap_or(media.ipfs_gateway),
             }));
         }
+        // Content is shared by every tenant (one copy per CID), so a public gateway under one
+        // tenant's hosts serves every tenant's media: a tenant that keeps its gateway closed is
+        // only closed if none is public.
+        let public = all.iter().filter(|t| t.ipfs_gateway == GatewayAccess::Public).count();
+        if public > 0 && public < all.len() {
+            return Err(
+                "tenants: ipfs_gateway = \"public\" on some tenants but not all: a public gateway serves every \
+                 tenant's content (content is shared across tenants), so set it public for all tenants or for none"
+                    .into(),
+            );
+        }
         let _ = server_name; // with tenants, the top-level server name is not one of them
         Ok(Self { all, by_host, only: None })
     }
@@ -235,6 +246,17 @@ mod tests {
             ipfs_gateway: None,
             signing_key_file: None,
         }
+    }
+
+    #[test]
+    fn a_public_gateway_is_all_tenants_or_none() {
+        let public = |name: &str, access| TenantConfig { ipfs_gateway: Some(access), ..tenant(name, &[]) };
+        let mixed = [public("a.example", GatewayAccess::Public), tenant("b.example", &[])];
+        assert!(tenants(&mixed).err().is_some_and(|e| e.contains("ipfs_gateway")));
+        let all = [public("a.example", GatewayAccess::Public), public("b.example", GatewayAccess::Public)];
+        assert!(tenants(&all).is_ok());
+        let closed = [public("a.example", GatewayAccess::Off), tenant("b.example", &[])];
+        assert!(tenants(&closed).is_ok(), "off and authenticated mix: neither serves anyone without a token");
     }
 
     #[test]

@@ -521,15 +521,22 @@ impl MetaClient {
         Ok(added)
     }
 
-    /// Roots of stored content whose DAG holds `block` (a linearizable read).
+    /// Roots of stored content whose DAG holds `block` (a linearizable read). A metadata
+    /// service that predates the block index answers none.
     pub async fn find_block(&self, block: &Cid) -> Result<Vec<Cid>, MetaError> {
         let req = pb::FindBlockRequest { cid: block.to_bytes() };
         let resp = self
             .retrying(Retry::Read, |mut cl| {
                 let req = req.clone();
-                async move { cl.find_block(req).await }
+                async move {
+                    match cl.find_block(req).await {
+                        Err(s) if s.code() == tonic::Code::Unimplemented => Ok(None),
+                        other => other.map(Some),
+                    }
+                }
             })
             .await?;
+        let Some(resp) = resp else { return Ok(Vec::new()) };
         resp.into_inner()
             .roots
             .iter()

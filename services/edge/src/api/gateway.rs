@@ -24,7 +24,7 @@ use mxcas_cas::{Limits, VerifiedBlock, car};
 
 use super::AppState;
 use crate::config::GatewayAccess;
-use crate::gateway::{LocateError, Located, Source, StoredDag, locate};
+use crate::gateway::{LocateError, Located, Source, StoredDag};
 use crate::metrics::ResultLabels;
 
 const RAW: &str = "application/vnd.ipld.raw";
@@ -110,7 +110,8 @@ async fn serve(
         }
         GatewayAccess::Public => {}
     }
-    match respond(state, method, headers, cid, path, query).await {
+    let public = tenant.ipfs_gateway == GatewayAccess::Public;
+    match respond(state, method, headers, cid, path, query, public).await {
         Ok((result, resp)) => {
             state.metrics.gateway.get_or_create(&ResultLabels { result }).inc();
             resp
@@ -138,6 +139,7 @@ async fn respond(
     cid_text: &str,
     path: Option<&str>,
     query: &BTreeMap<String, String>,
+    public: bool,
 ) -> Result<(&'static str, Response), Refusal> {
     let cid = Cid::try_from(cid_text).map_err(|e| {
         refuse(StatusCode::BAD_REQUEST, format!("{cid_text:?} is not a CID ({e}); ask for /ipfs/<CID>"))
@@ -149,84 +151,82 @@ async fn respond(
             Format::Car { .. } => refuse(StatusCode::NOT_FOUND, "No such path: mxcas stores files, not directories"),
         });
     }
+    let walk = match format {
+        Format::Raw => None,
+        Format::Car { dups } => Some(car_walk(query, dups)?),
+    };
+    let reply = Reply { method, headers, cid: &cid, public };
     let limits = Limits::default();
     // Identity CIDs (the `bafkqaaa` probe among them) carry their block.
     if let Some(identity) = VerifiedBlock::from_identity(&cid, &limits) {
         let block = identity.map_err(|e| refuse(StatusCode::BAD_REQUEST, format!("identity CID: {e}")))?;
         let bytes = Bytes::from(block.into_bytes());
-        return Ok(match format {
-            Format::Raw => ("raw", raw_response(method, headers, &cid, Some(bytes.clone()), bytes.len() as u64)),
-            Format::Car { dups } => {
+        return Ok(match walk {
+            None => ("raw", reply.raw(bytes)),
+            Some(walk) => {
                 let header = Bytes::from(car::header(&[cid]));
-                let etag = car_etag(&cid, Scope::All, None, dups);
-                (
-                    "car",
-                    car_response(
-                        method,
-                        headers,
-                        &cid,
-                        &etag,
-                        dups,
-                        header.len() as u64,
-                        stream::iter([Ok(header)]).boxed(),
-                    ),
-                )
+                let etag = car_etag(&cid, &walk, query);
+                ("car", reply.car(&etag, walk.dups, header.len() as u64, stream::iter([Ok(header)]).boxed()))
             }
         });
     }
     if let Err(e) = VerifiedBlock::supported(&cid) {
         return Err(refuse(StatusCode::NOT_FOUND, format!("{cid} is not stored here: {e}")));
     }
-    let Located { dag, source } = match locate(&state.media, &cid).await {
+    let Located { dag, source } = match state.gateway.locate(&state.media, &cid).await {
         Ok(Some(found)) => found,
         Ok(None) => return Err(refuse(StatusCode::NOT_FOUND, format!("{cid} is not stored here"))),
-        Err(e) => return Err(failure(&e)),
+        Err(e) => return Err(failure(state, None, &e).await),
     };
-    match format {
-        Format::Raw => {
-            let len = dag.len(source);
-            if raw_not_modified(headers, &cid) || method == Method::HEAD {
-                return Ok(("raw", raw_response(method, headers, &cid, None, len)));
-            }
-            let bytes = dag.bytes(&state.media.blocks, source).await.map_err(|e| failure(&LocateError::Block(e)))?;
-            Ok(("raw", raw_response(method, headers, &cid, Some(bytes), len)))
+    let Some(walk) = walk else {
+        if super::headers::not_modified(headers, &raw_etag(&cid)) {
+            return Ok(("not_modified", reply.raw(Bytes::new())));
         }
-        Format::Car { dups } => {
-            let scope = match query.get("dag-scope") {
-                None => Scope::All,
-                Some(s) => Scope::parse(s).ok_or_else(|| {
-                    refuse(StatusCode::BAD_REQUEST, format!("dag-scope={s:?}: want block, entity or all"))
-                })?,
-            };
-            let bytes = match query.get("entity-bytes") {
-                None => None,
-                Some(s) => Some(EntityBytes::parse(s).ok_or_else(|| {
-                    refuse(
-                        StatusCode::BAD_REQUEST,
-                        format!("entity-bytes={s:?}: want from:to (integers, or * for the end)"),
-                    )
-                })?),
-            };
-            let etag = car_etag(&cid, scope, query.get("entity-bytes").map(String::as_str), dups);
-            let plan = dag.plan(cid, Walk { scope, bytes, dups }, &limits).map_err(|e| match e {
-                WalkError::Outside { .. } => refuse(StatusCode::BAD_REQUEST, format!("entity-bytes: {e}")),
-                e => {
-                    tracing::error!(%cid, error = %e, "a stored DAG cannot be walked");
-                    refuse(StatusCode::INTERNAL_SERVER_ERROR, format!("The stored DAG cannot be walked: {e}"))
-                }
-            })?;
-            let header = Bytes::from(car::header(&[cid]));
-            let length = plan.iter().fold(header.len() as u64, |n, (c, s)| {
-                let block = dag.len(*s);
-                n + car::section_head(c, block as usize).len() as u64 + block
-            });
-            let body = car_body(state, dag, header, plan);
-            Ok(("car", car_response(method, headers, &cid, &etag, dups, length, body)))
-        }
+        // HEAD too: its status must be GET's, and the block cache keeps what it read.
+        let bytes = match dag.bytes(&state.media.blocks, source).await {
+            Ok(b) => b,
+            Err(e) => return Err(failure(state, Some(&dag), &LocateError::Block(e)).await),
+        };
+        return Ok(("raw", reply.raw(bytes)));
+    };
+    let etag = car_etag(&cid, &walk, query);
+    if super::headers::not_modified(headers, &etag) {
+        return Ok(("not_modified", reply.car(&etag, walk.dups, 0, stream::empty().boxed())));
     }
+    let plan = dag.plan(cid, walk, &limits).map_err(|e| match e {
+        WalkError::Outside { .. } => refuse(StatusCode::BAD_REQUEST, format!("entity-bytes: {e}")),
+        e => {
+            tracing::error!(%cid, error = %e, "a stored DAG cannot be walked");
+            refuse(StatusCode::INTERNAL_SERVER_ERROR, format!("The stored DAG cannot be walked: {e}"))
+        }
+    })?;
+    let header = Bytes::from(car::header(&[cid]));
+    let length = plan.iter().fold(header.len() as u64, |n, (c, s)| {
+        let block = dag.len(*s);
+        n + car::section_head(c, block as usize).len() as u64 + block
+    });
+    let body = car_body(state, dag, header, plan);
+    Ok(("car", reply.car(&etag, walk.dups, length, body)))
 }
 
-/// The blocks of a CAR as they are read, verified, in order, a few read ahead.
+/// The CAR's `dag-scope` and `entity-bytes`.
+fn car_walk(query: &BTreeMap<String, String>, dups: bool) -> Result<Walk, Refusal> {
+    let scope = match query.get("dag-scope") {
+        None => Scope::All,
+        Some(s) => Scope::parse(s)
+            .ok_or_else(|| refuse(StatusCode::BAD_REQUEST, format!("dag-scope={s:?}: want block, entity or all")))?,
+    };
+    let bytes = match query.get("entity-bytes") {
+        None => None,
+        Some(s) => Some(EntityBytes::parse(s).ok_or_else(|| {
+            refuse(StatusCode::BAD_REQUEST, format!("entity-bytes={s:?}: want from:to (integers, or * for the end)"))
+        })?),
+    };
+    Ok(Walk { scope, bytes, dups })
+}
+
+/// The blocks of a CAR as they are read, verified, in order, a few read ahead. A block that
+/// cannot be read ends the body there (short of its `Content-Length`); a lost one is recorded.
 fn car_body(
     state: &AppState,
     dag: StoredDag,
@@ -234,15 +234,21 @@ fn car_body(
     plan: Vec<(Cid, Source)>,
 ) -> futures::stream::BoxStream<'static, Result<Bytes, std::io::Error>> {
     let dag = Arc::new(dag);
-    let blocks = state.media.blocks.clone();
+    let media = state.media.clone();
     let sections = stream::iter(plan)
         .map(move |(cid, source)| {
-            let (dag, blocks) = (dag.clone(), blocks.clone());
+            let (dag, media) = (dag.clone(), media.clone());
             async move {
-                let bytes = dag.bytes(&blocks, source).await.map_err(|e| {
-                    tracing::error!(%cid, error = %e, "a CAR response ends early: a block could not be read");
-                    std::io::Error::other(e.to_string())
-                })?;
+                let bytes = match dag.bytes(&media.blocks, source).await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::error!(%cid, error = %e, "a CAR response ends early: a block could not be read");
+                        if e.is_data_loss() {
+                            let _ = media.record_loss(&dag.content, &e).await;
+                        }
+                        return Err(std::io::Error::other(e.to_string()));
+                    }
+                };
                 let head = Bytes::from(car::section_head(&cid, bytes.len()));
                 Ok::<_, std::io::Error>(stream::iter([Ok(head), Ok(bytes)]))
             }
@@ -252,13 +258,21 @@ fn car_body(
     stream::iter([Ok(header)]).chain(sections).boxed()
 }
 
-/// The gateway's answer to a failure to find or read a block.
-fn failure(e: &LocateError) -> Refusal {
+/// The gateway's answer to a failure to find or read a block; a loss of `dag`'s stored
+/// bytes is recorded first (unless the store turns out not to be the cluster's: then 503).
+async fn failure(state: &AppState, dag: Option<&StoredDag>, e: &LocateError) -> Refusal {
     match e {
-        LocateError::Block(b) if b.is_data_loss() => refuse(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "The stored bytes of this block are lost (missing or corrupt in storage); uploading the same file again restores them",
-        ),
+        LocateError::Block(b) if b.is_data_loss() => {
+            if let Some(dag) = dag
+                && state.media.record_loss(&dag.content, b).await.is_err()
+            {
+                return refuse(StatusCode::SERVICE_UNAVAILABLE, "Storage is misconfigured or unavailable; retry later");
+            }
+            refuse(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "The stored bytes of this block are lost (missing or corrupt in storage); uploading the same file again restores them",
+            )
+        }
         LocateError::Block(b) => {
             tracing::warn!(error = %b, "gateway: blob store read failed");
             refuse(StatusCode::SERVICE_UNAVAILABLE, "Storage is temporarily unavailable; retry later")
@@ -284,8 +298,14 @@ fn negotiate(headers: &HeaderMap, query: &BTreeMap<String, String>) -> Result<Fo
             ));
         }
     };
-    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("");
-    let from_accept = accepted(accept)?;
+    // Every Accept line, as one list.
+    let accept = headers.get_all(header::ACCEPT).iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>().join(",");
+    // `format` takes precedence: an Accept naming nothing servable only matters without it.
+    let from_accept = match accepted(&accept) {
+        Ok(f) => f,
+        Err(_) if from_query.is_some() => None,
+        Err(e) => return Err(e),
+    };
     let format = match (from_query, from_accept) {
         // The Accept header may still choose the CAR's parameters.
         (Some(Format::Car { .. }), Some(car @ Format::Car { .. })) => car,
@@ -369,77 +389,83 @@ fn parse_q(v: &str) -> Option<u16> {
     }
 }
 
-fn common_headers(h: &mut HeaderMap, cid: &Cid, etag: &str, filename: &str) {
-    let mut put = |name, value: &str| {
-        if let Ok(v) = HeaderValue::from_str(value) {
-            h.insert(name, v);
+/// How to answer one request: its method and headers, the CID asked for, and whether the
+/// answer may be kept by shared caches (only a public gateway's: otherwise a proxy could hand
+/// an authenticated answer to anyone).
+struct Reply<'a> {
+    method: &'a Method,
+    headers: &'a HeaderMap,
+    cid: &'a Cid,
+    public: bool,
+}
+
+impl Reply<'_> {
+    fn common(&self, h: &mut HeaderMap, etag: &str, filename: &str) {
+        let mut put = |name, value: &str| {
+            if let Ok(v) = HeaderValue::from_str(value) {
+                h.insert(name, v);
+            }
+        };
+        put(header::ETAG, etag);
+        put(
+            header::CACHE_CONTROL,
+            if self.public { "public, max-age=29030400, immutable" } else { "private, max-age=29030400, immutable" },
+        );
+        put(header::X_CONTENT_TYPE_OPTIONS, "nosniff");
+        put(header::CONTENT_DISPOSITION, &format!("attachment; filename=\"{filename}\""));
+        put(header::VARY, if self.public { "Accept" } else { "Accept, Authorization" });
+        put(header::HeaderName::from_static("x-ipfs-path"), &format!("/ipfs/{}", self.cid));
+        put(header::HeaderName::from_static("x-ipfs-roots"), &self.cid.to_string());
+    }
+
+    fn raw(&self, bytes: Bytes) -> Response {
+        let etag = raw_etag(self.cid);
+        let mut h = HeaderMap::new();
+        self.common(&mut h, &etag, &format!("{}.bin", self.cid));
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static(RAW));
+        if super::headers::not_modified(self.headers, &etag) {
+            return (StatusCode::NOT_MODIFIED, h).into_response();
         }
-    };
-    put(header::ETAG, etag);
-    put(header::CACHE_CONTROL, "public, max-age=29030400, immutable");
-    put(header::X_CONTENT_TYPE_OPTIONS, "nosniff");
-    put(header::CONTENT_DISPOSITION, &format!("attachment; filename=\"{filename}\""));
-    put(header::VARY, "Accept");
-    put(header::HeaderName::from_static("x-ipfs-path"), &format!("/ipfs/{cid}"));
-    put(header::HeaderName::from_static("x-ipfs-roots"), &cid.to_string());
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+        let body = if *self.method == Method::HEAD { Body::empty() } else { Body::from(bytes) };
+        (StatusCode::OK, h, body).into_response()
+    }
+
+    fn car(
+        &self,
+        etag: &str,
+        dups: bool,
+        length: u64,
+        body: futures::stream::BoxStream<'static, Result<Bytes, std::io::Error>>,
+    ) -> Response {
+        let mut h = HeaderMap::new();
+        self.common(&mut h, etag, &format!("{}.car", self.cid));
+        let content_type = if dups {
+            "application/vnd.ipld.car; version=1; order=dfs; dups=y"
+        } else {
+            "application/vnd.ipld.car; version=1; order=dfs; dups=n"
+        };
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+        if super::headers::not_modified(self.headers, etag) {
+            return (StatusCode::NOT_MODIFIED, h).into_response();
+        }
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+        let body = if *self.method == Method::HEAD { Body::empty() } else { Body::from_stream(body) };
+        (StatusCode::OK, h, body).into_response()
+    }
 }
 
 fn raw_etag(cid: &Cid) -> String {
     format!("\"{cid}.raw\"")
 }
 
-fn raw_not_modified(headers: &HeaderMap, cid: &Cid) -> bool {
-    super::headers::not_modified(headers, &raw_etag(cid))
-}
-
-fn raw_response(method: &Method, headers: &HeaderMap, cid: &Cid, bytes: Option<Bytes>, len: u64) -> Response {
-    let etag = raw_etag(cid);
-    let mut h = HeaderMap::new();
-    common_headers(&mut h, cid, &etag, &format!("{cid}.bin"));
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(RAW));
-    if super::headers::not_modified(headers, &etag) {
-        return (StatusCode::NOT_MODIFIED, h).into_response();
-    }
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    let body = match (method == Method::HEAD, bytes) {
-        (false, Some(b)) => Body::from(b),
-        _ => Body::empty(),
-    };
-    (StatusCode::OK, h, body).into_response()
-}
-
 /// A CAR's ETag: its root and everything that chooses its blocks.
-fn car_etag(cid: &Cid, scope: Scope, entity_bytes: Option<&str>, dups: bool) -> String {
-    let dups = if dups { "y" } else { "n" };
-    match entity_bytes {
-        Some(b) => format!("\"{cid}.car.entity.{b}.dfs.{dups}\""),
-        None => format!("\"{cid}.car.{}.dfs.{dups}\"", scope.as_str()),
+fn car_etag(cid: &Cid, walk: &Walk, query: &BTreeMap<String, String>) -> String {
+    let dups = if walk.dups { "y" } else { "n" };
+    match (walk.bytes, query.get("entity-bytes")) {
+        (Some(_), Some(b)) => format!("\"{cid}.car.entity.{b}.dfs.{dups}\""),
+        _ => format!("\"{cid}.car.{}.dfs.{dups}\"", walk.scope.as_str()),
     }
-}
-
-fn car_response(
-    method: &Method,
-    headers: &HeaderMap,
-    cid: &Cid,
-    etag: &str,
-    dups: bool,
-    length: u64,
-    body: futures::stream::BoxStream<'static, Result<Bytes, std::io::Error>>,
-) -> Response {
-    let mut h = HeaderMap::new();
-    common_headers(&mut h, cid, etag, &format!("{cid}.car"));
-    let content_type = if dups {
-        "application/vnd.ipld.car; version=1; order=dfs; dups=y"
-    } else {
-        "application/vnd.ipld.car; version=1; order=dfs; dups=n"
-    };
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    if super::headers::not_modified(headers, etag) {
-        return (StatusCode::NOT_MODIFIED, h).into_response();
-    }
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
-    let body = if method == Method::HEAD { Body::empty() } else { Body::from_stream(body) };
-    (StatusCode::OK, h, body).into_response()
 }
 
 #[cfg(test)]

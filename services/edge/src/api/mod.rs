@@ -31,6 +31,8 @@ pub struct AppState {
     /// Who a request is from is decided by its tenant's homeserver (`tenants.rs`).
     pub tenants: crate::tenants::Tenants,
     pub metrics: Arc<Metrics>,
+    /// The IPFS gateway's block look-ups.
+    pub gateway: crate::gateway::Gateway,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
