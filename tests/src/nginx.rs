@@ -88,7 +88,58 @@ http {{
     ))
 }
 
+/// A TLS front on `port` for everything to `upstream` (`http://host:port`), with the original
+/// `Host` (port included, as a Matrix server name has it) passed on.
+fn tls_config(dir: &Path, port: u16, upstream: &str, cert: &Path, key: &Path) -> anyhow::Result<String> {
+    let d = dir.display();
+    Ok(format!(
+        r#"daemon off;
+master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log info;
+events {{ worker_connections 1024; }}
+http {{
+    log_format mxcas '$request_method $request_uri -> $status $upstream_addr '
+                     'in=$request_length out=$bytes_sent rt=$request_time';
+    access_log {d}/access.log mxcas;
+    client_body_temp_path {d}/tmp/client_body;
+    proxy_temp_path {d}/tmp/proxy;
+    fastcgi_temp_path {d}/tmp/fastcgi;
+    uwsgi_temp_path {d}/tmp/uwsgi;
+    scgi_temp_path {d}/tmp/scgi;
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        location / {{
+            proxy_pass http://{upstream};
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+            proxy_buffering off;
+        }}
+    }}
+}}
+"#,
+        upstream = upstream_server(upstream)?,
+        cert = cert.display(),
+        key = key.display(),
+    ))
+}
+
 impl Nginx {
+    /// Starts nginx terminating TLS on `port` (chosen by the caller, who may need it in a
+    /// server name first) in front of `upstream`, with `cert` and `key` (PEM).
+    pub async fn start_tls(port: u16, upstream: &str, cert: &Path, key: &Path) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("mxcas-nginx-").tempdir()?;
+        std::fs::create_dir_all(dir.path().join("tmp"))?;
+        std::fs::write(dir.path().join("nginx.conf"), tls_config(dir.path(), port, upstream, cert, key)?)?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let child = spawn(dir.path(), addr).await.map_err(|e| anyhow::anyhow!("{e}\n{}", logs(dir.path())))?;
+        Ok(Self { child: Some(child), dir, addr, url: format!("https://{addr}") })
+    }
+
     /// Starts nginx in front of `media` (the mxcas edges, `http://host:port` each, all behind
     /// one upstream) and `homeserver` (likewise), and waits until it accepts connections.
     pub async fn start(media: &[&str], homeserver: &str) -> anyhow::Result<Self> {

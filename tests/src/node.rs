@@ -37,6 +37,8 @@ pub struct NodeOptions {
     /// Accept the test tokens [`ALICE`] and [`BOB`] (off for configs where only homeservers'
     /// tokens may be, such as `[[tenants]]`).
     pub static_tokens: bool,
+    /// The top-level `server_name` (default `localhost`).
+    pub server_name: Option<String>,
 }
 
 impl Default for NodeOptions {
@@ -49,6 +51,7 @@ impl Default for NodeOptions {
             auth: String::new(),
             extra: String::new(),
             static_tokens: true,
+            server_name: None,
         }
     }
 }
@@ -109,10 +112,11 @@ impl Node {
             ),
         };
         let config = format!(
-            "server_name = \"localhost\"\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndata_dir = \"{data}\"\n\
+            "server_name = \"{server_name}\"\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndata_dir = \"{data}\"\n\
              [auth]\n{tokens}{auth}\n\
              [media]\n{rates}{media}\n[cache]\n{cache}\n[edge]\nmeta = [{edge_meta}]\n[store]\n{store}\n{extra}",
             data = self.data_dir().display(),
+            server_name = self.opts.server_name.as_deref().unwrap_or("localhost"),
             auth = self.opts.auth,
             tokens = if self.opts.static_tokens {
                 format!("tokens = {{ \"{ALICE}\" = \"@alice:localhost\", \"{BOB}\" = \"@bob:localhost\" }}\n")

@@ -26,7 +26,8 @@ fn python() -> PathBuf {
 /// turns off what an external media repository replaces, in the generated config.
 const PATCH: &str = r#"
 import sys, yaml
-path, port, appservice = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+import json
+path, port, appservice, extra = sys.argv[1], int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
 with open(path) as f:
     c = yaml.safe_load(f)
 c["app_service_config_files"] = [appservice]
@@ -44,6 +45,8 @@ for k in ["rc_message", "rc_registration", "rc_joins", "rc_invites", "rc_3pid_va
           "rc_admin_redaction", "rc_room_creation", "rc_presence", "rc_delayed_event_mgmt"]:
     c[k] = lots
 c["rc_login"] = {"address": lots, "account": lots, "failed_attempts": lots}
+c["listeners"] += extra.pop("_listeners", [])
+c.update(extra)
 with open(path, "w") as f:
     yaml.safe_dump(c, f)
 "#;
@@ -68,6 +71,12 @@ impl Synapse {
     /// Generates a config for `server_name` in a temp dir, starts Synapse and waits until it
     /// answers `/health`.
     pub async fn start(server_name: &str) -> anyhow::Result<Self> {
+        Self::start_with(server_name, serde_json::json!({})).await
+    }
+
+    /// As [`Self::start`], with `extra` merged into the generated config (`_listeners`: more
+    /// listeners).
+    pub async fn start_with(server_name: &str, extra: serde_json::Value) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("mxcas-synapse-").tempdir()?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let config = dir.path().join("homeserver.yaml");
@@ -86,8 +95,13 @@ impl Synapse {
         );
         let appservice = dir.path().join("appservice.yaml");
         std::fs::write(&appservice, APPSERVICE)?;
-        let out =
-            Command::new(python()).args(["-c", PATCH]).arg(&config).arg(port.to_string()).arg(&appservice).output()?;
+        let out = Command::new(python())
+            .args(["-c", PATCH])
+            .arg(&config)
+            .arg(port.to_string())
+            .arg(&appservice)
+            .arg(extra.to_string())
+            .output()?;
         anyhow::ensure!(
             out.status.success(),
             "patching homeserver.yaml failed: {}",
@@ -129,9 +143,12 @@ impl Synapse {
 
     /// The end of Synapse's output (for failures).
     pub fn log(&self) -> String {
-        let text = std::fs::read_to_string(self.dir.path().join("synapse.out")).unwrap_or_default();
-        let tail: Vec<&str> = text.lines().rev().take(40).collect();
-        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        let tail = |file: &str, n: usize| {
+            let text = std::fs::read_to_string(self.dir.path().join(file)).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(n).collect();
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        };
+        format!("{}\n--- homeserver.log ---\n{}", tail("synapse.out", 40), tail("homeserver.log", 60))
     }
 
     /// Registers `user` with `password` through Synapse's own `register_new_matrix_user`.

@@ -412,6 +412,53 @@ pub struct TenantConfig {
     pub signing_key_file: Option<PathBuf>,
 }
 
+/// `[federation]`: how the edge talks to other Matrix servers.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FederationConfig {
+    /// The signing key of the one tenant when no `[[tenants]]` are declared (each declared
+    /// tenant has its own `signing_key_file`), Synapse's format. Default: none (federation
+    /// requests are refused, and `/_matrix/key/v2/server` is not served).
+    pub signing_key_file: Option<PathBuf>,
+    /// Server name → `host:port` to connect to instead of discovering it (private networks,
+    /// tests). The TLS certificate is checked for that host. Default: none.
+    pub resolve: BTreeMap<String, String>,
+    /// Let remote servers be reached at loopback, private, link-local and other non-public
+    /// addresses (a remote's name, delegation or redirect can point anywhere). Default false.
+    pub allow_private_addresses: bool,
+    /// PEM file of extra CA certificates trusted for federation TLS, besides the system's.
+    pub ca_file: Option<PathBuf>,
+    /// Longest one federation request (key fetch, discovery) may take. Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// How long the key document this edge serves for a tenant says it is valid. Default 1 day.
+    #[serde(with = "humantime_serde")]
+    pub key_validity: Duration,
+}
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        Self {
+            signing_key_file: None,
+            resolve: BTreeMap::new(),
+            allow_private_addresses: false,
+            ca_file: None,
+            request_timeout: Duration::from_secs(30),
+            key_validity: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+impl FederationConfig {
+    /// The single tenant's key (`None` when not configured).
+    pub fn signing_key(&self) -> Result<Option<SigningKey>, String> {
+        let Some(path) = &self.signing_key_file else { return Ok(None) };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("federation.signing_key_file {}: {e}", path.display()))?;
+        SigningKey::parse(&text).map(Some).map_err(|e| format!("federation.signing_key_file {}: {e}", path.display()))
+    }
+}
+
 /// A signing key as Synapse writes it: `ed25519 a_AbCd <unpadded base64 of the 32-byte seed>`.
 #[derive(Clone)]
 pub struct SigningKey {
@@ -426,8 +473,12 @@ impl std::fmt::Debug for SigningKey {
 }
 
 impl SigningKey {
+    /// The key ready to sign with.
+    pub fn key(&self) -> Result<std::sync::Arc<mxcas_federation::SigningKey>, String> {
+        mxcas_federation::SigningKey::from_seed(&self.key_id, &self.seed).map(std::sync::Arc::new)
+    }
+
     pub fn parse(text: &str) -> Result<Self, String> {
-        use base64::Engine as _;
         let line = text.lines().map(str::trim).find(|l| !l.is_empty()).ok_or("the file is empty")?;
         let parts: Vec<&str> = line.split_whitespace().collect();
         let [algorithm, version, seed] = parts[..] else {
@@ -439,9 +490,7 @@ impl SigningKey {
         if version.is_empty() || !version.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
             return Err(format!("key id {version:?} is not [A-Za-z0-9_]+"));
         }
-        let seed = base64::engine::general_purpose::STANDARD_NO_PAD
-            .decode(seed.trim_end_matches('='))
-            .map_err(|e| format!("the seed is not base64: {e}"))?;
+        let seed = mxcas_federation::signing::decode_base64(seed).ok_or("the seed is not base64")?;
         let seed: [u8; 32] = seed.try_into().map_err(|s: Vec<u8>| format!("the seed is {} bytes, not 32", s.len()))?;
         Ok(Self { key_id: version.to_owned(), seed })
     }

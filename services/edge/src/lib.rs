@@ -15,6 +15,7 @@ pub mod api;
 pub mod block_index;
 pub mod cache;
 pub mod config;
+pub mod federation;
 pub mod gateway;
 pub mod http_server;
 pub mod ingest;
@@ -61,6 +62,7 @@ pub struct EdgeSettings {
     pub thumbnails: config::ThumbnailConfig,
     /// `[[tenants]]` (empty: one tenant, the top-level server name and `[auth]`).
     pub tenants: Vec<config::TenantConfig>,
+    pub federation: config::FederationConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -112,7 +114,8 @@ impl EdgeSettings {
                 "no way to check access tokens: set [auth] homeserver_url (or list [auth] tokens)".into(),
             ));
         }
-        tenants::Tenants::new(&self.server_name, tokens, &self.auth, &self.media, &self.tenants, metrics)
+        let single_key = self.federation.signing_key().map_err(EdgeError::Config)?;
+        tenants::Tenants::new(&self.server_name, tokens, &self.auth, &self.media, &self.tenants, single_key, metrics)
             .map_err(EdgeError::Config)
     }
 }
@@ -157,6 +160,7 @@ pub async fn start(
         tenants,
         metrics,
         gateway: crate::gateway::Gateway::new(),
+        federation: crate::federation::Federation::new(&settings.federation).map_err(EdgeError::Config)?,
     });
 
     let api_listener =

@@ -37,8 +37,8 @@ pub struct Tenant {
     pub quota_info_uri: Option<String>,
     /// Sent with a tenant's quota refusal.
     pub quota_admin_contact: Option<String>,
-    /// For federation (checked at start).
-    pub signing_key: Option<SigningKey>,
+    /// The homeserver's key: signs this tenant's federation requests and its key document.
+    pub signing_key: Option<Arc<mxcas_federation::SigningKey>>,
     /// Who may use the IPFS gateway under this tenant's hosts.
     pub ipfs_gateway: GatewayAccess,
 }
@@ -77,6 +77,7 @@ impl Tenants {
         auth: &AuthConfig,
         media: &MediaConfig,
         declared: &[TenantConfig],
+        single_key: Option<SigningKey>,
         metrics: &Arc<Metrics>,
     ) -> Result<Self, String> {
         let rates = |t: Option<&TenantConfig>| {
@@ -102,10 +103,16 @@ impl Tenants {
                 quota: quota_of(media, None),
                 quota_info_uri: media.quota_info_uri.clone(),
                 quota_admin_contact: media.quota_admin_contact.clone(),
-                signing_key: None,
+                signing_key: single_key.map(|k| k.key()).transpose()?,
                 ipfs_gateway: media.ipfs_gateway,
             };
             return Ok(Self { all: vec![Arc::new(only)], by_host: HashMap::new(), only: Some(0) });
+        }
+        if single_key.is_some() {
+            return Err(
+                "[federation] signing_key_file cannot be used with [[tenants]]: set each tenant's signing_key_file"
+                    .into(),
+            );
         }
         if auth.homeserver_url.is_some() {
             return Err(
@@ -172,7 +179,7 @@ impl Tenants {
                 quota,
                 quota_info_uri,
                 quota_admin_contact,
-                signing_key: t.signing_key()?,
+                signing_key: t.signing_key()?.map(|k| k.key()).transpose()?,
                 ipfs_gateway: t.ipfs_gateway.unwrap_or(media.ipfs_gateway),
             }));
         }
@@ -217,6 +224,11 @@ impl Tenants {
                 ))
             }
         }
+    }
+
+    /// Every tenant.
+    pub fn all(&self) -> &[Arc<Tenant>] {
+        &self.all
     }
 
     /// The tenant whose server name is `server_name`, if any.
@@ -284,6 +296,7 @@ mod tests {
             &AuthConfig::default(),
             &MediaConfig::default(),
             declared,
+            None,
             &Arc::new(Metrics::new()),
         )
     }
@@ -341,6 +354,7 @@ mod tests {
             &AuthConfig::default(),
             &MediaConfig::default(),
             &[tenant("a.example", &[])],
+            None,
             &Arc::new(Metrics::new()),
         );
         assert!(with_tokens.err().is_some_and(|e| e.contains("cannot be used with [[tenants]]")));
@@ -350,6 +364,7 @@ mod tests {
             &AuthConfig { homeserver_url: Some("http://127.0.0.1:1".into()), ..AuthConfig::default() },
             &MediaConfig::default(),
             &[tenant("a.example", &[])],
+            None,
             &Arc::new(Metrics::new()),
         );
         assert!(with_hs.err().is_some_and(|e| e.contains("homeserver_url cannot be used")));

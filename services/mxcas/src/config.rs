@@ -37,6 +37,8 @@ pub struct Config {
     pub tenants: Vec<mxcas_edge::config::TenantConfig>,
     /// Mutual TLS on every gRPC link (raft, metadata API, admin). Default: off.
     pub tls: mxcas_meta::tls::TlsConfig,
+    /// `[federation]`: signing key, discovery overrides, address rules.
+    pub federation: mxcas_edge::config::FederationConfig,
 }
 
 /// `[meta]`: the metadata node (embedded in `serve`, alone in `mxcas meta`).
@@ -147,6 +149,7 @@ impl Default for Config {
             thumbnails: Default::default(),
             tenants: Vec::new(),
             tls: Default::default(),
+            federation: Default::default(),
         }
     }
 }

@@ -263,6 +263,7 @@ async fn serve(args: ServeArgs, role: Role) -> anyhow::Result<()> {
         http: config.http.clone(),
         thumbnails: config.thumbnails.clone(),
         tenants: config.tenants.clone(),
+        federation: config.federation.clone(),
     };
     settings.validate().context("invalid configuration")?;
 

@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod download;
 pub mod error;
+pub mod federation;
 pub mod gateway;
 pub mod headers;
 pub mod range;
@@ -33,6 +34,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The IPFS gateway's block look-ups.
     pub gateway: crate::gateway::Gateway,
+    /// Other Matrix servers: their keys, and how to reach them.
+    pub federation: crate::federation::Federation,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -48,6 +51,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/_matrix/media/v3/download/{server_name}/{media_id}/{file_name}", get(download::download_legacy))
         .route("/_matrix/client/v1/media/thumbnail/{server_name}/{media_id}", get(thumbnail::thumbnail_v1))
         .route("/_matrix/media/v3/thumbnail/{server_name}/{media_id}", get(thumbnail::thumbnail_legacy))
+        .route("/_matrix/key/v2/server", get(federation::server_keys))
+        .route("/_matrix/federation/v1/media/download/{media_id}", get(federation::media_download))
         .route("/ipfs/{cid}", get(gateway::ipfs))
         .route("/ipfs/{cid}/{*path}", get(gateway::ipfs_path))
         .fallback(|| async { ApiError::unrecognized() })

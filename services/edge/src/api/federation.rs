@@ -1,0 +1,113 @@
+//! The server-server endpoints the edge serves:
+//!
+//! - `GET /_matrix/key/v2/server`: the key document of the request's tenant (by `Host`), signed
+//!   with its signing key, for deployments where mxcas answers for the server name itself (a
+//!   homeserver that publishes the same key serves this route itself; see
+//!   docs/decentralisation.md).
+//! - `GET /_matrix/federation/v1/media/download/{mediaId}` (spec v1.11): local media as
+//!   `multipart/mixed` (a JSON part, then the bytes), for a request signed with `X-Matrix` by
+//!   its origin for one of our server names.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures::stream;
+use mxcas_federation::{keys, multipart};
+use mxcas_meta::{MediaKey, MediaState};
+
+use super::AppState;
+use super::error::ApiError;
+use super::headers::{content_disposition, insert, wait_of};
+
+pub async fn server_keys(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let tenant = state.tenants.for_request(&headers)?;
+    let Some(key) = &tenant.signing_key else {
+        return Err(ApiError::not_found(format!(
+            "No signing key is configured for {} here; its homeserver publishes its keys",
+            tenant.server_name
+        )));
+    };
+    let valid_until = crate::media::now_ms() + state.federation.key_validity().as_millis() as u64;
+    let doc = keys::server_keys_document(key, &tenant.server_name, valid_until);
+    Ok(([(header::CONTENT_TYPE, "application/json")], doc.to_string()).into_response())
+}
+
+pub async fn media_download(
+    State(state): State<Arc<AppState>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    Path(media_id): Path<String>,
+    Query(query): Query<BTreeMap<String, String>>,
+) -> Result<Response, ApiError> {
+    // The Host's tenant is the destination of a request that names none.
+    let host_tenant = state.tenants.for_request(&headers).ok().map(|t| t.server_name.clone());
+    let is_ours = |name: &str| state.tenants.by_server_name(name).is_some();
+    let request_uri = uri.path_and_query().map_or_else(|| uri.path().to_owned(), |p| p.as_str().to_owned());
+    let (origin, destination) = state
+        .federation
+        .authenticate(&headers, method.as_str(), &request_uri, &is_ours, host_tenant.as_deref().unwrap_or(""))
+        .await?;
+    if !super::valid_media_id(&media_id) {
+        return Err(ApiError::bad_request("M_INVALID_PARAM", "Malformed media ID"));
+    }
+    let wait = wait_of(&query, state.media.config.max_download_wait)?;
+    let key = MediaKey::new(destination, media_id);
+    let resolved = state.media.resolve(&key, wait, false).await?;
+    tracing::debug!(%origin, mxc = %key, "federation download");
+    let MediaState::Ready { content_type, .. } = &resolved.media.state else {
+        return Err(ApiError::internal("media has no content"));
+    };
+    let boundary = uuid::Uuid::new_v4().simple().to_string();
+    let head = multipart::head(
+        &boundary,
+        &serde_json::json!({}),
+        content_type,
+        Some(&content_disposition(content_type, None)),
+    );
+    let tail = multipart::tail(&boundary);
+    let content = resolved.content.clone();
+    let length = head.len() as u64 + content.size + tail.len() as u64;
+    let mut h = HeaderMap::new();
+    insert(&mut h, header::CONTENT_TYPE, &multipart::content_type(&boundary));
+    insert(&mut h, header::CONTENT_LENGTH, &length.to_string());
+    if method == Method::HEAD {
+        return Ok((StatusCode::OK, h, Body::empty()).into_response());
+    }
+    // The first block before the status line: a loss becomes an error, not a cut body.
+    let blocks = state.media.blocks.clone();
+    let first = match blocks.block(&content, 0).await {
+        Ok(b) => b,
+        Err(e) if e.is_data_loss() => {
+            state.media.after_read_failure(&resolved, &e, true).await?;
+            return Err(ApiError::data_loss());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let count = crate::cache::BlockCache::block_count(&content);
+    let rest = stream::unfold(1u64, move |i| {
+        let (blocks, content) = (blocks.clone(), content.clone());
+        async move {
+            if i >= count {
+                return None;
+            }
+            match blocks.block(&content, i).await {
+                Ok(b) => Some((Ok::<Bytes, std::io::Error>(b), i + 1)),
+                Err(e) => {
+                    tracing::error!(cid = %content.cid, block = i, error = %e, "aborting a federation download");
+                    Some((Err(std::io::Error::other(e.to_string())), count))
+                }
+            }
+        }
+    });
+    let body = futures::StreamExt::chain(
+        futures::StreamExt::chain(stream::iter([Ok(Bytes::from(head)), Ok(first)]), rest),
+        stream::once(async move { Ok(Bytes::from(tail)) }),
+    );
+    Ok((StatusCode::OK, h, Body::from_stream(body)).into_response())
+}

@@ -1,0 +1,227 @@
+//! mxcas as a Matrix server to other servers, against Synapse: Synapse fetches media hosted by
+//! mxcas over signed federation (mxcas checks Synapse's `X-Matrix` signature with the keys it
+//! fetches from Synapse; Synapse reads mxcas's `multipart/mixed` answer), mxcas's key document
+//! and request signatures are checked by Synapse's own signing code, and unsigned, forged or
+//! misdirected requests are refused with the spec's 401.
+//! Reproduce one test: `scripts/test.sh <test name>`.
+
+use std::process::{Command, Stdio};
+
+use mxcas_federation::SigningKey;
+use mxcas_federation::signing::encode_base64;
+use mxcas_federation::x_matrix;
+use mxcas_tests::nginx::Nginx;
+use mxcas_tests::node::ALICE;
+use mxcas_tests::pki::TestPki;
+use mxcas_tests::synapse::Synapse;
+use mxcas_tests::{Node, NodeOptions, test_bytes};
+
+const SEED: [u8; 32] = [42; 32];
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Synapse's signing code (tests/clients/signing_oracle.py) on one JSON question.
+fn oracle(command: &str, args: serde_json::Value) -> anyhow::Result<serde_json::Value> {
+    let python = std::env::var("SYNAPSE_PYTHON")?;
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/signing_oracle.py");
+    let mut child = Command::new(python)
+        .arg(script)
+        .arg(command)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), args.to_string().as_bytes())?;
+    let out = child.wait_with_output()?;
+    anyhow::ensure!(out.status.success(), "oracle failed: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// An mxcas node whose server name is `127.0.0.1:<port>`, behind nginx terminating TLS on that
+/// port (a Matrix server name with a port is reached there directly), with a signing key.
+struct Deployment {
+    node: Node,
+    _tls: Nginx,
+    server_name: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn deployment(pki: &TestPki) -> anyhow::Result<Deployment> {
+    let dir = tempfile::tempdir()?;
+    let key_file = dir.path().join("signing.key");
+    std::fs::write(&key_file, format!("ed25519 a_mx {}\n", encode_base64(&SEED)))?;
+    let port = free_port()?;
+    let server_name = format!("127.0.0.1:{port}");
+    let ca = pki.config.ca.as_ref().expect("ca").display().to_string();
+    let node = Node::start(NodeOptions {
+        server_name: Some(server_name.clone()),
+        extra: format!(
+            "[federation]\nsigning_key_file = \"{}\"\nallow_private_addresses = true\nca_file = \"{ca}\"\n",
+            key_file.display()
+        ),
+        ..Default::default()
+    })
+    .await?;
+    let tls = Nginx::start_tls(
+        port,
+        &node.api,
+        pki.config.cert.as_ref().expect("cert"),
+        pki.config.key.as_ref().expect("key"),
+    )
+    .await?;
+    Ok(Deployment { node, _tls: tls, server_name, _dir: dir })
+}
+
+async fn upload(d: &Deployment, body: Vec<u8>) -> anyhow::Result<String> {
+    let resp = d
+        .node
+        .http
+        .post(d.node.url("/_matrix/media/v3/upload"))
+        .bearer_auth(ALICE)
+        .header("content-type", "application/octet-stream")
+        .body(body)
+        .send()
+        .await?;
+    anyhow::ensure!(resp.status() == 200, "upload: {}", resp.status());
+    let json: serde_json::Value = resp.json().await?;
+    let uri = json["content_uri"].as_str().unwrap_or_default();
+    Ok(uri.rsplit('/').next().unwrap_or_default().to_owned())
+}
+
+#[tokio::test]
+async fn synapse_fetches_mxcas_media_over_signed_federation() -> anyhow::Result<()> {
+    let pki = TestPki::generate("federation")?;
+    let ours = deployment(&pki).await?;
+    let small = test_bytes(1, 10_000);
+    let big = test_bytes(2, 3 * 1024 * 1024 + 5);
+    let small_id = upload(&ours, small.clone()).await?;
+    let big_id = upload(&ours, big.clone()).await?;
+
+    // Synapse with its own media repository, federating over TLS on its server name's port,
+    // trusting the test CA, and allowed to reach loopback.
+    let fed_port = free_port()?;
+    let synapse_name = format!("127.0.0.1:{fed_port}");
+    let synapse = Synapse::start_with(
+        &synapse_name,
+        serde_json::json!({
+            "enable_media_repo": true,
+            "tls_certificate_path": pki.config.cert,
+            "tls_private_key_path": pki.config.key,
+            "federation_custom_ca_list": [pki.config.ca],
+            "federation_verify_certificates": true,
+            // Synapse blocks IP-literal server names in blocked ranges whatever its allowlist
+            // says: loopback comes off the blocklist for this test.
+            "ip_range_blacklist": [],
+            "_listeners": [{"port": fed_port, "bind_addresses": ["127.0.0.1"], "type": "http", "tls": true,
+                            "resources": [{"names": ["federation"], "compress": false}]}],
+        }),
+    )
+    .await?;
+    synapse.register("alice", "alice-password-1")?;
+    let token = synapse.login("alice", "alice-password-1").await?;
+    let http = reqwest::Client::new();
+    for (id, want) in [(&small_id, &small), (&big_id, &big)] {
+        let url = format!("{}/_matrix/client/v1/media/download/{}/{id}", synapse.url, ours.server_name);
+        let resp = http.get(&url).bearer_auth(&token).send().await?;
+        let status = resp.status();
+        let body = resp.bytes().await?;
+        assert_eq!(
+            status,
+            200,
+            "Synapse's download of our media: {}\n--- synapse ---\n{}\n--- mxcas ---\n{}",
+            String::from_utf8_lossy(&body),
+            synapse.log(),
+            ours.node.log()
+        );
+        assert_eq!(body.len(), want.len());
+        assert!(body.as_ref() == want.as_slice(), "the bytes Synapse serves are ours");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn our_signatures_verify_with_synapses_code_and_bad_requests_are_refused() -> anyhow::Result<()> {
+    let pki = TestPki::generate("federation")?;
+    let ours = deployment(&pki).await?;
+    let id = upload(&ours, test_bytes(3, 500)).await?;
+    // The key document we serve, checked by signedjson.
+    let doc: serde_json::Value =
+        ours.node.http.get(ours.node.url("/_matrix/key/v2/server")).send().await?.json().await?;
+    let checked = oracle("check-keys", serde_json::json!({"doc": doc, "server": ours.server_name}))?;
+    assert_eq!(checked["ok"], true, "{checked}");
+    let key = SigningKey::from_seed("a_mx", &SEED).map_err(anyhow::Error::msg)?;
+    assert_eq!(doc["verify_keys"]["ed25519:a_mx"]["key"], encode_base64(&key.public_key()));
+    // A request we sign, checked the way Synapse's Authenticator checks one.
+    let uri = format!("/_matrix/federation/v1/media/download/{id}");
+    let auth = x_matrix::authorization(&key, &ours.server_name, "other.example", "GET", &uri, None)?;
+    let checked = oracle(
+        "check-request",
+        serde_json::json!({"authorization": auth, "method": "GET", "uri": uri, "destination": "other.example", "doc": doc}),
+    )?;
+    assert_eq!(checked["ok"], true, "{checked}");
+    let forged = auth.replace("sig=\"", "sig=\"AAAA");
+    let checked = oracle(
+        "check-request",
+        serde_json::json!({"authorization": forged, "method": "GET", "uri": uri, "destination": "other.example", "doc": doc}),
+    )?;
+    assert_eq!(checked["ok"], false, "a forged signature fails Synapse's check too");
+    // A header Synapse's client writes parses and verifies with our code.
+    let signed = oracle(
+        "sign-request",
+        serde_json::json!({"seed": encode_base64(&SEED), "key_id": "a_mx", "origin": "o.example",
+                           "destination": ours.server_name, "method": "GET", "uri": uri}),
+    )?;
+    let parsed = x_matrix::parse(signed["authorization"].as_str().unwrap_or_default())?;
+    x_matrix::verify_request(&parsed, &ours.server_name, "GET", &uri, None, &key.public_key())?;
+
+    // Our federation endpoint refuses what it cannot verify, with the spec's 401.
+    let url = ours.node.url(&uri);
+    let refused = |auth: Option<String>| {
+        let (http, url) = (ours.node.http.clone(), url.clone());
+        async move {
+            let mut req = http.get(&url);
+            if let Some(a) = auth {
+                req = req.header("authorization", a);
+            }
+            let resp = req.send().await?;
+            let status = resp.status().as_u16();
+            let json: serde_json::Value = resp.json().await?;
+            anyhow::Ok((status, json["errcode"].as_str().unwrap_or_default().to_owned()))
+        }
+    };
+    let unauthorized = (401, "M_UNAUTHORIZED".to_owned());
+    assert_eq!(refused(None).await?, unauthorized, "no signature");
+    assert_eq!(refused(Some(format!("Bearer {ALICE}"))).await?, unauthorized, "a client token is no server signature");
+    // Signed for another destination.
+    let elsewhere = x_matrix::authorization(&key, &ours.server_name, "other.example", "GET", &uri, None)?;
+    assert_eq!(refused(Some(elsewhere)).await?, unauthorized);
+    // Signed by an origin whose keys cannot be fetched (nothing listens there).
+    let nobody = format!("127.0.0.1:{}", free_port()?);
+    let unknown = x_matrix::authorization(&key, &nobody, &ours.server_name, "GET", &uri, None)?;
+    assert_eq!(refused(Some(unknown)).await?, unauthorized);
+    // Signed by ourselves (our keys are fetchable over TLS), but for another URI, or forged.
+    let other_uri = x_matrix::authorization(&key, &ours.server_name, &ours.server_name, "GET", "/x", None)?;
+    assert_eq!(refused(Some(other_uri)).await?, unauthorized);
+    let good = x_matrix::authorization(&key, &ours.server_name, &ours.server_name, "GET", &uri, None)?;
+    assert_eq!(refused(Some(good.replace("sig=\"", "sig=\"AAAA"))).await?, unauthorized);
+    // And the same request, properly signed, is answered.
+    let resp = ours.node.http.get(&url).header("authorization", good).send().await?;
+    assert_eq!(resp.status(), 200, "{}", ours.node.log());
+    let ct = resp.headers()["content-type"].to_str()?.to_owned();
+    assert!(ct.starts_with("multipart/mixed; boundary="), "{ct}");
+    let body = resp.bytes().await?;
+    let boundary = mxcas_federation::multipart::boundary_of(&ct).expect("boundary");
+    let mut reader = mxcas_federation::multipart::MultipartReader::new(&boundary);
+    reader.push(&body);
+    let mut bytes = Vec::new();
+    while let Some(e) = reader.next_event()? {
+        if let mxcas_federation::multipart::Event::Bytes(b) = e {
+            bytes.extend(b);
+        }
+    }
+    reader.finish()?;
+    assert_eq!(bytes, test_bytes(3, 500));
+    Ok(())
+}
