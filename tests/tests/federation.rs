@@ -206,6 +206,16 @@ async fn our_signatures_verify_with_synapses_code_and_bad_requests_are_refused()
     assert_eq!(refused(Some(other_uri)).await?, unauthorized);
     let good = x_matrix::authorization(&key, &ours.server_name, &ours.server_name, "GET", &uri, None)?;
     assert_eq!(refused(Some(good.replace("sig=\"", "sig=\"AAAA"))).await?, unauthorized);
+    // Only the first X-Matrix credential counts (one origin, one key fetch per request).
+    let two = ours
+        .node
+        .http
+        .get(&url)
+        .header("authorization", good.replace("sig=\"", "sig=\"AAAA"))
+        .header("authorization", good.clone())
+        .send()
+        .await?;
+    assert_eq!(two.status(), 401);
     // And the same request, properly signed, is answered.
     let resp = ours.node.http.get(&url).header("authorization", good).send().await?;
     assert_eq!(resp.status(), 200, "{}", ours.node.log());

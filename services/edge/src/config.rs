@@ -408,7 +408,7 @@ pub struct TenantConfig {
     /// Overrides `[media] ipfs_gateway` for requests with this tenant's hosts.
     pub ipfs_gateway: Option<GatewayAccess>,
     /// The homeserver's ed25519 signing key, Synapse's format (`ed25519 <key id> <base64
-    /// seed>`), for signing federation requests (checked at start; used by federation).
+    /// seed>`), checked at start. With it the edge answers federation for this tenant.
     pub signing_key_file: Option<PathBuf>,
 }
 
@@ -418,7 +418,7 @@ pub struct TenantConfig {
 pub struct FederationConfig {
     /// The signing key of the one tenant when no `[[tenants]]` are declared (each declared
     /// tenant has its own `signing_key_file`), Synapse's format. Default: none (federation
-    /// requests are refused, and `/_matrix/key/v2/server` is not served).
+    /// requests are refused with 401, and `/_matrix/key/v2/server` is not served).
     pub signing_key_file: Option<PathBuf>,
     /// Server name → `host:port` to connect to instead of discovering it (private networks,
     /// tests). The TLS certificate is checked for that host. Default: none.

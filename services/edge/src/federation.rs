@@ -14,18 +14,25 @@ use std::time::Duration;
 use axum::http::{HeaderMap, StatusCode, header};
 use moka::future::Cache;
 use mxcas_federation::addresses::is_public;
-use mxcas_federation::keys::{ServerKeys, verify_server_keys};
+use mxcas_federation::keys::{MAX_DOCUMENT_SIZE, ServerKeys, verify_server_keys};
 use mxcas_federation::x_matrix::{self, XMatrix};
 
 use crate::api::error::ApiError;
 use crate::config::FederationConfig;
 
-/// Largest key document or `.well-known` answer read.
-const MAX_SMALL_BODY: usize = 64 * 1024;
+/// Largest `.well-known` answer read.
+const MAX_WELL_KNOWN: usize = 16 * 1024;
 /// How long a failed key fetch is remembered (no storm of fetches at a server that is down).
 const KEY_FAILURE_TTL: Duration = Duration::from_secs(30);
-/// How long a `.well-known` delegation (or its absence) is kept.
+/// How long a `.well-known` delegation (or a clear absence: 404, invalid) is kept.
 const WELL_KNOWN_TTL: Duration = Duration::from_secs(3600);
+/// How long a `.well-known` that could not be fetched (down, timing out) counts as absent.
+const WELL_KNOWN_FAILURE_TTL: Duration = Duration::from_secs(120);
+/// A key ID the cached document lacks is fetched again if the document is older than this
+/// (the server may have rotated its key), at most that often.
+const KEY_REFRESH_AFTER: Duration = Duration::from_secs(300);
+/// Outbound discovery and key fetches in flight at once on this edge, for all requests.
+const MAX_OUTBOUND: usize = 32;
 
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum FederationError {
@@ -72,9 +79,28 @@ pub struct Federation {
     http: reqwest::Client,
     config: FederationConfig,
     /// Checked key documents, until they expire (failures briefly).
-    keys: Cache<String, Result<Arc<ServerKeys>, FederationError>>,
-    /// `.well-known/matrix/server` delegations (`None`: none).
-    well_known: Cache<String, Option<String>>,
+    keys: Cache<String, Result<Fetched, FederationError>>,
+    /// `.well-known/matrix/server` delegations.
+    well_known: Cache<String, Delegation>,
+    /// Bounds outbound fetches, whoever asks.
+    outbound: Arc<tokio::sync::Semaphore>,
+}
+
+/// A key document and when it was fetched.
+#[derive(Clone, Debug)]
+struct Fetched {
+    keys: Arc<ServerKeys>,
+    at: std::time::Instant,
+}
+
+/// What a `.well-known/matrix/server` said.
+#[derive(Clone, Debug)]
+enum Delegation {
+    To(String),
+    /// 404, or an answer that names no valid server.
+    None,
+    /// Could not be fetched: absent for now, asked again soon.
+    Failed,
 }
 
 /// `host` and `port` of a server name (`[v6]` kept bracketed).
@@ -93,17 +119,15 @@ fn split_name(name: &str) -> Option<(&str, Option<u16>)> {
     }
 }
 
-fn ip_of(host: &str) -> Option<IpAddr> {
-    host.trim_start_matches('[').trim_end_matches(']').parse().ok()
-}
-
 impl Federation {
     pub fn new(config: &FederationConfig) -> Result<Self, String> {
         let mut builder = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .timeout(config.request_timeout)
             .connect_timeout(config.request_timeout.min(Duration::from_secs(10)))
-            .dns_resolver(Arc::new(PublicOnly { allow_private: config.allow_private_addresses }));
+            .dns_resolver(Arc::new(PublicOnly { allow_private: config.allow_private_addresses }))
+            // A proxy would resolve remote names itself, past the address rules.
+            .no_proxy();
         if let Some(path) = &config.ca_file {
             let pem = std::fs::read(path).map_err(|e| format!("federation.ca_file {}: {e}", path.display()))?;
             let certs = reqwest::Certificate::from_pem_bundle(&pem)
@@ -120,7 +144,8 @@ impl Federation {
             http,
             config: config.clone(),
             keys: Cache::builder().max_capacity(10_000).expire_after(KeyExpiry).build(),
-            well_known: Cache::builder().max_capacity(10_000).time_to_live(WELL_KNOWN_TTL).build(),
+            well_known: Cache::builder().max_capacity(10_000).expire_after(WellKnownExpiry).build(),
+            outbound: Arc::new(tokio::sync::Semaphore::new(MAX_OUTBOUND)),
         })
     }
 
@@ -129,13 +154,26 @@ impl Federation {
         self.config.key_validity
     }
 
-    fn check_literal(&self, server: &str, host: &str) -> Result<(), FederationError> {
-        match ip_of(host) {
-            Some(ip) if !self.config.allow_private_addresses && !is_public(ip) => {
-                Err(FederationError::Private(server.to_owned()))
-            }
-            _ => Ok(()),
+    /// Checks the host a URL will connect to, as the HTTP client parses it (the WHATWG URL
+    /// rules, which read `127.1` or `2130706433` as IPv4 addresses): an address must be public
+    /// unless allowed. Names are checked by the resolver when connecting.
+    fn check_url(&self, server: &str, url: &str) -> Result<(), FederationError> {
+        let parsed = reqwest::Url::parse(url).map_err(|_| FederationError::BadName(server.to_owned()))?;
+        let ip = match parsed.host() {
+            Some(url::Host::Ipv4(v4)) => IpAddr::V4(v4),
+            Some(url::Host::Ipv6(v6)) => IpAddr::V6(v6),
+            Some(url::Host::Domain(_)) => return Ok(()),
+            None => return Err(FederationError::BadName(server.to_owned())),
+        };
+        if !self.config.allow_private_addresses && !is_public(ip) {
+            return Err(FederationError::Private(server.to_owned()));
         }
+        Ok(())
+    }
+
+    fn checked_target(&self, server: &str, base: String, host: String) -> Result<Target, FederationError> {
+        self.check_url(server, &base)?;
+        Ok(Target { base, host })
     }
 
     /// Server discovery (the specification's steps, without SRV records for now): the
@@ -144,50 +182,72 @@ impl Federation {
     pub async fn target(&self, server: &str) -> Result<Target, FederationError> {
         let bad = || FederationError::BadName(server.to_owned());
         if let Some(to) = self.config.resolve.get(server) {
-            let (host, _) = split_name(to).ok_or_else(bad)?;
-            self.check_literal(server, host)?;
-            return Ok(Target { base: format!("https://{to}"), host: server.to_owned() });
+            return self.checked_target(server, format!("https://{to}"), server.to_owned());
         }
         let (host, port) = split_name(server).ok_or_else(bad)?;
-        self.check_literal(server, host)?;
-        if ip_of(host).is_some() || port.is_some() {
-            return Ok(Target { base: format!("https://{host}:{}", port.unwrap_or(8448)), host: server.to_owned() });
+        // What the client will read as an address is one, however it is spelt.
+        self.check_url(server, &format!("https://{host}/"))?;
+        let literal = reqwest::Url::parse(&format!("https://{host}/"))
+            .is_ok_and(|u| !matches!(u.host(), Some(url::Host::Domain(_))));
+        if literal || port.is_some() {
+            return self.checked_target(server, format!("https://{host}:{}", port.unwrap_or(8448)), server.to_owned());
         }
-        if let Some(delegated) = self.delegation(host).await
+        if let Delegation::To(delegated) = self.delegation(host).await
             && let Some((dhost, dport)) = split_name(&delegated)
         {
-            self.check_literal(server, dhost)?;
-            return Ok(Target { base: format!("https://{dhost}:{}", dport.unwrap_or(8448)), host: delegated.clone() });
+            return self.checked_target(
+                server,
+                format!("https://{dhost}:{}", dport.unwrap_or(8448)),
+                delegated.clone(),
+            );
         }
-        Ok(Target { base: format!("https://{host}:8448"), host: host.to_owned() })
+        self.checked_target(server, format!("https://{host}:8448"), host.to_owned())
     }
 
-    /// `m.server` of `https://<host>/.well-known/matrix/server`, if it names a valid server.
-    async fn delegation(&self, host: &str) -> Option<String> {
+    /// What `https://<host>/.well-known/matrix/server` delegates to.
+    async fn delegation(&self, host: &str) -> Delegation {
         let http = self.http.clone();
         let url = format!("https://{host}/.well-known/matrix/server");
+        let outbound = self.outbound.clone();
         self.well_known
             .get_with(host.to_owned(), async move {
-                let resp = http.get(&url).send().await.ok().filter(|r| r.status() == StatusCode::OK)?;
-                let body = read_limited(resp, MAX_SMALL_BODY).await.ok()?;
-                let json: serde_json::Value = serde_json::from_slice(&body).ok()?;
-                let to = json.get("m.server")?.as_str()?.to_owned();
-                split_name(&to).is_some().then_some(to)
+                let Ok(_permit) = outbound.acquire_owned().await else { return Delegation::Failed };
+                let resp = match http.get(&url).send().await {
+                    Ok(r) => r,
+                    Err(_) => return Delegation::Failed,
+                };
+                if resp.status().is_server_error() {
+                    return Delegation::Failed;
+                }
+                if resp.status() != StatusCode::OK {
+                    return Delegation::None;
+                }
+                let Ok(body) = read_limited(resp, MAX_WELL_KNOWN).await else { return Delegation::Failed };
+                let to = serde_json::from_slice::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|json| json.get("m.server")?.as_str().map(str::to_owned))
+                    .filter(|to| split_name(to).is_some());
+                match to {
+                    Some(to) => Delegation::To(to),
+                    None => Delegation::None,
+                }
             })
             .await
     }
 
     /// `server`'s checked signing keys (fetched once for all concurrent callers, kept until
-    /// the document expires).
-    pub async fn server_keys(&self, server: &str) -> Result<Arc<ServerKeys>, FederationError> {
-        let this_http = self.http.clone();
-        let target = self.target(server).await?;
+    /// the document expires; discovery only on a miss).
+    async fn fetch_keys(&self, server: &str) -> Result<Fetched, FederationError> {
         let server_owned = server.to_owned();
+        let outbound = self.outbound.clone();
         self.keys
             .get_with(server.to_owned(), async move {
                 let unreachable =
                     |reason: String| FederationError::Unreachable { server: server_owned.clone(), reason };
-                let resp = this_http
+                let target = self.target(&server_owned).await?;
+                let _permit = outbound.acquire_owned().await.map_err(|_| unreachable("shutting down".into()))?;
+                let resp = self
+                    .http
                     .get(format!("{}/_matrix/key/v2/server", target.base))
                     .header(header::HOST, &target.host)
                     .send()
@@ -196,19 +256,35 @@ impl Federation {
                 if resp.status() != StatusCode::OK {
                     return Err(unreachable(format!("key request answered {}", resp.status())));
                 }
-                let body = read_limited(resp, MAX_SMALL_BODY).await.map_err(unreachable)?;
+                let body = read_limited(resp, MAX_DOCUMENT_SIZE).await.map_err(unreachable)?;
                 let doc: serde_json::Value = serde_json::from_slice(&body)
                     .map_err(|e| FederationError::BadKeys { server: server_owned.clone(), reason: e.to_string() })?;
                 verify_server_keys(&doc, &server_owned, crate::media::now_ms())
-                    .map(Arc::new)
+                    .map(|keys| Fetched { keys: Arc::new(keys), at: std::time::Instant::now() })
                     .map_err(|e| FederationError::BadKeys { server: server_owned.clone(), reason: e.to_string() })
             })
             .await
     }
 
-    /// Checks a request's `X-Matrix` authorization: for one of `ours` (the local server names),
-    /// signed by its origin's current key over this method and URI. Answers (origin,
-    /// destination), or the specification's 401.
+    /// `server`'s public key `key` for a request received now: from the cached document, or
+    /// (a key it lacks, and it is older than [`KEY_REFRESH_AFTER`]) from a fresh one.
+    pub async fn server_key(&self, server: &str, key: &str) -> Result<Option<[u8; 32]>, FederationError> {
+        let fetched = self.fetch_keys(server).await?;
+        if let Some(k) = fetched.keys.key_at(key, crate::media::now_ms()) {
+            return Ok(Some(k));
+        }
+        if fetched.at.elapsed() < KEY_REFRESH_AFTER {
+            return Ok(None);
+        }
+        self.keys.invalidate(server).await;
+        Ok(self.fetch_keys(server).await?.keys.key_at(key, crate::media::now_ms()))
+    }
+
+    /// Checks a request's `X-Matrix` authorization: for one of `ours` (the server names this
+    /// edge answers federation for), signed by its origin's current key over this method and
+    /// URI. Only the first `X-Matrix` credential is tried (one origin, one key fetch per
+    /// request), within `[federation] request_timeout`. Answers (origin, destination), or the
+    /// specification's 401 (its reason says what to fix, never what a fetch ran into).
     pub async fn authenticate(
         &self,
         headers: &HeaderMap,
@@ -217,63 +293,62 @@ impl Federation {
         ours: &(dyn Fn(&str) -> bool + Sync),
         default_destination: &str,
     ) -> Result<(String, String), ApiError> {
-        let unauthorized = |why: String| ApiError::new(StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED", why);
-        let mut last = unauthorized("Missing X-Matrix Authorization header".into());
-        for value in headers.get_all(header::AUTHORIZATION) {
-            let Ok(text) = value.to_str() else { continue };
-            let auth: XMatrix = match x_matrix::parse(text) {
-                Ok(a) => a,
-                Err(x_matrix::XMatrixError::Scheme) => continue,
-                Err(e) => {
-                    last = unauthorized(e.to_string());
-                    continue;
-                }
-            };
-            let destination = auth.destination.clone().unwrap_or_else(|| default_destination.to_owned());
-            if !ours(&destination) {
-                return Err(unauthorized(format!(
-                    "Destination mismatch in auth header: {destination:?} is not served here"
-                )));
-            }
-            if !crate::api::valid_server_name(&auth.origin) {
-                last = unauthorized("Invalid origin in X-Matrix header".into());
-                continue;
-            }
-            let keys = match self.server_keys(&auth.origin).await {
-                Ok(k) => k,
-                Err(e) => {
-                    tracing::info!(origin = %auth.origin, error = %e, "cannot check a federation request's signature");
-                    last = unauthorized(format!("Cannot get the keys of {}: {e}", auth.origin));
-                    continue;
-                }
-            };
-            let Some(key) = keys.key_at(&auth.key, crate::media::now_ms()) else {
-                last = unauthorized(format!("{} has no current key {}", auth.origin, auth.key));
-                continue;
-            };
-            match x_matrix::verify_request(&auth, &destination, method, uri, None, &key) {
-                Ok(()) => return Ok((auth.origin, destination)),
-                Err(e) => last = unauthorized(format!("Invalid signature: {e}")),
-            }
+        let unauthorized = |why: &str| ApiError::new(StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED", why);
+        let credential = headers
+            .get_all(header::AUTHORIZATION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find(|v| v.trim_start().get(..8).is_some_and(|s| s.eq_ignore_ascii_case("X-Matrix")));
+        let Some(credential) = credential else { return Err(unauthorized("Missing X-Matrix Authorization header")) };
+        let auth: XMatrix = x_matrix::parse(credential).map_err(|e| unauthorized(&e.to_string()))?;
+        let destination = auth.destination.clone().unwrap_or_else(|| default_destination.to_owned());
+        if !ours(&destination) {
+            return Err(unauthorized(
+                "Destination mismatch in auth header: this server does not federate as that name",
+            ));
         }
-        Err(last)
+        if !crate::api::valid_server_name(&auth.origin) {
+            return Err(unauthorized("Invalid origin in X-Matrix header"));
+        }
+        let key =
+            match tokio::time::timeout(self.config.request_timeout, self.server_key(&auth.origin, &auth.key)).await {
+                Ok(Ok(Some(key))) => key,
+                Ok(Ok(None)) => return Err(unauthorized("The origin has no current key of that ID")),
+                Ok(Err(e)) => {
+                    tracing::debug!(origin = %auth.origin, error = %e, "cannot check a federation request's signature");
+                    return Err(unauthorized("Cannot get the origin's signing keys to verify the request"));
+                }
+                Err(_) => return Err(unauthorized("Cannot get the origin's signing keys to verify the request")),
+            };
+        x_matrix::verify_request(&auth, &destination, method, uri, None, &key)
+            .map_err(|_| unauthorized("Invalid signature"))?;
+        Ok((auth.origin, destination))
     }
 }
 
 /// Cache lifetimes: a key document until it expires, a failure briefly.
 struct KeyExpiry;
 
-impl moka::Expiry<String, Result<Arc<ServerKeys>, FederationError>> for KeyExpiry {
+impl moka::Expiry<String, Result<Fetched, FederationError>> for KeyExpiry {
     fn expire_after_create(
         &self,
         _key: &String,
-        value: &Result<Arc<ServerKeys>, FederationError>,
+        value: &Result<Fetched, FederationError>,
         _now: std::time::Instant,
     ) -> Option<Duration> {
         Some(match value {
-            Ok(keys) => Duration::from_millis(keys.valid_until_ms.saturating_sub(crate::media::now_ms())),
+            Ok(f) => Duration::from_millis(f.keys.valid_until_ms.saturating_sub(crate::media::now_ms())),
             Err(_) => KEY_FAILURE_TTL,
         })
+    }
+}
+
+/// `.well-known` lifetimes: an answer for an hour, a failure to get one briefly.
+struct WellKnownExpiry;
+
+impl moka::Expiry<String, Delegation> for WellKnownExpiry {
+    fn expire_after_create(&self, _key: &String, value: &Delegation, _now: std::time::Instant) -> Option<Duration> {
+        Some(if matches!(value, Delegation::Failed) { WELL_KNOWN_FAILURE_TTL } else { WELL_KNOWN_TTL })
     }
 }
 
@@ -326,7 +401,22 @@ mod tests {
         let overridden = open.target("private.example").await.expect("target");
         assert_eq!(overridden, Target { base: "https://127.0.0.1:8443".into(), host: "private.example".into() });
         let closed = fed(false, &[("private.example", "127.0.0.1:8443")]);
-        for name in ["127.0.0.1:8448", "10.1.2.3", "[::1]:8448", "169.254.169.254", "private.example"] {
+        for name in [
+            "127.0.0.1:8448",
+            "10.1.2.3",
+            "[::1]:8448",
+            "169.254.169.254",
+            "private.example",
+            // Spellings a URL parser reads as addresses.
+            "127.1",
+            "127.1:6379",
+            "2130706433",
+            "0x7f.1",
+            "0177.0.0.1",
+            "0",
+            "10.1",
+            "169.254.43518",
+        ] {
             assert!(matches!(closed.target(name).await, Err(FederationError::Private(_))), "{name}");
         }
         assert!(matches!(closed.target("bad name").await, Err(FederationError::BadName(_))));

@@ -32,6 +32,7 @@ fn is_public_v4(ip: Ipv4Addr) -> bool {
         || (a == 100 && (64..128).contains(&b)) // shared address space (CGNAT)
         || (a == 192 && b == 0 && c == 0) // IETF protocol assignments
         || (a == 198 && (18..20).contains(&b)) // benchmarking
+        || (a == 192 && b == 88 && c == 99) // 6to4 relay anycast
         || a >= 240) // reserved
 }
 
@@ -44,7 +45,12 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
         || (s[0] & 0xffc0) == 0xfe80 // link-local
         || (s[0] & 0xffc0) == 0xfec0 // site-local (deprecated)
         || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
-        || (s[0] == 0x0064 && s[1] == 0xff9b) // NAT64 (reaches IPv4 of any kind)
+        || (s[0] == 0x0064 && s[1] == 0xff9b) // NAT64, well-known and local-use (reach IPv4 of any kind)
+        || (s[..6] == [0, 0, 0, 0, 0xffff, 0]) // SIIT IPv4-translated, ::ffff:0:0/96
+        || (s[0] == 0x2001 && s[1] == 0) // Teredo
+        || (s[0] == 0x0100 && s[1..4] == [0, 0, 0]) // discard-only
+        || (s[0] == 0x2001 && s[1] == 2 && s[2] == 0) // benchmarking
+        || (s[0] == 0x2001 && (s[1] & 0xfff0) == 0x0010) // ORCHID
         || (s[0] == 0x2002) // 6to4 (embeds any IPv4)
         || (s[..6] == [0, 0, 0, 0, 0, 0])) // IPv4-compatible, ::/96
 }

@@ -10,11 +10,15 @@ use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
 
-use crate::signing::{SigningKey, decode_base64, encode_base64, verify_json};
+use crate::signing::{SigningKey, decode_base64, encode_base64, signed_bytes, verify};
 
 /// Longest a fetched key document is trusted, whatever its `valid_until_ts` says (the
 /// specification's cap for room versions that enforce it).
 pub const MAX_VALIDITY_MS: u64 = 7 * 24 * 3600 * 1000;
+/// Most ed25519 keys a document may list (each is a signature check; servers have one or two).
+pub const MAX_KEYS: usize = 16;
+/// Largest key document read (a few keys are a few hundred bytes).
+pub const MAX_DOCUMENT_SIZE: usize = 16 * 1024;
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum KeyError {
@@ -26,6 +30,8 @@ pub enum KeyError {
     BadKey(String),
     #[error("the key document lists no ed25519 key")]
     NoKeys,
+    #[error("the key document lists more than {MAX_KEYS} keys")]
+    TooManyKeys,
     #[error("key {key} has not signed the document: {reason}")]
     Unsigned { key: String, reason: String },
     #[error("the key document expired at {0}")]
@@ -88,8 +94,21 @@ pub fn verify_server_keys(doc: &Value, server: &str, now_ms: u64) -> Result<Serv
     if verify_keys.is_empty() {
         return Err(KeyError::NoKeys);
     }
+    if listed.len() > MAX_KEYS
+        || doc.get("old_verify_keys").and_then(Value::as_object).is_some_and(|o| o.len() > MAX_KEYS)
+    {
+        return Err(KeyError::TooManyKeys);
+    }
+    // The signed bytes once, every key's signature over them.
+    let signed = signed_bytes(doc).map_err(|e| KeyError::Unsigned { key: String::new(), reason: e.to_string() })?;
     for (name, key) in &verify_keys {
-        verify_json(doc, server, name, key)
+        let sig = doc
+            .get("signatures")
+            .and_then(|s| s.get(server))
+            .and_then(|s| s.get(name.as_str()))
+            .and_then(Value::as_str)
+            .ok_or_else(|| KeyError::Unsigned { key: name.clone(), reason: "no signature".into() })?;
+        verify(signed.as_bytes(), sig, key)
             .map_err(|e| KeyError::Unsigned { key: name.clone(), reason: e.to_string() })?;
     }
     let mut old_verify_keys = BTreeMap::new();
@@ -157,6 +176,16 @@ mod tests {
         // A far-future valid_until_ts is capped.
         let long = server_keys_document(&key, "hs.example", u64::MAX / 2);
         assert_eq!(verify_server_keys(&long, "hs.example", NOW).expect("valid").valid_until_ms, NOW + MAX_VALIDITY_MS);
+    }
+
+    #[test]
+    fn a_document_of_many_keys_is_refused_before_checking_them() {
+        let key = SigningKey::from_seed("a", &[9; 32]).expect("key");
+        let mut doc = server_keys_document(&key, "hs.example", NOW + 1000);
+        for i in 0..MAX_KEYS {
+            doc["verify_keys"][format!("ed25519:k{i}")] = json!({"key": encode_base64(&[i as u8; 32])});
+        }
+        assert_eq!(verify_server_keys(&doc, "hs.example", NOW), Err(KeyError::TooManyKeys));
     }
 
     #[test]

@@ -108,6 +108,10 @@ pub struct MultipartReader {
     /// `\r\n--boundary`: what ends a part.
     delimiter: Vec<u8>,
     buf: Vec<u8>,
+    /// How far `buf` was searched already for what the state waits for (no rescans).
+    scanned: usize,
+    /// The media part is a `Location`: it must have no body.
+    location: bool,
     state: State,
     failed: Option<MultipartError>,
 }
@@ -120,7 +124,15 @@ impl MultipartReader {
     pub fn new(boundary: &str) -> Self {
         let dash_boundary = format!("--{boundary}").into_bytes();
         let delimiter = format!("\r\n--{boundary}").into_bytes();
-        Self { dash_boundary, delimiter, buf: Vec::new(), state: State::Preamble, failed: None }
+        Self {
+            dash_boundary,
+            delimiter,
+            buf: Vec::new(),
+            scanned: 0,
+            location: false,
+            state: State::Preamble,
+            failed: None,
+        }
     }
 
     pub fn push(&mut self, bytes: &[u8]) {
@@ -143,7 +155,7 @@ impl MultipartReader {
     pub fn finish(&self) -> Result<(), MultipartError> {
         match (&self.failed, &self.state) {
             (Some(e), _) => Err(e.clone()),
-            (None, State::Done) => Ok(()),
+            (None, State::Done | State::EndPending) => Ok(()),
             _ => Err(MultipartError::Truncated),
         }
     }
@@ -156,21 +168,19 @@ impl MultipartReader {
                     let at = if self.buf.starts_with(&self.dash_boundary) {
                         Some(0)
                     } else {
-                        find(&self.buf, &self.delimiter).map(|i| i + 2)
+                        let delimiter = self.delimiter.clone();
+                        self.find_new(&delimiter).map(|i| i + 2)
                     };
                     let Some(at) = at else {
                         self.state = State::Preamble;
                         return self.wait("preamble");
                     };
-                    let after = at + self.dash_boundary.len();
-                    if self.buf.len() < after + 2 {
+                    let Some(line) = self.line_after(at + self.dash_boundary.len()) else {
                         self.state = State::Preamble;
                         return Ok(None);
-                    }
-                    if &self.buf[after..after + 2] != b"\r\n" {
-                        return Err(MultipartError::Malformed("the first delimiter is not followed by a line break"));
-                    }
-                    self.buf.drain(..after + 2);
+                    };
+                    let line = line?;
+                    self.consume(line);
                     self.state = State::JsonHeaders;
                 }
                 State::JsonHeaders => {
@@ -185,7 +195,8 @@ impl MultipartReader {
                     self.state = State::Json;
                 }
                 State::Json => {
-                    let Some(end) = find(&self.buf, &self.delimiter) else {
+                    let delimiter = self.delimiter.clone();
+                    let Some(end) = self.find_new(&delimiter) else {
                         self.state = State::Json;
                         return self.wait("JSON part");
                     };
@@ -195,14 +206,17 @@ impl MultipartReader {
                         return Err(MultipartError::Malformed("the JSON part is not an object"));
                     }
                     let after = end + self.delimiter.len();
-                    if self.buf.len() < after + 2 {
-                        self.state = State::Json;
-                        return Ok(None);
-                    }
-                    if &self.buf[after..after + 2] != b"\r\n" {
+                    if self.buf[after..].starts_with(b"--") {
                         return Err(MultipartError::Malformed("the body ends after its JSON part"));
                     }
-                    self.buf.drain(..after + 2);
+                    let Some(line) = self.line_after(after) else {
+                        // Searched again once the rest of the line is here.
+                        self.scanned = end;
+                        self.state = State::Json;
+                        return Ok(None);
+                    };
+                    let line = line?;
+                    self.consume(line);
                     self.state = State::MediaHeaders { metadata };
                 }
                 State::MediaHeaders { metadata } => {
@@ -210,8 +224,12 @@ impl MultipartReader {
                         self.state = State::MediaHeaders { metadata };
                         return Ok(None);
                     };
+                    self.location = false;
                     let media = match header(&headers, "location") {
-                        Some(l) => MediaPart::Location(l),
+                        Some(l) => {
+                            self.location = true;
+                            MediaPart::Location(l)
+                        }
                         None => MediaPart::Bytes {
                             content_type: header(&headers, "content-type"),
                             content_disposition: header(&headers, "content-disposition"),
@@ -225,11 +243,17 @@ impl MultipartReader {
                         let after = end + self.delimiter.len();
                         if self.buf.len() < after + 2 {
                             // Hand out what surely precedes the delimiter; wait for its end.
+                            if self.location && end > 0 {
+                                return Err(MultipartError::Malformed("a Location part with a body"));
+                            }
                             self.state = State::Media;
                             return Ok(self.take(end));
                         }
                         if &self.buf[after..after + 2] != b"--" {
                             return Err(MultipartError::Malformed("more than two parts"));
+                        }
+                        if self.location && end > 0 {
+                            return Err(MultipartError::Malformed("a Location part with a body"));
                         }
                         let bytes: Vec<u8> = self.buf.drain(..end).collect();
                         self.buf.clear();
@@ -244,6 +268,9 @@ impl MultipartReader {
                     // Everything but a tail that could begin the delimiter is media.
                     let keep = self.delimiter.len() - 1;
                     let n = self.buf.len().saturating_sub(keep);
+                    if self.location && n > 0 {
+                        return Err(MultipartError::Malformed("a Location part with a body"));
+                    }
                     self.state = State::Media;
                     return Ok(self.take(n));
                 }
@@ -261,6 +288,39 @@ impl MultipartReader {
         }
     }
 
+    /// `needle` in the buffer, searching only what was not searched before.
+    fn find_new(&mut self, needle: &[u8]) -> Option<usize> {
+        let from = self.scanned.saturating_sub(needle.len());
+        match find(&self.buf[from..], needle) {
+            Some(i) => Some(from + i),
+            None => {
+                self.scanned = self.buf.len();
+                None
+            }
+        }
+    }
+
+    /// Drops the first `n` bytes (what they held is read).
+    fn consume(&mut self, n: usize) {
+        self.buf.drain(..n);
+        self.scanned = 0;
+    }
+
+    /// Where the line after a delimiter ending at `at` ends: transport padding (spaces and
+    /// tabs), then CRLF. `None` until it is all here.
+    fn line_after(&self, at: usize) -> Option<Result<usize, MultipartError>> {
+        let pad = self.buf[at..].iter().take_while(|b| matches!(b, b' ' | b'\t')).count();
+        let i = at + pad;
+        if self.buf.len() < i + 2 {
+            return None;
+        }
+        Some(if &self.buf[i..i + 2] == b"\r\n" {
+            Ok(i + 2)
+        } else {
+            Err(MultipartError::Malformed("a delimiter is not followed by a line break"))
+        })
+    }
+
     fn take(&mut self, n: usize) -> Option<Event> {
         (n > 0).then(|| Event::Bytes(self.buf.drain(..n).collect()))
     }
@@ -272,11 +332,11 @@ impl MultipartReader {
     /// A part's header block, once all of it is here.
     fn headers(&mut self) -> Result<Option<Vec<(String, String)>>, MultipartError> {
         // A part may have no headers at all: then it starts with the blank line.
-        let end = if self.buf.starts_with(b"\r\n") { Some(0) } else { find(&self.buf, b"\r\n\r\n").map(|i| i + 2) };
+        let end = if self.buf.starts_with(b"\r\n") { Some(0) } else { self.find_new(b"\r\n\r\n").map(|i| i + 2) };
         let Some(end) = end else { return self.wait("part headers").map(|_| None) };
         let block = String::from_utf8(self.buf[..end].to_vec())
             .map_err(|_| MultipartError::Malformed("part headers are not UTF-8"))?;
-        self.buf.drain(..end + 2);
+        self.consume(end + 2);
         let mut headers = Vec::new();
         for line in block.split("\r\n").filter(|l| !l.is_empty()) {
             let (k, v) = line.split_once(':').ok_or(MultipartError::Malformed("a part header without a colon"))?;
@@ -370,6 +430,27 @@ mod tests {
         r.push(b"--q\r\nContent-Type: application/json\r\n\r\n");
         r.push(&vec![b' '; MAX_HEAD + 1]);
         assert!(matches!(r.next_event(), Err(MultipartError::TooLarge(_))));
+    }
+
+    #[test]
+    fn padding_after_delimiters_is_allowed_and_a_location_part_has_no_body() {
+        let padded = b"--q \t\r\nContent-Type: application/json\r\n\r\n{}\r\n--q  \r\n\r\nok\r\n--q--\r\n";
+        assert_eq!(read_all(padded, "q", 3).expect("valid").2, b"ok");
+        let with_body = b"--q\r\nContent-Type: application/json\r\n\r\n{}\r\n--q\r\nLocation: https://x.example/a\r\n\r\nbytes\r\n--q--\r\n";
+        assert_eq!(
+            read_all(with_body, "q", 4).map(|_| ()),
+            Err(MultipartError::Malformed("a Location part with a body"))
+        );
+    }
+
+    #[test]
+    fn a_large_head_pushed_a_byte_at_a_time_reads_back() {
+        // A JSON part of nearly MAX_HEAD bytes, a byte per push (each push searches only what
+        // is new: `find_new`).
+        let mut body = b"--q\r\nContent-Type: application/json\r\n\r\n{\"a\":\"".to_vec();
+        body.extend(std::iter::repeat_n(b'x', MAX_HEAD - 100));
+        body.extend_from_slice(b"\"}\r\n--q\r\n\r\nz\r\n--q--\r\n");
+        assert_eq!(read_all(&body, "q", 1).expect("valid").2, b"z");
     }
 
     #[test]

@@ -38,7 +38,7 @@ pub fn parse(header: &str) -> Result<XMatrix, XMatrixError> {
     if header.len() > MAX_LEN {
         return Err(XMatrixError::Syntax("too long"));
     }
-    let (scheme, mut rest) = header.trim().split_once(' ').ok_or(XMatrixError::Scheme)?;
+    let (scheme, mut rest) = header.trim().split_once([' ', '\t']).ok_or(XMatrixError::Scheme)?;
     if !scheme.eq_ignore_ascii_case("X-Matrix") {
         return Err(XMatrixError::Scheme);
     }
@@ -167,6 +167,7 @@ mod tests {
             (h.origin.as_str(), h.destination, h.key.as_str(), h.sig.as_str()),
             ("a.example:8448", None, "ed25519:k", "abc")
         );
+        assert!(parse("X-Matrix\torigin=a,key=k,sig=s").is_ok(), "a tab after the scheme");
         let h = parse(r#"X-Matrix origin="a\"b",key="k",sig="s""#).expect("parses");
         assert_eq!(h.origin, "a\"b");
         for bad in [

@@ -47,7 +47,9 @@ pub async fn media_download(
 ) -> Result<Response, ApiError> {
     // The Host's tenant is the destination of a request that names none.
     let host_tenant = state.tenants.for_request(&headers).ok().map(|t| t.server_name.clone());
-    let is_ours = |name: &str| state.tenants.by_server_name(name).is_some();
+    // Federation is answered for tenants whose signing key mxcas holds (the key that makes
+    // this edge a server of that name); others' federation goes to their homeserver.
+    let is_ours = |name: &str| state.tenants.by_server_name(name).is_some_and(|t| t.signing_key.is_some());
     let request_uri = uri.path_and_query().map_or_else(|| uri.path().to_owned(), |p| p.as_str().to_owned());
     let (origin, destination) = state
         .federation
