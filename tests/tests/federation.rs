@@ -90,21 +90,12 @@ async fn upload(d: &Deployment, body: Vec<u8>) -> anyhow::Result<String> {
     Ok(uri.rsplit('/').next().unwrap_or_default().to_owned())
 }
 
-#[tokio::test]
-async fn synapse_fetches_mxcas_media_over_signed_federation() -> anyhow::Result<()> {
-    let pki = TestPki::generate("federation")?;
-    let ours = deployment(&pki).await?;
-    let small = test_bytes(1, 10_000);
-    let big = test_bytes(2, 3 * 1024 * 1024 + 5);
-    let small_id = upload(&ours, small.clone()).await?;
-    let big_id = upload(&ours, big.clone()).await?;
-
-    // Synapse with its own media repository, federating over TLS on its server name's port,
-    // trusting the test CA, and allowed to reach loopback.
+/// Synapse with its own media repository, federating over TLS on its server name's port,
+/// trusting the test CA, and allowed to reach loopback.
+async fn federating_synapse(pki: &TestPki) -> anyhow::Result<Synapse> {
     let fed_port = free_port()?;
-    let synapse_name = format!("127.0.0.1:{fed_port}");
-    let synapse = Synapse::start_with(
-        &synapse_name,
+    Synapse::start_with(
+        &format!("127.0.0.1:{fed_port}"),
         serde_json::json!({
             "enable_media_repo": true,
             "tls_certificate_path": pki.config.cert,
@@ -118,7 +109,74 @@ async fn synapse_fetches_mxcas_media_over_signed_federation() -> anyhow::Result<
                             "resources": [{"names": ["federation"], "compress": false}]}],
         }),
     )
-    .await?;
+    .await
+}
+
+#[tokio::test]
+async fn mxcas_fetches_synapse_media_over_signed_federation() -> anyhow::Result<()> {
+    let pki = TestPki::generate("federation")?;
+    let ours = deployment(&pki).await?;
+    let synapse = federating_synapse(&pki).await?;
+    synapse.register("carol", "carol-password-1")?;
+    let token = synapse.login("carol", "carol-password-1").await?;
+    let http = reqwest::Client::new();
+    let file = test_bytes(7, 2 * 1024 * 1024 + 99);
+    let resp = http
+        .post(format!("{}/_matrix/media/v3/upload", synapse.url))
+        .bearer_auth(&token)
+        .header("content-type", "application/octet-stream")
+        .body(file.clone())
+        .send()
+        .await?;
+    anyhow::ensure!(resp.status() == 200, "upload to Synapse: {}", resp.status());
+    let json: serde_json::Value = resp.json().await?;
+    let mxc = json["content_uri"].as_str().unwrap_or_default().to_owned();
+    let (server, id) = mxc.strip_prefix("mxc://").and_then(|r| r.rsplit_once('/')).expect("an mxc");
+    assert_eq!(server, synapse.server_name);
+    // An mxcas user downloads it: mxcas asks Synapse over signed federation (Synapse checks
+    // our signature with the key it fetches from us), stores it, and serves it.
+    let url = ours.node.url(&format!("/_matrix/client/v1/media/download/{server}/{id}"));
+    for round in 0..2 {
+        let resp = ours.node.http.get(&url).bearer_auth(ALICE).send().await?;
+        let status = resp.status();
+        let body = resp.bytes().await?;
+        assert_eq!(
+            status,
+            200,
+            "round {round}: {}\n--- synapse ---\n{}\n--- mxcas ---\n{}",
+            String::from_utf8_lossy(&body[..body.len().min(500)]),
+            synapse.log(),
+            ours.node.log()
+        );
+        assert!(body.as_ref() == file.as_slice(), "round {round}: Synapse's bytes");
+    }
+    assert_eq!(
+        ours.node.metric("mxcas_edge_remote_fetches_total{result=\"stored\"}").await?,
+        1.0,
+        "fetched once, then served from the store"
+    );
+    // Unknown media on the origin is the origin's 404.
+    let missing = ours
+        .node
+        .http
+        .get(ours.node.url(&format!("/_matrix/client/v1/media/download/{server}/nonexistent")))
+        .bearer_auth(ALICE)
+        .send()
+        .await?;
+    assert_eq!(missing.status(), 404);
+    Ok(())
+}
+
+#[tokio::test]
+async fn synapse_fetches_mxcas_media_over_signed_federation() -> anyhow::Result<()> {
+    let pki = TestPki::generate("federation")?;
+    let ours = deployment(&pki).await?;
+    let small = test_bytes(1, 10_000);
+    let big = test_bytes(2, 3 * 1024 * 1024 + 5);
+    let small_id = upload(&ours, small.clone()).await?;
+    let big_id = upload(&ours, big.clone()).await?;
+
+    let synapse = federating_synapse(&pki).await?;
     synapse.register("alice", "alice-password-1")?;
     let token = synapse.login("alice", "alice-password-1").await?;
     let http = reqwest::Client::new();
@@ -233,5 +291,100 @@ async fn our_signatures_verify_with_synapses_code_and_bad_requests_are_refused()
     }
     reader.finish()?;
     assert_eq!(bytes, test_bytes(3, 500));
+    Ok(())
+}
+
+/// A remote that answers every request with one fixed HTTP response (behind TLS): a server
+/// that lies, or breaks off.
+async fn fixed_origin(pki: &TestPki, response: Vec<u8>) -> anyhow::Result<(Nginx, String)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let upstream = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let response = response.clone();
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = vec![0u8; 16 * 1024];
+                let mut got = Vec::new();
+                // Read the request head, then answer and close.
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = socket.write_all(&response).await;
+                let _ = socket.shutdown().await;
+            });
+        }
+    });
+    let port = free_port()?;
+    let tls = Nginx::start_tls(
+        port,
+        &upstream,
+        pki.config.cert.as_ref().expect("cert"),
+        pki.config.key.as_ref().expect("key"),
+    )
+    .await?;
+    Ok((tls, format!("127.0.0.1:{port}")))
+}
+
+fn multipart_response(body_bytes: &[u8], declared_len: Option<usize>) -> Vec<u8> {
+    let b = "fixedboundary";
+    let mut body = mxcas_federation::multipart::head(b, &serde_json::json!({}), "application/octet-stream", None);
+    body.extend_from_slice(body_bytes);
+    body.extend_from_slice(&mxcas_federation::multipart::tail(b));
+    let len = declared_len.unwrap_or(body.len());
+    let mut out = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: multipart/mixed; boundary={b}\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+    )
+    .into_bytes();
+    out.extend_from_slice(&body);
+    out
+}
+
+#[tokio::test]
+async fn a_remote_that_lies_about_a_cid_or_breaks_off_is_never_stored_or_served() -> anyhow::Result<()> {
+    let pki = TestPki::generate("federation")?;
+    let ours = deployment(&pki).await?;
+    let want = test_bytes(8, 5000);
+    let cid = mxcas_cas::cid_of(&want).to_string();
+    // Wrong bytes for the CID.
+    let (_liar, liar_name) = fixed_origin(&pki, multipart_response(&test_bytes(9, 5000), None)).await?;
+    let url = ours.node.url(&format!("/_matrix/client/v1/media/download/{liar_name}/{cid}"));
+    for _ in 0..2 {
+        let resp = ours.node.http.get(&url).bearer_auth(ALICE).send().await?;
+        assert_eq!(resp.status(), 502, "{}", resp.text().await?);
+    }
+    assert_eq!(
+        ours.node.metric("mxcas_edge_remote_fetches_total{result=\"mismatch\"}").await?,
+        2.0,
+        "asked again: nothing was kept"
+    );
+    assert_eq!(ours.node.metric("mxcas_edge_remote_fetches_total{result=\"stored\"}").await?, 0.0);
+    // A body that stops before its Content-Length (the multipart never closes).
+    let mut short = multipart_response(&want, None);
+    short.truncate(short.len() - 40);
+    let (_cut, cut_name) = fixed_origin(&pki, short).await?;
+    let resp = ours
+        .node
+        .http
+        .get(ours.node.url(&format!("/_matrix/client/v1/media/download/{cut_name}/{cid}")))
+        .bearer_auth(ALICE)
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 502);
+    // An honest answer for the same CID is stored and served.
+    let (_honest, honest_name) = fixed_origin(&pki, multipart_response(&want, None)).await?;
+    let resp = ours
+        .node
+        .http
+        .get(ours.node.url(&format!("/_matrix/client/v1/media/download/{honest_name}/{cid}")))
+        .bearer_auth(ALICE)
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 200);
+    assert!(resp.bytes().await?.as_ref() == want.as_slice());
+    assert_eq!(ours.node.metric("mxcas_edge_remote_fetches_total{result=\"stored\"}").await?, 1.0);
     Ok(())
 }

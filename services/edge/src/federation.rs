@@ -149,6 +149,21 @@ impl Federation {
         })
     }
 
+    /// The client for requests to other servers (public addresses only unless allowed, no
+    /// redirects, no proxy).
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    pub fn allows_private(&self) -> bool {
+        self.config.allow_private_addresses
+    }
+
+    /// Checks a URL a remote sent us to (a `Location`) under the address rules.
+    pub fn check_location(&self, server: &str, url: &str) -> Result<(), FederationError> {
+        self.check_url(server, url)
+    }
+
     /// How long the key documents this edge serves say they are valid.
     pub fn key_validity(&self) -> Duration {
         self.config.key_validity

@@ -24,6 +24,7 @@ pub mod media;
 pub mod metrics;
 pub mod pause;
 pub mod rate_limit;
+pub mod remote;
 pub mod sniff;
 pub mod store;
 pub mod sweeper;
@@ -161,6 +162,7 @@ pub async fn start(
         metrics,
         gateway: crate::gateway::Gateway::new(),
         federation: crate::federation::Federation::new(&settings.federation).map_err(EdgeError::Config)?,
+        remote_fetches: moka::future::Cache::builder().max_capacity(10_000).build(),
     });
 
     let api_listener =

@@ -429,6 +429,111 @@ impl MediaService {
         Err(ApiError::unavailable("The upload could not be recorded; retry it", 2_000))
     }
 
+    /// Stores the bytes of remote media `key`, fetched from its origin, and records them under
+    /// `key`. They are named by their CID like any content; a media ID that is a CID must be
+    /// theirs (as mxcas computes it), or nothing is kept (MSC2846: bytes that do not prove
+    /// their name are never stored or served). `max_size` bounds what is read.
+    pub async fn store_remote<S, E>(
+        &self,
+        key: &MediaKey,
+        declared_type: Option<String>,
+        body: S,
+        max_size: u64,
+    ) -> Result<Resolved, ApiError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        let generation = self.current_generation().await?;
+        let ingested = match ingest(&self.store, body, max_size, self.pace(), now_ms(), generation).await {
+            Ok(i) => i,
+            Err(crate::ingest::IngestError::TooLarge { limit }) => {
+                self.count_remote("too_large");
+                return Err(ApiError::new(
+                    axum::http::StatusCode::BAD_GATEWAY,
+                    "M_TOO_LARGE",
+                    format!("The remote media is larger than the limit of {limit} bytes"),
+                ));
+            }
+            Err(e @ crate::ingest::IngestError::Store(_)) => return Err(e.into()),
+            Err(e) => {
+                self.count_remote("broken");
+                return Err(ApiError::new(
+                    axum::http::StatusCode::BAD_GATEWAY,
+                    "M_UNKNOWN",
+                    format!("The origin's answer broke off: {e}"),
+                ));
+            }
+        };
+        let objects: Vec<String> = ingested.content.object_keys().map(str::to_owned).collect();
+        if let Ok(named) = Cid::try_from(key.media_id.as_str())
+            && crate::gateway::as_v1(&named) != ingested.content.cid
+        {
+            self.store.delete_later(objects);
+            self.count_remote("mismatch");
+            tracing::warn!(mxc = %key, got = %ingested.content.cid,
+                "a remote server served bytes that do not match the media ID (a CID); discarded");
+            return Err(ApiError::new(
+                axum::http::StatusCode::BAD_GATEWAY,
+                "M_UNKNOWN",
+                "The origin served bytes that do not match the media ID (a CID): they were discarded",
+            ));
+        }
+        let user = format!("@_mxcas_federation:{}", key.server_name);
+        // A media ID spelt as the CID mxcas writes is recorded as that CID's media; any other
+        // (opaque, or another spelling of a CID) through a reservation of (origin, ID).
+        let cid_named = key.media_id == ingested.content.cid.to_string();
+        let content_type = if cid_named {
+            crate::sniff::by_bytes(&ingested.head).to_owned()
+        } else {
+            crate::sniff::for_reserved(
+                &ingested.head,
+                declared_type.unwrap_or_else(|| "application/octet-stream".into()),
+            )
+        };
+        if !cid_named {
+            match self.meta.create_pending(key, &user, Duration::from_secs(600), u32::MAX, None).await {
+                Ok(_) => {}
+                // Recorded meanwhile (by another edge): that record is the answer.
+                Err(MetaError::Rejected(CommandError::AlreadyExists)) => {
+                    self.store.delete_later(objects);
+                    return self.resolve_uncached(key, Duration::from_secs(20)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let mut request = CommitRequest {
+            server_name: key.server_name.clone(),
+            media_id: (!cid_named).then(|| key.media_id.clone()),
+            user_id: user,
+            content: ingested.content.clone(),
+            content_type,
+            filename: None,
+            lost_key: None,
+            quota: None,
+        };
+        let (_, resolved) = self.commit(&mut request).await?;
+        self.count_remote("stored");
+        self.index_blocks(&resolved.content.cid, &ingested.blocks, false).await;
+        Ok(resolved)
+    }
+
+    fn count_remote(&self, result: &'static str) {
+        self.metrics.remote_fetches.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// The record of remote media `key` if this cluster holds it (no fetch).
+    pub async fn resolve_remote(&self, key: &MediaKey) -> Result<Option<Resolved>, ApiError> {
+        if let Some(r) = self.resolved.get(key).await {
+            return Ok(Some(r));
+        }
+        match self.resolve_uncached(key, Duration::ZERO).await {
+            Ok(r) => Ok(Some(r)),
+            Err(e) if e.status == axum::http::StatusCode::NOT_FOUND => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Stores a made thumbnail's bytes as content of their own and records them as `made`'s
     /// thumbnail (its `cid` is filled in here). Answers what the metadata recorded: ours, or
     /// one another edge recorded first (ours then released and deleted), and whether it is

@@ -76,6 +76,9 @@ pub struct Metrics {
     /// Trustless-gateway responses by result: raw, car, not_modified, not_found, refused
     /// (bad request or access), error.
     pub gateway: Family<ResultLabels, Counter>,
+    /// Remote media fetched over federation, by result: stored, mismatch (bytes not matching
+    /// their CID media ID, discarded), too_large, broken (the answer broke off).
+    pub remote_fetches: Family<ResultLabels, Counter>,
 }
 
 /// Buckets from 0.25 ms to about 8 s, doubling.
@@ -198,11 +201,18 @@ impl Metrics {
             "IPFS trustless gateway responses: raw, car, not_modified, not_found, refused, error",
             gateway.clone(),
         );
+        let remote_fetches = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "remote_fetches",
+            "Remote media fetched over federation: stored, mismatch (not the bytes its CID names; discarded), too_large, broken",
+            remote_fetches.clone(),
+        );
         let uploads_in_progress = Gauge::default();
         registry.register("uploads_in_progress", "Uploads being received now", uploads_in_progress.clone());
         Self {
             block_index_failures,
             gateway,
+            remote_fetches,
             thumbnails,
             thumbnail_seconds,
             uploads_in_progress,

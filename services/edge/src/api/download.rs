@@ -73,7 +73,18 @@ async fn serve(
     }
     let wait = wait_of(query, state.media.config.max_download_wait)?;
     let key = MediaKey::new(path.server_name, path.media_id);
-    let resolved = state.media.resolve(&key, wait, legacy).await?;
+    let resolved = if state.media.local.contains(&key.server_name) {
+        state.media.resolve(&key, wait, legacy).await?
+    } else if legacy {
+        // The legacy endpoints never reach out to other servers (their allow_remote is for
+        // homeservers' own repositories): only what this cluster already holds.
+        state.media.resolve_remote(&key).await?.ok_or_else(|| ApiError::not_found("Media not found"))?
+    } else {
+        match state.media.resolve_remote(&key).await? {
+            Some(r) => r,
+            None => crate::remote::fetch(state, &key).await?,
+        }
+    };
     let file_name = path.file_name.as_deref();
     // A missing or corrupt first block may mean the record moved (repaired by a re-upload)
     // since this edge read it: ask again once, then answer the loss.

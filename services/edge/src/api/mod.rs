@@ -36,6 +36,8 @@ pub struct AppState {
     pub gateway: crate::gateway::Gateway,
     /// Other Matrix servers: their keys, and how to reach them.
     pub federation: crate::federation::Federation,
+    /// Remote media being fetched on this edge (one fetch per media).
+    pub remote_fetches: moka::future::Cache<mxcas_meta::MediaKey, Arc<crate::media::Resolved>>,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
