@@ -296,11 +296,17 @@ async fn our_signatures_verify_with_synapses_code_and_bad_requests_are_refused()
 
 /// A remote that answers every request with one fixed HTTP response (behind TLS): a server
 /// that lies, or breaks off.
-async fn fixed_origin(pki: &TestPki, response: Vec<u8>) -> anyhow::Result<(Nginx, String)> {
+async fn fixed_origin(
+    pki: &TestPki,
+    response: Vec<u8>,
+) -> anyhow::Result<(Nginx, String, std::sync::Arc<std::sync::atomic::AtomicUsize>)> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let upstream = format!("http://{}", listener.local_addr()?);
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = hits.clone();
     tokio::spawn(async move {
         while let Ok((mut socket, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let response = response.clone();
             tokio::spawn(async move {
                 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -326,7 +332,7 @@ async fn fixed_origin(pki: &TestPki, response: Vec<u8>) -> anyhow::Result<(Nginx
         pki.config.key.as_ref().expect("key"),
     )
     .await?;
-    Ok((tls, format!("127.0.0.1:{port}")))
+    Ok((tls, format!("127.0.0.1:{port}"), hits))
 }
 
 fn multipart_response(body_bytes: &[u8], declared_len: Option<usize>) -> Vec<u8> {
@@ -350,7 +356,7 @@ async fn a_remote_that_lies_about_a_cid_or_breaks_off_is_never_stored_or_served(
     let want = test_bytes(8, 5000);
     let cid = mxcas_cas::cid_of(&want).to_string();
     // Wrong bytes for the CID.
-    let (_liar, liar_name) = fixed_origin(&pki, multipart_response(&test_bytes(9, 5000), None)).await?;
+    let (_liar, liar_name, _) = fixed_origin(&pki, multipart_response(&test_bytes(9, 5000), None)).await?;
     let url = ours.node.url(&format!("/_matrix/client/v1/media/download/{liar_name}/{cid}"));
     for _ in 0..2 {
         let resp = ours.node.http.get(&url).bearer_auth(ALICE).send().await?;
@@ -365,26 +371,37 @@ async fn a_remote_that_lies_about_a_cid_or_breaks_off_is_never_stored_or_served(
     // A body that stops before its Content-Length (the multipart never closes).
     let mut short = multipart_response(&want, None);
     short.truncate(short.len() - 40);
-    let (_cut, cut_name) = fixed_origin(&pki, short).await?;
-    let resp = ours
-        .node
-        .http
-        .get(ours.node.url(&format!("/_matrix/client/v1/media/download/{cut_name}/{cid}")))
-        .bearer_auth(ALICE)
-        .send()
-        .await?;
-    assert_eq!(resp.status(), 502);
-    // An honest answer for the same CID is stored and served.
-    let (_honest, honest_name) = fixed_origin(&pki, multipart_response(&want, None)).await?;
-    let resp = ours
-        .node
-        .http
-        .get(ours.node.url(&format!("/_matrix/client/v1/media/download/{honest_name}/{cid}")))
-        .bearer_auth(ALICE)
-        .send()
-        .await?;
-    assert_eq!(resp.status(), 200);
-    assert!(resp.bytes().await?.as_ref() == want.as_slice());
+    let (_cut, cut_name, _) = fixed_origin(&pki, short).await?;
+    let get = |url: String| {
+        let http = ours.node.http.clone();
+        async move {
+            let resp = http.get(&url).bearer_auth(ALICE).send().await?;
+            anyhow::Ok((resp.status().as_u16(), resp.bytes().await?))
+        }
+    };
+    let (status, _) = get(ours.node.url(&format!("/_matrix/client/v1/media/download/{cut_name}/{cid}"))).await?;
+    assert_eq!(status, 502);
+    assert_eq!(
+        ours.node.metric("mxcas_edge_remote_fetches_total{result=\"broken\"}").await?,
+        1.0,
+        "the answer broke off"
+    );
+    // A CID mxcas cannot check (a blake3 multihash) is not even fetched.
+    let (_other, other_name, other_hits) = fixed_origin(&pki, multipart_response(&want, None)).await?;
+    let blake3 = cid::Cid::new_v1(0x55, cid::multihash::Multihash::<64>::wrap(0x1e, &[7; 32])?).to_string();
+    let (status, _) = get(ours.node.url(&format!("/_matrix/client/v1/media/download/{other_name}/{blake3}"))).await?;
+    assert_eq!(status, 502);
+    assert_eq!(other_hits.load(std::sync::atomic::Ordering::SeqCst), 0, "nothing was asked of the origin");
+    // An honest answer for the same CID is stored and served; eight downloads at once make one
+    // fetch.
+    let (_honest, honest_name, honest_hits) = fixed_origin(&pki, multipart_response(&want, None)).await?;
+    let url = ours.node.url(&format!("/_matrix/client/v1/media/download/{honest_name}/{cid}"));
+    let downloads = (0..8).map(|_| get(url.clone()));
+    for (status, body) in futures::future::try_join_all(downloads).await? {
+        assert_eq!(status, 200);
+        assert!(body.as_ref() == want.as_slice());
+    }
+    assert_eq!(honest_hits.load(std::sync::atomic::Ordering::SeqCst), 1, "one fetch for all");
     assert_eq!(ours.node.metric("mxcas_edge_remote_fetches_total{result=\"stored\"}").await?, 1.0);
     Ok(())
 }

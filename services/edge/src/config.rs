@@ -431,6 +431,9 @@ pub struct FederationConfig {
     /// Longest one federation request (key fetch, discovery) may take. Default 30s.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// Longest one fetch of remote media may take, its whole body included. Default 10m.
+    #[serde(with = "humantime_serde")]
+    pub remote_media_timeout: Duration,
     /// How long the key document this edge serves for a tenant says it is valid. Default 1 day.
     #[serde(with = "humantime_serde")]
     pub key_validity: Duration,
@@ -444,6 +447,7 @@ impl Default for FederationConfig {
             allow_private_addresses: false,
             ca_file: None,
             request_timeout: Duration::from_secs(30),
+            remote_media_timeout: Duration::from_secs(600),
             key_validity: Duration::from_secs(24 * 3600),
         }
     }

@@ -155,8 +155,9 @@ impl Federation {
         &self.http
     }
 
-    pub fn allows_private(&self) -> bool {
-        self.config.allow_private_addresses
+    /// Longest one fetch of remote media (its whole body) may take.
+    pub fn remote_media_timeout(&self) -> Duration {
+        self.config.remote_media_timeout
     }
 
     /// Checks a URL a remote sent us to (a `Location`) under the address rules.

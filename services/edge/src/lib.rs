@@ -162,7 +162,11 @@ pub async fn start(
         metrics,
         gateway: crate::gateway::Gateway::new(),
         federation: crate::federation::Federation::new(&settings.federation).map_err(EdgeError::Config)?,
-        remote_fetches: moka::future::Cache::builder().max_capacity(10_000).build(),
+        remote_fetches: moka::future::Cache::builder()
+            .max_capacity(10_000)
+            .time_to_live(std::time::Duration::from_secs(60))
+            .build(),
+        remote_slots: Arc::new(tokio::sync::Semaphore::new(crate::remote::MAX_FETCHES)),
     });
 
     let api_listener =

@@ -492,13 +492,12 @@ impl MediaService {
             )
         };
         if !cid_named {
-            match self.meta.create_pending(key, &user, Duration::from_secs(600), u32::MAX, None).await {
+            match self.meta.create_pending(key, &user, Duration::from_secs(60), u32::MAX, None).await {
                 Ok(_) => {}
-                // Recorded meanwhile (by another edge): that record is the answer.
-                Err(MetaError::Rejected(CommandError::AlreadyExists)) => {
-                    self.store.delete_later(objects);
-                    return self.resolve_uncached(key, Duration::from_secs(20)).await;
-                }
+                // Reserved already: by another fetch of it (in progress or abandoned), which
+                // this commit fills as the same uploader, or recorded (the commit then answers
+                // that record, or refuses other bytes).
+                Err(MetaError::Rejected(CommandError::AlreadyExists)) => {}
                 Err(e) => return Err(e.into()),
             }
         }
@@ -512,7 +511,15 @@ impl MediaService {
             lost_key: None,
             quota: None,
         };
-        let (_, resolved) = self.commit(&mut request).await?;
+        let resolved = match self.commit(&mut request).await {
+            Ok((_, r)) => r,
+            // Another fetch recorded other bytes for this opaque ID first: that record stays.
+            Err(e) if e.errcode == "M_CANNOT_OVERWRITE_MEDIA" || e.status == axum::http::StatusCode::CONFLICT => {
+                self.store.delete_later(objects);
+                return self.resolve_uncached(key, Duration::ZERO).await;
+            }
+            Err(e) => return Err(e),
+        };
         self.count_remote("stored");
         self.index_blocks(&resolved.content.cid, &ingested.blocks, false).await;
         Ok(resolved)
@@ -522,14 +529,32 @@ impl MediaService {
         self.metrics.remote_fetches.get_or_create(&ResultLabels { result }).inc();
     }
 
-    /// The record of remote media `key` if this cluster holds it (no fetch).
+    /// Whether the legacy endpoints must not serve `r`: it arrived after the freeze. Frozen by
+    /// when the upload (or the fetch from another server) arrived, by the leader's clock, not
+    /// when the record was made: a reservation made before the freeze and filled after it is
+    /// new media.
+    pub fn frozen(&self, r: &Resolved) -> bool {
+        let arrived_at_ms = match &r.media.state {
+            MediaState::Ready { uploaded_at_ms, .. } => *uploaded_at_ms,
+            MediaState::Pending { .. } => r.media.created_at_ms,
+        };
+        self.freeze_after_ms.is_some_and(|freeze| arrived_at_ms > freeze)
+    }
+
+    /// The record of remote media `key` if this cluster holds it (no fetch). A reservation
+    /// another fetch left (in progress, or abandoned) counts as not held: the caller fetches
+    /// and fills it.
     pub async fn resolve_remote(&self, key: &MediaKey) -> Result<Option<Resolved>, ApiError> {
         if let Some(r) = self.resolved.get(key).await {
             return Ok(Some(r));
         }
         match self.resolve_uncached(key, Duration::ZERO).await {
             Ok(r) => Ok(Some(r)),
-            Err(e) if e.status == axum::http::StatusCode::NOT_FOUND => Ok(None),
+            Err(e)
+                if matches!(e.status, axum::http::StatusCode::NOT_FOUND | axum::http::StatusCode::GATEWAY_TIMEOUT) =>
+            {
+                Ok(None)
+            }
             Err(e) => Err(e),
         }
     }
@@ -704,16 +729,7 @@ impl MediaService {
             Some(r) => r,
             None => self.resolve_uncached(key, wait).await?,
         };
-        // Frozen by when the upload arrived (the leader's clock), not when the record was made:
-        // a reservation made before the freeze and filled after it is new media.
-        let uploaded_at_ms = match &resolved.media.state {
-            MediaState::Ready { uploaded_at_ms, .. } => *uploaded_at_ms,
-            MediaState::Pending { .. } => resolved.media.created_at_ms,
-        };
-        if legacy
-            && let Some(freeze) = self.freeze_after_ms
-            && uploaded_at_ms > freeze
-        {
+        if legacy && self.frozen(&resolved) {
             return Err(ApiError::not_found(
                 "Media uploaded after the freeze is only available through /_matrix/client/v1/media",
             ));

@@ -11,9 +11,15 @@
 //! answer is 502 (MSC2846: never stored, never served). Then `(origin, id)` is recorded in the
 //! metadata, so the same bytes are stored once, and the download is served from the store.
 //!
-//! One fetch per media on an edge at a time (single flight); not yet: streaming to the client
-//! while fetching, fallback sources (`via`, room hints), per-host backoff, one fetch
-//! cluster-wide.
+//! Bounds: the requesting user's tenant signs and its upload limit applies (a tenant whose key
+//! mxcas does not hold does not fetch); at most [`MAX_FETCHES`] fetches at once per edge; one
+//! fetch per media on an edge (single flight); an answer whose `Content-Length` is over the
+//! limit is refused before it is read; a media fetch may take `[federation]
+//! remote_media_timeout`. A CID media ID mxcas cannot check (another hash or codec) is refused
+//! before anything is fetched.
+//!
+//! Not yet: streaming to the client while fetching, fallback sources (`via`, room hints),
+//! per-host backoff, one fetch cluster-wide, a quota on fetched bytes.
 
 use std::sync::Arc;
 
@@ -28,6 +34,11 @@ use crate::api::AppState;
 use crate::api::error::ApiError;
 use crate::media::Resolved;
 
+/// Remote media fetches in flight at once on this edge.
+pub const MAX_FETCHES: usize = 16;
+/// Largest error body read from a remote.
+const MAX_ERROR_BODY: usize = 16 * 1024;
+
 fn bad_gateway(why: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_GATEWAY, "M_UNKNOWN", why)
 }
@@ -38,22 +49,61 @@ struct Fetched {
     body: futures::stream::BoxStream<'static, Result<Bytes, String>>,
 }
 
-/// Fetches `key` (a remote mxc) from its origin, stores and records it, and answers its record.
-pub async fn fetch(state: &AppState, key: &MediaKey) -> Result<Resolved, ApiError> {
-    let Some(signer) = state.tenants.all().iter().find(|t| t.signing_key.is_some()).cloned() else {
+/// Fetches `key` (a remote mxc) from its origin for a user of `tenant`, stores and records
+/// it, and answers its record.
+pub async fn fetch(
+    state: &AppState,
+    key: &MediaKey,
+    tenant: &Arc<crate::tenants::Tenant>,
+) -> Result<Resolved, ApiError> {
+    if tenant.signing_key.is_none() {
         return Err(ApiError::not_found(format!(
-            "Media from {} is not held here, and no signing key is configured to fetch it over federation",
-            key.server_name
+            "Media from {} is not held here, and {} has no signing key here to fetch it over federation",
+            key.server_name, tenant.server_name
         )));
-    };
+    }
+    if let Ok(named) = cid::Cid::try_from(key.media_id.as_str())
+        && !checkable(&named)
+    {
+        state
+            .media
+            .metrics
+            .remote_fetches
+            .get_or_create(&crate::metrics::ResultLabels { result: "unverifiable" })
+            .inc();
+        return Err(bad_gateway(
+            "The media ID is a CID of a kind mxcas cannot check (hash, codec or layout): it is not fetched",
+        ));
+    }
     let flight = state.remote_fetches.clone();
-    let state_key = key.clone();
+    let (state_key, signer) = (key.clone(), tenant.clone());
     // One fetch per media on this edge: concurrent downloads wait for it.
     let result = flight
-        .try_get_with(key.clone(), async move { fetch_uncached(state, &state_key, &signer).await.map(Arc::new) })
+        .try_get_with(key.clone(), async move {
+            let _slot = state
+                .remote_slots
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| ApiError::unavailable("Shutting down", 1000))?;
+            fetch_uncached(state, &state_key, &signer).await.map(Arc::new)
+        })
         .await;
     flight.invalidate(key).await;
     result.map(|r| (*r).clone()).map_err(|e| (*e).clone())
+}
+
+/// Whether mxcas can prove bytes are what a CID names by computing its own CID of them: the
+/// sha2-256 raw and dag-pb CIDs its profile makes (others will be checked block by block).
+fn checkable(cid: &cid::Cid) -> bool {
+    cid.hash().code() == mxcas_cas::SHA2_256
+        && cid.hash().size() == 32
+        && matches!(cid.codec(), mxcas_cas::RAW | mxcas_cas::DAG_PB)
+}
+
+/// The declared type of remote media if it is a valid one (as an upload's must be).
+fn valid_type(declared: Option<String>) -> Option<String> {
+    declared.filter(|t| t.len() <= 255 && crate::api::headers::parse_content_type(t).is_some())
 }
 
 async fn fetch_uncached(
@@ -75,29 +125,61 @@ async fn fetch_uncached(
         .get(format!("{}{uri}", target.base))
         .header(header::HOST, &target.host)
         .header(header::AUTHORIZATION, auth)
+        .timeout(fed.remote_media_timeout())
         .send()
         .await
         .map_err(|e| {
             tracing::info!(origin = %key.server_name, error = %e, "remote media request failed");
             bad_gateway(format!("{} did not answer", key.server_name))
         })?;
+    too_large(&resp, signer.max_upload_size)?;
     let fetched = match resp.status() {
-        StatusCode::OK => from_multipart(state, key, resp).await?,
+        StatusCode::OK => from_multipart(state, key, resp, signer.max_upload_size).await?,
         StatusCode::NOT_FOUND => {
-            let body: serde_json::Value = resp.json().await.unwrap_or_default();
+            let body = read_small(resp).await;
             if body["errcode"] == "M_UNRECOGNIZED" {
-                legacy(state, key, &target).await?
+                legacy(state, key, &target, signer.max_upload_size).await?
             } else {
                 return Err(ApiError::not_found("Media not found on its origin"));
             }
         }
         s => return Err(bad_gateway(format!("{} answered {s}", key.server_name))),
     };
-    state.media.store_remote(key, fetched.content_type, fetched.body, signer.max_upload_size).await
+    state.media.store_remote(key, valid_type(fetched.content_type), fetched.body, signer.max_upload_size).await
+}
+
+/// Refuses an answer that says it is larger than the limit before reading it (a multipart
+/// answer is a little larger than its media: its framing is allowed for).
+fn too_large(resp: &reqwest::Response, limit: u64) -> Result<(), ApiError> {
+    match resp.content_length() {
+        Some(n) if n > limit.saturating_add(mxcas_federation::multipart::MAX_HEAD as u64) => Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "M_TOO_LARGE",
+            format!("The remote media is larger than the limit of {limit} bytes"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// A small JSON error body (anything else, or more than 16 KiB, reads as `null`).
+async fn read_small(mut resp: reqwest::Response) -> serde_json::Value {
+    let mut out = Vec::new();
+    while let Ok(Some(chunk)) = resp.chunk().await {
+        if out.len() + chunk.len() > MAX_ERROR_BODY {
+            return serde_json::Value::Null;
+        }
+        out.extend_from_slice(&chunk);
+    }
+    serde_json::from_slice(&out).unwrap_or_default()
 }
 
 /// The bytes of a `multipart/mixed` answer, or of the `Location` it names.
-async fn from_multipart(state: &AppState, key: &MediaKey, resp: reqwest::Response) -> Result<Fetched, ApiError> {
+async fn from_multipart(
+    state: &AppState,
+    key: &MediaKey,
+    resp: reqwest::Response,
+    limit: u64,
+) -> Result<Fetched, ApiError> {
     let ct = resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
     let boundary = multipart::boundary_of(&ct)
         .ok_or_else(|| bad_gateway(format!("{} answered {ct:?}, not multipart/mixed", key.server_name)))?;
@@ -116,7 +198,7 @@ async fn from_multipart(state: &AppState, key: &MediaKey, resp: reqwest::Respons
         }
     };
     match media {
-        MediaPart::Location(url) => location(state, key, &url).await,
+        MediaPart::Location(url) => location(state, key, &url, limit).await,
         MediaPart::Bytes { content_type, .. } => {
             let body = futures::stream::unfold((reader, chunks, false), |(mut reader, mut chunks, done)| async move {
                 if done {
@@ -146,23 +228,32 @@ async fn from_multipart(state: &AppState, key: &MediaKey, resp: reqwest::Respons
 }
 
 /// A `Location` the origin sent the bytes to: fetched once, unsigned, under the address rules.
-async fn location(state: &AppState, key: &MediaKey, url: &str) -> Result<Fetched, ApiError> {
-    if !url.starts_with("https://") && !state.federation.allows_private() {
-        return Err(bad_gateway("the origin redirected to a URL that is not https"));
+async fn location(state: &AppState, key: &MediaKey, url: &str, limit: u64) -> Result<Fetched, ApiError> {
+    // The bytes of an opaque ID are not checked against anything: they come over TLS only.
+    if !url.starts_with("https://") {
+        return Err(bad_gateway("the origin sent the media to a URL that is not https"));
     }
     state.federation.check_location(&key.server_name, url).map_err(|e| bad_gateway(e.to_string()))?;
-    let resp = state.federation.http().get(url).send().await.map_err(|e| {
-        tracing::info!(origin = %key.server_name, error = %e, "remote media Location failed");
-        bad_gateway("The origin's Location did not answer")
-    })?;
+    let resp = state.federation.http().get(url).timeout(state.federation.remote_media_timeout()).send().await.map_err(
+        |e| {
+            tracing::info!(origin = %key.server_name, error = %e, "remote media Location failed");
+            bad_gateway("The origin's Location did not answer")
+        },
+    )?;
     if resp.status() != StatusCode::OK {
         return Err(bad_gateway(format!("the origin's Location answered {}", resp.status())));
     }
+    too_large(&resp, limit)?;
     Ok(plain(resp))
 }
 
 /// The legacy download of a server older than authenticated media.
-async fn legacy(state: &AppState, key: &MediaKey, target: &crate::federation::Target) -> Result<Fetched, ApiError> {
+async fn legacy(
+    state: &AppState,
+    key: &MediaKey,
+    target: &crate::federation::Target,
+    limit: u64,
+) -> Result<Fetched, ApiError> {
     let url =
         format!("{}/_matrix/media/v3/download/{}/{}?allow_remote=false", target.base, key.server_name, key.media_id);
     let resp = state
@@ -170,9 +261,11 @@ async fn legacy(state: &AppState, key: &MediaKey, target: &crate::federation::Ta
         .http()
         .get(url)
         .header(header::HOST, &target.host)
+        .timeout(state.federation.remote_media_timeout())
         .send()
         .await
         .map_err(|_| bad_gateway(format!("{} did not answer", key.server_name)))?;
+    too_large(&resp, limit)?;
     match resp.status() {
         StatusCode::OK => Ok(plain(resp)),
         StatusCode::NOT_FOUND => Err(ApiError::not_found("Media not found on its origin")),

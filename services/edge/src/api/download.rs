@@ -76,13 +76,16 @@ async fn serve(
     let resolved = if state.media.local.contains(&key.server_name) {
         state.media.resolve(&key, wait, legacy).await?
     } else if legacy {
-        // The legacy endpoints never reach out to other servers (their allow_remote is for
-        // homeservers' own repositories): only what this cluster already holds.
-        state.media.resolve_remote(&key).await?.ok_or_else(|| ApiError::not_found("Media not found"))?
+        // The legacy endpoints never reach out to other servers: only what this cluster
+        // already holds, and frozen like local media (by when it was fetched).
+        match state.media.resolve_remote(&key).await? {
+            Some(r) if !state.media.frozen(&r) => r,
+            _ => return Err(ApiError::not_found("Media not found")),
+        }
     } else {
         match state.media.resolve_remote(&key).await? {
             Some(r) => r,
-            None => crate::remote::fetch(state, &key).await?,
+            None => crate::remote::fetch(state, &key, state.tenants.for_request(headers)?).await?,
         }
     };
     let file_name = path.file_name.as_deref();

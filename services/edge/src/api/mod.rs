@@ -38,6 +38,8 @@ pub struct AppState {
     pub federation: crate::federation::Federation,
     /// Remote media being fetched on this edge (one fetch per media).
     pub remote_fetches: moka::future::Cache<mxcas_meta::MediaKey, Arc<crate::media::Resolved>>,
+    /// Remote media fetches in flight on this edge ([`crate::remote::MAX_FETCHES`]).
+    pub remote_slots: Arc<tokio::sync::Semaphore>,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
