@@ -175,6 +175,7 @@ async fn synapse_fetches_mxcas_media_over_signed_federation() -> anyhow::Result<
     let big = test_bytes(2, 3 * 1024 * 1024 + 5);
     let small_id = upload(&ours, small.clone()).await?;
     let big_id = upload(&ours, big.clone()).await?;
+    let png_id = upload(&ours, png(200, 100)?).await?;
 
     let synapse = federating_synapse(&pki).await?;
     synapse.register("alice", "alice-password-1")?;
@@ -196,7 +197,27 @@ async fn synapse_fetches_mxcas_media_over_signed_federation() -> anyhow::Result<
         assert_eq!(body.len(), want.len());
         assert!(body.as_ref() == want.as_slice(), "the bytes Synapse serves are ours");
     }
+    // A thumbnail of our image, asked of Synapse (which fetches the image over federation and
+    // makes the thumbnail itself; our federation thumbnail endpoint is tested below).
+    let url = format!(
+        "{}/_matrix/client/v1/media/thumbnail/{}/{png_id}?width=32&height=32&method=crop",
+        synapse.url, ours.server_name
+    );
+    let resp = http.get(&url).bearer_auth(&token).send().await?;
+    let status = resp.status();
+    let body = resp.bytes().await?;
+    assert_eq!(status, 200, "{}\n{}", String::from_utf8_lossy(&body[..body.len().min(300)]), synapse.log());
+    let img = image::load_from_memory(&body)?;
+    assert_eq!((img.width(), img.height()), (32, 32), "the 32x32 crop");
     Ok(())
+}
+
+/// A PNG of `w`×`h` with some structure.
+fn png(w: u32, h: u32) -> anyhow::Result<Vec<u8>> {
+    let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 7) as u8, (y * 5) as u8, ((x + y) * 3) as u8]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png)?;
+    Ok(out.into_inner())
 }
 
 #[tokio::test]
@@ -291,6 +312,40 @@ async fn our_signatures_verify_with_synapses_code_and_bad_requests_are_refused()
     }
     reader.finish()?;
     assert_eq!(bytes, test_bytes(3, 500));
+
+    // The federation thumbnail endpoint: signed likewise, the client endpoint's parameters.
+    let png_id = upload(&ours, png(300, 200)?).await?;
+    let uri = format!("/_matrix/federation/v1/media/thumbnail/{png_id}?width=96&height=96&method=scale");
+    let auth = x_matrix::authorization(&key, &ours.server_name, &ours.server_name, "GET", &uri, None)?;
+    let resp = ours.node.http.get(ours.node.url(&uri)).header("authorization", auth).send().await?;
+    assert_eq!(resp.status(), 200, "{}", ours.node.log());
+    let ct = resp.headers()["content-type"].to_str()?.to_owned();
+    let body = resp.bytes().await?;
+    let mut reader = mxcas_federation::multipart::MultipartReader::new(
+        &mxcas_federation::multipart::boundary_of(&ct).expect("boundary"),
+    );
+    reader.push(&body);
+    let (mut thumb, mut kind) = (Vec::new(), None);
+    while let Some(e) = reader.next_event()? {
+        match e {
+            mxcas_federation::multipart::Event::Head {
+                media: mxcas_federation::multipart::MediaPart::Bytes { content_type, .. },
+                ..
+            } => kind = content_type,
+            mxcas_federation::multipart::Event::Bytes(b) => thumb.extend(b),
+            _ => {}
+        }
+    }
+    assert!(kind.as_deref().is_some_and(|k| k.starts_with("image/")), "{kind:?}");
+    let img = image::load_from_memory(&thumb)?;
+    assert!(
+        img.width() <= 300 && img.height() <= 200 && img.width().max(img.height()) >= 96,
+        "{}x{}",
+        img.width(),
+        img.height()
+    );
+    let unsigned = ours.node.http.get(ours.node.url(&uri)).send().await?;
+    assert_eq!(unsigned.status(), 401);
     Ok(())
 }
 

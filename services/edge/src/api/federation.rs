@@ -7,6 +7,8 @@
 //! - `GET /_matrix/federation/v1/media/download/{mediaId}` (spec v1.11): local media as
 //!   `multipart/mixed` (a JSON part, then the bytes), for a request signed with `X-Matrix` by
 //!   its origin for one of our server names.
+//! - `GET /_matrix/federation/v1/media/thumbnail/{mediaId}?width=&height=…`: its thumbnail (the
+//!   client endpoint's parameters and rules), framed the same way.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -37,6 +39,52 @@ pub async fn server_keys(State(state): State<Arc<AppState>>, headers: HeaderMap)
     Ok(([(header::CONTENT_TYPE, "application/json")], doc.to_string()).into_response())
 }
 
+/// Checks the request's signature; answers (origin, destination).
+async fn authenticated(
+    state: &AppState,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Result<(String, String), ApiError> {
+    // The Host's tenant is the destination of a request that names none.
+    let host_tenant = state.tenants.for_request(headers).ok().map(|t| t.server_name.clone());
+    // Federation is answered for tenants whose signing key mxcas holds (the key that makes
+    // this edge a server of that name); others' federation goes to their homeserver.
+    let is_ours = |name: &str| state.tenants.by_server_name(name).is_some_and(|t| t.signing_key.is_some());
+    let request_uri = uri.path_and_query().map_or_else(|| uri.path().to_owned(), |p| p.as_str().to_owned());
+    state
+        .federation
+        .authenticate(headers, method.as_str(), &request_uri, &is_ours, host_tenant.as_deref().unwrap_or(""))
+        .await
+}
+
+pub async fn media_thumbnail(
+    State(state): State<Arc<AppState>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    Path(media_id): Path<String>,
+    Query(query): Query<BTreeMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let (origin, destination) = authenticated(&state, &method, &uri, &headers).await?;
+    if !super::valid_media_id(&media_id) {
+        return Err(ApiError::bad_request("M_INVALID_PARAM", "Malformed media ID"));
+    }
+    let asked = super::thumbnail::parse(&query, state.media.config.max_download_wait)?;
+    let key = MediaKey::new(destination, media_id);
+    let resolved = state.media.resolve(&key, asked.wait, false).await?;
+    tracing::debug!(%origin, mxc = %key, "federation thumbnail");
+    let (made, bytes) = super::thumbnail::thumbnail_of(&state, &resolved, asked.spec).await?;
+    let boundary = uuid::Uuid::new_v4().simple().to_string();
+    // Thumbnails are images this server made: shown inline.
+    let mut body = multipart::head(&boundary, &serde_json::json!({}), &made.record.content_type, Some("inline"));
+    body.extend_from_slice(&bytes);
+    body.extend_from_slice(&multipart::tail(&boundary));
+    let mut h = HeaderMap::new();
+    insert(&mut h, header::CONTENT_TYPE, &multipart::content_type(&boundary));
+    Ok((StatusCode::OK, h, body).into_response())
+}
+
 pub async fn media_download(
     State(state): State<Arc<AppState>>,
     method: Method,
@@ -45,16 +93,7 @@ pub async fn media_download(
     Path(media_id): Path<String>,
     Query(query): Query<BTreeMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    // The Host's tenant is the destination of a request that names none.
-    let host_tenant = state.tenants.for_request(&headers).ok().map(|t| t.server_name.clone());
-    // Federation is answered for tenants whose signing key mxcas holds (the key that makes
-    // this edge a server of that name); others' federation goes to their homeserver.
-    let is_ours = |name: &str| state.tenants.by_server_name(name).is_some_and(|t| t.signing_key.is_some());
-    let request_uri = uri.path_and_query().map_or_else(|| uri.path().to_owned(), |p| p.as_str().to_owned());
-    let (origin, destination) = state
-        .federation
-        .authenticate(&headers, method.as_str(), &request_uri, &is_ours, host_tenant.as_deref().unwrap_or(""))
-        .await?;
+    let (origin, destination) = authenticated(&state, &method, &uri, &headers).await?;
     if !super::valid_media_id(&media_id) {
         return Err(ApiError::bad_request("M_INVALID_PARAM", "Malformed media ID"));
     }

@@ -57,6 +57,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/_matrix/media/v3/thumbnail/{server_name}/{media_id}", get(thumbnail::thumbnail_legacy))
         .route("/_matrix/key/v2/server", get(federation::server_keys))
         .route("/_matrix/federation/v1/media/download/{media_id}", get(federation::media_download))
+        .route("/_matrix/federation/v1/media/thumbnail/{media_id}", get(federation::media_thumbnail))
         .route("/ipfs/{cid}", get(gateway::ipfs))
         .route("/ipfs/{cid}/{*path}", get(gateway::ipfs_path))
         .fallback(|| async { ApiError::unrecognized() })

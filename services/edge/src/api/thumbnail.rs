@@ -55,12 +55,13 @@ pub async fn thumbnail_legacy(
 
 /// What the query asks for.
 #[derive(Debug, PartialEq)]
-struct Asked {
-    spec: mxcas_thumbnail::Spec,
-    wait: Duration,
+pub struct Asked {
+    pub spec: mxcas_thumbnail::Spec,
+    pub wait: Duration,
 }
 
-fn parse(query: &BTreeMap<String, String>, max_wait: Duration) -> Result<Asked, ApiError> {
+/// The thumbnail query (`width`, `height`, `method`, `animated`, `timeout_ms`), strictly.
+pub fn parse(query: &BTreeMap<String, String>, max_wait: Duration) -> Result<Asked, ApiError> {
     let invalid = |m: &str| ApiError::bad_request("M_INVALID_PARAM", m.to_owned());
     let side = |name: &str| -> Result<u32, ApiError> {
         let v =
@@ -101,18 +102,7 @@ async fn serve(
     let asked = parse(query, state.media.config.max_download_wait)?;
     let key = MediaKey::new(path.server_name, path.media_id);
     let resolved = state.media.resolve(&key, asked.wait, legacy).await?;
-    let mxcas_meta::MediaState::Ready { content_type, .. } = &resolved.media.state else {
-        return Err(ApiError::internal("media has no content"));
-    };
-    let thumbs = &state.thumbnails;
-    let spec = thumbs.choose(asked.spec, content_type);
-    let making = async {
-        let made = thumbs.get(&resolved, spec).await?;
-        thumbs.bytes(&resolved, made).await
-    };
-    let (made, bytes) = tokio::time::timeout(thumbs.config.max_wait, making)
-        .await
-        .map_err(|_| ApiError::unavailable("The thumbnail is still being made; retry shortly", 2_000))??;
+    let (made, bytes) = thumbnail_of(state, &resolved, asked.spec).await?;
 
     let etag = format!("\"{}\"", made.record.cid);
     let mut h = media_headers(&etag, legacy);
@@ -127,6 +117,26 @@ async fn serve(
         return Ok((StatusCode::OK, h).into_response());
     }
     Ok((StatusCode::OK, h, bytes).into_response())
+}
+
+/// The thumbnail of `resolved` nearest to `asked` (made if need be, within `max_wait`).
+pub async fn thumbnail_of(
+    state: &AppState,
+    resolved: &crate::media::Resolved,
+    asked: mxcas_thumbnail::Spec,
+) -> Result<(crate::thumbnails::Made, bytes::Bytes), ApiError> {
+    let mxcas_meta::MediaState::Ready { content_type, .. } = &resolved.media.state else {
+        return Err(ApiError::internal("media has no content"));
+    };
+    let thumbs = &state.thumbnails;
+    let spec = thumbs.choose(asked, content_type);
+    let making = async {
+        let made = thumbs.get(resolved, spec).await?;
+        thumbs.bytes(resolved, made).await
+    };
+    tokio::time::timeout(thumbs.config.max_wait, making)
+        .await
+        .map_err(|_| ApiError::unavailable("The thumbnail is still being made; retry shortly", 2_000))?
 }
 
 #[cfg(test)]
