@@ -52,7 +52,7 @@ struct Fetched {
 /// Fetches `key` (a remote mxc) from its origin for a user of `tenant`, stores and records
 /// it, and answers its record.
 pub async fn fetch(
-    state: &AppState,
+    state: &Arc<AppState>,
     key: &MediaKey,
     tenant: &Arc<crate::tenants::Tenant>,
 ) -> Result<Resolved, ApiError> {
@@ -76,17 +76,21 @@ pub async fn fetch(
         ));
     }
     let flight = state.remote_fetches.clone();
-    let (state_key, signer) = (key.clone(), tenant.clone());
-    // One fetch per media on this edge: concurrent downloads wait for it.
+    let (state_key, signer, owned) = (key.clone(), tenant.clone(), state.clone());
+    // One fetch per media on this edge: concurrent downloads wait for it. It runs as a task of
+    // its own, so a requester that goes away does not abort it for the others.
     let result = flight
         .try_get_with(key.clone(), async move {
-            let _slot = state
-                .remote_slots
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(|_| ApiError::unavailable("Shutting down", 1000))?;
-            fetch_uncached(state, &state_key, &signer).await.map(Arc::new)
+            let task = tokio::spawn(async move {
+                let _slot = owned
+                    .remote_slots
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| ApiError::unavailable("Shutting down", 1000))?;
+                fetch_uncached(&owned, &state_key, &signer).await.map(Arc::new)
+            });
+            task.await.unwrap_or_else(|e| Err(ApiError::internal(format!("remote fetch failed: {e}"))))
         })
         .await;
     flight.invalidate(key).await;

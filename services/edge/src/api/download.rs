@@ -58,7 +58,7 @@ pub async fn download_legacy(
 }
 
 async fn serve(
-    state: &AppState,
+    state: &Arc<AppState>,
     method: Method,
     headers: &HeaderMap,
     path: MediaPath,
