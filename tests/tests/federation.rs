@@ -447,6 +447,18 @@ async fn a_remote_that_lies_about_a_cid_or_breaks_off_is_never_stored_or_served(
     let (status, _) = get(ours.node.url(&format!("/_matrix/client/v1/media/download/{other_name}/{blake3}"))).await?;
     assert_eq!(status, 502);
     assert_eq!(other_hits.load(std::sync::atomic::Ordering::SeqCst), 0, "nothing was asked of the origin");
+    // An origin that fails (500) is left alone for a while: the next download does not ask it.
+    let (_down, down_name, down_hits) = fixed_origin(
+        &pki,
+        b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(),
+    )
+    .await?;
+    let down_url = ours.node.url(&format!("/_matrix/client/v1/media/download/{down_name}/{cid}"));
+    assert_eq!(get(down_url.clone()).await?.0, 502);
+    let again = ours.node.http.get(&down_url).bearer_auth(ALICE).send().await?;
+    assert_eq!(again.status(), 502);
+    assert!(again.headers().contains_key("retry-after"), "it says when to retry");
+    assert_eq!(down_hits.load(std::sync::atomic::Ordering::SeqCst), 1, "asked once, then left alone");
     // An honest answer for the same CID is stored and served; eight downloads at once make one
     // fetch.
     let (_honest, honest_name, honest_hits) = fixed_origin(&pki, multipart_response(&want, None)).await?;

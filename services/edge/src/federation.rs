@@ -84,7 +84,14 @@ pub struct Federation {
     well_known: Cache<String, Delegation>,
     /// Bounds outbound fetches, whoever asks.
     outbound: Arc<tokio::sync::Semaphore>,
+    /// Servers that failed to answer lately: (consecutive failures, not asked again before).
+    backoff: moka::sync::Cache<String, (u32, std::time::Instant)>,
 }
+
+/// First wait after a server failed to answer; it doubles with each failure in a row.
+const BACKOFF_FIRST: Duration = Duration::from_secs(30);
+/// Longest wait.
+const BACKOFF_MAX: Duration = Duration::from_secs(600);
 
 /// A key document and when it was fetched.
 #[derive(Clone, Debug)]
@@ -146,6 +153,7 @@ impl Federation {
             keys: Cache::builder().max_capacity(10_000).expire_after(KeyExpiry).build(),
             well_known: Cache::builder().max_capacity(10_000).expire_after(WellKnownExpiry).build(),
             outbound: Arc::new(tokio::sync::Semaphore::new(MAX_OUTBOUND)),
+            backoff: moka::sync::Cache::builder().max_capacity(10_000).time_to_live(BACKOFF_MAX).build(),
         })
     }
 
@@ -153,6 +161,25 @@ impl Federation {
     /// redirects, no proxy).
     pub fn http(&self) -> &reqwest::Client {
         &self.http
+    }
+
+    /// How much longer `server` is left alone after failing to answer, if it is.
+    pub fn backed_off(&self, server: &str) -> Option<Duration> {
+        let (_, until) = self.backoff.get(server)?;
+        until.checked_duration_since(std::time::Instant::now())
+    }
+
+    /// `server` failed to answer (unreachable, timing out, 5xx): it is left alone for 30 s,
+    /// doubling with each failure in a row up to 10 minutes.
+    pub fn failed(&self, server: &str) {
+        let n = self.backoff.get(server).map_or(0, |(n, _)| n).saturating_add(1);
+        let wait = BACKOFF_FIRST.saturating_mul(1 << (n - 1).min(10)).min(BACKOFF_MAX);
+        self.backoff.insert(server.to_owned(), (n, std::time::Instant::now() + wait));
+    }
+
+    /// `server` answered: no more backoff.
+    pub fn answered(&self, server: &str) {
+        self.backoff.invalidate(server);
     }
 
     /// Longest one fetch of remote media (its whole body) may take.

@@ -18,8 +18,11 @@
 //! remote_media_timeout`. A CID media ID mxcas cannot check (another hash or codec) is refused
 //! before anything is fetched.
 //!
-//! Not yet: streaming to the client while fetching, fallback sources (`via`, room hints),
-//! per-host backoff, one fetch cluster-wide, a quota on fetched bytes.
+//! An origin that fails to answer (unreachable, timing out, 5xx) is left alone for 30 s,
+//! doubling with each failure in a row up to 10 minutes (502 with `Retry-After` meanwhile).
+//!
+//! Not yet: streaming to the client while fetching, fallback sources (`via`, room hints), one
+//! fetch cluster-wide, a quota on fetched bytes.
 
 use std::sync::Arc;
 
@@ -116,9 +119,18 @@ async fn fetch_uncached(
     signer: &crate::tenants::Tenant,
 ) -> Result<Resolved, ApiError> {
     let fed = &state.federation;
-    let target = fed.target(&key.server_name).await.map_err(|e| {
-        tracing::info!(origin = %key.server_name, error = %e, "cannot reach a remote media server");
-        bad_gateway(format!("Cannot reach {}", key.server_name))
+    let origin = key.server_name.as_str();
+    if let Some(left) = fed.backed_off(origin) {
+        let mut e = bad_gateway(format!("{origin} failed to answer lately; it is asked again later"));
+        e.retry_after_ms = Some(left.as_millis() as u64 + 1);
+        return Err(e);
+    }
+    let target = fed.target(origin).await.map_err(|e| {
+        tracing::info!(%origin, error = %e, "cannot reach a remote media server");
+        if matches!(e, crate::federation::FederationError::Unreachable { .. }) {
+            fed.failed(origin);
+        }
+        bad_gateway(format!("Cannot reach {origin}"))
     })?;
     let signing_key = signer.signing_key.as_ref().expect("chosen for its key");
     let uri = format!("/_matrix/federation/v1/media/download/{}", key.media_id);
@@ -133,9 +145,15 @@ async fn fetch_uncached(
         .send()
         .await
         .map_err(|e| {
-            tracing::info!(origin = %key.server_name, error = %e, "remote media request failed");
-            bad_gateway(format!("{} did not answer", key.server_name))
+            tracing::info!(%origin, error = %e, "remote media request failed");
+            fed.failed(origin);
+            bad_gateway(format!("{origin} did not answer"))
         })?;
+    if resp.status().is_server_error() {
+        fed.failed(origin);
+        return Err(bad_gateway(format!("{origin} answered {}", resp.status())));
+    }
+    fed.answered(origin);
     too_large(&resp, signer.max_upload_size)?;
     let fetched = match resp.status() {
         StatusCode::OK => from_multipart(state, key, resp, signer.max_upload_size).await?,
