@@ -33,16 +33,11 @@ fn upstream_server(url: &str) -> anyhow::Result<&str> {
     Ok(hostport)
 }
 
-/// The proxy rules of `docs/deploy/homeserver.md` (without TLS), with every path nginx
-/// writes moved into `dir`.
-fn config(dir: &Path, port: u16, media: &[&str], homeserver: &str) -> anyhow::Result<String> {
-    let media_servers = media
-        .iter()
-        .map(|url| upstream_server(url).map(|s| format!("server {s};")))
-        .collect::<anyhow::Result<Vec<_>>>()?
-        .join(" ");
+/// What every config here starts with: foreground, one worker, and every path nginx writes
+/// moved into `dir`; it leaves the `http` block open.
+fn preamble(dir: &Path) -> String {
     let d = dir.display();
-    Ok(format!(
+    format!(
         r#"daemon off;
 master_process off;
 worker_processes 1;
@@ -58,7 +53,20 @@ http {{
     fastcgi_temp_path {d}/tmp/fastcgi;
     uwsgi_temp_path {d}/tmp/uwsgi;
     scgi_temp_path {d}/tmp/scgi;
+"#
+    )
+}
 
+/// The proxy rules of `docs/deploy/homeserver.md` (without TLS), with every path nginx
+/// writes moved into `dir`.
+fn config(dir: &Path, port: u16, media: &[&str], homeserver: &str) -> anyhow::Result<String> {
+    let media_servers = media
+        .iter()
+        .map(|url| upstream_server(url).map(|s| format!("server {s};")))
+        .collect::<anyhow::Result<Vec<_>>>()?
+        .join(" ");
+    Ok(format!(
+        r#"{preamble}
     upstream mxcas   {{ {media_servers} keepalive 16; }}
     upstream synapse {{ server {homeserver}; keepalive 16; }}
 
@@ -84,6 +92,7 @@ http {{
     }}
 }}
 "#,
+        preamble = preamble(dir),
         homeserver = upstream_server(homeserver)?,
     ))
 }
@@ -91,24 +100,8 @@ http {{
 /// A TLS front on `port` for everything to `upstream` (`http://host:port`), with the original
 /// `Host` (port included, as a Matrix server name has it) passed on.
 fn tls_config(dir: &Path, port: u16, upstream: &str, cert: &Path, key: &Path) -> anyhow::Result<String> {
-    let d = dir.display();
     Ok(format!(
-        r#"daemon off;
-master_process off;
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/error.log info;
-events {{ worker_connections 1024; }}
-http {{
-    log_format mxcas '$request_method $request_uri -> $status $upstream_addr '
-                     'in=$request_length out=$bytes_sent rt=$request_time';
-    access_log {d}/access.log mxcas;
-    client_body_temp_path {d}/tmp/client_body;
-    proxy_temp_path {d}/tmp/proxy;
-    fastcgi_temp_path {d}/tmp/fastcgi;
-    uwsgi_temp_path {d}/tmp/uwsgi;
-    scgi_temp_path {d}/tmp/scgi;
-    server {{
+        r#"{preamble}    server {{
         listen 127.0.0.1:{port} ssl;
         ssl_certificate {cert};
         ssl_certificate_key {key};
@@ -122,6 +115,7 @@ http {{
     }}
 }}
 "#,
+        preamble = preamble(dir),
         upstream = upstream_server(upstream)?,
         cert = cert.display(),
         key = key.display(),

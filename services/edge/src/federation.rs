@@ -396,7 +396,7 @@ impl moka::Expiry<String, Delegation> for WellKnownExpiry {
 }
 
 /// The body of `resp`, refused past `limit` bytes.
-async fn read_limited(mut resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, String> {
+pub async fn read_limited(mut resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, String> {
     let mut out = Vec::new();
     while let Some(chunk) = resp.chunk().await.map_err(|e| error_chain(&e))? {
         if out.len() + chunk.len() > limit {

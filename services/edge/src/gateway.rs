@@ -66,17 +66,22 @@ impl StoredDag {
 
     /// Where `cid` (CIDv1) is in this DAG, if it is.
     fn find(&self, cid: &Cid) -> Option<Source> {
-        let Some(index) = &self.index else {
-            return (*cid == self.content.cid).then_some(Source::Leaf(0));
-        };
-        match cid.codec() {
-            DAG_PB => index.nodes.iter().position(|(c, _)| c == cid).map(Source::Node),
-            RAW => {
-                let digest = sha256_digest(cid)?;
-                index.leaves.iter().position(|l| *l == digest).map(|i| Source::Leaf(i as u64))
+        self.lookup().source(cid)
+    }
+
+    /// The DAG's blocks by CID, for finding many.
+    fn lookup(&self) -> Lookup<'_> {
+        let (mut nodes, mut leaves) = (HashMap::new(), HashMap::new());
+        if let Some(index) = &self.index {
+            for (i, (c, _)) in index.nodes.iter().enumerate() {
+                nodes.entry(*c).or_insert(i);
             }
-            _ => None,
+            // Equal hashes are equal bytes: the first leaf of a hash serves all.
+            for (i, l) in index.leaves.iter().enumerate() {
+                leaves.entry(*l).or_insert(i as u64);
+            }
         }
+        Lookup { dag: self, nodes, leaves }
     }
 
     /// Bytes of the block at `source`, verified.
@@ -110,27 +115,38 @@ impl StoredDag {
             let source = self.find(&as_v1(&start)).ok_or(WalkError::Missing(start))?;
             return Ok(vec![(start, source)]);
         }
-        let nodes: HashMap<Cid, &[u8]> =
-            self.index.iter().flat_map(|index| index.nodes.iter().map(|(c, b)| (*c, b.as_ref()))).collect();
-        // Leaves by hash: equal hashes are equal bytes, so the first leaf of a hash serves all.
-        let mut leaves: HashMap<[u8; 32], u64> = HashMap::new();
-        if let Some(index) = &self.index {
-            for (i, l) in index.leaves.iter().enumerate().rev() {
-                leaves.insert(*l, i as u64);
-            }
-        }
-        let cids = walk(start, how, limits, |c| nodes.get(&as_v1(c)).copied())?;
+        let lookup = self.lookup();
+        let cids = walk(start, how, limits, |c| lookup.node(&as_v1(c)))?;
         cids.into_iter()
-            .map(|cid| {
-                let v1 = as_v1(&cid);
-                let source = match (&self.index, v1.codec()) {
-                    (None, _) => (v1 == self.content.cid).then_some(Source::Leaf(0)),
-                    (Some(_), RAW) => sha256_digest(&v1).and_then(|d| leaves.get(&d).copied()).map(Source::Leaf),
-                    (Some(index), _) => index.nodes.iter().position(|(c, _)| *c == v1).map(Source::Node),
-                };
-                source.map(|s| (cid, s)).ok_or(WalkError::Missing(cid))
-            })
+            .map(|cid| lookup.source(&as_v1(&cid)).map(|s| (cid, s)).ok_or(WalkError::Missing(cid)))
             .collect()
+    }
+}
+
+/// Where each block of a [`StoredDag`] is, by CID.
+struct Lookup<'a> {
+    dag: &'a StoredDag,
+    nodes: HashMap<Cid, usize>,
+    leaves: HashMap<[u8; 32], u64>,
+}
+
+impl<'a> Lookup<'a> {
+    /// Where the block `v1` (CIDv1) is.
+    fn source(&self, v1: &Cid) -> Option<Source> {
+        if self.dag.index.is_none() {
+            return (*v1 == self.dag.content.cid).then_some(Source::Leaf(0));
+        }
+        match v1.codec() {
+            DAG_PB => self.nodes.get(v1).map(|&i| Source::Node(i)),
+            RAW => sha256_digest(v1).and_then(|d| self.leaves.get(&d).copied()).map(Source::Leaf),
+            _ => None,
+        }
+    }
+
+    /// The bytes of the dag-pb node `v1`, held in the block index.
+    fn node(&self, v1: &Cid) -> Option<&'a [u8]> {
+        let index = self.dag.index.as_ref()?;
+        self.nodes.get(v1).map(|&i| index.nodes[i].1.as_ref())
     }
 }
 

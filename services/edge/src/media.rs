@@ -449,11 +449,7 @@ impl MediaService {
             Ok(i) => i,
             Err(crate::ingest::IngestError::TooLarge { limit }) => {
                 self.count_remote("too_large");
-                return Err(ApiError::new(
-                    axum::http::StatusCode::BAD_GATEWAY,
-                    "M_TOO_LARGE",
-                    format!("The remote media is larger than the limit of {limit} bytes"),
-                ));
+                return Err(ApiError::remote_too_large(limit));
             }
             Err(e @ crate::ingest::IngestError::Store(_)) => return Err(e.into()),
             Err(e) => {

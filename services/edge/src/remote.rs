@@ -174,25 +174,17 @@ async fn fetch_uncached(
 /// answer is a little larger than its media: its framing is allowed for).
 fn too_large(resp: &reqwest::Response, limit: u64) -> Result<(), ApiError> {
     match resp.content_length() {
-        Some(n) if n > limit.saturating_add(mxcas_federation::multipart::MAX_HEAD as u64) => Err(ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            "M_TOO_LARGE",
-            format!("The remote media is larger than the limit of {limit} bytes"),
-        )),
+        Some(n) if n > limit.saturating_add(mxcas_federation::multipart::MAX_HEAD as u64) => {
+            Err(ApiError::remote_too_large(limit))
+        }
         _ => Ok(()),
     }
 }
 
 /// A small JSON error body (anything else, or more than 16 KiB, reads as `null`).
-async fn read_small(mut resp: reqwest::Response) -> serde_json::Value {
-    let mut out = Vec::new();
-    while let Ok(Some(chunk)) = resp.chunk().await {
-        if out.len() + chunk.len() > MAX_ERROR_BODY {
-            return serde_json::Value::Null;
-        }
-        out.extend_from_slice(&chunk);
-    }
-    serde_json::from_slice(&out).unwrap_or_default()
+async fn read_small(resp: reqwest::Response) -> serde_json::Value {
+    let body = crate::federation::read_limited(resp, MAX_ERROR_BODY).await.unwrap_or_default();
+    serde_json::from_slice(&body).unwrap_or_default()
 }
 
 /// The bytes of a `multipart/mixed` answer, or of the `Location` it names.

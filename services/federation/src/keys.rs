@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
 
-use crate::signing::{SigningKey, decode_base64, encode_base64, signed_bytes, verify};
+use crate::signing::{SigningKey, decode_base64, encode_base64, signature_of, signed_bytes, verify};
 
 /// Longest a fetched key document is trusted, whatever its `valid_until_ts` says (the
 /// specification's cap for room versions that enforce it).
@@ -102,13 +102,8 @@ pub fn verify_server_keys(doc: &Value, server: &str, now_ms: u64) -> Result<Serv
     // The signed bytes once, every key's signature over them.
     let signed = signed_bytes(doc).map_err(|e| KeyError::Unsigned { key: String::new(), reason: e.to_string() })?;
     for (name, key) in &verify_keys {
-        let sig = doc
-            .get("signatures")
-            .and_then(|s| s.get(server))
-            .and_then(|s| s.get(name.as_str()))
-            .and_then(Value::as_str)
-            .ok_or_else(|| KeyError::Unsigned { key: name.clone(), reason: "no signature".into() })?;
-        verify(signed.as_bytes(), sig, key)
+        signature_of(doc, server, name)
+            .and_then(|sig| verify(signed.as_bytes(), sig, key))
             .map_err(|e| KeyError::Unsigned { key: name.clone(), reason: e.to_string() })?;
     }
     let mut old_verify_keys = BTreeMap::new();

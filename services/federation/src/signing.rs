@@ -110,16 +110,20 @@ pub fn verify(message: &[u8], signature: &str, public_key: &[u8; 32]) -> Result<
     UnparsedPublicKey::new(&ED25519, public_key).verify(message, &sig).map_err(|_| SignatureError::Invalid)
 }
 
-/// Checks that `value` carries a valid signature by `server` with the key named `key_name`
-/// (`ed25519:…`) whose public half is `public_key`.
-pub fn verify_json(value: &Value, server: &str, key_name: &str, public_key: &[u8; 32]) -> Result<(), SignatureError> {
-    let missing = || SignatureError::Missing { server: server.to_owned(), key: key_name.to_owned() };
-    let sig = value
+/// The signature `value` carries by `server` with the key named `key_name`.
+pub fn signature_of<'a>(value: &'a Value, server: &str, key_name: &str) -> Result<&'a str, SignatureError> {
+    value
         .get("signatures")
         .and_then(|s| s.get(server))
         .and_then(|s| s.get(key_name))
         .and_then(Value::as_str)
-        .ok_or_else(missing)?;
+        .ok_or_else(|| SignatureError::Missing { server: server.to_owned(), key: key_name.to_owned() })
+}
+
+/// Checks that `value` carries a valid signature by `server` with the key named `key_name`
+/// (`ed25519:…`) whose public half is `public_key`.
+pub fn verify_json(value: &Value, server: &str, key_name: &str, public_key: &[u8; 32]) -> Result<(), SignatureError> {
+    let sig = signature_of(value, server, key_name)?;
     verify(signed_bytes(value)?.as_bytes(), sig, public_key)
 }
 

@@ -52,6 +52,14 @@ impl ApiError {
     }
     /// The stored bytes of this media are missing or corrupt. Permanent until someone uploads
     /// the same bytes again (which repairs it): not "retry later".
+    /// Remote media over the size limit (spec: 502 `M_TOO_LARGE`).
+    pub fn remote_too_large(limit: u64) -> Self {
+        Self::new(
+            StatusCode::BAD_GATEWAY,
+            "M_TOO_LARGE",
+            format!("The remote media is larger than the limit of {limit} bytes"),
+        )
+    }
     pub fn data_loss() -> Self {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -39,6 +39,32 @@ pub async fn server_keys(State(state): State<Arc<AppState>>, headers: HeaderMap)
     Ok(([(header::CONTENT_TYPE, "application/json")], doc.to_string()).into_response())
 }
 
+/// Checks a federation media request: its signature, then its media ID. Answers the origin
+/// and the local media asked for.
+async fn signed_request_for(
+    state: &AppState,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    media_id: String,
+) -> Result<(String, MediaKey), ApiError> {
+    let (origin, destination) = authenticated(state, method, uri, headers).await?;
+    if !super::valid_media_id(&media_id) {
+        return Err(ApiError::bad_request("M_INVALID_PARAM", "Malformed media ID"));
+    }
+    Ok((origin, MediaKey::new(destination, media_id)))
+}
+
+/// The headers of a `multipart/mixed` answer framed by `boundary`.
+fn multipart_headers(boundary: &str, length: Option<u64>) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    insert(&mut h, header::CONTENT_TYPE, &multipart::content_type(boundary));
+    if let Some(n) = length {
+        insert(&mut h, header::CONTENT_LENGTH, &n.to_string());
+    }
+    h
+}
+
 /// Checks the request's signature; answers (origin, destination).
 async fn authenticated(
     state: &AppState,
@@ -66,12 +92,8 @@ pub async fn media_thumbnail(
     Path(media_id): Path<String>,
     Query(query): Query<BTreeMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    let (origin, destination) = authenticated(&state, &method, &uri, &headers).await?;
-    if !super::valid_media_id(&media_id) {
-        return Err(ApiError::bad_request("M_INVALID_PARAM", "Malformed media ID"));
-    }
+    let (origin, key) = signed_request_for(&state, &method, &uri, &headers, media_id).await?;
     let asked = super::thumbnail::parse(&query, state.media.config.max_download_wait)?;
-    let key = MediaKey::new(destination, media_id);
     let resolved = state.media.resolve(&key, asked.wait, false).await?;
     tracing::debug!(%origin, mxc = %key, "federation thumbnail");
     let (made, bytes) = super::thumbnail::thumbnail_of(&state, &resolved, asked.spec).await?;
@@ -80,9 +102,7 @@ pub async fn media_thumbnail(
     let mut body = multipart::head(&boundary, &serde_json::json!({}), &made.record.content_type, Some("inline"));
     body.extend_from_slice(&bytes);
     body.extend_from_slice(&multipart::tail(&boundary));
-    let mut h = HeaderMap::new();
-    insert(&mut h, header::CONTENT_TYPE, &multipart::content_type(&boundary));
-    Ok((StatusCode::OK, h, body).into_response())
+    Ok((StatusCode::OK, multipart_headers(&boundary, None), body).into_response())
 }
 
 pub async fn media_download(
@@ -93,12 +113,8 @@ pub async fn media_download(
     Path(media_id): Path<String>,
     Query(query): Query<BTreeMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    let (origin, destination) = authenticated(&state, &method, &uri, &headers).await?;
-    if !super::valid_media_id(&media_id) {
-        return Err(ApiError::bad_request("M_INVALID_PARAM", "Malformed media ID"));
-    }
+    let (origin, key) = signed_request_for(&state, &method, &uri, &headers, media_id).await?;
     let wait = wait_of(&query, state.media.config.max_download_wait)?;
-    let key = MediaKey::new(destination, media_id);
     let resolved = state.media.resolve(&key, wait, false).await?;
     tracing::debug!(%origin, mxc = %key, "federation download");
     let MediaState::Ready { content_type, .. } = &resolved.media.state else {
@@ -114,9 +130,7 @@ pub async fn media_download(
     let tail = multipart::tail(&boundary);
     let content = resolved.content.clone();
     let length = head.len() as u64 + content.size + tail.len() as u64;
-    let mut h = HeaderMap::new();
-    insert(&mut h, header::CONTENT_TYPE, &multipart::content_type(&boundary));
-    insert(&mut h, header::CONTENT_LENGTH, &length.to_string());
+    let h = multipart_headers(&boundary, Some(length));
     if method == Method::HEAD {
         return Ok((StatusCode::OK, h, Body::empty()).into_response());
     }

@@ -95,8 +95,8 @@ async fn serve(
     };
     match tenant.ipfs_gateway {
         GatewayAccess::Off => {
-            return count(state, "refused", refuse(StatusCode::NOT_FOUND, "The IPFS gateway is off on this server"))
-                .into_response();
+            count(state, "refused");
+            return refuse(StatusCode::NOT_FOUND, "The IPFS gateway is off on this server").into_response();
         }
         GatewayAccess::Authenticated => {
             let checked = match tenant.auth.authenticate(headers, query).await {
@@ -104,7 +104,7 @@ async fn serve(
                 Err(e) => Err(e),
             };
             if let Err(e) = checked {
-                state.metrics.gateway.get_or_create(&ResultLabels { result: "refused" }).inc();
+                count(state, "refused");
                 return e.into_response();
             }
         }
@@ -113,7 +113,7 @@ async fn serve(
     let public = tenant.ipfs_gateway == GatewayAccess::Public;
     match respond(state, method, headers, cid, path, query, public).await {
         Ok((result, resp)) => {
-            state.metrics.gateway.get_or_create(&ResultLabels { result }).inc();
+            count(state, result);
             resp
         }
         Err(refusal) => {
@@ -122,14 +122,14 @@ async fn serve(
                 s if s.is_client_error() => "refused",
                 _ => "error",
             };
-            count(state, result, refusal).into_response()
+            count(state, result);
+            refusal.into_response()
         }
     }
 }
 
-fn count(state: &AppState, result: &'static str, r: Refusal) -> Refusal {
+fn count(state: &AppState, result: &'static str) {
     state.metrics.gateway.get_or_create(&ResultLabels { result }).inc();
-    r
 }
 
 async fn respond(
