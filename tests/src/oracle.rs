@@ -73,3 +73,47 @@ pub fn read_car(path: &Path) -> anyhow::Result<CarContents> {
         .collect::<anyhow::Result<_>>()?;
     Ok((roots, blocks))
 }
+
+/// Plain trustless gateways (`tests/oracle/plain_gateway.mjs`) serving one file as IPFS's own
+/// importer made it, each listener behaving as its mode says (`ok`, `rate=N` bytes/s, `lie`,
+/// `stall`, `absent`). Killed on drop.
+pub struct PlainGateways {
+    child: std::process::Child,
+    /// The root CID the importer gave the file.
+    pub root: String,
+    /// One URL per mode, in order.
+    pub urls: Vec<String>,
+}
+
+impl PlainGateways {
+    /// Imports `file` with the importer's defaults (256 KiB chunks, CIDv1, raw leaves), or as
+    /// kubo long did (`legacy`: CIDv0, dag-pb leaves, 174 links), and serves it.
+    pub fn start(file: &Path, legacy: bool, modes: &[&str]) -> anyhow::Result<Self> {
+        use std::io::BufRead;
+        let mut cmd = Command::new("node");
+        cmd.arg(oracle_dir().join("plain_gateway.mjs")).arg(file);
+        if legacy {
+            cmd.arg("--legacy");
+        }
+        for m in modes {
+            cmd.args(["--gateway", m]);
+        }
+        let mut child = cmd
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("cannot run node (the test script installs the importer)")?;
+        let mut lines = std::io::BufReader::new(child.stdout.take().context("stdout")?).lines();
+        let mut next = || -> anyhow::Result<String> { Ok(lines.next().context("the gateway exited early")??) };
+        let root = next()?;
+        let urls = modes.iter().map(|_| next()).collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Self { child, root, urls })
+    }
+}
+
+impl Drop for PlainGateways {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -13,7 +13,7 @@
 //! its parent said fails the read ([`RangeError::Inconsistent`]), since no source can fix a
 //! DAG that contradicts itself. Limits ([`Limits`]) bound depth, links and block sizes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -69,6 +69,8 @@ pub struct FileRange {
     /// Blocks still needed, by CID in its v1 form (one CID may sit at several offsets, and a
     /// DAG may name one block as CIDv0 and as CIDv1).
     pending: HashMap<Cid, Vec<Pending>>,
+    /// The same blocks by their first offset in the file, for [`FileRange::first_wants`].
+    order: BTreeSet<(u64, Cid)>,
     /// Bytes of the range ready to be taken, by file offset: views into the blocks (a block
     /// that sits at many offsets is held once).
     ready: BTreeMap<u64, (Arc<[u8]>, Range<usize>)>,
@@ -91,6 +93,7 @@ impl FileRange {
             position: range.start,
             range,
             pending: HashMap::new(),
+            order: BTreeSet::new(),
             ready: BTreeMap::new(),
             size: None,
             planned: 0,
@@ -115,10 +118,16 @@ impl FileRange {
         if self.failed.is_some() {
             return Vec::new();
         }
-        let mut w: Vec<(u64, Cid)> =
-            self.pending.iter().map(|(cid, at)| (at.iter().map(|p| p.offset).min().unwrap_or(0), *cid)).collect();
-        w.sort_unstable();
-        w.into_iter().map(|(_, cid)| cid).collect()
+        self.first_wants(usize::MAX)
+    }
+
+    /// The first `n` of [`wants`](Self::wants), without going through the rest (a fetcher
+    /// asks for the blocks nearest the reader first, and no more than it can hold).
+    pub fn first_wants(&self, n: usize) -> Vec<Cid> {
+        if self.failed.is_some() {
+            return Vec::new();
+        }
+        self.order.iter().take(n).map(|(_, cid)| *cid).collect()
     }
 
     /// True once every byte of the range has been taken (never after a failure).
@@ -150,6 +159,9 @@ impl FileRange {
     fn place_block(&mut self, key: Cid, block: VerifiedBlock) -> Result<(), RangeError> {
         let cid = *block.cid();
         let at = self.pending.remove(&key).unwrap_or_default();
+        if let Some(first) = at.iter().map(|p| p.offset).min() {
+            self.order.remove(&(first, key));
+        }
         let place = |p: &Pending, actual: u64| match p.claimed {
             Some(claimed) if claimed != actual => Err(RangeError::Inconsistent { cid, claimed, actual }),
             _ => Ok(()),
@@ -231,7 +243,18 @@ impl FileRange {
             return Err(RangeError::TooManyBlocks(self.limits.max_blocks));
         }
         let key = v1(&cid);
-        self.pending.entry(key).or_default().push(p);
+        let at = self.pending.entry(key).or_default();
+        match at.iter().map(|q| q.offset).min() {
+            Some(first) if first <= p.offset => {}
+            Some(first) => {
+                self.order.remove(&(first, key));
+                self.order.insert((p.offset, key));
+            }
+            None => {
+                self.order.insert((p.offset, key));
+            }
+        }
+        at.push(p);
         match VerifiedBlock::from_identity(&cid, &self.limits) {
             Some(block) => self.place_block(key, block?),
             None => Ok(()),

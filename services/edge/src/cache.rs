@@ -8,6 +8,12 @@
 //! object in the store becomes an error, never bad bytes on the wire.
 //!
 //! Block indexes of large files are cached alongside, in a smaller cache of their own.
+//!
+//! A long read goes ahead of its reader ([`BlockCache::read_ahead`]): the next few blocks are
+//! read from the store at once, each in a task of its own (so their hashing spreads over the
+//! runtime's workers), each still through the cache's single flight; the reader takes them in
+//! order. A store answers one ranged read in about a round trip, so a cold read of a large
+//! file is only as fast as a plain GET of the object when several are in flight.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,6 +21,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cid::Cid;
+use futures::{Stream, StreamExt};
 use moka::future::Cache;
 use sha2::{Digest, Sha256};
 
@@ -61,10 +68,18 @@ pub struct BlockCache {
     store: BlobStore,
     metrics: Arc<Metrics>,
     read_timeout: Duration,
+    /// Blocks a long read has in flight or waiting ahead of its reader.
+    read_ahead: usize,
 }
 
 impl BlockCache {
-    pub fn new(capacity_bytes: u64, read_timeout: Duration, store: BlobStore, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        capacity_bytes: u64,
+        read_timeout: Duration,
+        read_ahead: usize,
+        store: BlobStore,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let blocks = Cache::builder()
             .max_capacity(capacity_bytes)
             .weigher(|_k: &(Cid, u64), v: &Bytes| u32::try_from(v.len() + 64).unwrap_or(u32::MAX))
@@ -76,7 +91,7 @@ impl BlockCache {
                 u32::try_from(n).unwrap_or(u32::MAX)
             })
             .build();
-        Self { blocks, indexes, store, metrics, read_timeout }
+        Self { blocks, indexes, store, metrics, read_timeout, read_ahead: read_ahead.max(1) }
     }
 
     /// Number of blocks of `content`.
@@ -125,6 +140,28 @@ impl BlockCache {
                 Err((*e).clone())
             }
         }
+    }
+
+    /// Blocks `blocks` of `content`, verified, in order, read ahead of the consumer: at most
+    /// `read_ahead` blocks are being read or held for it at a time, so a download's memory is
+    /// bounded however slowly its client reads. A block whose read fails ends nothing by
+    /// itself: the consumer sees the error in its place and decides.
+    pub fn read_ahead(
+        &self,
+        content: &ContentRecord,
+        blocks: std::ops::Range<u64>,
+    ) -> impl Stream<Item = Result<Bytes, BlockError>> + Send + 'static {
+        let (this, content) = (self.clone(), content.clone());
+        let read_ahead = self.read_ahead;
+        futures::stream::iter(blocks)
+            .map(move |i| {
+                let (this, content) = (this.clone(), content.clone());
+                // A task per block: reads and hashing proceed on every worker, and a block
+                // already being read finishes into the cache even if the reader goes away.
+                let task = tokio::spawn(async move { this.block(&content, i).await });
+                async move { task.await.unwrap_or_else(|e| Err(BlockError::Store(format!("block read task: {e}")))) }
+            })
+            .buffered(read_ahead)
     }
 
     fn count(&self, result: &'static str) {

@@ -181,6 +181,19 @@ pub struct CacheConfig {
     /// change arrives on the change feed (the feed normally wakes it at once). Default 1s.
     #[serde(with = "humantime_serde")]
     pub change_poll_interval: Duration,
+    /// Blocks a download reads from the store ahead of its client (in parallel, each verified
+    /// on its own): the memory a download may hold beyond the cache is this many blocks.
+    /// Default 8 (8 MiB of 1 MiB blocks).
+    pub read_ahead_blocks: usize,
+}
+
+impl CacheConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1..=64).contains(&self.read_ahead_blocks) {
+            return Err(format!("cache.read_ahead_blocks = {}: want 1 to 64", self.read_ahead_blocks));
+        }
+        Ok(())
+    }
 }
 
 impl Default for CacheConfig {
@@ -190,6 +203,7 @@ impl Default for CacheConfig {
             store_read_timeout: Duration::from_secs(30),
             media_ttl: Duration::from_secs(60),
             change_poll_interval: Duration::from_secs(1),
+            read_ahead_blocks: 8,
         }
     }
 }
@@ -410,6 +424,55 @@ pub struct TenantConfig {
     /// The homeserver's ed25519 signing key, Synapse's format (`ed25519 <key id> <base64
     /// seed>`), checked at start. With it the edge answers federation for this tenant.
     pub signing_key_file: Option<PathBuf>,
+}
+
+/// `[ipfs]`: `mxc://<server>/ipfs:<cid>` media (MSC2706), fetched from trustless gateways.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IpfsConfig {
+    /// Trustless gateways asked for the blocks of `ipfs:` media this cluster does not hold, all
+    /// at once (each block verified against its CID as it arrives): each is the URL before
+    /// `/ipfs/`, such as `https://trustless-gateway.link` or another mxcas edge whose
+    /// `ipfs_gateway` is `public`. Operator-chosen, so any address is allowed; the bytes are
+    /// trusted only once verified. Default: none (`ipfs:` media not held answers 404).
+    pub gateways: Vec<String>,
+    /// Blocks being fetched at once for one media, from all gateways. Default 16.
+    pub blocks_in_flight: usize,
+    /// Blocks being fetched at once from one gateway. Default 4.
+    pub blocks_in_flight_per_gateway: usize,
+    /// Deadline of one block request. Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub block_timeout: Duration,
+    /// Longest one fetch of `ipfs:` media may take. Default 10m.
+    #[serde(with = "humantime_serde")]
+    pub fetch_timeout: Duration,
+}
+
+impl Default for IpfsConfig {
+    fn default() -> Self {
+        Self {
+            gateways: Vec::new(),
+            blocks_in_flight: 16,
+            blocks_in_flight_per_gateway: 4,
+            block_timeout: Duration::from_secs(30),
+            fetch_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+impl IpfsConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        for g in &self.gateways {
+            let url = reqwest::Url::parse(g).map_err(|e| format!("ipfs.gateways: {g:?}: {e}"))?;
+            if !matches!(url.scheme(), "http" | "https") || url.host().is_none() || url.query().is_some() {
+                return Err(format!("ipfs.gateways: {g:?}: want http(s)://host[:port][/path], the URL before /ipfs/"));
+            }
+        }
+        if !(1..=256).contains(&self.blocks_in_flight) || !(1..=64).contains(&self.blocks_in_flight_per_gateway) {
+            return Err("ipfs.blocks_in_flight must be 1 to 256, blocks_in_flight_per_gateway 1 to 64".into());
+        }
+        Ok(())
+    }
 }
 
 /// `[federation]`: how the edge talks to other Matrix servers.

@@ -408,7 +408,7 @@ pub async fn read_limited(mut resp: reqwest::Response, limit: usize) -> Result<V
 }
 
 /// An error and its causes, on one line (reqwest's own message hides the cause).
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

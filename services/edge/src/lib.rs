@@ -12,6 +12,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod block_fetch;
 pub mod block_index;
 pub mod cache;
 pub mod config;
@@ -19,6 +20,7 @@ pub mod federation;
 pub mod gateway;
 pub mod http_server;
 pub mod ingest;
+pub mod ipfs;
 pub mod local_files;
 pub mod media;
 pub mod metrics;
@@ -64,6 +66,7 @@ pub struct EdgeSettings {
     /// `[[tenants]]` (empty: one tenant, the top-level server name and `[auth]`).
     pub tenants: Vec<config::TenantConfig>,
     pub federation: config::FederationConfig,
+    pub ipfs: config::IpfsConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +105,8 @@ impl EdgeSettings {
         self.media.validate().map_err(EdgeError::Config)?;
         self.http.validate().map_err(EdgeError::Config)?;
         self.thumbnails.validate().map_err(EdgeError::Config)?;
+        self.ipfs.validate().map_err(EdgeError::Config)?;
+        self.cache.validate().map_err(EdgeError::Config)?;
         let tokens = self.auth.load().map_err(EdgeError::Config)?;
         if !tokens.is_empty() && self.auth.homeserver_url.is_some() {
             return Err(EdgeError::Config(
@@ -134,6 +139,7 @@ pub async fn start(
     let blocks = BlockCache::new(
         settings.cache.capacity.as_u64(),
         settings.cache.store_read_timeout,
+        settings.cache.read_ahead_blocks,
         store.clone(),
         metrics.clone(),
     );
@@ -167,6 +173,7 @@ pub async fn start(
             .time_to_live(std::time::Duration::from_secs(60))
             .build(),
         remote_slots: Arc::new(tokio::sync::Semaphore::new(crate::remote::MAX_FETCHES)),
+        ipfs: crate::ipfs::Ipfs::new(&settings.ipfs).map_err(EdgeError::Config)?,
     });
 
     let api_listener =

@@ -457,7 +457,7 @@ impl MediaService {
                 return Err(ApiError::new(
                     axum::http::StatusCode::BAD_GATEWAY,
                     "M_UNKNOWN",
-                    format!("The origin's answer broke off: {e}"),
+                    format!("The remote answer broke off: {e}"),
                 ));
             }
         };
@@ -594,8 +594,9 @@ impl MediaService {
     /// the caller).
     pub async fn read_all(&self, content: &ContentRecord) -> Result<Vec<u8>, BlockError> {
         let mut out = Vec::with_capacity(content.size as usize);
-        for i in 0..BlockCache::block_count(content) {
-            out.extend_from_slice(&self.blocks.block(content, i).await?);
+        let mut blocks = std::pin::pin!(self.blocks.read_ahead(content, 0..BlockCache::block_count(content)));
+        while let Some(block) = futures::StreamExt::next(&mut blocks).await {
+            out.extend_from_slice(&block?);
         }
         Ok(out)
     }

@@ -76,9 +76,17 @@ pub struct Metrics {
     /// Trustless-gateway responses by result: raw, car, not_modified, not_found, refused
     /// (bad request or access), error.
     pub gateway: Family<ResultLabels, Counter>,
-    /// Remote media fetched over federation, by result: stored, mismatch (bytes not matching
-    /// their CID media ID, discarded), too_large, broken (the answer broke off).
+    /// Remote media stored (fetched over federation or from IPFS gateways), by result: stored,
+    /// mismatch (bytes not matching their CID media ID, discarded), too_large, broken (the
+    /// answer broke off).
     pub remote_fetches: Family<ResultLabels, Counter>,
+    /// `ipfs:` media fetched from trustless gateways, by result: stored, not_found (no gateway
+    /// has the root), failed (no gateway served a verified copy of some block, or the DAG is
+    /// no file), too_large, unverifiable (a CID mxcas cannot check).
+    pub ipfs_fetches: Family<ResultLabels, Counter>,
+    /// Block requests to trustless gateways, by result: verified, bad (did not verify: that
+    /// gateway is not asked again by that fetch), failed (error, timeout, broken body).
+    pub gateway_blocks: Family<ResultLabels, Counter>,
 }
 
 /// Buckets from 0.25 ms to about 8 s, doubling.
@@ -204,8 +212,20 @@ impl Metrics {
         let remote_fetches = Family::<ResultLabels, Counter>::default();
         registry.register(
             "remote_fetches",
-            "Remote media fetched over federation: stored, mismatch (not the bytes its CID names; discarded), too_large, broken",
+            "Remote media (federation, IPFS gateways) stored: stored, mismatch (not the bytes its CID names; discarded), too_large, broken",
             remote_fetches.clone(),
+        );
+        let ipfs_fetches = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "ipfs_fetches",
+            "ipfs: media fetched from trustless gateways: stored, not_found, failed, too_large, unverifiable",
+            ipfs_fetches.clone(),
+        );
+        let gateway_blocks = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "gateway_blocks",
+            "Block requests to trustless gateways: verified, bad (did not verify), failed",
+            gateway_blocks.clone(),
         );
         let uploads_in_progress = Gauge::default();
         registry.register("uploads_in_progress", "Uploads being received now", uploads_in_progress.clone());
@@ -213,6 +233,8 @@ impl Metrics {
             block_index_failures,
             gateway,
             remote_fetches,
+            ipfs_fetches,
+            gateway_blocks,
             thumbnails,
             thumbnail_seconds,
             uploads_in_progress,

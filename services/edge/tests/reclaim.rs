@@ -74,6 +74,7 @@ async fn fixture() -> Fixture {
         thumbnails: Default::default(),
         tenants: Vec::new(),
         federation: Default::default(),
+        ipfs: Default::default(),
     };
     let edge = mxcas_edge::start(settings, meta, cancel.clone(), &TaskTracker::new()).await.expect("edge");
     Fixture { api: format!("http://{}", edge.api_addr), media: edge.media, dir, http: reqwest::Client::new(), cancel }

@@ -39,6 +39,8 @@ pub struct Config {
     pub tls: mxcas_meta::tls::TlsConfig,
     /// `[federation]`: signing key, discovery overrides, address rules.
     pub federation: mxcas_edge::config::FederationConfig,
+    /// `[ipfs]`: trustless gateways for `ipfs:` media.
+    pub ipfs: mxcas_edge::config::IpfsConfig,
 }
 
 /// `[meta]`: the metadata node (embedded in `serve`, alone in `mxcas meta`).
@@ -150,6 +152,7 @@ impl Default for Config {
             tenants: Vec::new(),
             tls: Default::default(),
             federation: Default::default(),
+            ipfs: Default::default(),
         }
     }
 }

@@ -264,6 +264,7 @@ async fn serve(args: ServeArgs, role: Role) -> anyhow::Result<()> {
         thumbnails: config.thumbnails.clone(),
         tenants: config.tenants.clone(),
         federation: config.federation.clone(),
+        ipfs: config.ipfs.clone(),
     };
     settings.validate().context("invalid configuration")?;
 

@@ -2,7 +2,7 @@
 //! `/_matrix/media/v3/download/…` (unauthenticated, can be frozen by config).
 //!
 //! Ranges are served block by block from the hot cache: a range of a large file reads only
-//! the 1 MiB blocks it covers. The first block is fetched (and verified) before the status
+//! the 1 MiB blocks it covers, read ahead of the client in parallel. The first block is fetched (and verified) before the status
 //! line is sent, so a store failure becomes a proper error; a failure later in a long body
 //! aborts the connection rather than sending unverified bytes.
 
@@ -15,7 +15,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use futures::stream;
+use futures::{StreamExt, stream};
 use mxcas_meta::{MediaKey, MediaState};
 use serde::Deserialize;
 
@@ -68,12 +68,22 @@ async fn serve(
     if !super::valid_server_name(&path.server_name) {
         return Err(ApiError::bad_request("M_INVALID_PARAM", "Malformed server name"));
     }
-    if !super::valid_media_id(&path.media_id) {
+    let ipfs = crate::ipfs::media_cid(&path.media_id).transpose()?;
+    if ipfs.is_none() && !super::valid_media_id(&path.media_id) {
         return Err(ApiError::bad_request("M_INVALID_PARAM", "Malformed media ID"));
     }
     let wait = wait_of(query, state.media.config.max_download_wait)?;
     let key = MediaKey::new(path.server_name, path.media_id);
-    let resolved = if state.media.local.contains(&key.server_name) {
+    let resolved = if let Some(cid) = ipfs {
+        // IPFS media comes from the gateways, whatever server the URI names (the legacy
+        // endpoints serve only what is held, like remote media).
+        match state.media.resolve_remote(&key).await? {
+            Some(r) if !(legacy && state.media.frozen(&r)) => r,
+            Some(_) => return Err(ApiError::not_found("Media not found")),
+            None if legacy => return Err(ApiError::not_found("Media not found")),
+            None => crate::ipfs::resolve(state, &key, cid, state.tenants.for_request(headers)?).await?,
+        }
+    } else if state.media.local.contains(&key.server_name) {
         state.media.resolve(&key, wait, legacy).await?
     } else if legacy {
         // The legacy endpoints never reach out to other servers: only what this cluster
@@ -185,7 +195,6 @@ async fn respond(
     let chunk = r.content.chunk_size as u64;
     let first_block = start / chunk;
     let last_block = (end - 1) / chunk;
-    let blocks = state.media.blocks.clone();
     let content = r.content.clone();
     let slice = move |i: u64, bytes: Bytes| -> Bytes {
         let range = BlockCache::block_range(&content, i);
@@ -193,33 +202,34 @@ async fn respond(
         let to = end.min(range.end) - range.start;
         bytes.slice(from as usize..to as usize)
     };
-    let first = blocks.block(&r.content, first_block).await.map_err(Failure::Block)?;
-    let head = slice(first_block, first);
+    // The blocks after the first are read while the first is awaited.
+    let mut blocks =
+        state.media.blocks.read_ahead(&r.content, first_block..last_block + 1).zip(stream::iter(first_block..));
+    let Some((first, _)) = blocks.next().await else {
+        return Err(ApiError::internal("a non-empty range covers no block").into());
+    };
+    let head = slice(first_block, first.map_err(Failure::Block)?);
     let content = r.content.clone();
     let (media, resolved) = (state.media.clone(), r.clone());
-    let rest = stream::unfold(first_block + 1, move |i| {
-        let blocks = blocks.clone();
-        let content = content.clone();
-        let slice = slice.clone();
-        let (media, resolved) = (media.clone(), resolved.clone());
-        async move {
-            if i > last_block {
-                return None;
-            }
-            match blocks.block(&content, i).await {
-                Ok(bytes) => Some((Ok::<Bytes, std::io::Error>(slice(i, bytes)), i + 1)),
-                Err(e) => {
-                    tracing::error!(cid = %content.cid, block = i, error = %e, "aborting response body");
-                    if e.is_data_loss() {
-                        // Past the status line: the client sees a cut body; the loss is recorded.
-                        let err = e.clone();
-                        tokio::spawn(async move { media.after_read_failure(&resolved, &err, true).await });
-                    }
-                    Some((Err(std::io::Error::other(e.to_string())), last_block + 1))
-                }
-            }
+    // An error ends the body (the client sees it cut, never a gap).
+    let rest = blocks.scan(false, move |failed, (block, i)| {
+        if *failed {
+            return std::future::ready(None);
         }
+        std::future::ready(match block {
+            Ok(bytes) => Some(Ok::<Bytes, std::io::Error>(slice(i, bytes))),
+            Err(e) => {
+                tracing::error!(cid = %content.cid, block = i, error = %e, "aborting response body");
+                if e.is_data_loss() {
+                    // Past the status line: the client sees a cut body; the loss is recorded.
+                    let (media, resolved, err) = (media.clone(), resolved.clone(), e.clone());
+                    tokio::spawn(async move { media.after_read_failure(&resolved, &err, true).await });
+                }
+                *failed = true;
+                Some(Err(std::io::Error::other(e.to_string())))
+            }
+        })
     });
-    let body = futures::StreamExt::chain(stream::once(async move { Ok(head) }), rest);
+    let body = stream::once(async move { Ok(head) }).chain(rest);
     Ok((status, h, Body::from_stream(body)).into_response())
 }

@@ -18,7 +18,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use futures::stream;
+use futures::{StreamExt, stream};
 use mxcas_federation::{keys, multipart};
 use mxcas_meta::{MediaKey, MediaState};
 
@@ -135,34 +135,31 @@ pub async fn media_download(
         return Ok((StatusCode::OK, h, Body::empty()).into_response());
     }
     // The first block before the status line: a loss becomes an error, not a cut body.
-    let blocks = state.media.blocks.clone();
-    let first = match blocks.block(&content, 0).await {
-        Ok(b) => b,
-        Err(e) if e.is_data_loss() => {
+    let count = crate::cache::BlockCache::block_count(&content);
+    let mut blocks = state.media.blocks.read_ahead(&content, 0..count);
+    let first = match blocks.next().await {
+        Some(Ok(b)) => b,
+        Some(Err(e)) if e.is_data_loss() => {
             state.media.after_read_failure(&resolved, &e, true).await?;
             return Err(ApiError::data_loss());
         }
-        Err(e) => return Err(e.into()),
+        Some(Err(e)) => return Err(e.into()),
+        None => return Err(ApiError::internal("media of no blocks")),
     };
-    let count = crate::cache::BlockCache::block_count(&content);
-    let rest = stream::unfold(1u64, move |i| {
-        let (blocks, content) = (blocks.clone(), content.clone());
-        async move {
-            if i >= count {
-                return None;
-            }
-            match blocks.block(&content, i).await {
-                Ok(b) => Some((Ok::<Bytes, std::io::Error>(b), i + 1)),
-                Err(e) => {
-                    tracing::error!(cid = %content.cid, block = i, error = %e, "aborting a federation download");
-                    Some((Err(std::io::Error::other(e.to_string())), count))
-                }
-            }
+    let cid = content.cid;
+    // An error ends the body (the remote sees it cut, never a gap).
+    let rest = blocks.scan(false, move |failed, block| {
+        if *failed {
+            return std::future::ready(None);
         }
+        std::future::ready(Some(block.map_err(|e| {
+            tracing::error!(%cid, error = %e, "aborting a federation download");
+            *failed = true;
+            std::io::Error::other(e.to_string())
+        })))
     });
-    let body = futures::StreamExt::chain(
-        futures::StreamExt::chain(stream::iter([Ok(Bytes::from(head)), Ok(first)]), rest),
-        stream::once(async move { Ok(Bytes::from(tail)) }),
-    );
+    let body = stream::iter([Ok(Bytes::from(head)), Ok(first)])
+        .chain(rest)
+        .chain(stream::once(async move { Ok(Bytes::from(tail)) }));
     Ok((StatusCode::OK, h, Body::from_stream(body)).into_response())
 }

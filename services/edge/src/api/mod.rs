@@ -40,6 +40,8 @@ pub struct AppState {
     pub remote_fetches: moka::future::Cache<mxcas_meta::MediaKey, Arc<crate::media::Resolved>>,
     /// Remote media fetches in flight on this edge ([`crate::remote::MAX_FETCHES`]).
     pub remote_slots: Arc<tokio::sync::Semaphore>,
+    /// `ipfs:` media: the trustless gateways it is fetched from.
+    pub ipfs: crate::ipfs::Ipfs,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {

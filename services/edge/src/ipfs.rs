@@ -1,0 +1,210 @@
+//! `mxc://<server>/ipfs:<cid>` media (MSC2706): content named by an IPFS CID, fetched from
+//! trustless gateways rather than from the server in the URI.
+//!
+//! A download of `ipfs:` media this cluster does not hold asks every gateway of `[ipfs]
+//! gateways` for the blocks of the CID's DAG at once ([`crate::block_fetch`]), each block
+//! verified against its CID as it arrives, so the file is proven whatever the gateways are:
+//! any UnixFS file DAG (CIDv0 or v1, any chunking or layout) within the limits. The verified
+//! bytes are stored like uploaded content (under mxcas's own CID of them) and recorded under
+//! the `ipfs:` media ID as it was asked, so the same bytes are stored once whichever names
+//! they arrive by; later downloads are served from the store. The media ID's server is where
+//! the media was announced, not asked: no request goes to it.
+//!
+//! `mxc://<server>/ipfs:<cid>` and `mxc://<server>/<cid>` name the same bytes when `<cid>` is
+//! the CID mxcas's profile gives them: a local `ipfs:` ID whose CID is such media held here is
+//! served from it without asking any gateway.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use bytes::Bytes;
+use cid::Cid;
+use mxcas_meta::MediaKey;
+
+use crate::api::AppState;
+use crate::api::error::ApiError;
+use crate::block_fetch::{self, FetchConfig, FetchError, Fetched, Source};
+use crate::config::IpfsConfig;
+use crate::media::Resolved;
+use crate::metrics::ResultLabels;
+
+/// The media ID prefix of IPFS-hosted media.
+pub const PREFIX: &str = "ipfs:";
+
+#[derive(Clone)]
+pub struct Ipfs {
+    sources: Vec<Source>,
+    fetch: FetchConfig,
+    fetch_timeout: Duration,
+}
+
+impl Ipfs {
+    pub fn new(config: &IpfsConfig) -> Result<Self, String> {
+        config.validate()?;
+        // Gateways are the operator's: any address, but no redirects (a gateway answers
+        // blocks, it does not send them elsewhere).
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(config.block_timeout.min(Duration::from_secs(10)))
+            .build()
+            .map_err(|e| format!("ipfs gateway HTTP client: {e}"))?;
+        let sources = config.gateways.iter().map(|base| Source { base: base.clone(), http: http.clone() }).collect();
+        let fetch = FetchConfig {
+            window: config.blocks_in_flight,
+            per_source: config.blocks_in_flight_per_gateway,
+            block_timeout: config.block_timeout,
+            ..FetchConfig::default()
+        };
+        Ok(Self { sources, fetch, fetch_timeout: config.fetch_timeout })
+    }
+}
+
+/// The CID of an `ipfs:` media ID: `None` for other media IDs, an error for a malformed one.
+pub fn media_cid(media_id: &str) -> Option<Result<Cid, ApiError>> {
+    let cid = media_id.strip_prefix(PREFIX)?;
+    let malformed = || ApiError::bad_request("M_INVALID_PARAM", "Malformed IPFS media ID: want ipfs:<CID>");
+    if cid.is_empty() || cid.len() > 255 - PREFIX.len() || !cid.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Some(Err(malformed()));
+    }
+    Some(Cid::try_from(cid).map_err(|_| malformed()))
+}
+
+/// The record of `ipfs:` media `key` (named `cid`), held here or fetched now from the
+/// gateways for a user of `tenant` (whose upload limit bounds it).
+pub async fn resolve(
+    state: &Arc<AppState>,
+    key: &MediaKey,
+    cid: Cid,
+    tenant: &Arc<crate::tenants::Tenant>,
+) -> Result<Resolved, ApiError> {
+    if let Some(r) = state.media.resolve_remote(key).await? {
+        return Ok(r);
+    }
+    if state.media.local.contains(&key.server_name) {
+        let plain = MediaKey::new(key.server_name.clone(), crate::gateway::as_v1(&cid).to_string());
+        if let Some(r) = state.media.resolve_remote(&plain).await? {
+            return Ok(r);
+        }
+    }
+    if state.ipfs.sources.is_empty() {
+        return Err(ApiError::not_found(
+            "IPFS media is not held here, and no IPFS gateways are configured to fetch it",
+        ));
+    }
+    if let Err(e) = mxcas_cas::VerifiedBlock::supported(&cid) {
+        count(state, "unverifiable");
+        return Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "M_UNKNOWN",
+            format!("The CID is of a kind mxcas cannot check ({e}): it is not fetched"),
+        ));
+    }
+    let flight = state.remote_fetches.clone();
+    let (owned, fetch_key, limit) = (state.clone(), key.clone(), tenant.max_upload_size);
+    // One fetch per media on this edge, in a task of its own (as for federation media).
+    let result = flight
+        .try_get_with(key.clone(), async move {
+            let task = tokio::spawn(async move {
+                let _slot = owned
+                    .remote_slots
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| ApiError::unavailable("Shutting down", 1000))?;
+                let timeout = owned.ipfs.fetch_timeout;
+                match tokio::time::timeout(timeout, fetch(&owned, &fetch_key, cid, limit)).await {
+                    Ok(r) => r.map(Arc::new),
+                    Err(_) => {
+                        Err(bad_gateway(format!("The IPFS gateways did not deliver the media within {timeout:?}")))
+                    }
+                }
+            });
+            task.await.unwrap_or_else(|e| Err(ApiError::internal(format!("IPFS fetch failed: {e}"))))
+        })
+        .await;
+    flight.invalidate(key).await;
+    result.map(|r| (*r).clone()).map_err(|e| (*e).clone())
+}
+
+fn bad_gateway(why: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::BAD_GATEWAY, "M_UNKNOWN", why)
+}
+
+fn count(state: &AppState, result: &'static str) {
+    state.media.metrics.ipfs_fetches.get_or_create(&ResultLabels { result }).inc();
+}
+
+fn fetch_error(state: &AppState, root: &Cid, e: FetchError) -> ApiError {
+    match e {
+        FetchError::NoSource { cid, .. } if crate::gateway::as_v1(&cid) == crate::gateway::as_v1(root) => {
+            count(state, "not_found");
+            ApiError::not_found("No configured IPFS gateway served this CID")
+        }
+        e => {
+            count(state, "failed");
+            bad_gateway(format!("The IPFS gateways did not deliver the media: {e}"))
+        }
+    }
+}
+
+async fn fetch(state: &AppState, key: &MediaKey, cid: Cid, limit: u64) -> Result<Resolved, ApiError> {
+    let (rx, report) = block_fetch::fetch(state.ipfs.sources.clone(), cid, 0..u64::MAX, state.ipfs.fetch.clone())
+        .map_err(|e| fetch_error(state, &cid, e))?;
+    let stored = store(state, key, cid, limit, rx).await;
+    let sources = report.await.unwrap_or_default();
+    tracing::info!(mxc = %key, ok = stored.is_ok(), ?sources, "IPFS media fetched from gateways");
+    let blocks = &state.media.metrics.gateway_blocks;
+    for s in &sources {
+        blocks.get_or_create(&ResultLabels { result: "verified" }).inc_by(s.blocks);
+        blocks.get_or_create(&ResultLabels { result: "bad" }).inc_by(s.bad_blocks);
+        blocks.get_or_create(&ResultLabels { result: "failed" }).inc_by(s.failures.into());
+    }
+    if stored.is_ok() {
+        count(state, "stored");
+    }
+    stored
+}
+
+/// Stores what the fetch `rx` delivers as `key`'s bytes.
+async fn store(
+    state: &AppState,
+    key: &MediaKey,
+    cid: Cid,
+    limit: u64,
+    mut rx: block_fetch::Receiver,
+) -> Result<Resolved, ApiError> {
+    // The root comes first, and with it the file's size: over the limit, nothing more is read.
+    let size = match rx.recv().await {
+        Some(Ok(Fetched::Size(size))) if size > limit => {
+            count(state, "too_large");
+            return Err(ApiError::remote_too_large(limit));
+        }
+        Some(Ok(Fetched::Size(size))) => size,
+        Some(Ok(Fetched::Bytes(_))) => return Err(ApiError::internal("block fetch sent bytes before the size")),
+        Some(Err(e)) => return Err(fetch_error(state, &cid, e)),
+        None => return Err(ApiError::internal("block fetch ended without an answer")),
+    };
+    // The fetch ends its channel when done, or early if it dies: only the whole file counts
+    // as an end (anything shorter is an error, never stored as the media).
+    let body = futures::stream::unfold((rx, 0u64, false), move |(mut rx, got, over)| async move {
+        if over {
+            return None;
+        }
+        match rx.recv().await {
+            Some(Ok(Fetched::Bytes(b))) => {
+                let got = got + b.len() as u64;
+                Some((Ok::<Bytes, String>(b), (rx, got, false)))
+            }
+            Some(Ok(Fetched::Size(_))) => Some((Err("block fetch sent the size twice".to_owned()), (rx, got, true))),
+            Some(Err(e)) => Some((Err(e.to_string()), (rx, got, true))),
+            None if got == size => None,
+            None => Some((Err(format!("block fetch ended after {got} of {size} bytes")), (rx, got, true))),
+        }
+    });
+    let stored = state.media.store_remote(key, None, Box::pin(body), limit).await;
+    if stored.as_ref().is_err_and(|e| e.status == StatusCode::BAD_GATEWAY) {
+        count(state, "failed");
+    }
+    stored
+}
