@@ -339,6 +339,22 @@ mod tests {
         r.add(VerifiedBlock::verify(root, store[&root].clone(), &Limits::default()).expect("root")).expect("add");
         assert_eq!(r.wants(), [raw_cid(&data[CHUNK_SIZE..2 * CHUNK_SIZE])]);
         assert_eq!(r.file_size(), Some(n));
+        // The first wants are the wanted blocks nearest the reader, in file order, and stay so
+        // as blocks arrive out of order (leaves made distinct: the pattern repeats per chunk).
+        let mut data = data;
+        for (k, chunk) in data.chunks_mut(CHUNK_SIZE).enumerate() {
+            chunk[0] = k as u8 ^ 0x5a;
+        }
+        let (root, store) = builder_dag(&data);
+        let mut r = FileRange::new(root, 0..n, Limits::default()).expect("plan");
+        r.add(VerifiedBlock::verify(root, store[&root].clone(), &Limits::default()).expect("root")).expect("add");
+        let leaves: Vec<Cid> = data.chunks(CHUNK_SIZE).map(raw_cid).collect();
+        assert_eq!(r.first_wants(2), leaves[..2]);
+        assert_eq!(r.wants(), leaves);
+        r.add(VerifiedBlock::verify(leaves[1], store[&leaves[1]].clone(), &Limits::default()).expect("leaf"))
+            .expect("add");
+        assert_eq!(r.first_wants(2), [leaves[0], leaves[2]]);
+        assert_eq!(r.first_wants(0), []);
         // A single-block file is its raw leaf.
         let (root, store) = builder_dag(b"small");
         assert_eq!(read(root, 1..3, &store, false).expect("read"), b"ma");
