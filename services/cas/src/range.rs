@@ -115,9 +115,6 @@ impl FileRange {
 
     /// Every block needed and not yet added, in file order (CIDv1 form).
     pub fn wants(&self) -> Vec<Cid> {
-        if self.failed.is_some() {
-            return Vec::new();
-        }
         self.first_wants(usize::MAX)
     }
 

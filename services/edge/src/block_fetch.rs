@@ -250,13 +250,7 @@ async fn run(
         };
         let Some((s, cid)) = asked.remove(&id) else { continue };
         sources[s].in_flight -= 1;
-        let still_wanted = match wants.get_mut(&cid) {
-            Some(w) => {
-                w.asking.retain(|(_, _, task)| *task != id);
-                true
-            }
-            None => false,
-        };
+        let still_wanted = wants.get_mut(&cid).map(|w| w.asking.retain(|(_, _, task)| *task != id)).is_some();
         match answer {
             Answer::Block(bytes) => match VerifiedBlock::verify(cid, bytes, &config.limits) {
                 Ok(block) => {
@@ -284,7 +278,7 @@ async fn run(
             Answer::Absent => {}
             Answer::Failed(why) => {
                 tracing::info!(gateway = %sources[s].source.base, %cid, %why, "block request failed");
-                // It may be asked again (a source is dropped after a few failures in all).
+                // It may be asked again (a source is dropped after a few failures in a row).
                 if let Some(w) = wants.get_mut(&cid) {
                     w.tried.remove(&s);
                 }

@@ -144,8 +144,8 @@ impl BlockCache {
 
     /// Blocks `blocks` of `content`, verified, in order, read ahead of the consumer: at most
     /// `read_ahead` blocks are being read or held for it at a time, so a download's memory is
-    /// bounded however slowly its client reads. A block whose read fails ends nothing by
-    /// itself: the consumer sees the error in its place and decides.
+    /// bounded however slowly its client reads. A block whose read fails comes as its error,
+    /// and ends the stream (a body is cut there, never left with a gap).
     pub fn read_ahead(
         &self,
         content: &ContentRecord,
@@ -162,6 +162,10 @@ impl BlockCache {
                 async move { task.await.unwrap_or_else(|e| Err(BlockError::Store(format!("block read task: {e}")))) }
             })
             .buffered(read_ahead)
+            .scan(false, |failed, block| {
+                let end = std::mem::replace(failed, block.is_err());
+                std::future::ready((!end).then_some(block))
+            })
     }
 
     fn count(&self, result: &'static str) {

@@ -28,6 +28,7 @@ use crate::block_fetch::{self, FetchConfig, FetchError, Fetched, Source};
 use crate::config::IpfsConfig;
 use crate::media::Resolved;
 use crate::metrics::ResultLabels;
+use crate::remote::bad_gateway;
 
 /// The media ID prefix of IPFS-hosted media.
 pub const PREFIX: &str = "ipfs:";
@@ -40,8 +41,8 @@ pub struct Ipfs {
 }
 
 impl Ipfs {
+    /// The gateways of `config` (checked by [`IpfsConfig::validate`]).
     pub fn new(config: &IpfsConfig) -> Result<Self, String> {
-        config.validate()?;
         // Gateways are the operator's: any address, but no redirects (a gateway answers
         // blocks, it does not send them elsewhere).
         let http = reqwest::Client::builder()
@@ -70,17 +71,15 @@ pub fn media_cid(media_id: &str) -> Option<Result<Cid, ApiError>> {
     Some(Cid::try_from(cid).map_err(|_| malformed()))
 }
 
-/// The record of `ipfs:` media `key` (named `cid`), held here or fetched now from the
-/// gateways for a user of `tenant` (whose upload limit bounds it).
+/// The record of `ipfs:` media `key` (named `cid`), which this cluster does not hold under
+/// that ID: the media held here that `cid` names, or fetched now from the gateways for a user
+/// of `tenant` (whose upload limit bounds it).
 pub async fn resolve(
     state: &Arc<AppState>,
     key: &MediaKey,
     cid: Cid,
     tenant: &Arc<crate::tenants::Tenant>,
 ) -> Result<Resolved, ApiError> {
-    if let Some(r) = state.media.resolve_remote(key).await? {
-        return Ok(r);
-    }
     if state.media.local.contains(&key.server_name) {
         let plain = MediaKey::new(key.server_name.clone(), crate::gateway::as_v1(&cid).to_string());
         if let Some(r) = state.media.resolve_remote(&plain).await? {
@@ -94,41 +93,16 @@ pub async fn resolve(
     }
     if let Err(e) = mxcas_cas::VerifiedBlock::supported(&cid) {
         count(state, "unverifiable");
-        return Err(ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            "M_UNKNOWN",
-            format!("The CID is of a kind mxcas cannot check ({e}): it is not fetched"),
-        ));
+        return Err(bad_gateway(format!("The CID is of a kind mxcas cannot check ({e}): it is not fetched")));
     }
-    let flight = state.remote_fetches.clone();
     let (owned, fetch_key, limit) = (state.clone(), key.clone(), tenant.max_upload_size);
-    // One fetch per media on this edge, in a task of its own (as for federation media).
-    let result = flight
-        .try_get_with(key.clone(), async move {
-            let task = tokio::spawn(async move {
-                let _slot = owned
-                    .remote_slots
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .map_err(|_| ApiError::unavailable("Shutting down", 1000))?;
-                let timeout = owned.ipfs.fetch_timeout;
-                match tokio::time::timeout(timeout, fetch(&owned, &fetch_key, cid, limit)).await {
-                    Ok(r) => r.map(Arc::new),
-                    Err(_) => {
-                        Err(bad_gateway(format!("The IPFS gateways did not deliver the media within {timeout:?}")))
-                    }
-                }
-            });
-            task.await.unwrap_or_else(|e| Err(ApiError::internal(format!("IPFS fetch failed: {e}"))))
+    crate::remote::single_flight(state, key, async move {
+        let timeout = owned.ipfs.fetch_timeout;
+        tokio::time::timeout(timeout, fetch(&owned, &fetch_key, cid, limit)).await.unwrap_or_else(|_| {
+            Err(bad_gateway(format!("The IPFS gateways did not deliver the media within {timeout:?}")))
         })
-        .await;
-    flight.invalidate(key).await;
-    result.map(|r| (*r).clone()).map_err(|e| (*e).clone())
-}
-
-fn bad_gateway(why: impl Into<String>) -> ApiError {
-    ApiError::new(StatusCode::BAD_GATEWAY, "M_UNKNOWN", why)
+    })
+    .await
 }
 
 fn count(state: &AppState, result: &'static str) {

@@ -593,12 +593,16 @@ impl MediaService {
     /// All of `content`'s bytes, each block verified (for sources of thumbnails: bounded by
     /// the caller).
     pub async fn read_all(&self, content: &ContentRecord) -> Result<Vec<u8>, BlockError> {
-        let mut out = Vec::with_capacity(content.size as usize);
-        let mut blocks = std::pin::pin!(self.blocks.read_ahead(content, 0..BlockCache::block_count(content)));
-        while let Some(block) = futures::StreamExt::next(&mut blocks).await {
-            out.extend_from_slice(&block?);
-        }
-        Ok(out)
+        let blocks = self.blocks.read_ahead(content, 0..BlockCache::block_count(content));
+        futures::TryStreamExt::try_fold(
+            blocks,
+            Vec::with_capacity(content.size as usize),
+            |mut out, block| async move {
+                out.extend_from_slice(&block);
+                Ok(out)
+            },
+        )
+        .await
     }
 
     /// Copies an upload's objects to keys of `generation` (its own generation was sealed before

@@ -42,7 +42,7 @@ pub const MAX_FETCHES: usize = 16;
 /// Largest error body read from a remote.
 const MAX_ERROR_BODY: usize = 16 * 1024;
 
-fn bad_gateway(why: impl Into<String>) -> ApiError {
+pub(crate) fn bad_gateway(why: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_GATEWAY, "M_UNKNOWN", why)
 }
 
@@ -78,20 +78,25 @@ pub async fn fetch(
             "The media ID is a CID of a kind mxcas cannot check (hash, codec or layout): it is not fetched",
         ));
     }
-    let flight = state.remote_fetches.clone();
     let (state_key, signer, owned) = (key.clone(), tenant.clone(), state.clone());
-    // One fetch per media on this edge: concurrent downloads wait for it. It runs as a task of
-    // its own, so a requester that goes away does not abort it for the others.
+    single_flight(state, key, async move { fetch_uncached(&owned, &state_key, &signer).await }).await
+}
+
+/// Runs `fetch` (of remote or IPFS media `key`) once on this edge however many downloads ask
+/// for it meanwhile (they all get its answer), holding one of the edge's [`MAX_FETCHES`]
+/// slots. It runs as a task of its own, so a requester that goes away does not abort it for
+/// the others.
+pub(crate) async fn single_flight<F>(state: &AppState, key: &MediaKey, fetch: F) -> Result<Resolved, ApiError>
+where
+    F: std::future::Future<Output = Result<Resolved, ApiError>> + Send + 'static,
+{
+    let flight = state.remote_fetches.clone();
+    let slots = state.remote_slots.clone();
     let result = flight
         .try_get_with(key.clone(), async move {
             let task = tokio::spawn(async move {
-                let _slot = owned
-                    .remote_slots
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .map_err(|_| ApiError::unavailable("Shutting down", 1000))?;
-                fetch_uncached(&owned, &state_key, &signer).await.map(Arc::new)
+                let _slot = slots.acquire_owned().await.map_err(|_| ApiError::unavailable("Shutting down", 1000))?;
+                fetch.await.map(Arc::new)
             });
             task.await.unwrap_or_else(|e| Err(ApiError::internal(format!("remote fetch failed: {e}"))))
         })

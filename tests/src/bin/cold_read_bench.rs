@@ -24,9 +24,14 @@ use mxcas_tests::{Node, NodeOptions};
 
 const ROUNDS: usize = 3;
 
-/// Bytes of `GET` of the whole object, streamed (and kept only if `keep`).
-async fn s3_get(s3: &object_store::aws::AmazonS3, key: &str, keep: bool) -> anyhow::Result<(u64, Vec<u8>)> {
-    let mut stream = s3.get(&object_store::path::Path::from(key)).await?.into_stream();
+/// Bytes of `stream`, counted (and kept only if `keep`).
+async fn drain<E>(
+    mut stream: impl futures::Stream<Item = Result<bytes::Bytes, E>> + Unpin,
+    keep: bool,
+) -> anyhow::Result<(u64, Vec<u8>)>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
     let (mut n, mut kept) = (0u64, Vec::new());
     while let Some(chunk) = stream.next().await {
         let chunk = chunk?;
@@ -38,27 +43,23 @@ async fn s3_get(s3: &object_store::aws::AmazonS3, key: &str, keep: bool) -> anyh
     Ok((n, kept))
 }
 
-/// Bytes of a download of `media_id` through the edge, streamed (and kept only if `keep`).
+/// Bytes of `GET` of the whole object, streamed.
+async fn s3_get(s3: &object_store::aws::AmazonS3, key: &str, keep: bool) -> anyhow::Result<(u64, Vec<u8>)> {
+    drain(s3.get(&object_store::path::Path::from(key)).await?.into_stream(), keep).await
+}
+
+/// Bytes of a download of `media_id` through the edge, streamed.
 async fn edge_get(node: &Node, media_id: &str, keep: bool) -> anyhow::Result<(u64, Vec<u8>)> {
     let resp = node.download(media_id).await?;
     ensure!(resp.status() == 200, "edge answered {}", resp.status());
-    let mut stream = resp.bytes_stream();
-    let (mut n, mut kept) = (0u64, Vec::new());
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk?;
-        n += chunk.len() as u64;
-        if keep {
-            kept.extend_from_slice(&chunk);
-        }
-    }
-    Ok((n, kept))
+    drain(resp.bytes_stream(), keep).await
 }
 
 fn mb_s(bytes: u64, secs: f64) -> f64 {
     bytes as f64 / secs / 1e6
 }
 
-/// MB/s of the best of `ROUNDS` cold edge reads with `cache` as the node's `[cache]` config.
+/// MB/s of each of `ROUNDS` cold edge reads with `cache` as the node's `[cache]` config.
 async fn edge_rounds(node: &mut Node, cache: &str, media_id: &str, size: u64) -> anyhow::Result<Vec<f64>> {
     let mut opts = node.opts.clone();
     opts.cache = cache.to_owned();

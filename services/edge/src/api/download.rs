@@ -2,9 +2,10 @@
 //! `/_matrix/media/v3/download/…` (unauthenticated, can be frozen by config).
 //!
 //! Ranges are served block by block from the hot cache: a range of a large file reads only
-//! the 1 MiB blocks it covers, read ahead of the client in parallel. The first block is fetched (and verified) before the status
-//! line is sent, so a store failure becomes a proper error; a failure later in a long body
-//! aborts the connection rather than sending unverified bytes.
+//! the 1 MiB blocks it covers, read ahead of the client in parallel. The first block is
+//! fetched (and verified) before the status line is sent, so a store failure becomes a proper
+//! error; a failure later in a long body aborts the connection rather than sending unverified
+//! bytes.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -211,23 +212,15 @@ async fn respond(
     let head = slice(first_block, first.map_err(Failure::Block)?);
     let content = r.content.clone();
     let (media, resolved) = (state.media.clone(), r.clone());
-    // An error ends the body (the client sees it cut, never a gap).
-    let rest = blocks.scan(false, move |failed, (block, i)| {
-        if *failed {
-            return std::future::ready(None);
-        }
-        std::future::ready(match block {
-            Ok(bytes) => Some(Ok::<Bytes, std::io::Error>(slice(i, bytes))),
-            Err(e) => {
-                tracing::error!(cid = %content.cid, block = i, error = %e, "aborting response body");
-                if e.is_data_loss() {
-                    // Past the status line: the client sees a cut body; the loss is recorded.
-                    let (media, resolved, err) = (media.clone(), resolved.clone(), e.clone());
-                    tokio::spawn(async move { media.after_read_failure(&resolved, &err, true).await });
-                }
-                *failed = true;
-                Some(Err(std::io::Error::other(e.to_string())))
+    let rest = blocks.map(move |(block, i)| {
+        block.map(|bytes| slice(i, bytes)).map_err(|e| {
+            tracing::error!(cid = %content.cid, block = i, error = %e, "aborting response body");
+            if e.is_data_loss() {
+                // Past the status line: the client sees a cut body; the loss is recorded.
+                let (media, resolved, err) = (media.clone(), resolved.clone(), e.clone());
+                tokio::spawn(async move { media.after_read_failure(&resolved, &err, true).await });
             }
+            std::io::Error::other(e.to_string())
         })
     });
     let body = stream::once(async move { Ok(head) }).chain(rest);

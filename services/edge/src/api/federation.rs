@@ -147,16 +147,11 @@ pub async fn media_download(
         None => return Err(ApiError::internal("media of no blocks")),
     };
     let cid = content.cid;
-    // An error ends the body (the remote sees it cut, never a gap).
-    let rest = blocks.scan(false, move |failed, block| {
-        if *failed {
-            return std::future::ready(None);
-        }
-        std::future::ready(Some(block.map_err(|e| {
+    let rest = blocks.map(move |block| {
+        block.map_err(|e| {
             tracing::error!(%cid, error = %e, "aborting a federation download");
-            *failed = true;
             std::io::Error::other(e.to_string())
-        })))
+        })
     });
     let body = stream::iter([Ok(Bytes::from(head)), Ok(first)])
         .chain(rest)
