@@ -472,3 +472,122 @@ async fn a_remote_that_lies_about_a_cid_or_breaks_off_is_never_stored_or_served(
     assert_eq!(ours.node.metric("mxcas_edge_remote_fetches_total{result=\"stored\"}").await?, 1.0);
     Ok(())
 }
+
+/// A download through deployment `d` of `mxc://{server}/{id}` with query `query` (`?…` or empty).
+async fn download_from(d: &Deployment, server: &str, id: &str, query: &str) -> anyhow::Result<(u16, bytes::Bytes)> {
+    let url = d.node.url(&format!("/_matrix/client/v1/media/download/{server}/{id}{query}"));
+    let resp = d.node.http.get(url).bearer_auth(ALICE).send().await?;
+    Ok((resp.status().as_u16(), resp.bytes().await?))
+}
+
+/// MSC2846: media named by a CID outlives its origin. Deployment B fetched two files from A
+/// while A was up; with A gone, C's users get them through `via` B (B's trustless gateway
+/// serves their blocks to C's signed requests, C verifies each block), past a `via` that
+/// serves wrong bytes for everything; and a `via` is never passed on.
+#[tokio::test]
+async fn with_its_origin_gone_media_downloads_via_servers_that_hold_it() -> anyhow::Result<()> {
+    let pki = TestPki::generate("federation")?;
+    let a = deployment(&pki).await?;
+    let b = deployment(&pki).await?;
+    let c = deployment(&pki).await?;
+    let origin = a.server_name.clone();
+    let big = test_bytes(11, 3 * 1024 * 1024 + 17);
+    let small = test_bytes(12, 20_000);
+    let only_a = test_bytes(13, 9_000);
+    let big_id = upload(&a, big.clone()).await?;
+    let small_id = upload(&a, small.clone()).await?;
+    let only_a_id = upload(&a, only_a).await?;
+    assert!(big_id.starts_with("bafy") && small_id.starts_with("bafk"), "a DAG and a raw block: {big_id} {small_id}");
+    for (id, want) in [(&big_id, &big), (&small_id, &small)] {
+        let (status, body) = download_from(&b, &origin, id, "").await?;
+        assert_eq!(status, 200, "B fetches from A: {}", String::from_utf8_lossy(&body[..body.len().min(300)]));
+        assert!(body.as_ref() == want.as_slice());
+    }
+    drop(a);
+
+    let (status, _) = download_from(&c, &origin, &big_id, "").await?;
+    assert_eq!(status, 502, "the origin is gone and no other server was named");
+    let (_liar, liar, liar_hits) = fixed_origin(
+        &pki,
+        format!("HTTP/1.1 200 OK\r\nContent-Type: application/vnd.ipld.raw\r\nContent-Length: 5\r\nConnection: close\r\n\r\nlies!")
+            .into_bytes(),
+    )
+    .await?;
+    let via = format!("?via={liar}&via={}", b.server_name);
+    for (id, want) in [(&big_id, &big), (&small_id, &small)] {
+        let (status, body) = download_from(&c, &origin, id, &via).await?;
+        assert_eq!(
+            status,
+            200,
+            "{}\n--- C ---\n{}\n--- B ---\n{}",
+            String::from_utf8_lossy(&body[..body.len().min(300)]),
+            c.node.log(),
+            b.node.log()
+        );
+        assert!(body.as_ref() == want.as_slice(), "C serves exactly A's bytes");
+    }
+    let liar_asked = liar_hits.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        c.node.metric("mxcas_edge_gateway_blocks_total{result=\"bad\"}").await?,
+        2.0,
+        "the liar, named first, was asked for each root once, then dropped ({liar_asked} requests)"
+    );
+    assert_eq!(c.node.metric("mxcas_edge_remote_fetches_total{result=\"stored\"}").await?, 2.0);
+    assert!(c.node.metric("mxcas_edge_gateway_blocks_total{result=\"verified\"}").await? >= 5.0);
+    // Held now: served again with no server named and none asked.
+    let (status, body) = download_from(&c, &origin, &big_id, "").await?;
+    assert_eq!(status, 200);
+    assert!(body.as_ref() == big.as_slice());
+    assert_eq!(liar_hits.load(std::sync::atomic::Ordering::SeqCst), liar_asked);
+
+    // What B never fetched, B does not go and get for C: B's gateway serves what B holds.
+    let b_not_found = b.node.metric("mxcas_edge_gateway_responses_total{result=\"not_found\"}").await?;
+    let (status, _) = download_from(&c, &origin, &only_a_id, &format!("?via={}", b.server_name)).await?;
+    assert_eq!(status, 502, "the origin is down and B does not have it: ask again later");
+    assert_eq!(
+        b.node.metric("mxcas_edge_gateway_responses_total{result=\"not_found\"}").await?,
+        b_not_found + 1.0,
+        "C asked B for the root"
+    );
+    assert_eq!(b.node.metric("mxcas_edge_remote_fetches_total{result=\"stored\"}").await?, 2.0, "B passed nothing on");
+    // An unsigned request to B's gateway (authenticated: tokens or X-Matrix) is refused.
+    let unsigned = b.node.http.get(b.node.url(&format!("/ipfs/{small_id}?format=raw"))).send().await?;
+    assert_eq!(unsigned.status(), 401);
+    Ok(())
+}
+
+/// Remote media named by a CID of another layout than mxcas's (the IPFS importer's defaults:
+/// 256 KiB chunks; kubo's legacy CIDv0 with dag-pb leaves) cannot be checked whole: it is
+/// fetched by blocks from the origin's trustless gateway, each verified, stored and served.
+#[tokio::test]
+async fn media_named_by_a_cid_of_another_layout_is_fetched_by_verified_blocks() -> anyhow::Result<()> {
+    let pki = TestPki::generate("federation")?;
+    let ours = deployment(&pki).await?;
+    for legacy in [false, true] {
+        let want = test_bytes(14 + u64::from(legacy), 1536 * 1024 + 3);
+        let file = tempfile::NamedTempFile::new()?;
+        std::fs::write(file.path(), &want)?;
+        let gw = mxcas_tests::oracle::PlainGateways::start(file.path(), legacy, &["ok"])?;
+        let port = free_port()?;
+        let _tls = Nginx::start_tls(
+            port,
+            &gw.urls[0],
+            pki.config.cert.as_ref().expect("cert"),
+            pki.config.key.as_ref().expect("key"),
+        )
+        .await?;
+        let origin = format!("127.0.0.1:{port}");
+        let (status, body) = download_from(&ours, &origin, &gw.root, "").await?;
+        assert_eq!(
+            status,
+            200,
+            "legacy {legacy}: {}\n{}",
+            String::from_utf8_lossy(&body[..body.len().min(300)]),
+            ours.node.log()
+        );
+        assert!(body.as_ref() == want.as_slice(), "legacy {legacy}: the bytes its CID names");
+    }
+    assert_eq!(ours.node.metric("mxcas_edge_remote_fetches_total{result=\"stored\"}").await?, 2.0);
+    assert_eq!(ours.node.metric("mxcas_edge_gateway_blocks_total{result=\"bad\"}").await?, 0.0);
+    Ok(())
+}

@@ -38,6 +38,25 @@ const LATENCIES: usize = 64;
 pub struct Source {
     pub base: String,
     pub http: reqwest::Client,
+    /// Set for another Matrix server's gateway: each request is signed with `X-Matrix`.
+    pub signed: Option<std::sync::Arc<Signed>>,
+}
+
+/// How requests to a Matrix server's gateway are signed.
+pub struct Signed {
+    pub key: std::sync::Arc<mxcas_federation::SigningKey>,
+    /// Our server name.
+    pub origin: String,
+    /// Its server name.
+    pub destination: String,
+    /// The `Host` header its federation address takes.
+    pub host: String,
+}
+
+impl std::fmt::Debug for Signed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "signed by {} for {}", self.origin, self.destination)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -77,6 +96,8 @@ pub enum FetchError {
     Dag(#[from] RangeError),
     #[error("the fetch planner has nothing to ask for and is not done")]
     Stuck,
+    #[error("the fetch ended without an answer")]
+    Ended,
 }
 
 /// What a fetch reports, in order: the file's size once the root is in, then the range's
@@ -137,6 +158,35 @@ pub fn fetch(
     let (tx, rx) = mpsc::channel(4);
     let task = tokio::spawn(run(sources, file, config, tx));
     Ok((rx, task))
+}
+
+/// The file a fetch delivers: its size (known once the root is in, before any byte is read),
+/// and its bytes, a stream that ends only once it has delivered that many (anything shorter
+/// ends in an error, so a short file is never taken for the whole).
+pub async fn into_body(
+    mut rx: Receiver,
+) -> Result<(u64, impl futures::Stream<Item = Result<Bytes, String>> + Send + Unpin + 'static), FetchError> {
+    let size = match rx.recv().await {
+        Some(Ok(Fetched::Size(size))) => size,
+        Some(Err(e)) => return Err(e),
+        Some(Ok(Fetched::Bytes(_))) | None => return Err(FetchError::Ended),
+    };
+    let body = futures::stream::unfold((rx, 0u64, false), move |(mut rx, got, over)| async move {
+        if over {
+            return None;
+        }
+        match rx.recv().await {
+            Some(Ok(Fetched::Bytes(b))) => {
+                let got = got + b.len() as u64;
+                Some((Ok(b), (rx, got, false)))
+            }
+            Some(Ok(Fetched::Size(_))) => Some((Err("block fetch sent the size twice".to_owned()), (rx, got, true))),
+            Some(Err(e)) => Some((Err(e.to_string()), (rx, got, true))),
+            None if got == size => None,
+            None => Some((Err(format!("block fetch ended after {got} of {size} bytes")), (rx, got, true))),
+        }
+    });
+    Ok((size, Box::pin(body)))
 }
 
 async fn run(
@@ -323,8 +373,26 @@ fn hedge_delay(latencies: &VecDeque<Duration>, floor: Duration) -> Duration {
 
 /// One block of `source`, read to at most `max` bytes.
 async fn ask(source: &Source, cid: &Cid, max: usize) -> Answer {
-    let url = format!("{}/ipfs/{cid}?format=raw", source.base.trim_end_matches('/'));
-    let resp = match source.http.get(&url).header(reqwest::header::ACCEPT, "application/vnd.ipld.raw").send().await {
+    let path = format!("/ipfs/{cid}?format=raw");
+    let mut request = source
+        .http
+        .get(format!("{}{path}", source.base.trim_end_matches('/')))
+        .header(reqwest::header::ACCEPT, "application/vnd.ipld.raw");
+    if let Some(signed) = &source.signed {
+        let auth = match mxcas_federation::x_matrix::authorization(
+            &signed.key,
+            &signed.origin,
+            &signed.destination,
+            "GET",
+            &path,
+            None,
+        ) {
+            Ok(a) => a,
+            Err(e) => return Answer::Failed(format!("cannot sign: {e}")),
+        };
+        request = request.header(reqwest::header::HOST, &signed.host).header(reqwest::header::AUTHORIZATION, auth);
+    }
+    let resp = match request.send().await {
         Ok(r) => r,
         Err(e) => return Answer::Failed(crate::federation::error_chain(&e)),
     };

@@ -18,13 +18,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use bytes::Bytes;
 use cid::Cid;
 use mxcas_meta::MediaKey;
 
 use crate::api::AppState;
 use crate::api::error::ApiError;
-use crate::block_fetch::{self, FetchConfig, FetchError, Fetched, Source};
+use crate::block_fetch::{self, FetchConfig, FetchError, Source};
 use crate::config::IpfsConfig;
 use crate::media::Resolved;
 use crate::metrics::ResultLabels;
@@ -50,7 +49,11 @@ impl Ipfs {
             .connect_timeout(config.block_timeout.min(Duration::from_secs(10)))
             .build()
             .map_err(|e| format!("ipfs gateway HTTP client: {e}"))?;
-        let sources = config.gateways.iter().map(|base| Source { base: base.clone(), http: http.clone() }).collect();
+        let sources = config
+            .gateways
+            .iter()
+            .map(|base| Source { base: base.clone(), http: http.clone(), signed: None })
+            .collect();
         let fetch = FetchConfig {
             window: config.blocks_in_flight,
             per_source: config.blocks_in_flight_per_gateway,
@@ -58,6 +61,12 @@ impl Ipfs {
             ..FetchConfig::default()
         };
         Ok(Self { sources, fetch, fetch_timeout: config.fetch_timeout })
+    }
+
+    /// How block fetches go (`[ipfs] blocks_in_flight`, …), for `ipfs:` media and for remote
+    /// media fetched by blocks alike.
+    pub(crate) fn fetch_config(&self) -> &FetchConfig {
+        &self.fetch
     }
 }
 
@@ -105,6 +114,16 @@ pub async fn resolve(
     .await
 }
 
+/// Counts what the sources of a block fetch delivered (`gateway_blocks`).
+pub(crate) fn count_blocks(state: &AppState, sources: &[block_fetch::SourceReport]) {
+    let blocks = &state.media.metrics.gateway_blocks;
+    for s in sources {
+        blocks.get_or_create(&ResultLabels { result: "verified" }).inc_by(s.blocks);
+        blocks.get_or_create(&ResultLabels { result: "bad" }).inc_by(s.bad_blocks);
+        blocks.get_or_create(&ResultLabels { result: "failed" }).inc_by(s.failures.into());
+    }
+}
+
 fn count(state: &AppState, result: &'static str) {
     state.media.metrics.ipfs_fetches.get_or_create(&ResultLabels { result }).inc();
 }
@@ -128,12 +147,7 @@ async fn fetch(state: &AppState, key: &MediaKey, cid: Cid, limit: u64) -> Result
     let stored = store(state, key, cid, limit, rx).await;
     let sources = report.await.unwrap_or_default();
     tracing::info!(mxc = %key, ok = stored.is_ok(), ?sources, "IPFS media fetched from gateways");
-    let blocks = &state.media.metrics.gateway_blocks;
-    for s in &sources {
-        blocks.get_or_create(&ResultLabels { result: "verified" }).inc_by(s.blocks);
-        blocks.get_or_create(&ResultLabels { result: "bad" }).inc_by(s.bad_blocks);
-        blocks.get_or_create(&ResultLabels { result: "failed" }).inc_by(s.failures.into());
-    }
+    count_blocks(state, &sources);
     if stored.is_ok() {
         count(state, "stored");
     }
@@ -146,37 +160,15 @@ async fn store(
     key: &MediaKey,
     cid: Cid,
     limit: u64,
-    mut rx: block_fetch::Receiver,
+    rx: block_fetch::Receiver,
 ) -> Result<Resolved, ApiError> {
     // The root comes first, and with it the file's size: over the limit, nothing more is read.
-    let size = match rx.recv().await {
-        Some(Ok(Fetched::Size(size))) if size > limit => {
-            count(state, "too_large");
-            return Err(ApiError::remote_too_large(limit));
-        }
-        Some(Ok(Fetched::Size(size))) => size,
-        Some(Ok(Fetched::Bytes(_))) => return Err(ApiError::internal("block fetch sent bytes before the size")),
-        Some(Err(e)) => return Err(fetch_error(state, &cid, e)),
-        None => return Err(ApiError::internal("block fetch ended without an answer")),
-    };
-    // The fetch ends its channel when done, or early if it dies: only the whole file counts
-    // as an end (anything shorter is an error, never stored as the media).
-    let body = futures::stream::unfold((rx, 0u64, false), move |(mut rx, got, over)| async move {
-        if over {
-            return None;
-        }
-        match rx.recv().await {
-            Some(Ok(Fetched::Bytes(b))) => {
-                let got = got + b.len() as u64;
-                Some((Ok::<Bytes, String>(b), (rx, got, false)))
-            }
-            Some(Ok(Fetched::Size(_))) => Some((Err("block fetch sent the size twice".to_owned()), (rx, got, true))),
-            Some(Err(e)) => Some((Err(e.to_string()), (rx, got, true))),
-            None if got == size => None,
-            None => Some((Err(format!("block fetch ended after {got} of {size} bytes")), (rx, got, true))),
-        }
-    });
-    let stored = state.media.store_remote(key, None, Box::pin(body), limit).await;
+    let (size, body) = block_fetch::into_body(rx).await.map_err(|e| fetch_error(state, &cid, e))?;
+    if size > limit {
+        count(state, "too_large");
+        return Err(ApiError::remote_too_large(limit));
+    }
+    let stored = state.media.store_remote(key, None, body, limit, true).await;
     if stored.as_ref().is_err_and(|e| e.status == StatusCode::BAD_GATEWAY) {
         count(state, "failed");
     }

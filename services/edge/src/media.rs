@@ -429,16 +429,18 @@ impl MediaService {
         Err(ApiError::unavailable("The upload could not be recorded; retry it", 2_000))
     }
 
-    /// Stores the bytes of remote media `key`, fetched from its origin, and records them under
-    /// `key`. They are named by their CID like any content; a media ID that is a CID must be
-    /// theirs (as mxcas computes it), or nothing is kept (MSC2846: bytes that do not prove
-    /// their name are never stored or served). `max_size` bounds what is read.
+    /// Stores the bytes of remote media `key` and records them under `key`. They are named by
+    /// their CID like any content. Unless they are `proven` already (each block verified
+    /// against the DAG the media ID names, as a block fetch does), a media ID that is a CID
+    /// must be theirs as mxcas computes it, or nothing is kept (MSC2846: bytes that do not
+    /// prove their name are never stored or served). `max_size` bounds what is read.
     pub async fn store_remote<S, E>(
         &self,
         key: &MediaKey,
         declared_type: Option<String>,
         body: S,
         max_size: u64,
+        proven: bool,
     ) -> Result<Resolved, ApiError>
     where
         S: Stream<Item = Result<Bytes, E>> + Unpin,
@@ -462,7 +464,8 @@ impl MediaService {
             }
         };
         let objects: Vec<String> = ingested.content.object_keys().map(str::to_owned).collect();
-        if let Ok(named) = Cid::try_from(key.media_id.as_str())
+        if !proven
+            && let Ok(named) = Cid::try_from(key.media_id.as_str())
             && crate::gateway::as_v1(&named) != ingested.content.cid
         {
             self.store.delete_later(objects);

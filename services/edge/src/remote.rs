@@ -21,8 +21,20 @@
 //! An origin that fails to answer (unreachable, timing out, 5xx) is left alone for 30 s,
 //! doubling with each failure in a row up to 10 minutes (502 with `Retry-After` meanwhile).
 //!
-//! Not yet: streaming to the client while fetching, fallback sources (`via`, room hints), one
-//! fetch cluster-wide, a quota on fetched bytes.
+//! MSC2846, verify then fall back: media named by a CID that its origin does not deliver (it
+//! is down, backed off, answers 404 or an error, or serves bytes that are not that CID) is
+//! fetched by blocks ([`crate::block_fetch`]) from the trustless gateways (`/ipfs/`) of the
+//! origin, unless it failed to answer, and of the `via` servers the client named, in that
+//! order, all at once, each request signed with `X-Matrix` and each block verified against
+//! the DAG the media ID names before it is kept; a source that sends a block that does not
+//! verify is dropped (and logged), its blocks asked of the others. A CID the origin's whole
+//! bytes cannot be checked against (a layout or chunking other than mxcas's, CIDv0) is
+//! fetched by blocks only. A `via` is never passed on: the servers asked serve what they
+//! hold (a gateway never fetches), so one download makes no chain of requests. Opaque media
+//! IDs come from their origin only.
+//!
+//! Not yet: room hints (`room`, `event`), streaming to the client while fetching, one fetch
+//! cluster-wide, a quota on fetched bytes.
 
 use std::sync::Arc;
 
@@ -52,12 +64,13 @@ struct Fetched {
     body: futures::stream::BoxStream<'static, Result<Bytes, String>>,
 }
 
-/// Fetches `key` (a remote mxc) from its origin for a user of `tenant`, stores and records
-/// it, and answers its record.
+/// Fetches `key` (a remote mxc) for a user of `tenant`, from its origin or else from the
+/// `via` servers the client named (MSC2846), stores and records it, and answers its record.
 pub async fn fetch(
     state: &Arc<AppState>,
     key: &MediaKey,
     tenant: &Arc<crate::tenants::Tenant>,
+    via: &[String],
 ) -> Result<Resolved, ApiError> {
     if tenant.signing_key.is_none() {
         return Err(ApiError::not_found(format!(
@@ -65,8 +78,9 @@ pub async fn fetch(
             key.server_name, tenant.server_name
         )));
     }
-    if let Ok(named) = cid::Cid::try_from(key.media_id.as_str())
-        && !checkable(&named)
+    let named = cid::Cid::try_from(key.media_id.as_str()).ok();
+    if let Some(cid) = &named
+        && let Err(e) = mxcas_cas::VerifiedBlock::supported(cid)
     {
         state
             .media
@@ -74,12 +88,37 @@ pub async fn fetch(
             .remote_fetches
             .get_or_create(&crate::metrics::ResultLabels { result: "unverifiable" })
             .inc();
-        return Err(bad_gateway(
-            "The media ID is a CID of a kind mxcas cannot check (hash, codec or layout): it is not fetched",
-        ));
+        return Err(bad_gateway(format!(
+            "The media ID is a CID of a kind mxcas cannot check ({e}): it is not fetched"
+        )));
     }
+    // Only content that proves itself may come from anyone but its origin.
+    let via = if named.is_some() { fallback_servers(state, key, via) } else { Vec::new() };
     let (state_key, signer, owned) = (key.clone(), tenant.clone(), state.clone());
-    single_flight(state, key, async move { fetch_uncached(&owned, &state_key, &signer).await }).await
+    single_flight(state, key, async move { fetch_uncached(&owned, &state_key, &signer, named, via).await }).await
+}
+
+/// Most `via` servers asked for one media.
+pub const MAX_VIA: usize = 8;
+
+/// The `via` servers worth asking for `key`: valid server names, in the client's order, each
+/// once, at most [`MAX_VIA`], without the origin (asked first anyway) or our own names (what
+/// this cluster holds it has looked up already).
+fn fallback_servers(state: &AppState, key: &MediaKey, via: &[String]) -> Vec<String> {
+    let mut servers: Vec<String> = Vec::new();
+    for server in via {
+        if crate::api::valid_server_name(server)
+            && *server != key.server_name
+            && !state.media.local.contains(server)
+            && !servers.contains(server)
+        {
+            servers.push(server.clone());
+        }
+        if servers.len() == MAX_VIA {
+            break;
+        }
+    }
+    servers
 }
 
 /// Runs `fetch` (of remote or IPFS media `key`) once on this edge however many downloads ask
@@ -118,11 +157,108 @@ fn valid_type(declared: Option<String>) -> Option<String> {
     declared.filter(|t| t.len() <= 255 && crate::api::headers::parse_content_type(t).is_some())
 }
 
+/// The origin first; then, for media named by a CID, the blocks of its DAG from the gateways
+/// of the origin (if it answers at all) and the `via` servers, all at once, each block
+/// verified as it arrives. A CID whose bytes mxcas cannot check whole (another layout or
+/// chunking) is fetched by blocks only.
 async fn fetch_uncached(
     state: &AppState,
     key: &MediaKey,
     signer: &crate::tenants::Tenant,
+    named: Option<cid::Cid>,
+    via: Vec<String>,
 ) -> Result<Resolved, ApiError> {
+    let whole = named.as_ref().is_none_or(checkable);
+    let from_origin = if whole { Some(from_origin(state, key, signer).await) } else { None };
+    let origin_failed = match from_origin {
+        Some(Ok(r)) => return Ok(r),
+        Some(Err(e)) => Some(e),
+        None => None,
+    };
+    let Some(root) = named else {
+        return Err(origin_failed.expect("an opaque media ID is asked of its origin"));
+    };
+    // An origin that did not answer is not asked again; one that answered without the bytes
+    // (or with bytes of another layout than ours) may still serve its blocks.
+    let origin = (state.federation.backed_off(&key.server_name).is_none()).then(|| key.server_name.clone());
+    let servers: Vec<String> = origin.into_iter().chain(via).collect();
+    if servers.is_empty() {
+        return Err(origin_failed.expect("the origin was asked"));
+    }
+    match by_blocks(state, key, signer, root, &servers).await {
+        Ok(r) => Ok(r),
+        // No source had it at all: the origin's answer says most.
+        Err(e) if e.status == StatusCode::NOT_FOUND && origin_failed.is_some() => Err(origin_failed.expect("checked")),
+        Err(e) => Err(e),
+    }
+}
+
+/// `key`'s bytes from the trustless gateways of `servers` (Matrix servers, asked with signed
+/// requests at their federation addresses), verified block by block against `root`.
+async fn by_blocks(
+    state: &AppState,
+    key: &MediaKey,
+    signer: &crate::tenants::Tenant,
+    root: cid::Cid,
+    servers: &[String],
+) -> Result<Resolved, ApiError> {
+    let fed = &state.federation;
+    let signing_key = signer.signing_key.clone().expect("chosen for its key");
+    let mut sources = Vec::new();
+    for server in servers {
+        if fed.backed_off(server).is_some() {
+            continue;
+        }
+        match fed.target(server).await {
+            Ok(target) => sources.push(crate::block_fetch::Source {
+                base: target.base,
+                http: fed.http().clone(),
+                signed: Some(Arc::new(crate::block_fetch::Signed {
+                    key: signing_key.clone(),
+                    origin: signer.server_name.clone(),
+                    destination: server.clone(),
+                    host: target.host,
+                })),
+            }),
+            Err(e) => tracing::info!(%server, error = %e, "cannot reach a fallback media server"),
+        }
+    }
+    if sources.is_empty() {
+        return Err(bad_gateway("None of the servers that may hold this media can be reached"));
+    }
+    let limit = signer.max_upload_size;
+    let fetch = async {
+        let (rx, report) = crate::block_fetch::fetch(sources, root, 0..u64::MAX, state.ipfs.fetch_config().clone())
+            .map_err(|e| bad_gateway(format!("The media's DAG cannot be fetched: {e}")))?;
+        let stored = async {
+            let (size, body) = crate::block_fetch::into_body(rx).await.map_err(|e| match e {
+                crate::block_fetch::FetchError::NoSource { cid, .. }
+                    if crate::gateway::as_v1(&cid) == crate::gateway::as_v1(&root) =>
+                {
+                    ApiError::not_found("No server that may hold this media has it")
+                }
+                e => bad_gateway(format!("The media could not be fetched from verified blocks: {e}")),
+            })?;
+            if size > limit {
+                return Err(ApiError::remote_too_large(limit));
+            }
+            state.media.store_remote(key, None, body, limit, true).await
+        }
+        .await;
+        let sources = report.await.unwrap_or_default();
+        tracing::info!(mxc = %key, ok = stored.is_ok(), ?sources, "remote media fetched by blocks");
+        crate::ipfs::count_blocks(state, &sources);
+        stored
+    };
+    let timeout = fed.remote_media_timeout();
+    tokio::time::timeout(timeout, fetch)
+        .await
+        .unwrap_or_else(|_| Err(bad_gateway(format!("The media's blocks did not arrive within {timeout:?}"))))
+}
+
+/// The origin's federation download of `key`, checked whole against the media ID if that is
+/// a CID.
+async fn from_origin(state: &AppState, key: &MediaKey, signer: &crate::tenants::Tenant) -> Result<Resolved, ApiError> {
     let fed = &state.federation;
     let origin = key.server_name.as_str();
     if let Some(left) = fed.backed_off(origin) {
@@ -172,7 +308,7 @@ async fn fetch_uncached(
         }
         s => return Err(bad_gateway(format!("{} answered {s}", key.server_name))),
     };
-    state.media.store_remote(key, valid_type(fetched.content_type), fetched.body, signer.max_upload_size).await
+    state.media.store_remote(key, valid_type(fetched.content_type), fetched.body, signer.max_upload_size, false).await
 }
 
 /// Refuses an answer that says it is larger than the limit before reading it (a multipart

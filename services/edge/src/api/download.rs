@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, RawQuery, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -40,10 +40,22 @@ pub async fn download_v1(
     headers: HeaderMap,
     path: Result<Path<MediaPath>, PathRejection>,
     Query(query): Query<BTreeMap<String, String>>,
+    RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     super::authorize_media(&state, &headers, &query).await?;
     let Path(path) = path.map_err(super::path_error)?;
-    serve(&state, method, &headers, path, &query, false).await
+    let via = via_of(raw.as_deref());
+    serve(&state, method, &headers, path, &query, &via, false).await
+}
+
+/// The `via` parameters of a query (MSC2846: servers that may hold remote media, in the order
+/// to ask them), each as given.
+fn via_of(raw: Option<&str>) -> Vec<String> {
+    url::form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
+        .filter(|(k, _)| k == "via")
+        .map(|(_, v)| v.into_owned())
+        .take(crate::remote::MAX_VIA * 4)
+        .collect()
 }
 
 pub async fn download_legacy(
@@ -55,7 +67,7 @@ pub async fn download_legacy(
 ) -> Result<Response, ApiError> {
     let Path(path) = path.map_err(super::path_error)?;
     super::legacy_allowed(&state)?;
-    serve(&state, method, &headers, path, &query, true).await
+    serve(&state, method, &headers, path, &query, &[], true).await
 }
 
 async fn serve(
@@ -64,6 +76,7 @@ async fn serve(
     headers: &HeaderMap,
     path: MediaPath,
     query: &BTreeMap<String, String>,
+    via: &[String],
     legacy: bool,
 ) -> Result<Response, ApiError> {
     if !super::valid_server_name(&path.server_name) {
@@ -96,7 +109,7 @@ async fn serve(
     } else {
         match state.media.resolve_remote(&key).await? {
             Some(r) => r,
-            None => crate::remote::fetch(state, &key, state.tenants.for_request(headers)?).await?,
+            None => crate::remote::fetch(state, &key, state.tenants.for_request(headers)?, via).await?,
         }
     };
     let file_name = path.file_name.as_deref();

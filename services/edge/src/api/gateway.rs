@@ -2,7 +2,9 @@
 //! responses): a raw block (`format=raw`, `application/vnd.ipld.raw`) or a CARv1
 //! (`format=car`, `application/vnd.ipld.car`; `dag-scope`, `entity-bytes`, `order=dfs`,
 //! `dups=y|n`) of any block of any stored DAG. Who may use it is the tenant's
-//! `ipfs_gateway` setting; `bafkqaaa` (the empty identity CID) answers the spec's probe.
+//! `ipfs_gateway` setting (`authenticated`: an access token, as for media, or a request signed
+//! with `X-Matrix` by another Matrix server, as for federation media); `bafkqaaa` (the empty
+//! identity CID) answers the spec's probe. The gateway serves what is stored and never fetches.
 //!
 //! Errors are plain text, as gateways answer them; an access refusal is the media API's
 //! Matrix JSON (it is the media API's authentication). A CAR's `Content-Length` is known
@@ -14,7 +16,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use cid::Cid;
@@ -63,27 +65,30 @@ impl IntoResponse for Refusal {
 pub async fn ipfs(
     state: State<Arc<AppState>>,
     method: Method,
+    uri: Uri,
     headers: HeaderMap,
     Path(cid): Path<String>,
     Query(query): Query<BTreeMap<String, String>>,
 ) -> Response {
-    serve(&state, &method, &headers, &cid, None, &query).await
+    serve(&state, &method, &uri, &headers, &cid, None, &query).await
 }
 
 /// `/ipfs/{cid}/{path}`: mxcas stores files, which have no paths inside them.
 pub async fn ipfs_path(
     state: State<Arc<AppState>>,
     method: Method,
+    uri: Uri,
     headers: HeaderMap,
     Path((cid, path)): Path<(String, String)>,
     Query(query): Query<BTreeMap<String, String>>,
 ) -> Response {
-    serve(&state, &method, &headers, &cid, Some(&path), &query).await
+    serve(&state, &method, &uri, &headers, &cid, Some(&path), &query).await
 }
 
 async fn serve(
     state: &AppState,
     method: &Method,
+    uri: &Uri,
     headers: &HeaderMap,
     cid: &str,
     path: Option<&str>,
@@ -99,9 +104,18 @@ async fn serve(
             return refuse(StatusCode::NOT_FOUND, "The IPFS gateway is off on this server").into_response();
         }
         GatewayAccess::Authenticated => {
-            let checked = match tenant.auth.authenticate(headers, query).await {
-                Ok(caller) => tenant.download_limit.check(&caller.user_id),
-                Err(e) => Err(e),
+            // Users as for media downloads; other Matrix servers as for federation media
+            // (a request signed with `X-Matrix` for one of our names): the blocks a server
+            // fetches for its users when a media's origin cannot serve it (MSC2846).
+            let checked = if super::federation::is_signed(headers) {
+                super::federation::authenticated(state, method, uri, headers).await.map(|(origin, _)| {
+                    tracing::debug!(%origin, cid, "IPFS gateway request of a federating server");
+                })
+            } else {
+                match tenant.auth.authenticate(headers, query).await {
+                    Ok(caller) => tenant.download_limit.check(&caller.user_id),
+                    Err(e) => Err(e),
+                }
             };
             if let Err(e) = checked {
                 count(state, "refused");
