@@ -98,14 +98,36 @@ fn config(dir: &Path, port: u16, media: &[&str], homeserver: &str) -> anyhow::Re
 }
 
 /// A TLS front on `port` for everything to `upstream` (`http://host:port`), with the original
-/// `Host` (port included, as a Matrix server name has it) passed on.
-fn tls_config(dir: &Path, port: u16, upstream: &str, cert: &Path, key: &Path) -> anyhow::Result<String> {
+/// `Host` (port included, as a Matrix server name has it) passed on; with `media`, the media
+/// prefixes and the IPFS gateway's `/ipfs/` go there instead.
+fn tls_config(
+    dir: &Path,
+    port: u16,
+    upstream: &str,
+    media: Option<&str>,
+    cert: &Path,
+    key: &Path,
+) -> anyhow::Result<String> {
+    let media = match media {
+        Some(url) => format!(
+            r#"        location ~ ^/(ipfs/|_matrix/(media|client/v1/media|federation/v1/media)/) {{
+            proxy_pass http://{};
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+            proxy_buffering off;
+        }}
+"#,
+            upstream_server(url)?
+        ),
+        None => String::new(),
+    };
     Ok(format!(
         r#"{preamble}    server {{
         listen 127.0.0.1:{port} ssl;
         ssl_certificate {cert};
         ssl_certificate_key {key};
-        location / {{
+{media}        location / {{
             proxy_pass http://{upstream};
             proxy_http_version 1.1;
             proxy_set_header Connection "";
@@ -126,9 +148,21 @@ impl Nginx {
     /// Starts nginx terminating TLS on `port` (chosen by the caller, who may need it in a
     /// server name first) in front of `upstream`, with `cert` and `key` (PEM).
     pub async fn start_tls(port: u16, upstream: &str, cert: &Path, key: &Path) -> anyhow::Result<Self> {
+        Self::start_tls_split(port, upstream, None, cert, key).await
+    }
+
+    /// [`Self::start_tls`], with the media prefixes and `/ipfs/` sent to `media` if given: a
+    /// homeserver's federation port with mxcas as its media repository.
+    pub async fn start_tls_split(
+        port: u16,
+        upstream: &str,
+        media: Option<&str>,
+        cert: &Path,
+        key: &Path,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("mxcas-nginx-").tempdir()?;
         std::fs::create_dir_all(dir.path().join("tmp"))?;
-        std::fs::write(dir.path().join("nginx.conf"), tls_config(dir.path(), port, upstream, cert, key)?)?;
+        std::fs::write(dir.path().join("nginx.conf"), tls_config(dir.path(), port, upstream, media, cert, key)?)?;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let child = spawn(dir.path(), addr).await.map_err(|e| anyhow::anyhow!("{e}\n{}", logs(dir.path())))?;
         Ok(Self { child: Some(child), dir, addr, url: format!("https://{addr}") })

@@ -257,7 +257,8 @@ impl Node {
         anyhow::ensure!(status == 200, "upload answered {status}: {text}");
         let json: serde_json::Value = serde_json::from_str(&text)?;
         let uri = json["content_uri"].as_str().context("no content_uri")?;
-        Ok(uri.strip_prefix("mxc://localhost/").context("unexpected mxc")?.to_owned())
+        let ours = format!("mxc://{}/", self.opts.server_name.as_deref().unwrap_or("localhost"));
+        Ok(uri.strip_prefix(&ours).with_context(|| format!("unexpected mxc {uri}"))?.to_owned())
     }
 
     /// `GET /_matrix/client/v1/media/download/localhost/{id}` as alice.

@@ -141,6 +141,16 @@ impl Synapse {
         Ok(())
     }
 
+    /// The file of its ed25519 signing key (Synapse's format, as mxcas reads it too).
+    pub fn signing_key_file(&self) -> anyhow::Result<PathBuf> {
+        let config = std::fs::read_to_string(self.dir.path().join("homeserver.yaml"))?;
+        let path = config
+            .lines()
+            .find_map(|l| l.strip_prefix("signing_key_path:"))
+            .context("no signing_key_path in homeserver.yaml")?;
+        Ok(PathBuf::from(path.trim().trim_matches(|c| c == '"' || c == '\'')))
+    }
+
     /// The end of Synapse's output (for failures).
     pub fn log(&self) -> String {
         let tail = |file: &str, n: usize| {

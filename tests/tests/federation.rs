@@ -591,3 +591,154 @@ async fn media_named_by_a_cid_of_another_layout_is_fetched_by_verified_blocks() 
     assert_eq!(ours.node.metric("mxcas_edge_gateway_blocks_total{result=\"bad\"}").await?, 0.0);
     Ok(())
 }
+
+/// Every byte but ASCII letters and digits percent-encoded (room and event IDs in a URL).
+fn enc(s: &str) -> String {
+    s.bytes().map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") }).collect()
+}
+
+/// A JSON call to a Synapse's client API, answering the JSON of a 200.
+async fn client_call(
+    method: reqwest::Method,
+    url: String,
+    token: &str,
+    body: serde_json::Value,
+) -> anyhow::Result<serde_json::Value> {
+    let resp = reqwest::Client::new().request(method, &url).bearer_auth(token).json(&body).send().await?;
+    let status = resp.status();
+    let json: serde_json::Value = resp.json().await?;
+    anyhow::ensure!(status == 200, "{url}: {status} {json}");
+    Ok(json)
+}
+
+/// MSC2846's room hint: media sent in a room, whose origin is gone, downloads from the servers
+/// in that room. Two Synapses federate, and a user of each is in a public room. Homeserver
+/// `one`'s media repository is mxcas B (its federation port sends the media prefixes and
+/// `/ipfs/` to B), which holds the file; `two`'s users download through mxcas C, which checks
+/// their tokens with `two`, learns the room's servers from `two` with the user's token, and
+/// asks B's gateway with requests signed as `two` (B checks them with `two`'s published key).
+#[tokio::test]
+async fn with_its_origin_gone_media_downloads_from_the_servers_of_its_room() -> anyhow::Result<()> {
+    let pki = TestPki::generate("federation")?;
+    let (cert, key) = (pki.config.cert.clone().expect("cert"), pki.config.key.clone().expect("key"));
+    let ca = pki.config.ca.clone().expect("ca");
+    let federation = |key_file: &std::path::Path| {
+        format!(
+            "[federation]\nsigning_key_file = \"{}\"\nallow_private_addresses = true\nca_file = \"{}\"\n",
+            key_file.display(),
+            ca.display()
+        )
+    };
+    // Homeserver one and its media repository B, which holds the file.
+    let (one_port, one_federation) = (free_port()?, free_port()?);
+    let one_name = format!("127.0.0.1:{one_port}");
+    let one = Synapse::start_with(
+        &one_name,
+        serde_json::json!({
+            "federation_custom_ca_list": [ca],
+            "federation_verify_certificates": true,
+            "ip_range_blacklist": [],
+            "_listeners": [{"port": one_federation, "bind_addresses": ["127.0.0.1"], "type": "http", "tls": false,
+                            "resources": [{"names": ["federation"], "compress": false}]}],
+        }),
+    )
+    .await?;
+    let b = Node::start(NodeOptions {
+        server_name: Some(one_name.clone()),
+        extra: federation(&one.signing_key_file()?),
+        ..Default::default()
+    })
+    .await?;
+    let file = test_bytes(21, 2 * 1024 * 1024 + 9);
+    let cid = b.upload_ok(file.clone()).await?;
+    let _one_front =
+        Nginx::start_tls_split(one_port, &format!("http://127.0.0.1:{one_federation}"), Some(&b.api), &cert, &key)
+            .await?;
+    // Homeserver two and its media repository C.
+    let two = federating_synapse(&pki).await?;
+    let c = Node::start(NodeOptions {
+        server_name: Some(two.server_name.clone()),
+        auth: format!("homeserver_url = \"{}\"\n", two.url),
+        static_tokens: false,
+        extra: federation(&two.signing_key_file()?),
+        ..Default::default()
+    })
+    .await?;
+    one.register("alice", "alice-password-1")?;
+    two.register("bob", "bob-password-1")?;
+    two.register("carol", "carol-password-1")?;
+    let alice = one.login("alice", "alice-password-1").await?;
+    let bob = two.login("bob", "bob-password-1").await?;
+    let carol = two.login("carol", "carol-password-1").await?;
+
+    // The media was announced from a server that is gone (nothing listens on port 1).
+    let origin = "127.0.0.1:1";
+    let post = reqwest::Method::POST;
+    let room = client_call(
+        post.clone(),
+        format!("{}/_matrix/client/v3/createRoom", one.url),
+        &alice,
+        serde_json::json!({"preset": "public_chat"}),
+    )
+    .await?["room_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    client_call(
+        post,
+        format!("{}/_matrix/client/v3/join/{}?server_name={}", two.url, enc(&room), enc(&one_name)),
+        &bob,
+        serde_json::json!({}),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n--- one ---\n{}\n--- two ---\n{}", one.log(), two.log()))?;
+    let event = client_call(
+        reqwest::Method::PUT,
+        format!("{}/_matrix/client/v3/rooms/{}/send/m.room.message/t1", one.url, enc(&room)),
+        &alice,
+        serde_json::json!({"msgtype": "m.file", "body": "the file", "url": format!("mxc://{origin}/{cid}")}),
+    )
+    .await?["event_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let context = format!("{}/_matrix/client/v3/rooms/{}/context/{}?limit=0", two.url, enc(&room), enc(&event));
+    mxcas_tests::wait_for("the event to reach homeserver two", std::time::Duration::from_secs(30), || {
+        let (url, bob) = (context.clone(), bob.clone());
+        async move {
+            let resp = reqwest::Client::new().get(&url).bearer_auth(&bob).send().await.ok()?;
+            (resp.status() == 200).then_some(())
+        }
+    })
+    .await?;
+
+    let download = |token: String, query: String| {
+        let url = c.url(&format!("/_matrix/client/v1/media/download/{origin}/{cid}{query}"));
+        let http = c.http.clone();
+        async move {
+            let resp = http.get(url).bearer_auth(token).send().await?;
+            anyhow::Ok((resp.status().as_u16(), resp.bytes().await?))
+        }
+    };
+    let hint = format!("?room={}&event={}", enc(&room), enc(&event));
+    let (status, _) = download(bob.clone(), String::new()).await?;
+    assert_eq!(status, 502, "no hint: only the origin, which is gone");
+    let (status, _) = download(carol.clone(), hint.clone()).await?;
+    assert_eq!(status, 502, "carol is not in the room: its servers are not hers to learn");
+    let raw_before = b.metric("mxcas_edge_gateway_responses_total{result=\"raw\"}").await?;
+    let (status, body) = download(bob.clone(), hint).await?;
+    assert_eq!(
+        status,
+        200,
+        "{}\n--- C ---\n{}\n--- B ---\n{}",
+        String::from_utf8_lossy(&body[..body.len().min(300)]),
+        c.log(),
+        b.log()
+    );
+    assert!(body.as_ref() == file.as_slice(), "the bytes the CID names");
+    assert!(
+        b.metric("mxcas_edge_gateway_responses_total{result=\"raw\"}").await? >= raw_before + 3.0,
+        "the blocks came from B, homeserver one's media repository"
+    );
+    Ok(())
+}

@@ -24,8 +24,8 @@
 //! MSC2846, verify then fall back: media named by a CID that its origin does not deliver (it
 //! is down, backed off, answers 404 or an error, or serves bytes that are not that CID) is
 //! fetched by blocks ([`crate::block_fetch`]) from the trustless gateways (`/ipfs/`) of the
-//! origin, unless it failed to answer, and of the `via` servers the client named, in that
-//! order, all at once, each request signed with `X-Matrix` and each block verified against
+//! origin, unless it failed to answer, of the `via` servers the client named, and of the
+//! servers of the room the client names, in that order, all at once, each request signed with `X-Matrix` and each block verified against
 //! the DAG the media ID names before it is kept; a source that sends a block that does not
 //! verify is dropped (and logged), its blocks asked of the others. A CID the origin's whole
 //! bytes cannot be checked against (a layout or chunking other than mxcas's, CIDv0) is
@@ -33,7 +33,11 @@
 //! hold (a gateway never fetches), so one download makes no chain of requests. Opaque media
 //! IDs come from their origin only.
 //!
-//! Not yet: room hints (`room`, `event`), streaming to the client while fetching, one fetch
+//! A `room` and `event` hint adds that room's servers, asked of the requester's homeserver
+//! with the requester's token (so only rooms the user can see count): those in the room at the
+//! event and now first, then those in it now only, then those in it then only.
+//!
+//! Not yet: streaming to the client while fetching, one fetch
 //! cluster-wide, a quota on fetched bytes.
 
 use std::sync::Arc;
@@ -70,7 +74,7 @@ pub async fn fetch(
     state: &Arc<AppState>,
     key: &MediaKey,
     tenant: &Arc<crate::tenants::Tenant>,
-    via: &[String],
+    hints: Hints,
 ) -> Result<Resolved, ApiError> {
     if tenant.signing_key.is_none() {
         return Err(ApiError::not_found(format!(
@@ -93,32 +97,92 @@ pub async fn fetch(
         )));
     }
     // Only content that proves itself may come from anyone but its origin.
-    let via = if named.is_some() { fallback_servers(state, key, via) } else { Vec::new() };
+    let hints = if named.is_some() { hints } else { Hints::default() };
     let (state_key, signer, owned) = (key.clone(), tenant.clone(), state.clone());
-    single_flight(state, key, async move { fetch_uncached(&owned, &state_key, &signer, named, via).await }).await
+    single_flight(state, key, async move { fetch_uncached(&owned, &state_key, &signer, named, hints).await }).await
 }
 
 /// Most `via` servers asked for one media.
 pub const MAX_VIA: usize = 8;
+/// Most servers of a room hint asked for one media.
+pub const MAX_ROOM_SERVERS: usize = 8;
 
-/// The `via` servers worth asking for `key`: valid server names, in the client's order, each
-/// once, at most [`MAX_VIA`], without the origin (asked first anyway) or our own names (what
-/// this cluster holds it has looked up already).
-fn fallback_servers(state: &AppState, key: &MediaKey, via: &[String]) -> Vec<String> {
-    let mut servers: Vec<String> = Vec::new();
-    for server in via {
-        if crate::api::valid_server_name(server)
-            && *server != key.server_name
-            && !state.media.local.contains(server)
-            && !servers.contains(server)
-        {
-            servers.push(server.clone());
+/// Where a download's client says remote media may be held besides its origin (MSC2846).
+#[derive(Clone, Debug, Default)]
+pub struct Hints {
+    /// `via` parameters, in the client's order.
+    pub via: Vec<String>,
+    /// `room` and `event` parameters.
+    pub room: Option<RoomHint>,
+}
+
+/// A room and an event in it where the media was sent, with the requester's credentials to
+/// ask its homeserver who is in that room.
+#[derive(Clone)]
+pub struct RoomHint {
+    pub room: String,
+    pub event: String,
+    pub token: String,
+    /// An application service's `user_id`.
+    pub masquerade: Option<String>,
+}
+
+impl std::fmt::Debug for RoomHint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} at {}", self.room, self.event)
+    }
+}
+
+impl RoomHint {
+    /// The `room` and `event` parameters of a download by the holder of `token`, if both are
+    /// given (one without the other, or either malformed, is the client's error).
+    pub fn of(
+        query: &std::collections::BTreeMap<String, String>,
+        token: Option<&str>,
+    ) -> Result<Option<Self>, ApiError> {
+        let (room, event) = match (query.get("room"), query.get("event")) {
+            (None, None) => return Ok(None),
+            (Some(room), Some(event)) => (room, event),
+            _ => return Err(ApiError::bad_request("M_INVALID_PARAM", "room and event are given together")),
+        };
+        let well_formed =
+            |id: &str, sigil: char| id.starts_with(sigil) && id.len() <= 255 && !id.contains(['/', '?', '#']);
+        if !well_formed(room, '!') || !well_formed(event, '$') {
+            return Err(ApiError::bad_request("M_INVALID_PARAM", "Malformed room or event ID"));
         }
-        if servers.len() == MAX_VIA {
+        Ok(token.map(|token| Self {
+            room: room.clone(),
+            event: event.clone(),
+            token: token.to_owned(),
+            masquerade: query.get("user_id").cloned(),
+        }))
+    }
+}
+
+/// Adds to `servers` those of `candidates` worth asking for `key`, in order, at most `cap` of
+/// them: valid server names not listed yet, without the origin (asked first anyway) or our own
+/// names (what this cluster holds it has looked up already).
+fn add_servers(
+    state: &AppState,
+    key: &MediaKey,
+    servers: &mut Vec<String>,
+    candidates: impl IntoIterator<Item = String>,
+    cap: usize,
+) {
+    let mut added = 0;
+    for server in candidates {
+        if added == cap {
             break;
         }
+        if crate::api::valid_server_name(&server)
+            && server != key.server_name
+            && !state.media.local.contains(&server)
+            && !servers.contains(&server)
+        {
+            servers.push(server);
+            added += 1;
+        }
     }
-    servers
 }
 
 /// Runs `fetch` (of remote or IPFS media `key`) once on this edge however many downloads ask
@@ -166,7 +230,7 @@ async fn fetch_uncached(
     key: &MediaKey,
     signer: &crate::tenants::Tenant,
     named: Option<cid::Cid>,
-    via: Vec<String>,
+    hints: Hints,
 ) -> Result<Resolved, ApiError> {
     let whole = named.as_ref().is_none_or(checkable);
     let from_origin = if whole { Some(from_origin(state, key, signer).await) } else { None };
@@ -180,8 +244,16 @@ async fn fetch_uncached(
     };
     // An origin that did not answer is not asked again; one that answered without the bytes
     // (or with bytes of another layout than ours) may still serve its blocks.
-    let origin = (state.federation.backed_off(&key.server_name).is_none()).then(|| key.server_name.clone());
-    let servers: Vec<String> = origin.into_iter().chain(via).collect();
+    let mut servers: Vec<String> = Vec::new();
+    if state.federation.backed_off(&key.server_name).is_none() {
+        servers.push(key.server_name.clone());
+    }
+    add_servers(state, key, &mut servers, hints.via, MAX_VIA);
+    if let Some(hint) = &hints.room {
+        let in_room = signer.auth.room_servers(&hint.token, hint.masquerade.as_deref(), &hint.room, &hint.event).await;
+        tracing::debug!(mxc = %key, room = ?hint, servers = ?in_room, "servers of a room hint");
+        add_servers(state, key, &mut servers, in_room, MAX_ROOM_SERVERS);
+    }
     if servers.is_empty() {
         return Err(origin_failed.expect("the origin was asked"));
     }

@@ -67,13 +67,7 @@ impl Authenticator {
         headers: &HeaderMap,
         query: &BTreeMap<String, String>,
     ) -> Result<Caller, ApiError> {
-        let from_header = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| {
-            let (scheme, rest) = v.trim().split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
-        });
-        let token = from_header
-            .or(query.get("access_token").map(String::as_str))
-            .filter(|t| !t.is_empty())
+        let token = access_token(headers, query)
             .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "M_MISSING_TOKEN", "Missing access token"))?;
         let masquerade = query.get("user_id").map(String::as_str);
         if let Some(user) = self.static_tokens.get(&digest(token, None)) {
@@ -121,6 +115,23 @@ impl Authenticator {
         }
     }
 
+    /// The servers of `room` as the holder of `token` (acting as `masquerade`, for an
+    /// application service) sees it from its homeserver, in MSC2846's order
+    /// ([`order_room_servers`]): the joined members' servers at `event` (the room's state
+    /// there, `/context`) and now (`/joined_members`). Empty without a homeserver (static
+    /// tokens), or when the homeserver answers neither (the user is not in the room, say).
+    pub async fn room_servers(&self, token: &str, masquerade: Option<&str>, room: &str, event: &str) -> Vec<String> {
+        let Some(hs) = &self.homeserver else { return Vec::new() };
+        let (then, now) =
+            tokio::join!(hs.members_at(token, masquerade, room, event), hs.joined_now(token, masquerade, room));
+        for (what, result) in [("at the event", &then), ("now", &now)] {
+            if let Err(e) = result {
+                tracing::info!(%room, %event, error = %e, "cannot learn a room's members {what} from the homeserver");
+            }
+        }
+        order_room_servers(&then.unwrap_or_default(), &now.unwrap_or_default())
+    }
+
     /// [`Self::authenticate`] for endpoints guests may not use (uploads): 403
     /// `M_GUEST_ACCESS_FORBIDDEN` for a guest.
     pub async fn authenticate_member(
@@ -158,6 +169,43 @@ const MAX_TOKEN_LEN: usize = 4096;
 
 /// Whether `token` can be a token at all: visible ASCII, bounded. Anything else is refused
 /// here, without asking the homeserver.
+/// The access token of a request: `Authorization: Bearer` (scheme case-insensitive) or the
+/// `access_token` query parameter.
+pub fn access_token<'a>(headers: &'a HeaderMap, query: &'a BTreeMap<String, String>) -> Option<&'a str> {
+    let from_header = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| {
+        let (scheme, rest) = v.trim().split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+    });
+    from_header.or(query.get("access_token").map(String::as_str)).filter(|t| !t.is_empty())
+}
+
+/// MSC2846's order for a room's servers, from the user IDs of its joined members at an event
+/// (`then`) and now: those in it then and now, then those in it now only, then those in it
+/// then only (last, so servers that left are spared the room's load). Within each, servers
+/// with more members first (more likely to hold the room's media), then by name. Malformed
+/// user IDs are skipped.
+pub fn order_room_servers(then: &[String], now: &[String]) -> Vec<String> {
+    fn servers(users: &[String]) -> HashMap<&str, usize> {
+        let mut counts = HashMap::new();
+        for user in users {
+            if let Some(server) = user.strip_prefix('@').and_then(|u| u.split_once(':')).map(|(_, s)| s)
+                && super::valid_server_name(server)
+            {
+                *counts.entry(server).or_insert(0) += 1;
+            }
+        }
+        counts
+    }
+    let (then, now) = (servers(then), servers(now));
+    let mut ranked: Vec<(u8, usize, &str)> = now
+        .iter()
+        .map(|(server, n)| (if then.contains_key(server) { 0 } else { 1 }, *n, *server))
+        .chain(then.iter().filter(|(s, _)| !now.contains_key(*s)).map(|(server, n)| (2, *n, *server)))
+        .collect();
+    ranked.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)).then(a.2.cmp(b.2)));
+    ranked.into_iter().map(|(_, _, s)| s.to_owned()).collect()
+}
+
 fn plausible_token(token: &str) -> bool {
     token.len() <= MAX_TOKEN_LEN && token.bytes().all(|b| b.is_ascii_graphic())
 }
@@ -276,6 +324,8 @@ impl moka::Expiry<[u8; 32], Verdict> for ByVerdict {
 }
 
 struct Homeserver {
+    /// Its client-server API, ending in `/`.
+    base: reqwest::Url,
     whoami: reqwest::Url,
     http: reqwest::Client,
     server_name: String,
@@ -309,7 +359,7 @@ impl Homeserver {
             .expire_after(ByVerdict { ttl: c.cache_ttl, negative_ttl: c.negative_cache_ttl })
             .build();
         let in_flight = tokio::sync::Semaphore::new(c.max_concurrent_checks.max(1));
-        Ok(Self { whoami, http, server_name: server_name.to_owned(), cache, in_flight })
+        Ok(Self { base, whoami, http, server_name: server_name.to_owned(), cache, in_flight })
     }
 
     async fn whoami(&self, token: &str, masquerade: Option<&str>) -> Result<Verdict, ApiError> {
@@ -342,6 +392,65 @@ impl Homeserver {
     }
 }
 
+impl Homeserver {
+    /// A JSON answer of the homeserver at `path` (segments percent-encoded) for `token`.
+    async fn get_json(
+        &self,
+        token: &str,
+        masquerade: Option<&str>,
+        segments: &[&str],
+        query: &[(&str, &str)],
+    ) -> Result<serde_json::Value, String> {
+        let mut url = self.base.clone();
+        url.path_segments_mut().map_err(|_| "the homeserver URL cannot take a path")?.pop_if_empty().extend(segments);
+        {
+            let mut pairs = url.query_pairs_mut();
+            pairs.extend_pairs(query);
+            if let Some(user) = masquerade {
+                pairs.append_pair("user_id", user);
+            }
+        }
+        let resp = self.http.get(url).bearer_auth(token).send().await.map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let body = read_capped(resp, MAX_ROOM_BODY).await?;
+        if !status.is_success() {
+            return Err(format!("answered {status}: {}", String::from_utf8_lossy(&body[..body.len().min(200)])));
+        }
+        serde_json::from_slice(&body).map_err(|e| format!("not JSON: {e}"))
+    }
+
+    /// The joined members of `room` at `event`: its state there (`/context`, no events
+    /// around it, members not lazy-loaded).
+    async fn members_at(
+        &self,
+        token: &str,
+        masquerade: Option<&str>,
+        room: &str,
+        event: &str,
+    ) -> Result<Vec<String>, String> {
+        let path = ["_matrix", "client", "v3", "rooms", room, "context", event];
+        let filter = r#"{"lazy_load_members":false}"#;
+        let json = self.get_json(token, masquerade, &path, &[("limit", "0"), ("filter", filter)]).await?;
+        let state = json["state"].as_array().ok_or("a context without state")?;
+        Ok(state
+            .iter()
+            .filter(|e| e["type"] == "m.room.member" && e["content"]["membership"] == "join")
+            .filter_map(|e| e["state_key"].as_str().map(str::to_owned))
+            .collect())
+    }
+
+    /// The joined members of `room` now.
+    async fn joined_now(&self, token: &str, masquerade: Option<&str>, room: &str) -> Result<Vec<String>, String> {
+        let path = ["_matrix", "client", "v3", "rooms", room, "joined_members"];
+        let json = self.get_json(token, masquerade, &path, &[]).await?;
+        let joined = json["joined"].as_object().ok_or("no joined members")?;
+        Ok(joined.keys().cloned().collect())
+    }
+}
+
+/// Largest room answer read (a `/context` carries the room's whole state).
+const MAX_ROOM_BODY: usize = 16 * 1024 * 1024;
+
 async fn read_capped(mut resp: reqwest::Response, cap: usize) -> Result<Vec<u8>, String> {
     let mut body = Vec::new();
     while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
@@ -359,6 +468,20 @@ mod tests {
 
     fn judged(status: u16, body: &str) -> Result<Verdict, ApiError> {
         judge(StatusCode::from_u16(status).expect("status"), body.as_bytes(), "hs.example")
+    }
+
+    #[test]
+    fn room_servers_come_in_msc2846_order() {
+        let ids = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let then = ids(&["@a:both.example", "@b:left.example", "@c:both.example", "@d:small.example", "bad", "@e"]);
+        let now = ids(&["@a:both.example", "@c:both.example", "@d:small.example", "@f:new.example", "@g:new.example"]);
+        assert_eq!(
+            order_room_servers(&then, &now),
+            // Then and now (more members first), now only, then only; malformed IDs skipped.
+            ["both.example", "small.example", "new.example", "left.example"]
+        );
+        assert_eq!(order_room_servers(&[], &ids(&["@x:b.example", "@y:a.example"])), ["a.example", "b.example"]);
+        assert!(order_room_servers(&[], &[]).is_empty());
     }
 
     #[test]

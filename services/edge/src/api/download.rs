@@ -44,8 +44,11 @@ pub async fn download_v1(
 ) -> Result<Response, ApiError> {
     super::authorize_media(&state, &headers, &query).await?;
     let Path(path) = path.map_err(super::path_error)?;
-    let via = via_of(raw.as_deref());
-    serve(&state, method, &headers, path, &query, &via, false).await
+    let hints = crate::remote::Hints {
+        via: via_of(raw.as_deref()),
+        room: crate::remote::RoomHint::of(&query, super::auth::access_token(&headers, &query))?,
+    };
+    serve(&state, method, &headers, path, &query, hints, false).await
 }
 
 /// The `via` parameters of a query (MSC2846: servers that may hold remote media, in the order
@@ -67,7 +70,7 @@ pub async fn download_legacy(
 ) -> Result<Response, ApiError> {
     let Path(path) = path.map_err(super::path_error)?;
     super::legacy_allowed(&state)?;
-    serve(&state, method, &headers, path, &query, &[], true).await
+    serve(&state, method, &headers, path, &query, crate::remote::Hints::default(), true).await
 }
 
 async fn serve(
@@ -76,7 +79,7 @@ async fn serve(
     headers: &HeaderMap,
     path: MediaPath,
     query: &BTreeMap<String, String>,
-    via: &[String],
+    hints: crate::remote::Hints,
     legacy: bool,
 ) -> Result<Response, ApiError> {
     if !super::valid_server_name(&path.server_name) {
@@ -109,7 +112,7 @@ async fn serve(
     } else {
         match state.media.resolve_remote(&key).await? {
             Some(r) => r,
-            None => crate::remote::fetch(state, &key, state.tenants.for_request(headers)?, via).await?,
+            None => crate::remote::fetch(state, &key, state.tenants.for_request(headers)?, hints).await?,
         }
     };
     let file_name = path.file_name.as_deref();
