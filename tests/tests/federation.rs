@@ -155,6 +155,26 @@ async fn mxcas_fetches_synapse_media_over_signed_federation() -> anyhow::Result<
         1.0,
         "fetched once, then served from the store"
     );
+    // A thumbnail of a Synapse-hosted image (as Element asks for avatars): fetched whole over
+    // federation and thumbnailed here.
+    let resp = http
+        .post(format!("{}/_matrix/media/v3/upload", synapse.url))
+        .bearer_auth(&token)
+        .header("content-type", "image/png")
+        .body(png(300, 200)?)
+        .send()
+        .await?;
+    anyhow::ensure!(resp.status() == 200, "upload to Synapse: {}", resp.status());
+    let json: serde_json::Value = resp.json().await?;
+    let png_id = json["content_uri"].as_str().and_then(|u| u.rsplit('/').next()).unwrap_or_default().to_owned();
+    let url =
+        ours.node.url(&format!("/_matrix/client/v1/media/thumbnail/{server}/{png_id}?width=32&height=32&method=crop"));
+    let resp = ours.node.http.get(&url).bearer_auth(ALICE).send().await?;
+    let status = resp.status();
+    let body = resp.bytes().await?;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body[..body.len().min(300)]));
+    let thumb = image::load_from_memory(&body)?;
+    assert_eq!((thumb.width(), thumb.height()), (32, 32), "the 32x32 crop of Synapse's image");
     // Unknown media on the origin is the origin's 404.
     let missing = ours
         .node

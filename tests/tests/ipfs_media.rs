@@ -133,3 +133,23 @@ async fn ipfs_ids_of_media_held_here_need_no_gateway() -> anyhow::Result<()> {
     assert!(body["error"].as_str().unwrap_or("").contains("no IPFS gateways"), "{body}");
     Ok(())
 }
+
+#[tokio::test]
+async fn thumbnails_of_ipfs_media_are_made_from_its_verified_bytes() -> anyhow::Result<()> {
+    let img = image::RgbImage::from_fn(400, 300, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, 128]));
+    let mut png = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut png, image::ImageFormat::Png)?;
+    let file = write_temp(png.get_ref())?;
+    let gw = PlainGateways::start(file.path(), false, &["ok"])?;
+    let node = node_with(&gw.urls, "").await?;
+    let url = node
+        .url(&format!("/_matrix/client/v1/media/thumbnail/localhost/ipfs:{}?width=32&height=32&method=crop", gw.root));
+    let resp = node.http.get(url).bearer_auth(mxcas_tests::node::ALICE).send().await?;
+    let status = resp.status();
+    let body = resp.bytes().await?;
+    assert_eq!(status, 200, "{}\n{}", String::from_utf8_lossy(&body[..body.len().min(300)]), node.log());
+    let thumb = image::load_from_memory(&body)?;
+    assert_eq!((thumb.width(), thumb.height()), (32, 32), "the 32x32 crop");
+    assert_eq!(metric(&node, "ipfs_fetches", "stored").await?, 1.0, "the source was fetched and stored");
+    Ok(())
+}

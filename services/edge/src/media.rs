@@ -725,7 +725,7 @@ impl MediaService {
     pub async fn resolve(&self, key: &MediaKey, wait: Duration, legacy: bool) -> Result<Resolved, ApiError> {
         if !self.local.contains(&key.server_name) {
             return Err(ApiError::not_found(format!(
-                "Media from {} is not held here (fetching from other servers is not supported yet)",
+                "Media from {} is not held here: it is not one of this cluster's server names",
                 key.server_name
             )));
         }

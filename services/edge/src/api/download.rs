@@ -44,11 +44,20 @@ pub async fn download_v1(
 ) -> Result<Response, ApiError> {
     super::authorize_media(&state, &headers, &query).await?;
     let Path(path) = path.map_err(super::path_error)?;
-    let hints = crate::remote::Hints {
-        via: via_of(raw.as_deref()),
-        room: crate::remote::RoomHint::of(&query, super::auth::access_token(&headers, &query))?,
-    };
+    let hints = hints_of(&headers, &query, raw.as_deref())?;
     serve(&state, method, &headers, path, &query, hints, false).await
+}
+
+/// Where a client says remote media may be held (MSC2846's `via`, `room` and `event`).
+pub(super) fn hints_of(
+    headers: &HeaderMap,
+    query: &BTreeMap<String, String>,
+    raw: Option<&str>,
+) -> Result<crate::remote::Hints, ApiError> {
+    Ok(crate::remote::Hints {
+        via: via_of(raw),
+        room: crate::remote::RoomHint::of(query, super::auth::access_token(headers, query))?,
+    })
 }
 
 /// The `via` parameters of a query (MSC2846: servers that may hold remote media, in the order
@@ -82,39 +91,9 @@ async fn serve(
     hints: crate::remote::Hints,
     legacy: bool,
 ) -> Result<Response, ApiError> {
-    if !super::valid_server_name(&path.server_name) {
-        return Err(ApiError::bad_request("M_INVALID_PARAM", "Malformed server name"));
-    }
-    let ipfs = crate::ipfs::media_cid(&path.media_id).transpose()?;
-    if ipfs.is_none() && !super::valid_media_id(&path.media_id) {
-        return Err(ApiError::bad_request("M_INVALID_PARAM", "Malformed media ID"));
-    }
     let wait = wait_of(query, state.media.config.max_download_wait)?;
-    let key = MediaKey::new(path.server_name, path.media_id);
-    let resolved = if let Some(cid) = ipfs {
-        // IPFS media comes from the gateways, whatever server the URI names (the legacy
-        // endpoints serve only what is held, like remote media).
-        match state.media.resolve_remote(&key).await? {
-            Some(r) if !(legacy && state.media.frozen(&r)) => r,
-            Some(_) => return Err(ApiError::not_found("Media not found")),
-            None if legacy => return Err(ApiError::not_found("Media not found")),
-            None => crate::ipfs::resolve(state, &key, cid, state.tenants.for_request(headers)?).await?,
-        }
-    } else if state.media.local.contains(&key.server_name) {
-        state.media.resolve(&key, wait, legacy).await?
-    } else if legacy {
-        // The legacy endpoints never reach out to other servers: only what this cluster
-        // already holds, and frozen like local media (by when it was fetched).
-        match state.media.resolve_remote(&key).await? {
-            Some(r) if !state.media.frozen(&r) => r,
-            _ => return Err(ApiError::not_found("Media not found")),
-        }
-    } else {
-        match state.media.resolve_remote(&key).await? {
-            Some(r) => r,
-            None => crate::remote::fetch(state, &key, state.tenants.for_request(headers)?, hints).await?,
-        }
-    };
+    let key = checked_key(path.server_name, path.media_id)?;
+    let resolved = resolve(state, headers, &key, wait, hints, legacy).await?;
     let file_name = path.file_name.as_deref();
     // A missing or corrupt first block may mean the record moved (repaired by a re-upload)
     // since this edge read it: ask again once, then answer the loss.
@@ -131,6 +110,57 @@ async fn serve(
             Err(e) => Err(e),
         },
         other => other.map_err(ApiError::from),
+    }
+}
+
+/// The media key of a download or thumbnail path, or the client's error.
+pub(super) fn checked_key(server_name: String, media_id: String) -> Result<MediaKey, ApiError> {
+    if !super::valid_server_name(&server_name) {
+        return Err(ApiError::bad_request("M_INVALID_PARAM", "Malformed server name"));
+    }
+    match crate::ipfs::media_cid(&media_id) {
+        Some(Err(e)) => return Err(e),
+        Some(Ok(_)) => {}
+        None if !super::valid_media_id(&media_id) => {
+            return Err(ApiError::bad_request("M_INVALID_PARAM", "Malformed media ID"));
+        }
+        None => {}
+    }
+    Ok(MediaKey::new(server_name, media_id))
+}
+
+/// The record of `key` for a client's download or thumbnail: local media (waiting up to
+/// `wait` for one not uploaded yet), `ipfs:` media from the IPFS gateways, or remote media
+/// from its origin or the servers `hints` names, fetched for the user of the request's
+/// tenant unless held already. The legacy endpoints never fetch.
+pub(super) async fn resolve(
+    state: &Arc<AppState>,
+    headers: &HeaderMap,
+    key: &MediaKey,
+    wait: std::time::Duration,
+    hints: crate::remote::Hints,
+    legacy: bool,
+) -> Result<crate::media::Resolved, ApiError> {
+    if let Some(cid) = crate::ipfs::media_cid(&key.media_id).transpose()? {
+        // IPFS media comes from the gateways, whatever server the URI names (the legacy
+        // endpoints serve only what is held, like remote media).
+        return match state.media.resolve_remote(key).await? {
+            Some(r) if !(legacy && state.media.frozen(&r)) => Ok(r),
+            Some(_) => Err(ApiError::not_found("Media not found")),
+            None if legacy => Err(ApiError::not_found("Media not found")),
+            None => crate::ipfs::resolve(state, key, cid, state.tenants.for_request(headers)?).await,
+        };
+    }
+    if state.media.local.contains(&key.server_name) {
+        return state.media.resolve(key, wait, legacy).await;
+    }
+    match state.media.resolve_remote(key).await? {
+        // The legacy endpoints never reach out to other servers: only what this cluster
+        // already holds, and frozen like local media (by when it was fetched).
+        Some(r) if legacy && state.media.frozen(&r) => Err(ApiError::not_found("Media not found")),
+        Some(r) => Ok(r),
+        None if legacy => Err(ApiError::not_found("Media not found")),
+        None => crate::remote::fetch(state, key, state.tenants.for_request(headers)?, hints).await,
     }
 }
 

@@ -13,10 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, RawQuery, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use mxcas_meta::MediaKey;
 use serde::Deserialize;
 
 use super::AppState;
@@ -35,10 +34,12 @@ pub async fn thumbnail_v1(
     headers: HeaderMap,
     path: Result<Path<ThumbnailPath>, PathRejection>,
     Query(query): Query<BTreeMap<String, String>>,
+    RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     super::authorize_media(&state, &headers, &query).await?;
     let Path(path) = path.map_err(super::path_error)?;
-    serve(&state, method, &headers, path, &query, false).await
+    let hints = super::download::hints_of(&headers, &query, raw.as_deref())?;
+    serve(&state, method, &headers, path, &query, hints, false).await
 }
 
 pub async fn thumbnail_legacy(
@@ -50,7 +51,7 @@ pub async fn thumbnail_legacy(
 ) -> Result<Response, ApiError> {
     let Path(path) = path.map_err(super::path_error)?;
     super::legacy_allowed(&state)?;
-    serve(&state, method, &headers, path, &query, true).await
+    serve(&state, method, &headers, path, &query, crate::remote::Hints::default(), true).await
 }
 
 /// What the query asks for.
@@ -86,22 +87,18 @@ pub fn parse(query: &BTreeMap<String, String>, max_wait: Duration) -> Result<Ask
 }
 
 async fn serve(
-    state: &AppState,
+    state: &Arc<AppState>,
     method: Method,
     req_headers: &HeaderMap,
     path: ThumbnailPath,
     query: &BTreeMap<String, String>,
+    hints: crate::remote::Hints,
     legacy: bool,
 ) -> Result<Response, ApiError> {
-    if !super::valid_server_name(&path.server_name) {
-        return Err(ApiError::bad_request("M_INVALID_PARAM", "Malformed server name"));
-    }
-    if !super::valid_media_id(&path.media_id) {
-        return Err(ApiError::bad_request("M_INVALID_PARAM", "Malformed media ID"));
-    }
+    let key = super::download::checked_key(path.server_name, path.media_id)?;
     let asked = parse(query, state.media.config.max_download_wait)?;
-    let key = MediaKey::new(path.server_name, path.media_id);
-    let resolved = state.media.resolve(&key, asked.wait, legacy).await?;
+    // Remote and IPFS media is fetched whole (as for a download) and thumbnailed here.
+    let resolved = super::download::resolve(state, req_headers, &key, asked.wait, hints, legacy).await?;
     let (made, bytes) = thumbnail_of(state, &resolved, asked.spec).await?;
 
     let etag = format!("\"{}\"", made.record.cid);
