@@ -529,8 +529,8 @@ async fn with_its_origin_gone_media_downloads_via_servers_that_hold_it() -> anyh
     assert_eq!(status, 502, "the origin is gone and no other server was named");
     let (_liar, liar, liar_hits) = fixed_origin(
         &pki,
-        format!("HTTP/1.1 200 OK\r\nContent-Type: application/vnd.ipld.raw\r\nContent-Length: 5\r\nConnection: close\r\n\r\nlies!")
-            .into_bytes(),
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.ipld.raw\r\nContent-Length: 5\r\nConnection: close\r\n\r\nlies!"
+            .to_vec(),
     )
     .await?;
     let via = format!("?via={liar}&via={}", b.server_name);
