@@ -13,7 +13,12 @@
 //   lie           every block with one byte changed (right length, wrong hash)
 //   bad-middle    every block right but the middle one the importer wrote (a leaf), changed
 //   stall         takes requests and never answers
+//   hold-last     every block at full speed but the last leaf the importer wrote, which it
+//                 never answers (a fetch that cannot finish, however long it waits)
 //   absent        404 for everything
+// An `ok` gateway also answers GET /_matrix/federation/v1/media/download/{root} with the whole
+// file as a Matrix federation download (multipart/mixed), as an origin that serves the bytes
+// whole in a layout other than mxcas's would.
 // Prints the root CID, then one line per gateway: its URL. Runs until stdin closes.
 import { createServer } from 'node:http'
 import { readFile } from 'node:fs/promises'
@@ -39,8 +44,17 @@ const blocks = new Map()
 const order = []
 const store = { put (cid, bytes) { blocks.set(cid.toV1().toString(), bytes); order.push(cid.toV1().toString()); return cid } }
 const options = legacy ? { profile: 'unixfs-v0-2015' } : {}
+const content = await readFile(file)
 let root
-for await (const entry of importer([{ content: await readFile(file) }], store, options)) root = entry.cid
+for await (const entry of importer([{ content }], store, options)) root = entry.cid
+
+function federationDownload (res) {
+  const b = 'plaingatewayboundary'
+  const head = Buffer.from(`--${b}\r\nContent-Type: application/json\r\n\r\n{}\r\n--${b}\r\nContent-Type: application/octet-stream\r\n\r\n`)
+  const tail = Buffer.from(`\r\n--${b}--\r\n`)
+  const body = Buffer.concat([head, content, tail])
+  res.writeHead(200, { 'content-type': `multipart/mixed; boundary=${b}`, 'content-length': body.length }).end(body)
+}
 
 function paced (rate) {
   let nextFree = Date.now()
@@ -61,10 +75,12 @@ function serve (mode) {
   const send = mode.startsWith('rate=') ? paced(Number(mode.slice(5))) : async (res, bytes) => res.end(bytes)
   return createServer((req, res) => {
     if (mode === 'stall') return
+    if (mode === 'ok' && req.url.startsWith(`/_matrix/federation/v1/media/download/${root}`)) return federationDownload(res)
     const m = /^\/ipfs\/([A-Za-z0-9]+)(\?.*)?$/.exec(req.url)
     let key
     try { key = m && CID.parse(m[1]).toV1().toString() } catch { key = undefined }
     const block = key && blocks.get(key)
+    if (mode === 'hold-last' && key === order[order.length - 2]) return
     if (mode === 'absent' || !block) {
       res.writeHead(404, { 'content-type': 'text/plain' }).end('not found\n')
       return

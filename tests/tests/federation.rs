@@ -49,6 +49,11 @@ struct Deployment {
 }
 
 async fn deployment(pki: &TestPki) -> anyhow::Result<Deployment> {
+    deployment_with(pki, "", "").await
+}
+
+/// [`deployment`] with more `[federation]` settings and more `[media]` settings.
+async fn deployment_with(pki: &TestPki, federation: &str, media: &str) -> anyhow::Result<Deployment> {
     let dir = tempfile::tempdir()?;
     let key_file = dir.path().join("signing.key");
     std::fs::write(&key_file, format!("ed25519 a_mx {}\n", encode_base64(&SEED)))?;
@@ -58,9 +63,10 @@ async fn deployment(pki: &TestPki) -> anyhow::Result<Deployment> {
     let node = Node::start(NodeOptions {
         server_name: Some(server_name.clone()),
         extra: format!(
-            "[federation]\nsigning_key_file = \"{}\"\nallow_private_addresses = true\nca_file = \"{ca}\"\n",
+            "[federation]\nsigning_key_file = \"{}\"\nallow_private_addresses = true\nca_file = \"{ca}\"\n{federation}\n",
             key_file.display()
         ),
+        media: media.to_owned(),
         ..Default::default()
     })
     .await?;
@@ -500,33 +506,54 @@ async fn download_from(d: &Deployment, server: &str, id: &str, query: &str) -> a
     Ok((resp.status().as_u16(), resp.bytes().await?))
 }
 
-/// MSC2846: media named by a CID outlives its origin. Deployment B fetched two files from A
-/// while A was up; with A gone, C's users get them through `via` B (B's trustless gateway
-/// serves their blocks to C's signed requests, C verifies each block), past a `via` that
-/// serves wrong bytes for everything; and a `via` is never passed on.
+/// The value of `sample` on `d` once it is `want` (a fetch streamed to its download is
+/// counted when it is stored, just after the download's last byte).
+async fn settled(d: &Deployment, sample: &str, want: f64) -> anyhow::Result<()> {
+    let got =
+        mxcas_tests::wait_for(&format!("{sample} to reach {want}"), std::time::Duration::from_secs(10), || async {
+            (d.node.metric(sample).await.ok()? == want).then_some(())
+        })
+        .await;
+    match got {
+        Ok(()) => Ok(()),
+        Err(e) => anyhow::bail!("{e}: {sample} is {:?}", d.node.metric(sample).await.ok()),
+    }
+}
+
+const STORED: &str = "mxcas_edge_remote_fetches_total{result=\"stored\"}";
+
+/// MSC2846: media named by a CID outlives its origin. Deployment B fetched two files from A;
+/// C cannot reach A (its address for A is a dead port), and its users get them through `via`
+/// B (B's trustless gateway, open to other servers, serves their blocks to C's signed
+/// requests; C verifies each block), past a `via` that serves wrong bytes for everything. A
+/// `via` is never passed on: B could fetch more from A, and does not for C. A server whose
+/// gateway does not serve other servers refuses C's signed requests; an identity CID needs no
+/// server at all.
 #[tokio::test]
 async fn with_its_origin_gone_media_downloads_via_servers_that_hold_it() -> anyhow::Result<()> {
     let pki = TestPki::generate("federation")?;
+    let open = "ipfs_gateway = \"federation\"\n";
     let a = deployment(&pki).await?;
-    let b = deployment(&pki).await?;
-    let c = deployment(&pki).await?;
+    let b = deployment_with(&pki, "", open).await?;
+    let closed = deployment(&pki).await?;
     let origin = a.server_name.clone();
+    let c = deployment_with(&pki, &format!("resolve = {{ \"{origin}\" = \"127.0.0.1:1\" }}\n"), "").await?;
     let big = test_bytes(11, 3 * 1024 * 1024 + 17);
     let small = test_bytes(12, 20_000);
     let only_a = test_bytes(13, 9_000);
     let big_id = upload(&a, big.clone()).await?;
     let small_id = upload(&a, small.clone()).await?;
-    let only_a_id = upload(&a, only_a).await?;
+    let only_a_id = upload(&a, only_a.clone()).await?;
     assert!(big_id.starts_with("bafy") && small_id.starts_with("bafk"), "a DAG and a raw block: {big_id} {small_id}");
     for (id, want) in [(&big_id, &big), (&small_id, &small)] {
         let (status, body) = download_from(&b, &origin, id, "").await?;
         assert_eq!(status, 200, "B fetches from A: {}", String::from_utf8_lossy(&body[..body.len().min(300)]));
         assert!(body.as_ref() == want.as_slice());
     }
-    drop(a);
+    assert_eq!(b.node.metric(STORED).await?, 2.0);
 
     let (status, _) = download_from(&c, &origin, &big_id, "").await?;
-    assert_eq!(status, 502, "the origin is gone and no other server was named");
+    assert_eq!(status, 502, "C cannot reach the origin and no other server was named");
     let (_liar, liar, liar_hits) = fixed_origin(
         &pki,
         b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.ipld.raw\r\nContent-Length: 5\r\nConnection: close\r\n\r\nlies!"
@@ -545,6 +572,8 @@ async fn with_its_origin_gone_media_downloads_via_servers_that_hold_it() -> anyh
             b.node.log()
         );
         assert!(body.as_ref() == want.as_slice(), "C serves exactly A's bytes");
+        // One fetch at a time, so the liar is asked for each root in turn.
+        settled(&c, STORED, if id == &big_id { 1.0 } else { 2.0 }).await?;
     }
     let liar_asked = liar_hits.load(std::sync::atomic::Ordering::SeqCst);
     assert_eq!(
@@ -552,7 +581,6 @@ async fn with_its_origin_gone_media_downloads_via_servers_that_hold_it() -> anyh
         2.0,
         "the liar, named first, was asked for each root once, then dropped ({liar_asked} requests)"
     );
-    assert_eq!(c.node.metric("mxcas_edge_remote_fetches_total{result=\"stored\"}").await?, 2.0);
     assert!(c.node.metric("mxcas_edge_gateway_blocks_total{result=\"verified\"}").await? >= 5.0);
     // Held now: served again with no server named and none asked.
     let (status, body) = download_from(&c, &origin, &big_id, "").await?;
@@ -560,25 +588,85 @@ async fn with_its_origin_gone_media_downloads_via_servers_that_hold_it() -> anyh
     assert!(body.as_ref() == big.as_slice());
     assert_eq!(liar_hits.load(std::sync::atomic::Ordering::SeqCst), liar_asked);
 
-    // What B never fetched, B does not go and get for C: B's gateway serves what B holds.
+    // What B never fetched, B does not go and get for C, though it could reach A: its gateway
+    // serves what it holds.
     let b_not_found = b.node.metric("mxcas_edge_gateway_responses_total{result=\"not_found\"}").await?;
     let (status, _) = download_from(&c, &origin, &only_a_id, &format!("?via={}", b.server_name)).await?;
-    assert_eq!(status, 502, "the origin is down and B does not have it: ask again later");
+    assert_eq!(status, 502, "the origin is unreachable and B does not have it: ask again later");
     assert_eq!(
         b.node.metric("mxcas_edge_gateway_responses_total{result=\"not_found\"}").await?,
         b_not_found + 1.0,
         "C asked B for the root"
     );
-    assert_eq!(b.node.metric("mxcas_edge_remote_fetches_total{result=\"stored\"}").await?, 2.0, "B passed nothing on");
-    // An unsigned request to B's gateway (authenticated: tokens or X-Matrix) is refused.
+    assert_eq!(b.node.metric(STORED).await?, 2.0, "B passed nothing on");
+    // A server holding the file whose gateway serves users only refuses C's signed requests.
+    upload(&closed, only_a.clone()).await?;
+    let (status, _) = download_from(&c, &origin, &only_a_id, &format!("?via={}", closed.server_name)).await?;
+    assert_eq!(status, 502);
+    assert!(closed.node.metric("mxcas_edge_gateway_responses_total{result=\"refused\"}").await? >= 1.0);
+    assert_eq!(c.node.metric(STORED).await?, 2.0);
+    // Unsigned, B's gateway wants a user's token.
     let unsigned = b.node.http.get(b.node.url(&format!("/ipfs/{small_id}?format=raw"))).send().await?;
     assert_eq!(unsigned.status(), 401);
+    // An identity CID carries its bytes: no server is asked (the origin is backed off anyway).
+    let inline = cid::Cid::new_v1(0x55, cid::multihash::Multihash::<64>::wrap(0x00, b"carried in the CID")?);
+    let (status, body) = download_from(&c, &origin, &inline.to_string(), "").await?;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(body.as_ref(), b"carried in the CID");
+    Ok(())
+}
+
+/// A client's `via` list cannot make the edge connect to private addresses (without
+/// `allow_private_addresses`), and a `via` that never answers costs one deadline
+/// (`remote_media_timeout`), after which nothing is stored.
+#[tokio::test]
+async fn via_servers_are_bounded_by_the_address_rules_and_the_deadline() -> anyhow::Result<()> {
+    let pki = TestPki::generate("federation")?;
+    let cid = mxcas_cas::cid_of(&test_bytes(16, 5000)).to_string();
+    let (_holder, holder, holder_hits) = fixed_origin(&pki, multipart_response(b"x", None)).await?;
+    let dir = tempfile::tempdir()?;
+    let key_file = dir.path().join("signing.key");
+    std::fs::write(&key_file, format!("ed25519 a_mx {}\n", encode_base64(&SEED)))?;
+    let strict = Node::start(NodeOptions {
+        extra: format!("[federation]\nsigning_key_file = \"{}\"\n", key_file.display()),
+        ..Default::default()
+    })
+    .await?;
+    let url = strict.url(&format!("/_matrix/client/v1/media/download/public.example/{cid}?via={holder}&via=10.1.2.3"));
+    let resp = strict.http.get(url).bearer_auth(ALICE).send().await?;
+    assert_eq!(resp.status(), 502);
+    assert_eq!(holder_hits.load(std::sync::atomic::Ordering::SeqCst), 0, "a loopback via is never connected to");
+
+    // A via that takes requests and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let silent_url = format!("http://{}", silent.local_addr()?);
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+        }
+    });
+    let port = free_port()?;
+    let _tls = Nginx::start_tls(
+        port,
+        &silent_url,
+        pki.config.cert.as_ref().expect("cert"),
+        pki.config.key.as_ref().expect("key"),
+    )
+    .await?;
+    let ours = deployment_with(&pki, "remote_media_timeout = \"2s\"\n", "").await?;
+    let started = std::time::Instant::now();
+    let (status, _) = download_from(&ours, "127.0.0.1:1", &cid, &format!("?via=127.0.0.1:{port}")).await?;
+    assert_eq!(status, 502);
+    assert!(started.elapsed() < std::time::Duration::from_secs(20), "bounded: {:?}", started.elapsed());
+    assert_eq!(ours.node.metric(STORED).await?, 0.0);
     Ok(())
 }
 
 /// Remote media named by a CID of another layout than mxcas's (the IPFS importer's defaults:
-/// 256 KiB chunks; kubo's legacy CIDv0 with dag-pb leaves) cannot be checked whole: it is
-/// fetched by blocks from the origin's trustless gateway, each verified, stored and served.
+/// 256 KiB chunks; kubo's legacy CIDv0 with dag-pb leaves) cannot be checked whole: the bytes
+/// its origin serves over federation are discarded, then it is fetched by blocks from the
+/// origin's trustless gateway, each verified, stored and served.
 #[tokio::test]
 async fn media_named_by_a_cid_of_another_layout_is_fetched_by_verified_blocks() -> anyhow::Result<()> {
     let pki = TestPki::generate("federation")?;
@@ -587,6 +675,7 @@ async fn media_named_by_a_cid_of_another_layout_is_fetched_by_verified_blocks() 
         let want = test_bytes(14 + u64::from(legacy), 1536 * 1024 + 3);
         let file = tempfile::NamedTempFile::new()?;
         std::fs::write(file.path(), &want)?;
+        // The plain gateway also answers the federation download, with the whole file.
         let gw = mxcas_tests::oracle::PlainGateways::start(file.path(), legacy, &["ok"])?;
         let port = free_port()?;
         let _tls = Nginx::start_tls(
@@ -607,7 +696,12 @@ async fn media_named_by_a_cid_of_another_layout_is_fetched_by_verified_blocks() 
         );
         assert!(body.as_ref() == want.as_slice(), "legacy {legacy}: the bytes its CID names");
     }
-    assert_eq!(ours.node.metric("mxcas_edge_remote_fetches_total{result=\"stored\"}").await?, 2.0);
+    settled(&ours, STORED, 2.0).await?;
+    assert_eq!(
+        ours.node.metric("mxcas_edge_remote_fetches_total{result=\"mismatch\"}").await?,
+        2.0,
+        "each origin's whole bytes were asked first, and could not be proven whole"
+    );
     assert_eq!(ours.node.metric("mxcas_edge_gateway_blocks_total{result=\"bad\"}").await?, 0.0);
     Ok(())
 }
@@ -632,7 +726,8 @@ async fn client_call(
 }
 
 /// MSC2846's room hint: media sent in a room, whose origin is gone, downloads from the servers
-/// in that room. Two Synapses federate, and a user of each is in a public room. Homeserver
+/// that were in that room. Two Synapses federate, and a user of each is in a public room when
+/// the media is sent; then homeserver one's user leaves. Homeserver
 /// `one`'s media repository is mxcas B (its federation port sends the media prefixes and
 /// `/ipfs/` to B), which holds the file; `two`'s users download through mxcas C, which checks
 /// their tokens with `two`, learns the room's servers from `two` with the user's token, and
@@ -666,6 +761,7 @@ async fn with_its_origin_gone_media_downloads_from_the_servers_of_its_room() -> 
     let b = Node::start(NodeOptions {
         server_name: Some(one_name.clone()),
         extra: federation(&one.signing_key_file()?),
+        media: "ipfs_gateway = \"federation\"\n".to_owned(),
         ..Default::default()
     })
     .await?;
@@ -728,6 +824,26 @@ async fn with_its_origin_gone_media_downloads_from_the_servers_of_its_room() -> 
         async move {
             let resp = reqwest::Client::new().get(&url).bearer_auth(&bob).send().await.ok()?;
             (resp.status() == 200).then_some(())
+        }
+    })
+    .await?;
+    // Alice leaves: homeserver one was in the room when the media was sent, and is not now, so
+    // only the room's state at the event (`/context`) names it.
+    client_call(
+        reqwest::Method::POST,
+        format!("{}/_matrix/client/v3/rooms/{}/leave", one.url, enc(&room)),
+        &alice,
+        serde_json::json!({}),
+    )
+    .await?;
+    let members = format!("{}/_matrix/client/v3/rooms/{}/joined_members", two.url, enc(&room));
+    mxcas_tests::wait_for("alice's leave to reach homeserver two", std::time::Duration::from_secs(30), || {
+        let (url, bob) = (members.clone(), bob.clone());
+        async move {
+            let json: serde_json::Value =
+                reqwest::Client::new().get(&url).bearer_auth(&bob).send().await.ok()?.json().await.ok()?;
+            let joined = json["joined"].as_object()?;
+            (joined.len() == 1).then_some(())
         }
     })
     .await?;

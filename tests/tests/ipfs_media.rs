@@ -47,7 +47,11 @@ async fn ipfs_media_is_verified_block_by_block_from_hostile_gateways() -> anyhow
         // The silent gateway's blocks are asked elsewhere once slow, not after its timeout.
         assert!(started.elapsed() < std::time::Duration::from_secs(15), "took {:?}", started.elapsed());
         assert_eq!(resp.bytes().await?.to_vec(), data, "legacy={legacy}: the verified bytes, in order");
-        assert_eq!(metric(&node, "ipfs_fetches", "stored").await?, 1.0);
+        // Answered while stored: counted once stored, just after the last byte.
+        mxcas_tests::wait_for("the fetch to be stored", std::time::Duration::from_secs(10), || async {
+            (metric(&node, "ipfs_fetches", "stored").await.ok()? == 1.0).then_some(())
+        })
+        .await?;
         assert!(metric(&node, "gateway_blocks", "bad").await? >= 1.0, "the liar's block was refused");
         assert!(metric(&node, "gateway_blocks", "verified").await? >= 14.0, "13 leaves and the root verified");
         // Stored: the next downloads (and ranges) come from the store, nothing is asked again.
@@ -100,13 +104,30 @@ async fn ipfs_media_with_a_bad_middle_block_everywhere_is_refused_and_the_legacy
     let legacy = node.http.get(node.url(&format!("/_matrix/media/v3/download/localhost/{id}"))).send().await?;
     assert_eq!(legacy.status(), 404, "the legacy endpoint serves held media only");
     assert_eq!(metric(&node, "gateway_blocks", "verified").await?, 0.0, "and asks no gateway");
-    for _ in 0..2 {
-        let resp = node.download(&id).await?;
-        assert_eq!(resp.status(), 502, "{}", node.log());
-        let body: serde_json::Value = resp.json().await?;
-        assert_eq!(body["errcode"], "M_UNKNOWN");
-    }
-    assert_eq!(metric(&node, "ipfs_fetches", "failed").await?, 2.0, "nothing recorded: asked again");
+    // A range is answered from the stored media only, so it waits for the fetch: 502.
+    let resp = node.download_range(&id, "bytes=0-9").await?;
+    assert_eq!(resp.status(), 502, "{}", node.log());
+    let body: serde_json::Value = resp.json().await?;
+    assert_eq!(body["errcode"], "M_UNKNOWN");
+    // A whole download is answered while fetched: the verified bytes before the bad block,
+    // then the body is cut, short of its length.
+    let mut resp = node.download(&id).await?;
+    assert_eq!(resp.status(), 200);
+    let mut got = Vec::new();
+    let cut = loop {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => got.extend_from_slice(&chunk),
+            Ok(None) => break false,
+            Err(_) => break true,
+        }
+    };
+    assert!(cut && got.len() < data.len(), "cut at {} of {}", got.len(), data.len());
+    assert!(got[..] == data[..got.len()], "only the file's own bytes, in order");
+    mxcas_tests::wait_for("the second fetch to fail", std::time::Duration::from_secs(10), || async {
+        (metric(&node, "ipfs_fetches", "failed").await.ok()? == 2.0).then_some(())
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}: nothing recorded, so asked again"))?;
     assert!(metric(&node, "gateway_blocks", "bad").await? >= 2.0, "the middle block, from each");
     assert_eq!(metric(&node, "ipfs_fetches", "stored").await?, 0.0);
     // With an honest gateway as well, the same fetch completes and verifies.
@@ -151,5 +172,70 @@ async fn thumbnails_of_ipfs_media_are_made_from_its_verified_bytes() -> anyhow::
     let thumb = image::load_from_memory(&body)?;
     assert_eq!((thumb.width(), thumb.height()), (32, 32), "the 32x32 crop");
     assert_eq!(metric(&node, "ipfs_fetches", "stored").await?, 1.0, "the source was fetched and stored");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_download_gets_ipfs_media_while_it_is_fetched_and_never_more_than_verified() -> anyhow::Result<()> {
+    // 13 leaves of 256 KiB; the gateway never answers for the last, so the fetch cannot end
+    // while the client reads everything before it.
+    let data = test_bytes(75, 3 * 1024 * 1024 + 100);
+    let last_leaf = data.len() - 12 * 256 * 1024;
+    let file = write_temp(&data)?;
+    let held = PlainGateways::start(file.path(), false, &["hold-last"])?;
+    let node = Node::start(NodeOptions {
+        extra: format!("[ipfs]\ngateways = [\"{}\"]\nblock_timeout = \"2s\"\n", held.urls[0]),
+        ..Default::default()
+    })
+    .await?;
+    let id = format!("ipfs:{}", held.root);
+    let mut resp = node.download(&id).await?;
+    assert_eq!(resp.status(), 200, "answered before the fetch ends: {}", node.log());
+    assert_eq!(resp.content_length(), Some(data.len() as u64), "the size the root gave");
+    assert!(resp.headers().get("etag").is_none(), "no ETag before the stored CID is known");
+    let mut got = Vec::new();
+    while got.len() < data.len() - last_leaf {
+        match resp.chunk().await? {
+            Some(chunk) => got.extend_from_slice(&chunk),
+            None => anyhow::bail!("the body ended after {} bytes", got.len()),
+        }
+    }
+    assert!(got[..] == data[..got.len()], "every byte so far is the file's, in order");
+    assert_eq!(
+        metric(&node, "ipfs_fetches", "stored").await?,
+        0.0,
+        "the client has all but the held block, and nothing is stored yet"
+    );
+    // The held block never comes: the body is cut short of its length, nothing is stored.
+    let mut cut = false;
+    loop {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => got.extend_from_slice(&chunk),
+            Ok(None) => break,
+            Err(_) => {
+                cut = true;
+                break;
+            }
+        }
+    }
+    assert!(cut && got.len() < data.len(), "cut at {} of {} bytes", got.len(), data.len());
+    assert_eq!(metric(&node, "ipfs_fetches", "stored").await?, 0.0);
+    drop(node);
+
+    // An honest gateway: the first download streams the whole file, later ones are served
+    // from the store.
+    let ok = PlainGateways::start(file.path(), false, &["ok"])?;
+    let node = node_with(&ok.urls, "").await?;
+    let resp = node.download(&id).await?;
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().get("etag").is_none(), "answered live");
+    assert!(resp.bytes().await?.as_ref() == data.as_slice());
+    mxcas_tests::wait_for("the fetch to be stored", std::time::Duration::from_secs(10), || async {
+        (metric(&node, "ipfs_fetches", "stored").await.ok()? == 1.0).then_some(())
+    })
+    .await?;
+    let resp = node.download(&id).await?;
+    assert!(resp.headers().get("etag").is_some(), "from the store");
+    assert!(resp.bytes().await?.as_ref() == data.as_slice());
     Ok(())
 }

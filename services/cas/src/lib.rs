@@ -30,4 +30,4 @@ pub use profile::{
     CHUNK_SIZE, DAG_PB, Dag, DagBuilder, MAX_LINKS, RAW, SHA2_256, cid_from_digest, cid_of, raw_cid, sha256_digest,
 };
 pub use range::{FileRange, RangeError};
-pub use verified::{Limits, VerifiedBlock, VerifyError};
+pub use verified::{IDENTITY, Limits, VerifiedBlock, VerifyError};

@@ -50,6 +50,8 @@ pub enum VerifyError {
     TooLarge { size: usize, limit: usize },
     #[error("the bytes do not hash to the CID")]
     Mismatch,
+    #[error("a sha2-256 digest of {0} bytes, not 32: no bytes can match it")]
+    TruncatedDigest(u8),
 }
 
 /// A block whose bytes are what its CID names.
@@ -100,6 +102,8 @@ impl VerifiedBlock {
     pub fn supported(cid: &Cid) -> Result<(), VerifyError> {
         check_codec(cid)?;
         match cid.hash().code() {
+            // A truncated sha2-256 digest can never be matched: no block proves it.
+            SHA2_256 if cid.hash().size() != 32 => Err(VerifyError::TruncatedDigest(cid.hash().size())),
             SHA2_256 | IDENTITY => Ok(()),
             other => Err(VerifyError::UnsupportedHash(other)),
         }
@@ -139,8 +143,9 @@ mod tests {
         assert_eq!(VerifiedBlock::verify(cbor, b"hello".to_vec(), &l), Err(VerifyError::UnsupportedCodec(0x71)));
         let blake3 = Cid::new_v1(RAW, Multihash::wrap(0x1e, &[0; 32]).expect("digest"));
         assert_eq!(VerifiedBlock::verify(blake3, b"x".to_vec(), &l), Err(VerifyError::UnsupportedHash(0x1e)));
-        // A sha2-256 multihash with a short digest never matches.
+        // A sha2-256 multihash with a short digest never matches, and is not even asked for.
         let short = Cid::new_v1(RAW, Multihash::wrap(SHA2_256, &Sha256::digest(b"x")[..16]).expect("digest"));
+        assert_eq!(VerifiedBlock::supported(&short), Err(VerifyError::TruncatedDigest(16)));
         assert_eq!(VerifiedBlock::verify(short, b"x".to_vec(), &l), Err(VerifyError::Mismatch));
         let small = Limits { max_block_size: 4, ..l };
         assert!(matches!(VerifiedBlock::verify(cid, b"hello".to_vec(), &small), Err(VerifyError::TooLarge { .. })));

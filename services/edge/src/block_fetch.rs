@@ -98,6 +98,11 @@ pub enum FetchError {
     Stuck,
     #[error("the fetch ended without an answer")]
     Ended,
+    /// Every source failed or was dropped before a block was found.
+    #[error("every source failed or sent bad blocks ({0} asked)")]
+    SourcesFailed(usize),
+    #[error("the fetch took longer than it may")]
+    Deadline,
 }
 
 /// What a fetch reports, in order: the file's size once the root is in, then the range's
@@ -162,20 +167,27 @@ pub fn fetch(
 
 /// The file a fetch delivers: its size (known once the root is in, before any byte is read),
 /// and its bytes, a stream that ends only once it has delivered that many (anything shorter
-/// ends in an error, so a short file is never taken for the whole).
+/// ends in an error, so a short file is never taken for the whole). Past `deadline` the
+/// stream ends in an error too: whoever reads it (the store) sees a failed body and cleans up,
+/// rather than being dropped mid-write.
 pub async fn into_body(
     mut rx: Receiver,
+    deadline: tokio::time::Instant,
 ) -> Result<(u64, impl futures::Stream<Item = Result<Bytes, String>> + Send + Unpin + 'static), FetchError> {
-    let size = match rx.recv().await {
-        Some(Ok(Fetched::Size(size))) => size,
-        Some(Err(e)) => return Err(e),
-        Some(Ok(Fetched::Bytes(_))) | None => return Err(FetchError::Ended),
+    let size = match tokio::time::timeout_at(deadline, rx.recv()).await {
+        Ok(Some(Ok(Fetched::Size(size)))) => size,
+        Ok(Some(Err(e))) => return Err(e),
+        Ok(Some(Ok(Fetched::Bytes(_))) | None) => return Err(FetchError::Ended),
+        Err(_) => return Err(FetchError::Deadline),
     };
     let body = futures::stream::unfold((rx, 0u64, false), move |(mut rx, got, over)| async move {
         if over {
             return None;
         }
-        match rx.recv().await {
+        let Ok(next) = tokio::time::timeout_at(deadline, rx.recv()).await else {
+            return Some((Err(FetchError::Deadline.to_string()), (rx, got, true)));
+        };
+        match next {
             Some(Ok(Fetched::Bytes(b))) => {
                 let got = got + b.len() as u64;
                 Some((Ok(b), (rx, got, false)))
@@ -249,6 +261,9 @@ async fn run(
                 continue;
             }
             let Some(s) = pick(&sources, &want.tried, config.per_source) else {
+                if usable(&sources).next().is_none() {
+                    break 'fetch Err(FetchError::SourcesFailed(sources.len()));
+                }
                 if want.asking.is_empty() && usable(&sources).all(|i| want.tried.contains(&i)) {
                     break 'fetch Err(FetchError::NoSource { cid: *cid, tried: want.tried.len() });
                 }

@@ -72,8 +72,10 @@ pub struct MediaConfig {
     pub freeze_legacy_download_after: String,
     /// Who may use the IPFS trustless gateway (`/ipfs/{cid}`, raw blocks and CARs of stored
     /// content): `public` (anyone who knows a CID), `authenticated` (an access token, as for
-    /// media downloads) or `off`. Default `authenticated`: knowing a hash is not always
-    /// enough (see docs/decentralisation.md). Tenants may override it.
+    /// media downloads), `federation` (an access token, or a request another Matrix server
+    /// signed for this tenant: what lets other mxcas clusters fetch blocks from this one when
+    /// a media's origin cannot serve it) or `off`. Default `authenticated`: knowing a hash is
+    /// not always enough (see docs/decentralisation.md). Tenants may override it.
     pub ipfs_gateway: GatewayAccess,
 }
 
@@ -84,6 +86,7 @@ pub enum GatewayAccess {
     Public,
     #[default]
     Authenticated,
+    Federation,
     Off,
 }
 

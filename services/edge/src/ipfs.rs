@@ -23,8 +23,11 @@ use mxcas_meta::MediaKey;
 
 use crate::api::AppState;
 use crate::api::error::ApiError;
+use tokio::sync::oneshot;
+
 use crate::block_fetch::{self, FetchConfig, FetchError, Source};
 use crate::config::IpfsConfig;
+use crate::flight::{Arrival, Live};
 use crate::media::Resolved;
 use crate::metrics::ResultLabels;
 use crate::remote::bad_gateway;
@@ -88,11 +91,12 @@ pub async fn resolve(
     key: &MediaKey,
     cid: Cid,
     tenant: &Arc<crate::tenants::Tenant>,
-) -> Result<Resolved, ApiError> {
+    want_live: bool,
+) -> Result<Arrival, ApiError> {
     if state.media.local.contains(&key.server_name) {
         let plain = MediaKey::new(key.server_name.clone(), crate::gateway::as_v1(&cid).to_string());
         if let Some(r) = state.media.resolve_remote(&plain).await? {
-            return Ok(r);
+            return Ok(Arrival::Held(r));
         }
     }
     if state.ipfs.sources.is_empty() {
@@ -105,11 +109,10 @@ pub async fn resolve(
         return Err(bad_gateway(format!("The CID is of a kind mxcas cannot check ({e}): it is not fetched")));
     }
     let (owned, fetch_key, limit) = (state.clone(), key.clone(), tenant.max_upload_size);
-    crate::remote::single_flight(state, key, async move {
-        let timeout = owned.ipfs.fetch_timeout;
-        tokio::time::timeout(timeout, fetch(&owned, &fetch_key, cid, limit)).await.unwrap_or_else(|_| {
-            Err(bad_gateway(format!("The IPFS gateways did not deliver the media within {timeout:?}")))
-        })
+    crate::remote::single_flight(state, format!("mxc://{key}"), want_live, move |live| async move {
+        // The deadline ends the block stream, so the store sees a failed body and cleans up.
+        let deadline = tokio::time::Instant::now() + owned.ipfs.fetch_timeout;
+        fetch(&owned, &fetch_key, cid, limit, live, deadline).await
     })
     .await
 }
@@ -141,10 +144,17 @@ fn fetch_error(state: &AppState, root: &Cid, e: FetchError) -> ApiError {
     }
 }
 
-async fn fetch(state: &AppState, key: &MediaKey, cid: Cid, limit: u64) -> Result<Resolved, ApiError> {
+async fn fetch(
+    state: &AppState,
+    key: &MediaKey,
+    cid: Cid,
+    limit: u64,
+    live: Option<oneshot::Sender<Live>>,
+    deadline: tokio::time::Instant,
+) -> Result<Resolved, ApiError> {
     let (rx, report) = block_fetch::fetch(state.ipfs.sources.clone(), cid, 0..u64::MAX, state.ipfs.fetch.clone())
         .map_err(|e| fetch_error(state, &cid, e))?;
-    let stored = store(state, key, cid, limit, rx).await;
+    let stored = store(state, key, cid, limit, rx, live, deadline).await;
     let sources = report.await.unwrap_or_default();
     tracing::info!(mxc = %key, ok = stored.is_ok(), ?sources, "IPFS media fetched from gateways");
     count_blocks(state, &sources);
@@ -161,13 +171,19 @@ async fn store(
     cid: Cid,
     limit: u64,
     rx: block_fetch::Receiver,
+    live: Option<oneshot::Sender<Live>>,
+    deadline: tokio::time::Instant,
 ) -> Result<Resolved, ApiError> {
     // The root comes first, and with it the file's size: over the limit, nothing more is read.
-    let (size, body) = block_fetch::into_body(rx).await.map_err(|e| fetch_error(state, &cid, e))?;
+    let (size, body) = block_fetch::into_body(rx, deadline).await.map_err(|e| fetch_error(state, &cid, e))?;
     if size > limit {
         count(state, "too_large");
         return Err(ApiError::remote_too_large(limit));
     }
+    let body = match live {
+        Some(live) => crate::flight::tee(body, size, live, |head| crate::remote::live_type(key, head)).await,
+        None => Box::pin(body),
+    };
     let stored = state.media.store_remote(key, None, body, limit, true).await;
     if stored.as_ref().is_err_and(|e| e.status == StatusCode::BAD_GATEWAY) {
         count(state, "failed");

@@ -17,6 +17,7 @@ pub mod block_index;
 pub mod cache;
 pub mod config;
 pub mod federation;
+pub mod flight;
 pub mod gateway;
 pub mod http_server;
 pub mod ingest;
@@ -168,10 +169,7 @@ pub async fn start(
         metrics,
         gateway: crate::gateway::Gateway::new(),
         federation: crate::federation::Federation::new(&settings.federation).map_err(EdgeError::Config)?,
-        remote_fetches: moka::future::Cache::builder()
-            .max_capacity(10_000)
-            .time_to_live(std::time::Duration::from_secs(60))
-            .build(),
+        flights: Arc::default(),
         remote_slots: Arc::new(tokio::sync::Semaphore::new(crate::remote::MAX_FETCHES)),
         ipfs: crate::ipfs::Ipfs::new(&settings.ipfs).map_err(EdgeError::Config)?,
     });

@@ -471,7 +471,7 @@ impl MediaService {
             self.store.delete_later(objects);
             self.count_remote("mismatch");
             tracing::warn!(mxc = %key, got = %ingested.content.cid,
-                "a remote server served bytes that do not match the media ID (a CID); discarded");
+                "a remote server served bytes that mxcas's profile does not give the media ID (a CID): a lie, or another chunking; discarded (its blocks may still prove it)");
             return Err(ApiError::new(
                 axum::http::StatusCode::BAD_GATEWAY,
                 "M_UNKNOWN",

@@ -25,20 +25,25 @@
 //! is down, backed off, answers 404 or an error, or serves bytes that are not that CID) is
 //! fetched by blocks ([`crate::block_fetch`]) from the trustless gateways (`/ipfs/`) of the
 //! origin, unless it failed to answer, of the `via` servers the client named, and of the
-//! servers of the room the client names, in that order, all at once, each request signed with `X-Matrix` and each block verified against
-//! the DAG the media ID names before it is kept; a source that sends a block that does not
-//! verify is dropped (and logged), its blocks asked of the others. A CID the origin's whole
-//! bytes cannot be checked against (a layout or chunking other than mxcas's, CIDv0) is
-//! fetched by blocks only. A `via` is never passed on: the servers asked serve what they
-//! hold (a gateway never fetches), so one download makes no chain of requests. Opaque media
-//! IDs come from their origin only.
+//! servers of the room the client names, in that order, all at once, each request signed
+//! with `X-Matrix` and each block verified against the DAG the media ID names before it is
+//! kept; a source that sends a block that does not verify is dropped (and logged), its blocks
+//! asked of the others. The origin's whole bytes are checked against the CID as mxcas's
+//! profile computes it, so those of another chunking or layout (CIDv0, the IPFS importer's
+//! defaults) are discarded there as not proven, and then come by blocks; an identity CID
+//! carries its bytes and needs no source. A `via` is never passed on: the servers asked serve
+//! what they hold (a gateway never fetches), so one download makes no chain of requests.
+//! Opaque media IDs come from their origin only.
 //!
 //! A `room` and `event` hint adds that room's servers, asked of the requester's homeserver
 //! with the requester's token (so only rooms the user can see count): those in the room at the
 //! event and now first, then those in it now only, then those in it then only.
 //!
-//! Not yet: streaming to the client while fetching, one fetch
-//! cluster-wide, a quota on fetched bytes.
+//! Media fetched by blocks is streamed to the download that started the fetch as it is
+//! stored ([`crate::flight`]); media fetched whole from the origin is checked, stored, then
+//! served (its CID proves it only once every byte is in).
+//!
+//! Not yet: one fetch cluster-wide, a quota on fetched bytes.
 
 use std::sync::Arc;
 
@@ -49,8 +54,11 @@ use mxcas_federation::multipart::{self, Event, MediaPart, MultipartReader};
 use mxcas_federation::x_matrix;
 use mxcas_meta::MediaKey;
 
+use tokio::sync::oneshot;
+
 use crate::api::AppState;
 use crate::api::error::ApiError;
+use crate::flight::{Arrival, Live};
 use crate::media::Resolved;
 
 /// Remote media fetches in flight at once on this edge.
@@ -75,7 +83,8 @@ pub async fn fetch(
     key: &MediaKey,
     tenant: &Arc<crate::tenants::Tenant>,
     hints: Hints,
-) -> Result<Resolved, ApiError> {
+    want_live: bool,
+) -> Result<Arrival, ApiError> {
     if tenant.signing_key.is_none() {
         return Err(ApiError::not_found(format!(
             "Media from {} is not held here, and {} has no signing key here to fetch it over federation",
@@ -99,7 +108,11 @@ pub async fn fetch(
     // Only content that proves itself may come from anyone but its origin.
     let hints = if named.is_some() { hints } else { Hints::default() };
     let (state_key, signer, owned) = (key.clone(), tenant.clone(), state.clone());
-    single_flight(state, key, async move { fetch_uncached(&owned, &state_key, &signer, named, hints).await }).await
+    let flight = format!("mxc://{key}");
+    single_flight(state, flight, want_live, move |live| async move {
+        fetch_uncached(&owned, &state_key, &signer, named, hints, live).await
+    })
+    .await
 }
 
 /// Most `via` servers asked for one media.
@@ -135,27 +148,21 @@ impl std::fmt::Debug for RoomHint {
 
 impl RoomHint {
     /// The `room` and `event` parameters of a download by the holder of `token`, if both are
-    /// given (one without the other, or either malformed, is the client's error).
-    pub fn of(
-        query: &std::collections::BTreeMap<String, String>,
-        token: Option<&str>,
-    ) -> Result<Option<Self>, ApiError> {
-        let (room, event) = match (query.get("room"), query.get("event")) {
-            (None, None) => return Ok(None),
-            (Some(room), Some(event)) => (room, event),
-            _ => return Err(ApiError::bad_request("M_INVALID_PARAM", "room and event are given together")),
-        };
-        let well_formed =
-            |id: &str, sigil: char| id.starts_with(sigil) && id.len() <= 255 && !id.contains(['/', '?', '#']);
+    /// given and look like a room and an event ID (a hint is advice: one that is not is
+    /// ignored, never the download's failure).
+    pub fn of(query: &std::collections::BTreeMap<String, String>, token: Option<&str>) -> Option<Self> {
+        let (room, event) = (query.get("room")?, query.get("event")?);
+        let well_formed = |id: &str, sigil: char| id.starts_with(sigil) && id.len() > 1 && id.len() <= 255;
         if !well_formed(room, '!') || !well_formed(event, '$') {
-            return Err(ApiError::bad_request("M_INVALID_PARAM", "Malformed room or event ID"));
+            tracing::debug!(%room, %event, "a room hint that names no room or event; ignored");
+            return None;
         }
-        Ok(token.map(|token| Self {
+        Some(Self {
             room: room.clone(),
             event: event.clone(),
-            token: token.to_owned(),
+            token: token?.to_owned(),
             masquerade: query.get("user_id").cloned(),
-        }))
+        })
     }
 }
 
@@ -185,27 +192,35 @@ fn add_servers(
     }
 }
 
-/// Runs `fetch` (of remote or IPFS media `key`) once on this edge however many downloads ask
-/// for it meanwhile (they all get its answer), holding one of the edge's [`MAX_FETCHES`]
-/// slots. It runs as a task of its own, so a requester that goes away does not abort it for
-/// the others.
-pub(crate) async fn single_flight<F>(state: &AppState, key: &MediaKey, fetch: F) -> Result<Resolved, ApiError>
+/// Runs `fetch` (of remote or IPFS media, `flight` naming what it fetches) once on this edge
+/// however many downloads ask for it meanwhile ([`crate::flight`]); the download that starts
+/// it gets its bytes as they arrive if it streams them and `want_live`.
+pub(crate) async fn single_flight<F, Fut>(
+    state: &AppState,
+    flight: String,
+    want_live: bool,
+    fetch: F,
+) -> Result<Arrival, ApiError>
 where
-    F: std::future::Future<Output = Result<Resolved, ApiError>> + Send + 'static,
+    F: FnOnce(Option<oneshot::Sender<Live>>) -> Fut,
+    Fut: std::future::Future<Output = Result<Resolved, ApiError>> + Send + 'static,
 {
-    let flight = state.remote_fetches.clone();
-    let slots = state.remote_slots.clone();
-    let result = flight
-        .try_get_with(key.clone(), async move {
-            let task = tokio::spawn(async move {
-                let _slot = slots.acquire_owned().await.map_err(|_| ApiError::unavailable("Shutting down", 1000))?;
-                fetch.await.map(Arc::new)
-            });
-            task.await.unwrap_or_else(|e| Err(ApiError::internal(format!("remote fetch failed: {e}"))))
-        })
-        .await;
-    flight.invalidate(key).await;
-    result.map(|r| (*r).clone()).map_err(|e| (*e).clone())
+    let joined = state.flights.join(flight, &state.remote_slots, |live| fetch(want_live.then_some(live)));
+    joined.wait(want_live).await
+}
+
+/// What bytes fetched for `key` will be served as, from their first bytes (as
+/// [`crate::media::MediaService::store_remote`] decides, for a live answer before they are
+/// stored): media named by the CID mxcas writes is typed by its bytes; other media IDs by
+/// their format if recognised.
+pub(crate) fn live_type(key: &MediaKey, head: &[u8]) -> String {
+    let as_ours = cid::Cid::try_from(key.media_id.as_str())
+        .is_ok_and(|c| c.version() == cid::Version::V1 && c.to_string() == key.media_id && checkable(&c));
+    if as_ours {
+        crate::sniff::by_bytes(head).to_owned()
+    } else {
+        crate::sniff::for_reserved(head, "application/octet-stream".to_owned())
+    }
 }
 
 /// Whether mxcas can prove bytes are what a CID names by computing its own CID of them: the
@@ -222,15 +237,18 @@ fn valid_type(declared: Option<String>) -> Option<String> {
 }
 
 /// The origin first; then, for media named by a CID, the blocks of its DAG from the gateways
-/// of the origin (if it answers at all) and the `via` servers, all at once, each block
-/// verified as it arrives. A CID whose bytes mxcas cannot check whole (another layout or
-/// chunking) is fetched by blocks only.
+/// of the origin (if it answers at all), the `via` servers and the room's servers, all at
+/// once, each block verified as it arrives. The origin's whole bytes are checked against the
+/// CID as mxcas computes it, so media of another chunking or layout is discarded there (it
+/// cannot be proven whole) and then comes by blocks. A CID mxcas's profile never makes whole
+/// (an identity CID, which carries its bytes) is read by blocks only.
 async fn fetch_uncached(
     state: &AppState,
     key: &MediaKey,
     signer: &crate::tenants::Tenant,
     named: Option<cid::Cid>,
     hints: Hints,
+    live: Option<oneshot::Sender<Live>>,
 ) -> Result<Resolved, ApiError> {
     let whole = named.as_ref().is_none_or(checkable);
     let from_origin = if whole { Some(from_origin(state, key, signer).await) } else { None };
@@ -242,6 +260,9 @@ async fn fetch_uncached(
     let Some(root) = named else {
         return Err(origin_failed.expect("an opaque media ID is asked of its origin"));
     };
+    // From here on one deadline bounds the fallback, whatever it waits on: discovery, the
+    // homeserver, the blocks (whose stream then fails, so the store cleans up).
+    let deadline = tokio::time::Instant::now() + state.federation.remote_media_timeout();
     // An origin that did not answer is not asked again; one that answered without the bytes
     // (or with bytes of another layout than ours) may still serve its blocks.
     let mut servers: Vec<String> = Vec::new();
@@ -250,14 +271,16 @@ async fn fetch_uncached(
     }
     add_servers(state, key, &mut servers, hints.via, MAX_VIA);
     if let Some(hint) = &hints.room {
-        let in_room = signer.auth.room_servers(&hint.token, hint.masquerade.as_deref(), &hint.room, &hint.event).await;
+        let lookup = signer.auth.room_servers(&hint.token, hint.masquerade.as_deref(), &hint.room, &hint.event);
+        let in_room = tokio::time::timeout_at(deadline, lookup).await.unwrap_or_default();
         tracing::debug!(mxc = %key, room = ?hint, servers = ?in_room, "servers of a room hint");
         add_servers(state, key, &mut servers, in_room, MAX_ROOM_SERVERS);
     }
-    if servers.is_empty() {
-        return Err(origin_failed.expect("the origin was asked"));
+    let identity = root.hash().code() == mxcas_cas::IDENTITY;
+    if servers.is_empty() && !identity {
+        return Err(origin_failed.unwrap_or_else(|| unreachable_origin(state, &key.server_name)));
     }
-    match by_blocks(state, key, signer, root, &servers).await {
+    match by_blocks(state, key, signer, root, &servers, live, deadline).await {
         Ok(r) => Ok(r),
         // No source had it at all: the origin's answer says most.
         Err(e) if e.status == StatusCode::NOT_FOUND && origin_failed.is_some() => Err(origin_failed.expect("checked")),
@@ -265,67 +288,91 @@ async fn fetch_uncached(
     }
 }
 
+/// The answer for an origin that is left alone after failing to answer.
+fn unreachable_origin(state: &AppState, origin: &str) -> ApiError {
+    let mut e = bad_gateway(format!("{origin} failed to answer lately; it is asked again later"));
+    e.retry_after_ms = state.federation.backed_off(origin).map(|left| left.as_millis() as u64 + 1);
+    e
+}
+
 /// `key`'s bytes from the trustless gateways of `servers` (Matrix servers, asked with signed
-/// requests at their federation addresses), verified block by block against `root`.
+/// requests at their federation addresses, found all at once), verified block by block
+/// against `root`, by `deadline`. A server that cannot be reached, or fails every block it
+/// is asked for, is left alone for a while like an origin that fails.
 async fn by_blocks(
     state: &AppState,
     key: &MediaKey,
     signer: &crate::tenants::Tenant,
     root: cid::Cid,
     servers: &[String],
+    live: Option<oneshot::Sender<Live>>,
+    deadline: tokio::time::Instant,
 ) -> Result<Resolved, ApiError> {
     let fed = &state.federation;
     let signing_key = signer.signing_key.clone().expect("chosen for its key");
+    let asked: Vec<&String> = servers.iter().filter(|s| fed.backed_off(s).is_none()).collect();
+    let found = tokio::time::timeout_at(deadline, futures::future::join_all(asked.iter().map(|s| fed.target(s))))
+        .await
+        .unwrap_or_default();
+    let mut names = Vec::new();
     let mut sources = Vec::new();
-    for server in servers {
-        if fed.backed_off(server).is_some() {
-            continue;
-        }
-        match fed.target(server).await {
-            Ok(target) => sources.push(crate::block_fetch::Source {
-                base: target.base,
-                http: fed.http().clone(),
-                signed: Some(Arc::new(crate::block_fetch::Signed {
-                    key: signing_key.clone(),
-                    origin: signer.server_name.clone(),
-                    destination: server.clone(),
-                    host: target.host,
-                })),
-            }),
-            Err(e) => tracing::info!(%server, error = %e, "cannot reach a fallback media server"),
+    for (server, target) in asked.into_iter().zip(found) {
+        match target {
+            Ok(target) => {
+                names.push(server.clone());
+                sources.push(crate::block_fetch::Source {
+                    base: target.base,
+                    http: fed.http().clone(),
+                    signed: Some(Arc::new(crate::block_fetch::Signed {
+                        key: signing_key.clone(),
+                        origin: signer.server_name.clone(),
+                        destination: server.clone(),
+                        host: target.host,
+                    })),
+                });
+            }
+            Err(e) => {
+                tracing::info!(%server, error = %e, "cannot reach a server that may hold remote media");
+                if matches!(e, crate::federation::FederationError::Unreachable { .. }) {
+                    fed.failed(server);
+                }
+            }
         }
     }
-    if sources.is_empty() {
+    if sources.is_empty() && root.hash().code() != mxcas_cas::IDENTITY {
         return Err(bad_gateway("None of the servers that may hold this media can be reached"));
     }
     let limit = signer.max_upload_size;
-    let fetch = async {
-        let (rx, report) = crate::block_fetch::fetch(sources, root, 0..u64::MAX, state.ipfs.fetch_config().clone())
-            .map_err(|e| bad_gateway(format!("The media's DAG cannot be fetched: {e}")))?;
-        let stored = async {
-            let (size, body) = crate::block_fetch::into_body(rx).await.map_err(|e| match e {
-                crate::block_fetch::FetchError::NoSource { cid, .. }
-                    if crate::gateway::as_v1(&cid) == crate::gateway::as_v1(&root) =>
-                {
-                    ApiError::not_found("No server that may hold this media has it")
-                }
-                e => bad_gateway(format!("The media could not be fetched from verified blocks: {e}")),
-            })?;
-            if size > limit {
-                return Err(ApiError::remote_too_large(limit));
+    let (rx, report) = crate::block_fetch::fetch(sources, root, 0..u64::MAX, state.ipfs.fetch_config().clone())
+        .map_err(|e| bad_gateway(format!("The media's DAG cannot be read: {e}")))?;
+    let stored = async {
+        let (size, body) = crate::block_fetch::into_body(rx, deadline).await.map_err(|e| match e {
+            crate::block_fetch::FetchError::NoSource { cid, .. }
+                if crate::gateway::as_v1(&cid) == crate::gateway::as_v1(&root) =>
+            {
+                ApiError::not_found("No server that may hold this media has it")
             }
-            state.media.store_remote(key, None, body, limit, true).await
+            e => bad_gateway(format!("The media could not be fetched from verified blocks: {e}")),
+        })?;
+        if size > limit {
+            return Err(ApiError::remote_too_large(limit));
         }
-        .await;
-        let sources = report.await.unwrap_or_default();
-        tracing::info!(mxc = %key, ok = stored.is_ok(), ?sources, "remote media fetched by blocks");
-        crate::ipfs::count_blocks(state, &sources);
-        stored
-    };
-    let timeout = fed.remote_media_timeout();
-    tokio::time::timeout(timeout, fetch)
-        .await
-        .unwrap_or_else(|_| Err(bad_gateway(format!("The media's blocks did not arrive within {timeout:?}"))))
+        let body = match live {
+            Some(live) => crate::flight::tee(body, size, live, |head| live_type(key, head)).await,
+            None => Box::pin(body),
+        };
+        state.media.store_remote(key, None, body, limit, true).await
+    }
+    .await;
+    let reports = report.await.unwrap_or_default();
+    tracing::info!(mxc = %key, ok = stored.is_ok(), sources = ?reports, "remote media fetched by blocks");
+    crate::ipfs::count_blocks(state, &reports);
+    for (server, r) in names.iter().zip(&reports) {
+        if r.blocks == 0 && r.failures >= crate::block_fetch::MAX_FAILURES {
+            fed.failed(server);
+        }
+    }
+    stored
 }
 
 /// The origin's federation download of `key`, checked whole against the media ID if that is

@@ -121,7 +121,13 @@ impl Authenticator {
     /// there, `/context`) and now (`/joined_members`). Empty without a homeserver (static
     /// tokens), or when the homeserver answers neither (the user is not in the room, say).
     pub async fn room_servers(&self, token: &str, masquerade: Option<&str>, room: &str, event: &str) -> Vec<String> {
-        let Some(hs) = &self.homeserver else { return Vec::new() };
+        // A static token is this edge's own: it never goes to the homeserver.
+        let Some(hs) = self.homeserver.as_ref().filter(|_| !self.static_tokens.contains_key(&digest(token, None)))
+        else {
+            return Vec::new();
+        };
+        // Each lookup reads a room's whole state: a few at a time, whoever asks.
+        let Ok(_slot) = hs.room_lookups.acquire().await else { return Vec::new() };
         let (then, now) =
             tokio::join!(hs.members_at(token, masquerade, room, event), hs.joined_now(token, masquerade, room));
         for (what, result) in [("at the event", &then), ("now", &now)] {
@@ -333,7 +339,13 @@ struct Homeserver {
     /// Bounds the checks in flight: a flood of made-up tokens costs the homeserver at most
     /// this many lookups at a time, and the rest are answered 503 at once.
     in_flight: tokio::sync::Semaphore,
+    /// Room membership lookups (room hints) in flight at once: [`ROOM_LOOKUPS`].
+    room_lookups: tokio::sync::Semaphore,
 }
+
+/// Room hint lookups in flight at once per tenant on an edge (each reads up to two answers of
+/// [`MAX_ROOM_BODY`]).
+const ROOM_LOOKUPS: usize = 4;
 
 impl Homeserver {
     /// The client of the homeserver at `url`, with `c`'s cache and limits.
@@ -359,7 +371,8 @@ impl Homeserver {
             .expire_after(ByVerdict { ttl: c.cache_ttl, negative_ttl: c.negative_cache_ttl })
             .build();
         let in_flight = tokio::sync::Semaphore::new(c.max_concurrent_checks.max(1));
-        Ok(Self { base, whoami, http, server_name: server_name.to_owned(), cache, in_flight })
+        let room_lookups = tokio::sync::Semaphore::new(ROOM_LOOKUPS);
+        Ok(Self { base, whoami, http, server_name: server_name.to_owned(), cache, in_flight, room_lookups })
     }
 
     async fn whoami(&self, token: &str, masquerade: Option<&str>) -> Result<Verdict, ApiError> {

@@ -25,6 +25,7 @@ use super::error::ApiError;
 use super::headers::{content_disposition, insert, media_headers, not_modified, wait_of};
 use super::range::{RangeDecision, decide};
 use crate::cache::{BlockCache, BlockError};
+use crate::flight::{Arrival, Live};
 use crate::media::Resolved;
 
 #[derive(Deserialize)]
@@ -44,7 +45,7 @@ pub async fn download_v1(
 ) -> Result<Response, ApiError> {
     super::authorize_media(&state, &headers, &query).await?;
     let Path(path) = path.map_err(super::path_error)?;
-    let hints = hints_of(&headers, &query, raw.as_deref())?;
+    let hints = hints_of(&headers, &query, raw.as_deref());
     serve(&state, method, &headers, path, &query, hints, false).await
 }
 
@@ -53,11 +54,11 @@ pub(super) fn hints_of(
     headers: &HeaderMap,
     query: &BTreeMap<String, String>,
     raw: Option<&str>,
-) -> Result<crate::remote::Hints, ApiError> {
-    Ok(crate::remote::Hints {
+) -> crate::remote::Hints {
+    crate::remote::Hints {
         via: via_of(raw),
-        room: crate::remote::RoomHint::of(query, super::auth::access_token(headers, query))?,
-    })
+        room: crate::remote::RoomHint::of(query, super::auth::access_token(headers, query)),
+    }
 }
 
 /// The `via` parameters of a query (MSC2846: servers that may hold remote media, in the order
@@ -93,8 +94,13 @@ async fn serve(
 ) -> Result<Response, ApiError> {
     let wait = wait_of(query, state.media.config.max_download_wait)?;
     let key = checked_key(path.server_name, path.media_id)?;
-    let resolved = resolve(state, headers, &key, wait, hints, legacy).await?;
     let file_name = path.file_name.as_deref();
+    // A whole GET of media fetched now may be answered while it is fetched.
+    let want_live = method == Method::GET && !headers.contains_key(header::RANGE);
+    let resolved = match resolve(state, headers, &key, wait, hints, legacy, want_live).await? {
+        Arrival::Held(r) => r,
+        Arrival::Live(live) => return Ok(respond_live(live, file_name)),
+    };
     // A missing or corrupt first block may mean the record moved (repaired by a re-upload)
     // since this edge read it: ask again once, then answer the loss.
     // A record marked lost is still tried: the mark is a report, the read is the proof.
@@ -132,7 +138,8 @@ pub(super) fn checked_key(server_name: String, media_id: String) -> Result<Media
 /// The record of `key` for a client's download or thumbnail: local media (waiting up to
 /// `wait` for one not uploaded yet), `ipfs:` media from the IPFS gateways, or remote media
 /// from its origin or the servers `hints` names, fetched for the user of the request's
-/// tenant unless held already. The legacy endpoints never fetch.
+/// tenant unless held already. The legacy endpoints never fetch. With `want_live`, a fetch
+/// this request starts may answer its bytes as they arrive.
 pub(super) async fn resolve(
     state: &Arc<AppState>,
     headers: &HeaderMap,
@@ -140,28 +147,40 @@ pub(super) async fn resolve(
     wait: std::time::Duration,
     hints: crate::remote::Hints,
     legacy: bool,
-) -> Result<crate::media::Resolved, ApiError> {
+    want_live: bool,
+) -> Result<Arrival, ApiError> {
     if let Some(cid) = crate::ipfs::media_cid(&key.media_id).transpose()? {
         // IPFS media comes from the gateways, whatever server the URI names (the legacy
         // endpoints serve only what is held, like remote media).
         return match state.media.resolve_remote(key).await? {
-            Some(r) if !(legacy && state.media.frozen(&r)) => Ok(r),
+            Some(r) if !(legacy && state.media.frozen(&r)) => Ok(Arrival::Held(r)),
             Some(_) => Err(ApiError::not_found("Media not found")),
             None if legacy => Err(ApiError::not_found("Media not found")),
-            None => crate::ipfs::resolve(state, key, cid, state.tenants.for_request(headers)?).await,
+            None => crate::ipfs::resolve(state, key, cid, state.tenants.for_request(headers)?, want_live).await,
         };
     }
     if state.media.local.contains(&key.server_name) {
-        return state.media.resolve(key, wait, legacy).await;
+        return state.media.resolve(key, wait, legacy).await.map(Arrival::Held);
     }
     match state.media.resolve_remote(key).await? {
         // The legacy endpoints never reach out to other servers: only what this cluster
         // already holds, and frozen like local media (by when it was fetched).
         Some(r) if legacy && state.media.frozen(&r) => Err(ApiError::not_found("Media not found")),
-        Some(r) => Ok(r),
+        Some(r) => Ok(Arrival::Held(r)),
         None if legacy => Err(ApiError::not_found("Media not found")),
-        None => crate::remote::fetch(state, key, state.tenants.for_request(headers)?, hints).await,
+        None => crate::remote::fetch(state, key, state.tenants.for_request(headers)?, hints, want_live).await,
     }
+}
+
+/// A download answered while its media is fetched ([`crate::flight`]): the whole file, its
+/// bytes verified as they arrive. No `ETag` (the stored CID is not known yet) and no ranges.
+fn respond_live(live: Live, file_name: Option<&str>) -> Response {
+    let mut h = media_headers("\"\"", false);
+    h.remove(header::ETAG);
+    insert(&mut h, header::CONTENT_TYPE, &live.content_type);
+    insert(&mut h, header::CONTENT_DISPOSITION, &content_disposition(&live.content_type, file_name));
+    insert(&mut h, header::CONTENT_LENGTH, &live.size.to_string());
+    (StatusCode::OK, h, Body::from_stream(live.body())).into_response()
 }
 
 /// Why a response could not be made.

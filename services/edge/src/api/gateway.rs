@@ -2,9 +2,9 @@
 //! responses): a raw block (`format=raw`, `application/vnd.ipld.raw`) or a CARv1
 //! (`format=car`, `application/vnd.ipld.car`; `dag-scope`, `entity-bytes`, `order=dfs`,
 //! `dups=y|n`) of any block of any stored DAG. Who may use it is the tenant's
-//! `ipfs_gateway` setting (`authenticated`: an access token, as for media, or a request signed
-//! with `X-Matrix` by another Matrix server, as for federation media); `bafkqaaa` (the empty
-//! identity CID) answers the spec's probe. The gateway serves what is stored and never fetches.
+//! `ipfs_gateway` setting (`authenticated`: an access token, as for media; `federation`: that,
+//! or a request signed with `X-Matrix` by another Matrix server for this tenant, as for
+//! federation media); `bafkqaaa` (the empty identity CID) answers the spec's probe. The gateway serves what is stored and never fetches.
 //!
 //! Errors are plain text, as gateways answer them; an access refusal is the media API's
 //! Matrix JSON (it is the media API's authentication). A CAR's `Content-Length` is known
@@ -98,31 +98,9 @@ async fn serve(
         Ok(t) => t,
         Err(e) => return e.into_response(),
     };
-    match tenant.ipfs_gateway {
-        GatewayAccess::Off => {
-            count(state, "refused");
-            return refuse(StatusCode::NOT_FOUND, "The IPFS gateway is off on this server").into_response();
-        }
-        GatewayAccess::Authenticated => {
-            // Users as for media downloads; other Matrix servers as for federation media
-            // (a request signed with `X-Matrix` for one of our names): the blocks a server
-            // fetches for its users when a media's origin cannot serve it (MSC2846).
-            let checked = if super::federation::is_signed(headers) {
-                super::federation::authenticated(state, method, uri, headers).await.map(|(origin, _)| {
-                    tracing::debug!(%origin, cid, "IPFS gateway request of a federating server");
-                })
-            } else {
-                match tenant.auth.authenticate(headers, query).await {
-                    Ok(caller) => tenant.download_limit.check(&caller.user_id),
-                    Err(e) => Err(e),
-                }
-            };
-            if let Err(e) = checked {
-                count(state, "refused");
-                return e.into_response();
-            }
-        }
-        GatewayAccess::Public => {}
+    if let Err(refusal) = admit(state, tenant.as_ref(), method, uri, headers, query).await {
+        count(state, "refused");
+        return refusal;
     }
     let public = tenant.ipfs_gateway == GatewayAccess::Public;
     match respond(state, method, headers, cid, path, query, public).await {
@@ -140,6 +118,43 @@ async fn serve(
             refusal.into_response()
         }
     }
+}
+
+/// Whether the tenant's `ipfs_gateway` setting lets this request in; the refusal otherwise.
+async fn admit(
+    state: &AppState,
+    tenant: &crate::tenants::Tenant,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    query: &BTreeMap<String, String>,
+) -> Result<(), Response> {
+    let access = tenant.ipfs_gateway;
+    if access == GatewayAccess::Off {
+        return Err(refuse(StatusCode::NOT_FOUND, "The IPFS gateway is off on this server").into_response());
+    }
+    if access == GatewayAccess::Public {
+        return Ok(());
+    }
+    if super::federation::is_signed(headers) {
+        // Another Matrix server, as for federation media, if the tenant the request is signed
+        // for (and sent to) serves other servers' block fetches (MSC2846's fallback).
+        let (origin, destination) =
+            super::federation::authenticated(state, method, uri, headers).await.map_err(IntoResponse::into_response)?;
+        let serves_servers = destination == tenant.server_name && access == GatewayAccess::Federation;
+        if !serves_servers {
+            return Err(super::error::ApiError::new(
+                StatusCode::FORBIDDEN,
+                "M_FORBIDDEN",
+                "This server's IPFS gateway does not serve other servers (ipfs_gateway is not \"federation\")",
+            )
+            .into_response());
+        }
+        tracing::debug!(%origin, "IPFS gateway request of a federating server");
+        return Ok(());
+    }
+    let caller = tenant.auth.authenticate(headers, query).await.map_err(IntoResponse::into_response)?;
+    tenant.download_limit.check(&caller.user_id).map_err(IntoResponse::into_response)
 }
 
 fn count(state: &AppState, result: &'static str) {

@@ -36,8 +36,8 @@ pub struct AppState {
     pub gateway: crate::gateway::Gateway,
     /// Other Matrix servers: their keys, and how to reach them.
     pub federation: crate::federation::Federation,
-    /// Remote media being fetched on this edge (one fetch per media).
-    pub remote_fetches: moka::future::Cache<mxcas_meta::MediaKey, Arc<crate::media::Resolved>>,
+    /// Remote and IPFS media being fetched on this edge (one fetch per media).
+    pub flights: Arc<crate::flight::Flights>,
     /// Remote media fetches in flight on this edge ([`crate::remote::MAX_FETCHES`]).
     pub remote_slots: Arc<tokio::sync::Semaphore>,
     /// `ipfs:` media: the trustless gateways it is fetched from.

@@ -38,7 +38,7 @@ pub async fn thumbnail_v1(
 ) -> Result<Response, ApiError> {
     super::authorize_media(&state, &headers, &query).await?;
     let Path(path) = path.map_err(super::path_error)?;
-    let hints = super::download::hints_of(&headers, &query, raw.as_deref())?;
+    let hints = super::download::hints_of(&headers, &query, raw.as_deref());
     serve(&state, method, &headers, path, &query, hints, false).await
 }
 
@@ -98,7 +98,8 @@ async fn serve(
     let key = super::download::checked_key(path.server_name, path.media_id)?;
     let asked = parse(query, state.media.config.max_download_wait)?;
     // Remote and IPFS media is fetched whole (as for a download) and thumbnailed here.
-    let resolved = super::download::resolve(state, req_headers, &key, asked.wait, hints, legacy).await?;
+    let resolved =
+        super::download::resolve(state, req_headers, &key, asked.wait, hints, legacy, false).await?.held()?;
     let (made, bytes) = thumbnail_of(state, &resolved, asked.spec).await?;
 
     let etag = format!("\"{}\"", made.record.cid);
