@@ -229,6 +229,7 @@ async fn a_download_gets_ipfs_media_while_it_is_fetched_and_never_more_than_veri
     let resp = node.download(&id).await?;
     assert_eq!(resp.status(), 200);
     assert!(resp.headers().get("etag").is_none(), "answered live");
+    let live_type = resp.headers().get("content-type").cloned();
     assert!(resp.bytes().await?.as_ref() == data.as_slice());
     mxcas_tests::wait_for("the fetch to be stored", std::time::Duration::from_secs(10), || async {
         (metric(&node, "ipfs_fetches", "stored").await.ok()? == 1.0).then_some(())
@@ -236,6 +237,7 @@ async fn a_download_gets_ipfs_media_while_it_is_fetched_and_never_more_than_veri
     .await?;
     let resp = node.download(&id).await?;
     assert!(resp.headers().get("etag").is_some(), "from the store");
+    assert_eq!(resp.headers().get("content-type").cloned(), live_type, "recorded as it was answered live");
     assert!(resp.bytes().await?.as_ref() == data.as_slice());
     Ok(())
 }

@@ -162,3 +162,56 @@ async fn wrong_s3_credentials_fail_uploads_with_a_retryable_error() -> anyhow::R
     assert_eq!(body["errcode"], "M_UNKNOWN");
     Ok(())
 }
+
+/// A miss reads its block's span (`read_span_blocks`, 4 by default) in one store request, and
+/// each block of it is verified on its own: a cold read of an 11-block file makes three
+/// reads of blocks (and one of its block index), concurrent misses of one span make one, and
+/// a damaged block spoils only itself, reported as data loss.
+#[tokio::test]
+async fn blocks_are_read_from_the_store_in_spans_each_verified_alone() -> anyhow::Result<()> {
+    let mut node = Node::start(NodeOptions::default()).await?;
+    let data = test_bytes(8, 10 * MIB + 5);
+    let id = node.upload_ok(data.clone()).await?;
+    node.restart().await?;
+    let before = store_reads(&node).await?;
+    assert_eq!(node.download(&id).await?.bytes().await?.as_ref(), data.as_slice());
+    assert_eq!(store_reads(&node).await? - before, 4.0, "spans 0-3, 4-7 and 8-10, and the block index");
+
+    node.restart().await?;
+    let before = store_reads(&node).await?;
+    let range = |i: usize| format!("bytes={}-{}", i * MIB, i * MIB + 9);
+    let resp = node.download_range(&id, &range(9)).await?;
+    assert_eq!(resp.bytes().await?.as_ref(), &data[9 * MIB..9 * MIB + 10]);
+    assert_eq!(store_reads(&node).await? - before, 2.0, "the index, and span 8-10");
+    let four = (0..4).map(|i| {
+        let (node, id, range) = (&node, &id, range(i));
+        async move { anyhow::Ok(node.download_range(id, &range).await?.bytes().await?) }
+    });
+    for (i, body) in futures::future::try_join_all(four).await?.into_iter().enumerate() {
+        assert_eq!(body.as_ref(), &data[i * MIB..i * MIB + 10]);
+    }
+    assert_eq!(store_reads(&node).await? - before, 3.0, "four concurrent misses of span 0-3: one read");
+
+    // Damage block 5 in the stored object.
+    let blob = node
+        .local_blobs()
+        .into_iter()
+        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.len() == data.len() as u64))
+        .ok_or_else(|| anyhow::anyhow!("the blob is not among {:?}", node.local_blobs()))?;
+    let mut bad = std::fs::read(&blob)?;
+    bad[5 * MIB + 10] ^= 0xff;
+    std::fs::write(&blob, bad)?;
+    node.restart().await?;
+    let resp = node.download_range(&id, &range(4)).await?;
+    assert_eq!(resp.status(), 206, "block 4 of the damaged span is still whole");
+    assert_eq!(resp.bytes().await?.as_ref(), &data[4 * MIB..4 * MIB + 10]);
+    let resp = node.download_range(&id, &range(5)).await?;
+    assert_eq!(resp.status(), 500, "the damaged block is never served");
+    let body: serde_json::Value = resp.json().await?;
+    assert_eq!(body["errcode"], "IO.MXCAS.DATA_LOSS");
+    Ok(())
+}
+
+async fn store_reads(node: &Node) -> anyhow::Result<f64> {
+    node.metric("mxcas_edge_store_reads_total").await
+}

@@ -88,9 +88,11 @@ impl Default for FetchConfig {
 /// Why a fetch ended before its range was read.
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum FetchError {
-    /// Every source was asked for a block, and none served it (a verified copy).
-    #[error("no source served block {cid} ({tried} asked)")]
-    NoSource { cid: Cid, tried: usize },
+    /// Every source still in use was asked for a block, and none had it (or a verified copy
+    /// of it); `failing` sources had been dropped for failing to answer, so it may exist and
+    /// be served another time.
+    #[error("no source served block {cid} ({tried} asked, {failing} failing)")]
+    NoSource { cid: Cid, tried: usize, failing: usize },
     /// The DAG itself cannot be read (blocks that verify but make no valid file).
     #[error(transparent)]
     Dag(#[from] RangeError),
@@ -120,6 +122,8 @@ pub struct SourceReport {
     pub blocks: u64,
     pub bad_blocks: u64,
     pub failures: u32,
+    /// It refused to serve (400, 401, 403, 405): not a failure to answer.
+    pub refused: bool,
 }
 
 struct SourceState {
@@ -143,6 +147,8 @@ enum Answer {
     Block(Vec<u8>),
     /// The source does not have it (404/410).
     Absent,
+    /// The source will not serve us (400, 401, 403, 405).
+    Refused(u16),
     /// Anything else: timeouts, errors, oversized or broken bodies.
     Failed(String),
 }
@@ -184,7 +190,13 @@ pub async fn into_body(
         if over {
             return None;
         }
-        let Ok(next) = tokio::time::timeout_at(deadline, rx.recv()).await else {
+        // Checked first too: with a slow reader the channel is always ready, so the timeout
+        // alone would never fire.
+        let next = match tokio::time::Instant::now() < deadline {
+            true => tokio::time::timeout_at(deadline, rx.recv()).await.ok(),
+            false => None,
+        };
+        let Some(next) = next else {
             return Some((Err(FetchError::Deadline.to_string()), (rx, got, true)));
         };
         match next {
@@ -261,11 +273,9 @@ async fn run(
                 continue;
             }
             let Some(s) = pick(&sources, &want.tried, config.per_source) else {
-                if usable(&sources).next().is_none() {
-                    break 'fetch Err(FetchError::SourcesFailed(sources.len()));
-                }
                 if want.asking.is_empty() && usable(&sources).all(|i| want.tried.contains(&i)) {
-                    break 'fetch Err(FetchError::NoSource { cid: *cid, tried: want.tried.len() });
+                    let failing = sources.iter().filter(|s| s.failures >= MAX_FAILURES).count();
+                    break 'fetch Err(FetchError::NoSource { cid: *cid, tried: want.tried.len(), failing });
                 }
                 continue;
             };
@@ -285,6 +295,9 @@ async fn run(
             asked.insert(task.id(), (s, cid));
         }
         if requests.is_empty() {
+            if usable(&sources).next().is_none() {
+                break Err(FetchError::SourcesFailed(sources.len()));
+            }
             // Not done, nothing wanted or nothing asked: the planner contradicts itself.
             break Err(FetchError::Stuck);
         }
@@ -341,6 +354,11 @@ async fn run(
                 }
             },
             Answer::Absent => {}
+            Answer::Refused(status) => {
+                tracing::info!(gateway = %sources[s].source.base, status, "a gateway refuses to serve blocks; not asked again");
+                sources[s].report.refused = true;
+                sources[s].dropped = true;
+            }
             Answer::Failed(why) => {
                 tracing::info!(gateway = %sources[s].source.base, %cid, %why, "block request failed");
                 // It may be asked again (a source is dropped after a few failures in a row).
@@ -414,6 +432,7 @@ async fn ask(source: &Source, cid: &Cid, max: usize) -> Answer {
     match resp.status().as_u16() {
         200 => {}
         404 | 410 => return Answer::Absent,
+        s @ (400 | 401 | 403 | 405) => return Answer::Refused(s),
         s => return Answer::Failed(format!("answered {s}")),
     }
     if resp.content_length().is_some_and(|n| n > max as u64) {

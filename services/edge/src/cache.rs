@@ -14,6 +14,13 @@
 //! runtime's workers), each still through the cache's single flight; the reader takes them in
 //! order. A store answers one ranged read in about a round trip, so a cold read of a large
 //! file is only as fast as a plain GET of the object when several are in flight.
+//!
+//! A miss reads the blocks around it too: blocks are read from the store in spans of
+//! `read_span` ([`BlockCache::span_of`]), one ranged read each, split into blocks, each
+//! verified and cached on its own. The span's read is itself single-flight, so concurrent
+//! misses of any blocks of one span make one store read, and every block is still read at
+//! most once at a time. A block of a span that does not come whole or fails its hash is read
+//! again on its own, which tells a truncated or missing object from a transient failure.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -61,6 +68,9 @@ impl BlockError {
     }
 }
 
+/// The blocks of one span read, in order: each verified, or its error.
+type SpanBlocks = Vec<Result<Bytes, BlockError>>;
+
 #[derive(Clone)]
 pub struct BlockCache {
     blocks: Cache<(Cid, u64), Bytes>,
@@ -70,6 +80,10 @@ pub struct BlockCache {
     read_timeout: Duration,
     /// Blocks a long read has in flight or waiting ahead of its reader.
     read_ahead: usize,
+    /// Blocks read from the store by one ranged read.
+    read_span: u64,
+    /// Span reads in flight, by (file, first block): their verified blocks (or errors).
+    spans: Cache<(Cid, u64), Arc<SpanBlocks>>,
 }
 
 impl BlockCache {
@@ -77,6 +91,7 @@ impl BlockCache {
         capacity_bytes: u64,
         read_timeout: Duration,
         read_ahead: usize,
+        read_span: usize,
         store: BlobStore,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -91,7 +106,18 @@ impl BlockCache {
                 u32::try_from(n).unwrap_or(u32::MAX)
             })
             .build();
-        Self { blocks, indexes, store, metrics, read_timeout, read_ahead: read_ahead.max(1) }
+        // Only while a span is read: its blocks live in `blocks` once it ends.
+        let spans = Cache::builder().max_capacity(4096).build();
+        Self {
+            blocks,
+            indexes,
+            store,
+            metrics,
+            read_timeout,
+            read_ahead: read_ahead.max(1),
+            read_span: read_span.max(1) as u64,
+            spans,
+        }
     }
 
     /// Number of blocks of `content`.
@@ -121,10 +147,7 @@ impl BlockCache {
             let content = content.clone();
             async move {
                 ran.store(true, Ordering::Relaxed);
-                match tokio::time::timeout(this.read_timeout, this.load(&content, i)).await {
-                    Ok(r) => r,
-                    Err(_) => Err(StoreError::Timeout(this.read_timeout).into()),
-                }
+                this.load_with_span(&content, i).await
             }
         };
         let result = self.blocks.try_get_with(key, loader).await;
@@ -172,6 +195,91 @@ impl BlockCache {
         self.metrics.cache_requests.get_or_create(&ResultLabels { result }).inc();
     }
 
+    /// The blocks of the span that holds block `i` of `content`.
+    pub fn span_of(&self, content: &ContentRecord, i: u64) -> std::ops::Range<u64> {
+        let start = i - i % self.read_span;
+        start..(start + self.read_span).min(Self::block_count(content))
+    }
+
+    /// Block `i`, read with the rest of its span (once for all concurrent readers of the
+    /// span); the span's other blocks go into the cache.
+    async fn load_with_span(&self, content: &ContentRecord, i: u64) -> Result<Bytes, BlockError> {
+        let span = self.span_of(content, i);
+        if span.end - span.start <= 1 || i >= span.end {
+            return self.load_timed(content, i).await;
+        }
+        let key = (content.cid, span.start);
+        let (this, owned, read) = (self.clone(), content.clone(), span.clone());
+        let blocks = self
+            .spans
+            .get_with(key, async move {
+                let blocks = this.read_span(&owned, read.clone()).await;
+                // Cached before the span's flight ends, so a reader of them that comes later
+                // finds them rather than reading the span again.
+                for (j, block) in read.zip(blocks.iter()) {
+                    if let Ok(bytes) = block {
+                        this.blocks.insert((owned.cid, j), bytes.clone()).await;
+                    }
+                }
+                Arc::new(blocks)
+            })
+            .await;
+        self.spans.invalidate(&key).await;
+        blocks[(i - span.start) as usize].clone()
+    }
+
+    /// The blocks `span` of `content`, by one ranged read, each verified; a block that does
+    /// not come whole or verified is read again alone (whose error then says what is wrong).
+    async fn read_span(&self, content: &ContentRecord, span: std::ops::Range<u64>) -> SpanBlocks {
+        let (first, last) = (Self::block_range(content, span.start), Self::block_range(content, span.end - 1));
+        let whole = async {
+            let expected = self.expected(content, span.clone()).await?;
+            let bytes = self.store.get_range(&content.blob_key, first.start..last.end).await?;
+            Ok::<_, BlockError>((expected, bytes))
+        };
+        let read = tokio::time::timeout(self.read_timeout, whole).await;
+        let mut out = Vec::with_capacity((span.end - span.start) as usize);
+        for j in span.clone() {
+            let range = Self::block_range(content, j);
+            let from_span = match &read {
+                Ok(Ok((expected, bytes))) => {
+                    let at = (range.start - first.start) as usize..(range.end - first.start) as usize;
+                    let want = expected[(j - span.start) as usize];
+                    // A copy per block: a cached block must not keep its whole span in memory.
+                    bytes.get(at).map(Bytes::copy_from_slice).filter(|b| verified(b, want))
+                }
+                _ => None,
+            };
+            out.push(match from_span {
+                Some(b) => Ok(b),
+                None => self.load_timed(content, j).await,
+            });
+        }
+        out
+    }
+
+    /// The sha2-256 each block of `span` must have (`None`: no hash to check it against).
+    async fn expected(
+        &self,
+        content: &ContentRecord,
+        span: std::ops::Range<u64>,
+    ) -> Result<Vec<Option<[u8; 32]>>, BlockError> {
+        Ok(match &content.index_key {
+            None => span.map(|_| sha256_digest(&content.cid)).collect(),
+            Some(index_key) => {
+                let index = self.index(content, index_key).await?;
+                span.map(|j| index.leaves.get(j as usize).copied()).collect()
+            }
+        })
+    }
+
+    async fn load_timed(&self, content: &ContentRecord, i: u64) -> Result<Bytes, BlockError> {
+        match tokio::time::timeout(self.read_timeout, self.load(content, i)).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Timeout(self.read_timeout).into()),
+        }
+    }
+
     async fn load(&self, content: &ContentRecord, i: u64) -> Result<Bytes, BlockError> {
         let cid_str = || content.cid.to_string();
         if i >= Self::block_count(content) {
@@ -201,13 +309,8 @@ impl BlockCache {
             }
             Err(e) => return Err(e.into()),
         };
-        let verified = bytes.len() as u64 == range.end - range.start
-            && expected.is_some_and(|want| {
-                // Hashing a 1 MiB block takes under a millisecond; off the runtime anyway.
-                let b = bytes.clone();
-                tokio::task::block_in_place(move || <[u8; 32]>::from(Sha256::digest(&b)) == want)
-            });
-        if !verified {
+        let whole = bytes.len() as u64 == range.end - range.start;
+        if !whole || !verified(&bytes, expected) {
             tracing::error!(cid = %content.cid, block = i, blob = %content.blob_key, "stored block fails verification");
             return Err(BlockError::Corrupt { cid: cid_str(), block: i });
         }
@@ -234,4 +337,10 @@ impl BlockCache {
             .await
             .map_err(|e| (*e).clone())
     }
+}
+
+/// Whether `bytes` hash to `want` (hashing a 1 MiB block takes under a millisecond; off the
+/// runtime's other tasks anyway).
+fn verified(bytes: &Bytes, want: Option<[u8; 32]>) -> bool {
+    want.is_some_and(|want| tokio::task::block_in_place(|| <[u8; 32]>::from(Sha256::digest(bytes)) == want))
 }

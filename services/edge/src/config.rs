@@ -188,12 +188,18 @@ pub struct CacheConfig {
     /// on its own): the memory a download may hold beyond the cache is this many blocks.
     /// Default 8 (8 MiB of 1 MiB blocks).
     pub read_ahead_blocks: usize,
+    /// Blocks read from the store by one ranged read when one of them is missed (the others
+    /// are cached, each verified on its own). Default 4. 1 to 64.
+    pub read_span_blocks: usize,
 }
 
 impl CacheConfig {
     pub fn validate(&self) -> Result<(), String> {
         if !(1..=64).contains(&self.read_ahead_blocks) {
             return Err(format!("cache.read_ahead_blocks = {}: want 1 to 64", self.read_ahead_blocks));
+        }
+        if !(1..=64).contains(&self.read_span_blocks) {
+            return Err(format!("cache.read_span_blocks = {}: want 1 to 64", self.read_span_blocks));
         }
         Ok(())
     }
@@ -207,6 +213,7 @@ impl Default for CacheConfig {
             media_ttl: Duration::from_secs(60),
             change_poll_interval: Duration::from_secs(1),
             read_ahead_blocks: 8,
+            read_span_blocks: 4,
         }
     }
 }

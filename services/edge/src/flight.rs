@@ -11,8 +11,9 @@
 //! download answers at once with the size the root gave, and its body is those verified bytes
 //! in order, never any other. A fetch that fails after that cuts the body (the client sees a
 //! short response, never a complete wrong one). The store and the client share the pace: the
-//! fetch waits for a client [`LIVE_CHUNKS`] chunks behind, and a client that goes away (or is
-//! timed out by the server for not reading) leaves the fetch to finish for the store alone.
+//! fetch waits for a client [`LIVE_CHUNKS`] chunks behind, but only briefly: a client that
+//! goes away, or does not take a chunk within a grace, is cut, and the fetch finishes for
+//! the store alone.
 //! Downloads that join a fetch already under way wait for the stored media.
 
 use std::collections::HashMap;
@@ -76,12 +77,12 @@ impl Flights {
         let (flights, slots, done_key) = (self.clone(), slots.clone(), key.clone());
         // The entry is in the table before the task can end and take it out (the lock is held).
         let task = tokio::spawn(async move {
-            let result = match slots.acquire_owned().await {
+            // Out of the table however the fetch ends, a panic included.
+            let _done = Done { flights, key: done_key, id };
+            match slots.acquire_owned().await {
                 Ok(_slot) => work.await.map(Arc::new),
                 Err(_) => Err(ApiError::unavailable("Shutting down", 1000)),
-            };
-            flights.finish(&done_key, id);
-            result
+            }
         });
         let answer: Answer =
             async move { task.await.unwrap_or_else(|e| Err(ApiError::internal(format!("remote fetch failed: {e}")))) }
@@ -96,6 +97,19 @@ impl Flights {
         if running.get(key).is_some_and(|(running_id, _)| *running_id == id) {
             running.remove(key);
         }
+    }
+}
+
+/// Takes a fetch out of the table when its task ends.
+struct Done {
+    flights: Arc<Flights>,
+    key: String,
+    id: u64,
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        self.flights.finish(&self.key, self.id);
     }
 }
 
@@ -134,28 +148,35 @@ impl Arrival {
 }
 
 /// `body`, the verified bytes of a fetch (`size` in all), on its way to the store, also sent
-/// to the download waiting on `live`: the first chunk decides the type (`type_of`). Without
+/// to the download waiting on `live`: the first [`crate::sniff::HEAD`] bytes decide the type
+/// (`type_of`), which is answered with the stream so that the store records the same. Without
 /// a first chunk (an empty file, an error) nothing is sent live.
+///
+/// The client never holds the store up for long: a chunk it does not take within `grace`
+/// (with [`LIVE_CHUNKS`] already waiting for it) cuts its body, and the fetch goes on for the
+/// store alone; the client can download the stored media again.
 pub async fn tee<S>(
     mut body: S,
     size: u64,
     live: oneshot::Sender<Live>,
+    grace: std::time::Duration,
     type_of: impl FnOnce(&[u8]) -> String,
-) -> BoxStream<'static, Result<Bytes, String>>
+) -> (BoxStream<'static, Result<Bytes, String>>, Option<String>)
 where
     S: futures::Stream<Item = Result<Bytes, String>> + Send + Unpin + 'static,
 {
     let first = match body.next().await {
         Some(Ok(first)) if !first.is_empty() => first,
-        other => return stream::iter(other).chain(body).boxed(),
+        other => return (stream::iter(other).chain(body).boxed(), None),
     };
+    let content_type = type_of(&first[..first.len().min(crate::sniff::HEAD)]);
     let (tx, chunks) = mpsc::channel(LIVE_CHUNKS);
-    let to_client = live.send(Live { size, content_type: type_of(&first), chunks }).is_ok().then_some(tx);
+    let to_client = live.send(Live { size, content_type: content_type.clone(), chunks }).is_ok().then_some(tx);
     let body = stream::once(futures::future::ready(Ok(first))).chain(body);
-    stream::unfold((body, to_client), |(mut body, mut to_client)| async move {
+    let body = stream::unfold((body, to_client), move |(mut body, mut to_client)| async move {
         let item = body.next().await?;
         let delivered = match (&item, &to_client) {
-            (Ok(bytes), Some(tx)) => tx.send(bytes.clone()).await.is_ok(),
+            (Ok(bytes), Some(tx)) => matches!(tokio::time::timeout(grace, tx.send(bytes.clone())).await, Ok(Ok(()))),
             // An error ends the client's bytes short of the size: its body is cut.
             (Err(_), _) => false,
             (Ok(_), None) => false,
@@ -165,7 +186,8 @@ where
         }
         Some((item, (body, to_client)))
     })
-    .boxed()
+    .boxed();
+    (body, Some(content_type))
 }
 
 impl Live {
@@ -196,6 +218,8 @@ impl Live {
 mod tests {
     use super::*;
 
+    const GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
     fn chunks(parts: &[&'static [u8]]) -> impl futures::Stream<Item = Result<Bytes, String>> + Send + Unpin + 'static {
         stream::iter(parts.iter().map(|p| Ok(Bytes::from_static(p))).collect::<Vec<_>>())
     }
@@ -203,7 +227,9 @@ mod tests {
     #[tokio::test]
     async fn a_tee_gives_the_store_and_the_client_the_same_bytes() {
         let (tx, rx) = oneshot::channel();
-        let store = tee(chunks(&[b"abc", b"de", b"f"]), 6, tx, |head| format!("head {}", head.len())).await;
+        let (store, recorded) =
+            tee(chunks(&[b"abc", b"de", b"f"]), 6, tx, GRACE, |head| format!("head {}", head.len())).await;
+        assert_eq!(recorded.as_deref(), Some("head 3"), "the store records the live answer's type");
         let stored = tokio::spawn(store.map(|c| c.expect("chunk").to_vec()).concat());
         let live = rx.await.expect("live");
         assert_eq!(live.content_type, "head 3");
@@ -216,7 +242,7 @@ mod tests {
     async fn a_fetch_that_fails_cuts_the_live_body() {
         let (tx, rx) = oneshot::channel();
         let failing = stream::iter(vec![Ok(Bytes::from_static(b"abc")), Err("a block never verified".to_owned())]);
-        let store = tee(failing, 10, tx, |_| String::new()).await;
+        let (store, _) = tee(failing, 10, tx, GRACE, |_| String::new()).await;
         let stored: Vec<_> = tokio::spawn(store.collect::<Vec<_>>()).await.expect("store");
         assert!(stored.last().expect("items").is_err(), "the store sees the error");
         let got: Vec<_> = rx.await.expect("live").body().collect().await;
@@ -229,17 +255,41 @@ mod tests {
     async fn a_client_gone_leaves_the_fetch_to_the_store() {
         let (tx, rx) = oneshot::channel();
         drop(rx);
-        let store = tee(chunks(&[b"abc", b"def"]), 6, tx, |_| String::new()).await;
+        let (store, _) = tee(chunks(&[b"abc", b"def"]), 6, tx, GRACE, |_| String::new()).await;
         let stored: Vec<Bytes> = store.map(|c| c.expect("chunk")).collect().await;
         assert_eq!(stored.concat(), b"abcdef");
-        // A client that stops reading mid-way: the store still gets everything.
+        // A client that goes away mid-way: the store still gets everything.
         let (tx, rx) = oneshot::channel();
         let many: Vec<&'static [u8]> = vec![b"x"; LIVE_CHUNKS * 4];
-        let store = tee(chunks(&many), many.len() as u64, tx, |_| String::new()).await;
+        let (store, _) = tee(chunks(&many), many.len() as u64, tx, GRACE, |_| String::new()).await;
         let live = rx.await.expect("live");
         let consumer = tokio::spawn(store.collect::<Vec<_>>());
         drop(live);
         assert_eq!(consumer.await.expect("store").len(), many.len());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_reading_is_cut_after_the_grace_and_the_store_goes_on() {
+        // The clock is paused: the grace passes only when every task waits (no real time).
+        let (tx, rx) = oneshot::channel();
+        let many: Vec<&'static [u8]> = vec![b"x"; LIVE_CHUNKS * 4];
+        let (store, _) = tee(chunks(&many), many.len() as u64, tx, GRACE, |_| String::new()).await;
+        let live = rx.await.expect("live");
+        let stored = store.collect::<Vec<_>>().await;
+        assert_eq!(stored.len(), many.len(), "the store got every chunk while the client read none");
+        let got: Vec<_> = live.body().collect().await;
+        assert_eq!(got.len(), LIVE_CHUNKS + 1, "the chunks it had room for, then the cut");
+        assert!(got.last().expect("items").is_err());
+    }
+
+    #[tokio::test]
+    async fn a_fetch_that_panics_leaves_the_table() {
+        let flights = Arc::new(Flights::default());
+        let slots = Arc::new(tokio::sync::Semaphore::new(1));
+        let joined = flights.join("k".into(), &slots, |_live| async { panic!("a bug in a fetch") });
+        assert!(joined.wait(false).await.is_err());
+        let again = flights.join("k".into(), &slots, |_live| async { Err(ApiError::not_found("second")) });
+        assert!(again.live.is_some(), "the next download starts a new fetch");
     }
 
     #[tokio::test]

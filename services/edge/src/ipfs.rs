@@ -133,7 +133,7 @@ fn count(state: &AppState, result: &'static str) {
 
 fn fetch_error(state: &AppState, root: &Cid, e: FetchError) -> ApiError {
     match e {
-        FetchError::NoSource { cid, .. } if crate::gateway::as_v1(&cid) == crate::gateway::as_v1(root) => {
+        FetchError::NoSource { cid, failing: 0, .. } if crate::gateway::as_v1(&cid) == crate::gateway::as_v1(root) => {
             count(state, "not_found");
             ApiError::not_found("No configured IPFS gateway served this CID")
         }
@@ -180,11 +180,15 @@ async fn store(
         count(state, "too_large");
         return Err(ApiError::remote_too_large(limit));
     }
-    let body = match live {
-        Some(live) => crate::flight::tee(body, size, live, |head| crate::remote::live_type(key, head)).await,
-        None => Box::pin(body),
+    let (body, served_as) = match live {
+        Some(live) => {
+            let grace = state.media.live_grace();
+            crate::flight::tee(body, size, live, grace, |head| crate::remote::live_type(key, head)).await
+        }
+        None => (Box::pin(body) as futures::stream::BoxStream<'static, _>, None),
     };
-    let stored = state.media.store_remote(key, None, body, limit, true).await;
+    let proof = crate::media::Proof::Blocks { served_as };
+    let stored = state.media.store_remote(key, None, body, limit, proof).await;
     if stored.as_ref().is_err_and(|e| e.status == StatusCode::BAD_GATEWAY) {
         count(state, "failed");
     }

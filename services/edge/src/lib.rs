@@ -141,6 +141,7 @@ pub async fn start(
         settings.cache.capacity.as_u64(),
         settings.cache.store_read_timeout,
         settings.cache.read_ahead_blocks,
+        settings.cache.read_span_blocks,
         store.clone(),
         metrics.clone(),
     );

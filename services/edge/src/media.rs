@@ -48,6 +48,16 @@ pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
+/// How remote bytes prove they are what their media ID names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Proof {
+    /// Not yet: a CID media ID must be mxcas's CID of them.
+    Recompute,
+    /// Each block was verified against the media ID's DAG as it arrived; `served_as` is the
+    /// type a download was answered with while they arrived (recorded as is).
+    Blocks { served_as: Option<String> },
+}
+
 /// An mxc that has content, with its content record.
 #[derive(Clone, Debug)]
 pub struct Resolved {
@@ -233,6 +243,12 @@ impl MediaService {
             MediaState::Ready { .. } => return Err(ApiError::internal("a new reservation already has content")),
         };
         Ok((key, expires))
+    }
+
+    /// How long a live download may take to accept a chunk before it is cut
+    /// ([`crate::flight::tee`]): well within the idle time the store's ingest allows.
+    pub fn live_grace(&self) -> Duration {
+        (self.config.upload_idle_timeout / 4).min(Duration::from_secs(10))
     }
 
     fn pace(&self) -> Pace {
@@ -430,17 +446,18 @@ impl MediaService {
     }
 
     /// Stores the bytes of remote media `key` and records them under `key`. They are named by
-    /// their CID like any content. Unless they are `proven` already (each block verified
-    /// against the DAG the media ID names, as a block fetch does), a media ID that is a CID
-    /// must be theirs as mxcas computes it, or nothing is kept (MSC2846: bytes that do not
-    /// prove their name are never stored or served). `max_size` bounds what is read.
+    /// their CID like any content. Unless they are proven already ([`Proof::Blocks`]: each
+    /// block verified against the DAG the media ID names, as a block fetch does), a media ID
+    /// that is a CID must be theirs as mxcas computes it, or nothing is kept (MSC2846: bytes
+    /// that do not prove their name are never stored or served). `max_size` bounds what is
+    /// read.
     pub async fn store_remote<S, E>(
         &self,
         key: &MediaKey,
         declared_type: Option<String>,
         body: S,
         max_size: u64,
-        proven: bool,
+        proof: Proof,
     ) -> Result<Resolved, ApiError>
     where
         S: Stream<Item = Result<Bytes, E>> + Unpin,
@@ -464,7 +481,7 @@ impl MediaService {
             }
         };
         let objects: Vec<String> = ingested.content.object_keys().map(str::to_owned).collect();
-        if !proven
+        if proof == Proof::Recompute
             && let Ok(named) = Cid::try_from(key.media_id.as_str())
             && crate::gateway::as_v1(&named) != ingested.content.cid
         {
@@ -482,7 +499,10 @@ impl MediaService {
         // A media ID spelt as the CID mxcas writes is recorded as that CID's media; any other
         // (opaque, or another spelling of a CID) through a reservation of (origin, ID).
         let cid_named = key.media_id == ingested.content.cid.to_string();
-        let content_type = if cid_named {
+        let content_type = if let Proof::Blocks { served_as: Some(t) } = &proof {
+            // What the download that watched it arrive was answered with.
+            t.clone()
+        } else if cid_named {
             crate::sniff::by_bytes(&ingested.head).to_owned()
         } else {
             crate::sniff::for_reserved(

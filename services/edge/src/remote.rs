@@ -59,7 +59,7 @@ use tokio::sync::oneshot;
 use crate::api::AppState;
 use crate::api::error::ApiError;
 use crate::flight::{Arrival, Live};
-use crate::media::Resolved;
+use crate::media::{Proof, Resolved};
 
 /// Remote media fetches in flight at once on this edge.
 pub const MAX_FETCHES: usize = 16;
@@ -276,9 +276,11 @@ async fn fetch_uncached(
         tracing::debug!(mxc = %key, room = ?hint, servers = ?in_room, "servers of a room hint");
         add_servers(state, key, &mut servers, in_room, MAX_ROOM_SERVERS);
     }
-    let identity = root.hash().code() == mxcas_cas::IDENTITY;
-    if servers.is_empty() && !identity {
-        return Err(origin_failed.unwrap_or_else(|| unreachable_origin(state, &key.server_name)));
+    if root.hash().code() == mxcas_cas::IDENTITY {
+        // The CID carries the bytes: nothing to ask of anyone.
+        servers.clear();
+    } else if servers.is_empty() {
+        return Err(origin_failed.unwrap_or_else(|| bad_gateway("No server that may hold this media can be asked")));
     }
     match by_blocks(state, key, signer, root, &servers, live, deadline).await {
         Ok(r) => Ok(r),
@@ -286,13 +288,6 @@ async fn fetch_uncached(
         Err(e) if e.status == StatusCode::NOT_FOUND && origin_failed.is_some() => Err(origin_failed.expect("checked")),
         Err(e) => Err(e),
     }
-}
-
-/// The answer for an origin that is left alone after failing to answer.
-fn unreachable_origin(state: &AppState, origin: &str) -> ApiError {
-    let mut e = bad_gateway(format!("{origin} failed to answer lately; it is asked again later"));
-    e.retry_after_ms = state.federation.backed_off(origin).map(|left| left.as_millis() as u64 + 1);
-    e
 }
 
 /// `key`'s bytes from the trustless gateways of `servers` (Matrix servers, asked with signed
@@ -311,9 +306,15 @@ async fn by_blocks(
     let fed = &state.federation;
     let signing_key = signer.signing_key.clone().expect("chosen for its key");
     let asked: Vec<&String> = servers.iter().filter(|s| fed.backed_off(s).is_none()).collect();
-    let found = tokio::time::timeout_at(deadline, futures::future::join_all(asked.iter().map(|s| fed.target(s))))
-        .await
-        .unwrap_or_default();
+    let found = futures::future::join_all(asked.iter().map(|s| async move {
+        tokio::time::timeout_at(deadline, fed.target(s)).await.unwrap_or_else(|_| {
+            Err(crate::federation::FederationError::Unreachable {
+                server: (*s).clone(),
+                reason: "discovery did not end by the deadline".into(),
+            })
+        })
+    }))
+    .await;
     let mut names = Vec::new();
     let mut sources = Vec::new();
     for (server, target) in asked.into_iter().zip(found) {
@@ -347,7 +348,7 @@ async fn by_blocks(
         .map_err(|e| bad_gateway(format!("The media's DAG cannot be read: {e}")))?;
     let stored = async {
         let (size, body) = crate::block_fetch::into_body(rx, deadline).await.map_err(|e| match e {
-            crate::block_fetch::FetchError::NoSource { cid, .. }
+            crate::block_fetch::FetchError::NoSource { cid, failing: 0, .. }
                 if crate::gateway::as_v1(&cid) == crate::gateway::as_v1(&root) =>
             {
                 ApiError::not_found("No server that may hold this media has it")
@@ -357,18 +358,22 @@ async fn by_blocks(
         if size > limit {
             return Err(ApiError::remote_too_large(limit));
         }
-        let body = match live {
-            Some(live) => crate::flight::tee(body, size, live, |head| live_type(key, head)).await,
-            None => Box::pin(body),
+        let (body, served_as) = match live {
+            Some(live) => {
+                crate::flight::tee(body, size, live, state.media.live_grace(), |head| live_type(key, head)).await
+            }
+            None => (Box::pin(body) as futures::stream::BoxStream<'static, _>, None),
         };
-        state.media.store_remote(key, None, body, limit, true).await
+        state.media.store_remote(key, None, body, limit, Proof::Blocks { served_as }).await
     }
     .await;
     let reports = report.await.unwrap_or_default();
     tracing::info!(mxc = %key, ok = stored.is_ok(), sources = ?reports, "remote media fetched by blocks");
     crate::ipfs::count_blocks(state, &reports);
+    // Backed off only for failing to answer (errors, timeouts, 5xx); a refusal (a gateway
+    // closed to other servers) or a bad block drops a source for this fetch only.
     for (server, r) in names.iter().zip(&reports) {
-        if r.blocks == 0 && r.failures >= crate::block_fetch::MAX_FAILURES {
+        if r.blocks == 0 && !r.refused && r.failures >= crate::block_fetch::MAX_FAILURES {
             fed.failed(server);
         }
     }
@@ -427,7 +432,10 @@ async fn from_origin(state: &AppState, key: &MediaKey, signer: &crate::tenants::
         }
         s => return Err(bad_gateway(format!("{} answered {s}", key.server_name))),
     };
-    state.media.store_remote(key, valid_type(fetched.content_type), fetched.body, signer.max_upload_size, false).await
+    state
+        .media
+        .store_remote(key, valid_type(fetched.content_type), fetched.body, signer.max_upload_size, Proof::Recompute)
+        .await
 }
 
 /// Refuses an answer that says it is larger than the limit before reading it (a multipart

@@ -6,8 +6,9 @@
 //! client does: one request, one stream). Each edge read is cold: the node is restarted before
 //! it, so neither its block cache nor its metadata cache holds anything. Both sides stream into
 //! a byte counter; before timing, one read of each is compared with the uploaded bytes, so the
-//! baseline is known to do the work. Also reported: the edge with `read_ahead_blocks = 1` (one
-//! ranged read at a time, as before the read-ahead), for the gain.
+//! baseline is known to do the work. Also reported: the edge with one block a store read
+//! (`read_span_blocks = 1`, as before spans), with more read ahead and longer spans, and one
+//! block at a time (as before the read-ahead), for the gains.
 //!
 //! Run with `scripts/bench-cold-read.sh` (release binaries). Bounded: about a minute.
 
@@ -127,7 +128,14 @@ async fn main() -> anyhow::Result<()> {
         s3_speeds.push(mb_s(n, secs));
     }
     let edge = edge_rounds(&mut node, &cache, &media_id, size).await?;
-    let one_at_a_time = edge_rounds(&mut node, &format!("{cache}read_ahead_blocks = 1\n"), &media_id, size).await?;
+    let mut variants = Vec::new();
+    for (name, settings) in [
+        ("read-ahead 8, one block a read", "read_span_blocks = 1\n"),
+        ("read-ahead 16, spans of 8", "read_ahead_blocks = 16\nread_span_blocks = 8\n"),
+        ("one block at a time", "read_ahead_blocks = 1\nread_span_blocks = 1\n"),
+    ] {
+        variants.push((name, edge_rounds(&mut node, &format!("{cache}{settings}"), &media_id, size).await?));
+    }
     // The baseline again, after: a server that changed speed during the run shows here.
     for _ in 0..ROUNDS {
         let t = Instant::now();
@@ -138,12 +146,13 @@ async fn main() -> anyhow::Result<()> {
     let fmt = |v: &[f64]| v.iter().map(|s| format!("{s:.0}")).collect::<Vec<_>>().join(", ");
     println!("cold read of {mib} MiB, MB/s (best of each):");
     println!("  plain S3 GET of the object:          {:.0}  [{}]", best(&s3_speeds), fmt(&s3_speeds));
-    println!("  edge, read-ahead 8 (default):        {:.0}  [{}]", best(&edge), fmt(&edge));
-    println!("  edge, one block at a time:           {:.0}  [{}]", best(&one_at_a_time), fmt(&one_at_a_time));
-    println!(
-        "ratio edge / plain S3 GET: {:.2} (one block at a time: {:.2})",
-        best(&edge) / best(&s3_speeds),
-        best(&one_at_a_time) / best(&s3_speeds)
-    );
+    println!("  edge, read-ahead 8, spans of 4 (default): {:.0}  [{}]", best(&edge), fmt(&edge));
+    for (name, speeds) in &variants {
+        println!("  edge, {name}: {:.0}  [{}]", best(speeds), fmt(speeds));
+    }
+    println!("ratio edge (default) / plain S3 GET: {:.2}", best(&edge) / best(&s3_speeds));
+    for (name, speeds) in &variants {
+        println!("  {name}: {:.2}", best(speeds) / best(&s3_speeds));
+    }
     Ok(())
 }

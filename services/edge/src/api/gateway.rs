@@ -138,17 +138,23 @@ async fn admit(
     }
     if super::federation::is_signed(headers) {
         // Another Matrix server, as for federation media, if the tenant the request is signed
-        // for (and sent to) serves other servers' block fetches (MSC2846's fallback).
-        let (origin, destination) =
-            super::federation::authenticated(state, method, uri, headers).await.map_err(IntoResponse::into_response)?;
-        let serves_servers = destination == tenant.server_name && access == GatewayAccess::Federation;
-        if !serves_servers {
-            return Err(super::error::ApiError::new(
+        // for (and sent to) serves other servers' block fetches (MSC2846's fallback). The
+        // setting is looked at first: a closed gateway fetches no keys to say no.
+        let forbidden = || {
+            super::error::ApiError::new(
                 StatusCode::FORBIDDEN,
                 "M_FORBIDDEN",
                 "This server's IPFS gateway does not serve other servers (ipfs_gateway is not \"federation\")",
             )
-            .into_response());
+            .into_response()
+        };
+        if access != GatewayAccess::Federation {
+            return Err(forbidden());
+        }
+        let (origin, destination) =
+            super::federation::authenticated(state, method, uri, headers).await.map_err(IntoResponse::into_response)?;
+        if destination != tenant.server_name {
+            return Err(forbidden());
         }
         tracing::debug!(%origin, "IPFS gateway request of a federating server");
         return Ok(());
