@@ -43,7 +43,7 @@ fn oracle(command: &str, args: serde_json::Value) -> anyhow::Result<serde_json::
 /// port (a Matrix server name with a port is reached there directly), with a signing key.
 struct Deployment {
     node: Node,
-    _tls: Nginx,
+    tls: Option<Nginx>,
     server_name: String,
     _dir: tempfile::TempDir,
 }
@@ -54,10 +54,23 @@ async fn deployment(pki: &TestPki) -> anyhow::Result<Deployment> {
 
 /// [`deployment`] with more `[federation]` settings and more `[media]` settings.
 async fn deployment_with(pki: &TestPki, federation: &str, media: &str) -> anyhow::Result<Deployment> {
+    // The port is free when chosen and taken by nginx after the node starts: another test's
+    // process may take it in between, and then the deployment starts again on another.
+    let mut last = None;
+    for _ in 0..5 {
+        match deployment_on(pki, free_port()?, federation, media).await {
+            Ok(d) => return Ok(d),
+            Err(e) if e.to_string().contains("Address already in use") => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("no free port")))
+}
+
+async fn deployment_on(pki: &TestPki, port: u16, federation: &str, media: &str) -> anyhow::Result<Deployment> {
     let dir = tempfile::tempdir()?;
     let key_file = dir.path().join("signing.key");
     std::fs::write(&key_file, format!("ed25519 a_mx {}\n", encode_base64(&SEED)))?;
-    let port = free_port()?;
     let server_name = format!("127.0.0.1:{port}");
     let ca = pki.config.ca.as_ref().expect("ca").display().to_string();
     let node = Node::start(NodeOptions {
@@ -77,7 +90,7 @@ async fn deployment_with(pki: &TestPki, federation: &str, media: &str) -> anyhow
         pki.config.key.as_ref().expect("key"),
     )
     .await?;
-    Ok(Deployment { node, _tls: tls, server_name, _dir: dir })
+    Ok(Deployment { node, tls: Some(tls), server_name, _dir: dir })
 }
 
 async fn upload(d: &Deployment, body: Vec<u8>) -> anyhow::Result<String> {
@@ -121,7 +134,7 @@ async fn federating_synapse(pki: &TestPki) -> anyhow::Result<Synapse> {
 #[tokio::test]
 async fn mxcas_fetches_synapse_media_over_signed_federation() -> anyhow::Result<()> {
     let pki = TestPki::generate("federation")?;
-    let ours = deployment(&pki).await?;
+    let mut ours = deployment(&pki).await?;
     let synapse = federating_synapse(&pki).await?;
     synapse.register("carol", "carol-password-1")?;
     let token = synapse.login("carol", "carol-password-1").await?;
@@ -161,6 +174,29 @@ async fn mxcas_fetches_synapse_media_over_signed_federation() -> anyhow::Result<
         1.0,
         "fetched once, then served from the store"
     );
+    // Lost from our store: reported as data loss, and fetched again from the origin, which
+    // repairs the stored content.
+    let blobs: Vec<_> = ours
+        .node
+        .local_blobs()
+        .into_iter()
+        .filter(|p| std::fs::metadata(p).is_ok_and(|m| m.len() == file.len() as u64))
+        .collect();
+    assert!(!blobs.is_empty(), "the fetched file is stored: {:?}", ours.node.local_blobs());
+    for blob in &blobs {
+        std::fs::remove_file(blob)?;
+    }
+    ours.restart(&pki).await?;
+    let url = ours.node.url(&format!("/_matrix/client/v1/media/download/{server}/{id}"));
+    let resp = ours.node.http.get(&url).bearer_auth(ALICE).send().await?;
+    assert_eq!(resp.status(), 200, "{}", ours.node.log());
+    assert!(resp.bytes().await?.as_ref() == file.as_slice(), "the origin's bytes again");
+    // (The node's counters started again with it.)
+    assert!(ours.node.metric("mxcas_edge_data_loss_total").await? >= 1.0, "the loss was reported");
+    assert_eq!(ours.node.metric("mxcas_edge_remote_fetches_total{result=\"stored\"}").await?, 1.0, "fetched again");
+    let resp = ours.node.http.get(&url).bearer_auth(ALICE).send().await?;
+    assert!(resp.bytes().await?.as_ref() == file.as_slice(), "served from the repaired store");
+    assert_eq!(ours.node.metric("mxcas_edge_remote_fetches_total{result=\"stored\"}").await?, 1.0);
     // A thumbnail of a Synapse-hosted image (as Element asks for avatars): fetched whole over
     // federation and thumbnailed here.
     let resp = http
@@ -497,6 +533,18 @@ async fn a_remote_that_lies_about_a_cid_or_breaks_off_is_never_stored_or_served(
     assert_eq!(honest_hits.load(std::sync::atomic::Ordering::SeqCst), 1, "one fetch for all");
     assert_eq!(ours.node.metric("mxcas_edge_remote_fetches_total{result=\"stored\"}").await?, 1.0);
     Ok(())
+}
+
+impl Deployment {
+    /// Restarts its node (a cold cache) and its TLS front, on the same server-name port.
+    async fn restart(&mut self, pki: &TestPki) -> anyhow::Result<()> {
+        self.node.restart().await?;
+        self.tls = None;
+        let port: u16 = self.server_name.rsplit(':').next().unwrap_or_default().parse()?;
+        let (cert, key) = (pki.config.cert.as_ref().expect("cert"), pki.config.key.as_ref().expect("key"));
+        self.tls = Some(Nginx::start_tls(port, &self.node.api, cert, key).await?);
+        Ok(())
+    }
 }
 
 /// A download through deployment `d` of `mxc://{server}/{id}` with query `query` (`?…` or empty).

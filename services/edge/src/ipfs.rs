@@ -99,6 +99,18 @@ pub async fn resolve(
             return Ok(Arrival::Held(r));
         }
     }
+    fetch_again(state, key, cid, tenant, want_live).await
+}
+
+/// `ipfs:` media `key` fetched from the gateways, whether held or not (held but lost from the
+/// store, a fetch repairs it).
+pub async fn fetch_again(
+    state: &Arc<AppState>,
+    key: &MediaKey,
+    cid: Cid,
+    tenant: &Arc<crate::tenants::Tenant>,
+    want_live: bool,
+) -> Result<Arrival, ApiError> {
     if state.ipfs.sources.is_empty() {
         return Err(ApiError::not_found(
             "IPFS media is not held here, and no IPFS gateways are configured to fetch it",

@@ -97,7 +97,7 @@ async fn serve(
     let file_name = path.file_name.as_deref();
     // A whole GET of media fetched now may be answered while it is fetched.
     let want_live = method == Method::GET && !headers.contains_key(header::RANGE);
-    let resolved = match resolve(state, headers, &key, wait, hints, legacy, want_live).await? {
+    let resolved = match resolve(state, headers, &key, wait, hints.clone(), legacy, want_live).await? {
         Arrival::Held(r) => r,
         Arrival::Live(live) => return Ok(respond_live(live, file_name)),
     };
@@ -109,13 +109,36 @@ async fn serve(
         other => return other.map_err(ApiError::from),
     };
     let fresh = state.media.after_read_failure(&resolved, &failure, false).await?;
-    match respond(state, method, headers, &fresh, file_name, legacy).await {
-        // Twice, from the leader's current record: reported and answered as lost.
-        Err(Failure::Block(e)) if e.is_data_loss() => match state.media.after_read_failure(&fresh, &e, true).await {
-            Ok(_) => Err(ApiError::data_loss()),
-            Err(e) => Err(e),
-        },
-        other => other.map_err(ApiError::from),
+    let lost = match respond(state, method.clone(), headers, &fresh, file_name, legacy).await {
+        Err(Failure::Block(e)) if e.is_data_loss() => e,
+        other => return other.map_err(ApiError::from),
+    };
+    // Twice, from the leader's current record: reported as lost (any other answer, such as a
+    // store that is not the cluster's, is the answer).
+    match state.media.after_read_failure(&fresh, &lost, true).await {
+        Err(e) if e.errcode == ApiError::data_loss().errcode => {}
+        Err(e) => return Err(e),
+        Ok(_) => return Err(ApiError::data_loss()),
+    }
+    // Media of other servers (and IPFS media) can be had again from where it came: fetched
+    // anew and verified like the first time, which repairs the stored content for every
+    // record of those bytes. Local media is lost until its bytes are uploaded again.
+    let ipfs = crate::ipfs::media_cid(&key.media_id).transpose()?;
+    if legacy || (ipfs.is_none() && state.media.local.contains(&key.server_name)) {
+        return Err(ApiError::data_loss());
+    }
+    tracing::warn!(mxc = %key, "remote media lost from the store; fetching it again");
+    let tenant = state.tenants.for_request(headers)?;
+    let again = match ipfs {
+        Some(cid) => crate::ipfs::fetch_again(state, &key, cid, tenant, want_live).await,
+        None => crate::remote::fetch(state, &key, tenant, hints, want_live).await,
+    };
+    match again.map_err(|e| {
+        tracing::warn!(mxc = %key, error = %e.message, "lost remote media could not be fetched again");
+        ApiError::data_loss()
+    })? {
+        Arrival::Held(r) => respond(state, method, headers, &r, file_name, legacy).await.map_err(ApiError::from),
+        Arrival::Live(live) => Ok(respond_live(live, file_name)),
     }
 }
 
