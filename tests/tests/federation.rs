@@ -936,3 +936,99 @@ async fn with_its_origin_gone_media_downloads_from_the_servers_of_its_room() -> 
     );
     Ok(())
 }
+
+/// A remote that answers `response` to every request, but only once `open` is set: a fetch
+/// that is certainly still running while the test looks.
+async fn gated_origin(
+    pki: &TestPki,
+    response: Vec<u8>,
+) -> anyhow::Result<(Nginx, String, std::sync::Arc<std::sync::atomic::AtomicUsize>, tokio::sync::watch::Sender<bool>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let upstream = format!("http://{}", listener.local_addr()?);
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let counter = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let (response, mut gate, counter) = (response.clone(), gate.clone(), counter.clone());
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = vec![0u8; 16 * 1024];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if gate.wait_for(|open| *open).await.is_err() {
+                    return;
+                }
+                let _ = socket.write_all(&response).await;
+                let _ = socket.shutdown().await;
+            });
+        }
+    });
+    let port = free_port()?;
+    let (cert, key) = (pki.config.cert.as_ref().expect("cert"), pki.config.key.as_ref().expect("key"));
+    let tls = Nginx::start_tls(port, &upstream, cert, key).await?;
+    Ok((tls, format!("127.0.0.1:{port}"), hits, open))
+}
+
+/// Two edges of one cluster asked for the same remote media at once fetch it once: the second
+/// finds the first's claim with the metadata leader and waits for its record. The origin
+/// holds its answer until the second edge is seen waiting, so the fetches certainly overlap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_edges_fetch_remote_media_once_for_the_cluster() -> anyhow::Result<()> {
+    use mxcas_tests::cluster::{Cluster, MetaOptions};
+    let pki = TestPki::generate("federation")?;
+    let want = test_bytes(17, 300_000);
+    let cid = mxcas_cas::cid_of(&want).to_string();
+    let (_origin, origin, hits, open) = gated_origin(&pki, multipart_response(&want, None)).await?;
+    let s3 = mxcas_tests::s3::SeaweedFs::start().await?;
+    let cluster = Cluster::start(1, MetaOptions::default()).await?;
+    let dir = tempfile::tempdir()?;
+    let key_file = dir.path().join("signing.key");
+    std::fs::write(&key_file, format!("ed25519 a_mx {}\n", encode_base64(&SEED)))?;
+    let edge = || {
+        Node::start(NodeOptions {
+            store: s3.store(),
+            edge_meta: cluster.endpoints(),
+            extra: format!(
+                "[federation]\nsigning_key_file = \"{}\"\nallow_private_addresses = true\nca_file = \"{}\"\n",
+                key_file.display(),
+                pki.config.ca.as_ref().expect("ca").display()
+            ),
+            ..Default::default()
+        })
+    };
+    let (a, b) = (edge().await?, edge().await?);
+    let get = |node: &Node| {
+        let (http, url) = (node.http.clone(), node.url(&format!("/_matrix/client/v1/media/download/{origin}/{cid}")));
+        tokio::spawn(async move {
+            let resp = http.get(url).bearer_auth(ALICE).send().await?;
+            anyhow::Ok((resp.status().as_u16(), resp.bytes().await?))
+        })
+    };
+    let first = get(&a);
+    mxcas_tests::wait_for("edge A to ask the origin", std::time::Duration::from_secs(10), || async {
+        (hits.load(std::sync::atomic::Ordering::SeqCst) == 1).then_some(())
+    })
+    .await?;
+    let second = get(&b);
+    let waited = "mxcas_edge_remote_fetches_total{result=\"waited\"}";
+    mxcas_tests::wait_for("edge B to wait for A's fetch", std::time::Duration::from_secs(10), || async {
+        (b.metric(waited).await.ok()? == 1.0).then_some(())
+    })
+    .await?;
+    open.send(true)?;
+    for answer in [first.await??, second.await??] {
+        assert_eq!(answer.0, 200, "{}", String::from_utf8_lossy(&answer.1));
+        assert!(answer.1.as_ref() == want.as_slice());
+    }
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1, "the origin was asked once for the cluster");
+    assert_eq!(a.metric(STORED).await?, 1.0);
+    assert_eq!(b.metric(STORED).await?, 0.0, "B served A's record");
+    Ok(())
+}

@@ -15,12 +15,13 @@
 //! order. A store answers one ranged read in about a round trip, so a cold read of a large
 //! file is only as fast as a plain GET of the object when several are in flight.
 //!
-//! A miss reads the blocks around it too: blocks are read from the store in spans of
-//! `read_span` ([`BlockCache::span_of`]), one ranged read each, split into blocks, each
-//! verified and cached on its own. The span's read is itself single-flight, so concurrent
-//! misses of any blocks of one span make one store read, and every block is still read at
-//! most once at a time. A block of a span that does not come whole or fails its hash is read
-//! again on its own, which tells a truncated or missing object from a transient failure.
+//! A miss of a long read takes the next blocks of that read with it: blocks are read from the
+//! store in spans of `read_span` aligned blocks ([`BlockCache::span_of`]), cut to what the
+//! read covers (a range reads only the blocks it covers), one ranged read each, split into
+//! blocks, each verified and cached on its own. A span's read is itself single-flight, so
+//! concurrent misses of its blocks make one store read. A block of a span that does not come
+//! whole or fails its hash is read again on its own, which tells a truncated or missing object
+//! from a transient failure.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -82,8 +83,8 @@ pub struct BlockCache {
     read_ahead: usize,
     /// Blocks read from the store by one ranged read.
     read_span: u64,
-    /// Span reads in flight, by (file, first block): their verified blocks (or errors).
-    spans: Cache<(Cid, u64), Arc<SpanBlocks>>,
+    /// Span reads in flight, by (file, first block, end): their verified blocks (or errors).
+    spans: Cache<(Cid, u64, u64), Arc<SpanBlocks>>,
 }
 
 impl BlockCache {
@@ -135,6 +136,17 @@ impl BlockCache {
     /// Block `i` of `content`, verified, from memory or (once for all concurrent callers) the
     /// store.
     pub async fn block(&self, content: &ContentRecord, i: u64) -> Result<Bytes, BlockError> {
+        self.block_of_read(content, i, i..i + 1).await
+    }
+
+    /// Block `i` of `content` for a read of blocks `read`: a miss reads, in one store request,
+    /// the blocks of `i`'s span that the read covers too.
+    async fn block_of_read(
+        &self,
+        content: &ContentRecord,
+        i: u64,
+        read: std::ops::Range<u64>,
+    ) -> Result<Bytes, BlockError> {
         let key = (content.cid, i);
         if let Some(bytes) = self.blocks.get(&key).await {
             self.count("hit");
@@ -147,7 +159,7 @@ impl BlockCache {
             let content = content.clone();
             async move {
                 ran.store(true, Ordering::Relaxed);
-                this.load_with_span(&content, i).await
+                this.load_with_span(&content, i, read).await
             }
         };
         let result = self.blocks.try_get_with(key, loader).await;
@@ -176,12 +188,13 @@ impl BlockCache {
     ) -> impl Stream<Item = Result<Bytes, BlockError>> + Send + 'static {
         let (this, content) = (self.clone(), content.clone());
         let read_ahead = self.read_ahead;
+        let read = blocks.clone();
         futures::stream::iter(blocks)
             .map(move |i| {
-                let (this, content) = (this.clone(), content.clone());
+                let (this, content, read) = (this.clone(), content.clone(), read.clone());
                 // A task per block: reads and hashing proceed on every worker, and a block
                 // already being read finishes into the cache even if the reader goes away.
-                let task = tokio::spawn(async move { this.block(&content, i).await });
+                let task = tokio::spawn(async move { this.block_of_read(&content, i, read).await });
                 async move { task.await.unwrap_or_else(|e| Err(BlockError::Store(format!("block read task: {e}")))) }
             })
             .buffered(read_ahead)
@@ -195,20 +208,25 @@ impl BlockCache {
         self.metrics.cache_requests.get_or_create(&ResultLabels { result }).inc();
     }
 
-    /// The blocks of the span that holds block `i` of `content`.
-    pub fn span_of(&self, content: &ContentRecord, i: u64) -> std::ops::Range<u64> {
+    /// The blocks of the span that holds block `i` of `content`, within a read of `read`.
+    pub fn span_of(&self, content: &ContentRecord, i: u64, read: &std::ops::Range<u64>) -> std::ops::Range<u64> {
         let start = i - i % self.read_span;
-        start..(start + self.read_span).min(Self::block_count(content))
+        start.max(read.start)..(start + self.read_span).min(Self::block_count(content)).min(read.end)
     }
 
-    /// Block `i`, read with the rest of its span (once for all concurrent readers of the
-    /// span); the span's other blocks go into the cache.
-    async fn load_with_span(&self, content: &ContentRecord, i: u64) -> Result<Bytes, BlockError> {
-        let span = self.span_of(content, i);
+    /// Block `i`, read with the rest of its span that `read` covers (once for all concurrent
+    /// readers of that span); the span's other blocks go into the cache.
+    async fn load_with_span(
+        &self,
+        content: &ContentRecord,
+        i: u64,
+        read: std::ops::Range<u64>,
+    ) -> Result<Bytes, BlockError> {
+        let span = self.span_of(content, i, &read);
         if span.end - span.start <= 1 || i >= span.end {
             return self.load_timed(content, i).await;
         }
-        let key = (content.cid, span.start);
+        let key = (content.cid, span.start, span.end);
         let (this, owned, read) = (self.clone(), content.clone(), span.clone());
         let blocks = self
             .spans

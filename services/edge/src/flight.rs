@@ -34,10 +34,21 @@ pub const LIVE_CHUNKS: usize = 4;
 type Answer = Shared<BoxFuture<'static, Result<Arc<Resolved>, ApiError>>>;
 
 /// Fetches in flight on this edge, by what they fetch.
-#[derive(Default)]
 pub struct Flights {
     running: std::sync::Mutex<HashMap<String, (u64, Answer)>>,
     next_id: AtomicU64,
+    /// This edge's name in fetch claims ([`crate::remote::once_in_cluster`]).
+    pub claimant: String,
+}
+
+impl Default for Flights {
+    fn default() -> Self {
+        Self {
+            running: Default::default(),
+            next_id: AtomicU64::new(0),
+            claimant: format!("edge-{}-{:016x}", std::process::id(), rand::random::<u64>()),
+        }
+    }
 }
 
 /// A download's part in a fetch.

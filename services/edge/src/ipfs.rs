@@ -121,10 +121,16 @@ pub async fn fetch_again(
         return Err(bad_gateway(format!("The CID is of a kind mxcas cannot check ({e}): it is not fetched")));
     }
     let (owned, fetch_key, limit) = (state.clone(), key.clone(), tenant.max_upload_size);
-    crate::remote::single_flight(state, format!("mxc://{key}"), want_live, move |live| async move {
-        // The deadline ends the block stream, so the store sees a failed body and cleans up.
-        let deadline = tokio::time::Instant::now() + owned.ipfs.fetch_timeout;
-        fetch(&owned, &fetch_key, cid, limit, live, deadline).await
+    let flight = format!("mxc://{key}");
+    let name = flight.clone();
+    crate::remote::single_flight(state, flight, want_live, move |live| async move {
+        let timeout = owned.ipfs.fetch_timeout;
+        let fetch = async {
+            // The deadline ends the block stream, so the store sees a failed body and cleans up.
+            let deadline = tokio::time::Instant::now() + timeout;
+            fetch(&owned, &fetch_key, cid, limit, live, deadline).await
+        };
+        crate::remote::once_in_cluster(&owned, &fetch_key, &name, timeout, fetch).await
     })
     .await
 }

@@ -212,7 +212,7 @@ impl Metrics {
         let remote_fetches = Family::<ResultLabels, Counter>::default();
         registry.register(
             "remote_fetches",
-            "Remote media (federation, IPFS gateways) stored: stored, mismatch (not the bytes its CID names; discarded), too_large, broken",
+            "Remote media (federation, IPFS gateways) stored: stored, mismatch (not the bytes its CID names; discarded), too_large, broken, waited (another edge was fetching it: its record was awaited)",
             remote_fetches.clone(),
         );
         let ipfs_fetches = Family::<ResultLabels, Counter>::default();

@@ -109,8 +109,11 @@ pub async fn fetch(
     let hints = if named.is_some() { hints } else { Hints::default() };
     let (state_key, signer, owned) = (key.clone(), tenant.clone(), state.clone());
     let flight = format!("mxc://{key}");
+    let name = flight.clone();
     single_flight(state, flight, want_live, move |live| async move {
-        fetch_uncached(&owned, &state_key, &signer, named, hints, live).await
+        let timeout = owned.federation.remote_media_timeout();
+        let fetch = fetch_uncached(&owned, &state_key, &signer, named, hints, live);
+        once_in_cluster(&owned, &state_key, &name, timeout, fetch).await
     })
     .await
 }
@@ -207,6 +210,61 @@ where
 {
     let joined = state.flights.join(flight, &state.remote_slots, |live| fetch(want_live.then_some(live)));
     joined.wait(want_live).await
+}
+
+/// Longest a fetch claim holds (the leader's cap).
+const CLAIM_LEASE: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Runs `fetch` of `key` (`flight` naming it) once in the cluster where the metadata can
+/// arbitrate: the edge claims the fetch from the metadata leader first, and while another edge
+/// holds the claim it waits for that edge's record (polling, 20 ms doubling to 250 ms) rather
+/// than asking the same servers again. A claim is advice, never safety: it lapses after the
+/// lease (the fetch timeout, at most 5 minutes), a leader change forgets it, and a metadata
+/// service that cannot answer lets the edge fetch; at worst two edges fetch, and the first
+/// record stays. The claim is released when the fetch ends, however it ends.
+pub(crate) async fn once_in_cluster<F>(
+    state: &AppState,
+    key: &MediaKey,
+    flight: &str,
+    timeout: std::time::Duration,
+    fetch: F,
+) -> Result<Resolved, ApiError>
+where
+    F: std::future::Future<Output = Result<Resolved, ApiError>>,
+{
+    use mxcas_meta::claims::Claim;
+    let (meta, claimant) = (&state.media.meta, &state.flights.claimant);
+    let lease = timeout.min(CLAIM_LEASE);
+    let give_up = tokio::time::Instant::now() + lease;
+    let mut counted = false;
+    loop {
+        let left = match meta.claim_fetch(flight, claimant, lease, false).await {
+            Ok(Claim::Held(left)) if tokio::time::Instant::now() < give_up => left,
+            Ok(_) => break,
+            Err(e) => {
+                tracing::info!(mxc = %key, error = %e, "cannot claim a fetch; fetching anyway");
+                break;
+            }
+        };
+        if !std::mem::replace(&mut counted, true) {
+            state.media.metrics.remote_fetches.get_or_create(&crate::metrics::ResultLabels { result: "waited" }).inc();
+            tracing::debug!(mxc = %key, ?left, "another edge is fetching this media; waiting for its record");
+        }
+        let until = (tokio::time::Instant::now() + left).min(give_up);
+        let mut pause = std::time::Duration::from_millis(20);
+        while tokio::time::Instant::now() < until {
+            tokio::time::sleep_until((tokio::time::Instant::now() + pause).min(until)).await;
+            pause = (pause * 2).min(std::time::Duration::from_millis(250));
+            if let Some(r) = state.media.resolve_remote(key).await? {
+                return Ok(r);
+            }
+        }
+    }
+    let result = fetch.await;
+    if let Err(e) = meta.claim_fetch(flight, claimant, lease, true).await {
+        tracing::debug!(mxc = %key, error = %e, "cannot release a fetch claim; it lapses");
+    }
+    result
 }
 
 /// What bytes fetched for `key` will be served as, from their first bytes (as

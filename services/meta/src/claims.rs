@@ -1,5 +1,5 @@
-//! Thumbnail claims: which edge is making a thumbnail that is not recorded yet, so a storm of
-//! requests across edges makes it once.
+//! Claims: which edge is making a thumbnail that is not recorded yet, or fetching remote media
+//! that is not stored yet, so a storm of requests across edges makes it (or fetches it) once.
 //!
 //! Held in the leader's memory only. A claim is advice, never safety: a leader change or a
 //! full table forgets claims, and then two edges may both make the thumbnail, which costs CPU
@@ -7,11 +7,8 @@
 //! monotonic clock, so a claimant that dies holds its claims only until they lapse.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::time::{Duration, Instant};
-
-use cid::Cid;
-
-use crate::model::ThumbnailSpec;
 
 /// Longest lease granted, whatever is asked.
 pub const MAX_LEASE: Duration = Duration::from_secs(300);
@@ -27,9 +24,9 @@ pub enum Claim {
     Held(Duration),
 }
 
-#[derive(Default)]
-pub struct Claims {
-    held: HashMap<(Cid, ThumbnailSpec), Held>,
+/// Claims on things keyed by `K`: thumbnails by (source CID, spec), fetches by media.
+pub struct Claims<K> {
+    held: HashMap<K, Held>,
     /// With the table full: when its earliest claim lapses (no sweep before then).
     sweep_at: Option<Instant>,
 }
@@ -42,8 +39,14 @@ struct Held {
     expires: Instant,
 }
 
-impl Claims {
-    pub fn claim(&mut self, key: (Cid, ThumbnailSpec), claimant: &str, lease: Duration, now: Instant) -> Claim {
+impl<K> Default for Claims<K> {
+    fn default() -> Self {
+        Self { held: HashMap::new(), sweep_at: None }
+    }
+}
+
+impl<K: Eq + Hash> Claims<K> {
+    pub fn claim(&mut self, key: K, claimant: &str, lease: Duration, now: Instant) -> Claim {
         let lease = lease.min(MAX_LEASE);
         match self.held.get_mut(&key) {
             Some(h) if h.claimant != claimant && h.expires > now => Claim::Held(h.expires - now),
@@ -71,14 +74,14 @@ impl Claims {
     }
 
     /// Ends `claimant`'s claim (another's is left alone).
-    pub fn release(&mut self, key: &(Cid, ThumbnailSpec), claimant: &str) {
+    pub fn release(&mut self, key: &K, claimant: &str) {
         if self.held.get(key).is_some_and(|h| h.claimant == claimant) {
             self.held.remove(key);
         }
     }
 
     /// Ends any claim on a thumbnail now recorded.
-    pub fn recorded(&mut self, key: &(Cid, ThumbnailSpec)) {
+    pub fn recorded(&mut self, key: &K) {
         self.held.remove(key);
     }
 
@@ -94,7 +97,8 @@ impl Claims {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ThumbnailMethod;
+    use crate::model::{ThumbnailMethod, ThumbnailSpec};
+    use cid::Cid;
 
     fn key(n: u8) -> (Cid, ThumbnailSpec) {
         let hash = multihash::Multihash::<64>::wrap(0x12, &[n; 32]).expect("digest fits");
@@ -106,7 +110,7 @@ mod tests {
 
     #[test]
     fn one_claimant_at_a_time_until_it_commits_releases_or_lapses() {
-        let mut c = Claims::default();
+        let mut c = Claims::<(Cid, ThumbnailSpec)>::default();
         let t0 = Instant::now();
         let lease = Duration::from_secs(30);
         assert_eq!(c.claim(key(1), "a", lease, t0), Claim::Granted);
@@ -139,7 +143,7 @@ mod tests {
 
     #[test]
     fn leases_are_capped() {
-        let mut c = Claims::default();
+        let mut c = Claims::<(Cid, ThumbnailSpec)>::default();
         let t0 = Instant::now();
         assert_eq!(c.claim(key(1), "a", Duration::from_secs(86_400), t0), Claim::Granted);
         assert_eq!(c.claim(key(1), "b", Duration::ZERO, t0), Claim::Held(MAX_LEASE));
@@ -147,7 +151,7 @@ mod tests {
 
     #[test]
     fn a_full_table_drops_lapsed_claims_then_grants_unrecorded() {
-        let mut c = Claims::default();
+        let mut c = Claims::<(Cid, ThumbnailSpec)>::default();
         let t0 = Instant::now();
         let spec = key(0).1;
         let hash = |i: u32| {

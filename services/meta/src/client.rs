@@ -609,6 +609,39 @@ impl MetaClient {
         Ok(if resp.granted { Claim::Granted } else { Claim::Held(Duration::from_millis(resp.held_for_ms)) })
     }
 
+    /// Claims (or with `release`, gives up) the fetch of remote media `media` for `claimant`
+    /// ([`Claim::Held`]: another edge is fetching it). A metadata node older than fetch
+    /// claims answers granted.
+    pub async fn claim_fetch(
+        &self,
+        media: &str,
+        claimant: &str,
+        lease: Duration,
+        release: bool,
+    ) -> Result<Claim, MetaError> {
+        let req = pb::ClaimFetchRequest {
+            media: media.to_owned(),
+            claimant: claimant.to_owned(),
+            lease_ms: u64::try_from(lease.as_millis()).unwrap_or(u64::MAX),
+            release,
+        };
+        let resp = self
+            .retrying(Retry::Read, |mut cl| {
+                let req = req.clone();
+                async move {
+                    match cl.claim_fetch(req).await {
+                        Err(s) if s.code() == tonic::Code::Unimplemented => {
+                            Ok(tonic::Response::new(pb::ClaimFetchResponse { granted: true, held_for_ms: 0 }))
+                        }
+                        other => other,
+                    }
+                }
+            })
+            .await?
+            .into_inner();
+        Ok(if resp.granted { Claim::Granted } else { Claim::Held(Duration::from_millis(resp.held_for_ms)) })
+    }
+
     /// What `user` and `tenant` uploaded in the current window of `period` (a linearizable
     /// read; the windows' `window` field is not filled).
     pub async fn usage(&self, user: &str, tenant: &str, period: Duration) -> Result<(Usage, Usage), MetaError> {

@@ -290,7 +290,9 @@ pub struct MetaService {
     /// whole state, so it is computed once per state, by one caller at a time.
     digest: Arc<tokio::sync::Mutex<Option<DigestAt>>>,
     /// Which edge is making which unrecorded thumbnail (advice only, see [`crate::claims`]).
-    claims: Arc<std::sync::Mutex<Claims>>,
+    claims: Arc<std::sync::Mutex<Claims<(cid::Cid, crate::model::ThumbnailSpec)>>>,
+    /// Which edge is fetching which remote media (advice only, see [`crate::claims`]).
+    fetch_claims: Arc<std::sync::Mutex<Claims<String>>>,
 }
 
 /// A state digest and the applied index it was computed at.
@@ -347,6 +349,7 @@ impl MetaService {
             writes,
             digest: Default::default(),
             claims: Default::default(),
+            fetch_claims: Default::default(),
         }
     }
 
@@ -749,6 +752,34 @@ impl Meta for MetaService {
         Ok(Response::new(match claims.claim(key, &r.claimant, lease, std::time::Instant::now()) {
             Claim::Granted => pb::ClaimThumbnailResponse { granted: true, held_for_ms: 0 },
             Claim::Held(left) => pb::ClaimThumbnailResponse {
+                granted: false,
+                held_for_ms: u64::try_from(left.as_millis()).unwrap_or(u64::MAX).max(1),
+            },
+        }))
+    }
+
+    async fn claim_fetch(
+        &self,
+        req: Request<pb::ClaimFetchRequest>,
+    ) -> Result<Response<pb::ClaimFetchResponse>, Status> {
+        let r = req.into_inner();
+        if r.media.is_empty() || r.media.len() > 512 {
+            return Err(Status::invalid_argument("media must be 1 to 512 bytes"));
+        }
+        if r.claimant.is_empty() || r.claimant.len() > 256 {
+            return Err(Status::invalid_argument("claimant must be 1 to 256 bytes"));
+        }
+        // Only the leader arbitrates (a follower answers with a redirect).
+        self.read_index.confirm().await?;
+        let mut claims = self.fetch_claims.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if r.release {
+            claims.release(&r.media, &r.claimant);
+            return Ok(Response::new(pb::ClaimFetchResponse { granted: true, held_for_ms: 0 }));
+        }
+        let lease = std::time::Duration::from_millis(r.lease_ms);
+        Ok(Response::new(match claims.claim(r.media, &r.claimant, lease, std::time::Instant::now()) {
+            Claim::Granted => pb::ClaimFetchResponse { granted: true, held_for_ms: 0 },
+            Claim::Held(left) => pb::ClaimFetchResponse {
                 granted: false,
                 held_for_ms: u64::try_from(left.as_millis()).unwrap_or(u64::MAX).max(1),
             },
