@@ -412,44 +412,22 @@ async fn our_signatures_verify_with_synapses_code_and_bad_requests_are_refused()
 }
 
 /// A remote that answers every request with one fixed HTTP response (behind TLS): a server
-/// that lies, or breaks off.
+/// that lies, or breaks off. Answers its TLS front, its server name and its request count.
 async fn fixed_origin(
     pki: &TestPki,
     response: Vec<u8>,
 ) -> anyhow::Result<(Nginx, String, std::sync::Arc<std::sync::atomic::AtomicUsize>)> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let upstream = format!("http://{}", listener.local_addr()?);
-    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = hits.clone();
-    tokio::spawn(async move {
-        while let Ok((mut socket, _)) = listener.accept().await {
-            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let response = response.clone();
-            tokio::spawn(async move {
-                use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                let mut buf = vec![0u8; 16 * 1024];
-                let mut got = Vec::new();
-                // Read the request head, then answer and close.
-                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match socket.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => got.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = socket.write_all(&response).await;
-                let _ = socket.shutdown().await;
-            });
-        }
-    });
+    let (tls, name, hits, open) = gated_origin(pki, response).await?;
+    // Open from the start (a closed gate answers nobody).
+    open.send(true)?;
+    Ok((tls, name, hits))
+}
+
+/// nginx terminating TLS for `upstream` on a free port, and the server name it answers as.
+async fn tls_front(pki: &TestPki, upstream: &str) -> anyhow::Result<(Nginx, String)> {
     let port = free_port()?;
-    let tls = Nginx::start_tls(
-        port,
-        &upstream,
-        pki.config.cert.as_ref().expect("cert"),
-        pki.config.key.as_ref().expect("key"),
-    )
-    .await?;
-    Ok((tls, format!("127.0.0.1:{port}"), hits))
+    let (cert, key) = (pki.config.cert.as_ref().expect("cert"), pki.config.key.as_ref().expect("key"));
+    Ok((Nginx::start_tls(port, upstream, cert, key).await?, format!("127.0.0.1:{port}")))
 }
 
 fn multipart_response(body_bytes: &[u8], declared_len: Option<usize>) -> Vec<u8> {
@@ -704,17 +682,10 @@ async fn via_servers_are_bounded_by_the_address_rules_and_the_deadline() -> anyh
             held.push(socket);
         }
     });
-    let port = free_port()?;
-    let _tls = Nginx::start_tls(
-        port,
-        &silent_url,
-        pki.config.cert.as_ref().expect("cert"),
-        pki.config.key.as_ref().expect("key"),
-    )
-    .await?;
+    let (_tls, silent_name) = tls_front(&pki, &silent_url).await?;
     let ours = deployment_with(&pki, "remote_media_timeout = \"2s\"\n", "").await?;
     let started = std::time::Instant::now();
-    let (status, _) = download_from(&ours, "127.0.0.1:1", &cid, &format!("?via=127.0.0.1:{port}")).await?;
+    let (status, _) = download_from(&ours, "127.0.0.1:1", &cid, &format!("?via={silent_name}")).await?;
     assert_eq!(status, 502);
     assert!(started.elapsed() < std::time::Duration::from_secs(20), "bounded: {:?}", started.elapsed());
     assert_eq!(ours.node.metric(STORED).await?, 0.0);
@@ -735,15 +706,7 @@ async fn media_named_by_a_cid_of_another_layout_is_fetched_by_verified_blocks() 
         std::fs::write(file.path(), &want)?;
         // The plain gateway also answers the federation download, with the whole file.
         let gw = mxcas_tests::oracle::PlainGateways::start(file.path(), legacy, &["ok"])?;
-        let port = free_port()?;
-        let _tls = Nginx::start_tls(
-            port,
-            &gw.urls[0],
-            pki.config.cert.as_ref().expect("cert"),
-            pki.config.key.as_ref().expect("key"),
-        )
-        .await?;
-        let origin = format!("127.0.0.1:{port}");
+        let (_tls, origin) = tls_front(&pki, &gw.urls[0]).await?;
         let (status, body) = download_from(&ours, &origin, &gw.root, "").await?;
         assert_eq!(
             status,
@@ -970,10 +933,8 @@ async fn gated_origin(
             });
         }
     });
-    let port = free_port()?;
-    let (cert, key) = (pki.config.cert.as_ref().expect("cert"), pki.config.key.as_ref().expect("key"));
-    let tls = Nginx::start_tls(port, &upstream, cert, key).await?;
-    Ok((tls, format!("127.0.0.1:{port}"), hits, open))
+    let (tls, name) = tls_front(pki, &upstream).await?;
+    Ok((tls, name, hits, open))
 }
 
 /// Two edges of one cluster asked for the same remote media at once fetch it once: the second
