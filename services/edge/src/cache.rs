@@ -116,7 +116,8 @@ impl BlockCache {
             metrics,
             read_timeout,
             read_ahead: read_ahead.max(1),
-            read_span: read_span.max(1) as u64,
+            // A span never reads past what a download may hold ahead of its reader.
+            read_span: read_span.clamp(1, read_ahead.max(1)) as u64,
             spans,
         }
     }
@@ -256,8 +257,8 @@ impl BlockCache {
             Ok::<_, BlockError>((expected, bytes))
         };
         let read = tokio::time::timeout(self.read_timeout, whole).await;
-        let mut out = Vec::with_capacity((span.end - span.start) as usize);
-        for j in span.clone() {
+        // Blocks that did not come whole and verified are read again on their own, at once.
+        let blocks = span.clone().map(|j| {
             let range = Self::block_range(content, j);
             let from_span = match &read {
                 Ok(Ok((expected, bytes))) => {
@@ -268,12 +269,14 @@ impl BlockCache {
                 }
                 _ => None,
             };
-            out.push(match from_span {
-                Some(b) => Ok(b),
-                None => self.load_timed(content, j).await,
-            });
-        }
-        out
+            async move {
+                match from_span {
+                    Some(b) => Ok(b),
+                    None => self.load_timed(content, j).await,
+                }
+            }
+        });
+        futures::future::join_all(blocks).await
     }
 
     /// The sha2-256 each block of `span` must have (`None`: no hash to check it against).

@@ -560,6 +560,12 @@ impl MediaService {
         self.freeze_after_ms.is_some_and(|freeze| arrived_at_ms > freeze)
     }
 
+    /// [`Self::resolve_remote`] from the metadata, past this edge's cache of records.
+    pub async fn resolve_remote_fresh(&self, key: &MediaKey) -> Result<Option<Resolved>, ApiError> {
+        self.resolved.invalidate(key).await;
+        self.resolve_remote(key).await
+    }
+
     /// The record of remote media `key` if this cluster holds it (no fetch). A reservation
     /// another fetch left (in progress, or abandoned) counts as not held: the caller fetches
     /// and fills it.

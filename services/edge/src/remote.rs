@@ -212,16 +212,22 @@ where
     joined.wait(want_live).await
 }
 
-/// Longest a fetch claim holds (the leader's cap).
-const CLAIM_LEASE: std::time::Duration = std::time::Duration::from_secs(300);
+/// How long a fetch claim holds unless renewed: the holder renews it every third of this
+/// while it fetches, so a holder that died or finished frees the others within about this.
+const CLAIM_LEASE: std::time::Duration = std::time::Duration::from_secs(30);
+/// How often a waiting edge asks again whether the claim is still held.
+const CLAIM_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Runs `fetch` of `key` (`flight` naming it) once in the cluster where the metadata can
 /// arbitrate: the edge claims the fetch from the metadata leader first, and while another edge
-/// holds the claim it waits for that edge's record (polling, 20 ms doubling to 250 ms) rather
-/// than asking the same servers again. A claim is advice, never safety: it lapses after the
-/// lease (the fetch timeout, at most 5 minutes), a leader change forgets it, and a metadata
-/// service that cannot answer lets the edge fetch; at worst two edges fetch, and the first
-/// record stays. The claim is released when the fetch ends, however it ends.
+/// holds the claim it waits for that edge's record (polling, 20 ms doubling to 250 ms, and
+/// asking again for the claim every second, so a holder that failed or died frees it at
+/// once or within [`CLAIM_LEASE`]) rather than asking the same servers again. Only a record
+/// whose content is not marked lost ends the wait (another edge may be healing it). A claim is
+/// advice, never safety: the leader holds one for 5 minutes at most however often it is
+/// renewed, a leader change forgets it, and a metadata service that cannot answer lets the
+/// edge fetch; at worst two edges fetch, and the first record stays. The waiting ends by
+/// `timeout` whatever happens. The claim is released when the fetch ends, however it ends.
 pub(crate) async fn once_in_cluster<F>(
     state: &AppState,
     key: &MediaKey,
@@ -233,37 +239,53 @@ where
     F: std::future::Future<Output = Result<Resolved, ApiError>>,
 {
     use mxcas_meta::claims::Claim;
-    let (meta, claimant) = (&state.media.meta, &state.flights.claimant);
-    let lease = timeout.min(CLAIM_LEASE);
-    let give_up = tokio::time::Instant::now() + lease;
+    let (meta, claimant) = (state.media.meta.clone(), state.flights.claimant.clone());
+    let give_up = tokio::time::Instant::now() + timeout;
     let mut counted = false;
-    loop {
-        let left = match meta.claim_fetch(flight, claimant, lease, false).await {
-            Ok(Claim::Held(left)) if tokio::time::Instant::now() < give_up => left,
+    'claim: loop {
+        match meta.claim_fetch(flight, &claimant, CLAIM_LEASE, false).await {
+            Ok(Claim::Held(_)) if tokio::time::Instant::now() < give_up => {}
             Ok(_) => break,
             Err(e) => {
                 tracing::info!(mxc = %key, error = %e, "cannot claim a fetch; fetching anyway");
                 break;
             }
-        };
+        }
         if !std::mem::replace(&mut counted, true) {
             state.media.metrics.remote_fetches.get_or_create(&crate::metrics::ResultLabels { result: "waited" }).inc();
-            tracing::debug!(mxc = %key, ?left, "another edge is fetching this media; waiting for its record");
+            tracing::debug!(mxc = %key, "another edge is fetching this media; waiting for its record");
         }
-        let until = (tokio::time::Instant::now() + left).min(give_up);
+        let recheck = (tokio::time::Instant::now() + CLAIM_RECHECK).min(give_up);
         let mut pause = std::time::Duration::from_millis(20);
-        while tokio::time::Instant::now() < until {
-            tokio::time::sleep_until((tokio::time::Instant::now() + pause).min(until)).await;
+        while tokio::time::Instant::now() < recheck {
+            tokio::time::sleep_until((tokio::time::Instant::now() + pause).min(recheck)).await;
             pause = (pause * 2).min(std::time::Duration::from_millis(250));
-            if let Some(r) = state.media.resolve_remote(key).await? {
-                return Ok(r);
+            match state.media.resolve_remote_fresh(key).await {
+                Ok(Some(r)) if !r.content.lost => return Ok(r),
+                Ok(_) => {}
+                // A metadata hiccup (an election) does not end the wait.
+                Err(e) => tracing::debug!(mxc = %key, error = %e.message, "cannot look the media up yet"),
             }
         }
+        continue 'claim;
     }
-    let result = fetch.await;
-    if let Err(e) = meta.claim_fetch(flight, claimant, lease, true).await {
-        tracing::debug!(mxc = %key, error = %e, "cannot release a fetch claim; it lapses");
-    }
+    let renew = async {
+        loop {
+            tokio::time::sleep(CLAIM_LEASE / 3).await;
+            let _ = meta.claim_fetch(flight, &claimant, CLAIM_LEASE, false).await;
+        }
+    };
+    let result = tokio::select! {
+        r = fetch => r,
+        never = renew => never,
+    };
+    // The answer goes out without waiting for the release (which lapses anyway).
+    let (flight, key_name) = (flight.to_owned(), key.to_string());
+    tokio::spawn(async move {
+        if let Err(e) = meta.claim_fetch(&flight, &claimant, CLAIM_LEASE, true).await {
+            tracing::debug!(mxc = %key_name, error = %e, "cannot release a fetch claim; it lapses");
+        }
+    });
     result
 }
 

@@ -763,8 +763,9 @@ impl Meta for MetaService {
         req: Request<pb::ClaimFetchRequest>,
     ) -> Result<Response<pb::ClaimFetchResponse>, Status> {
         let r = req.into_inner();
-        if r.media.is_empty() || r.media.len() > 512 {
-            return Err(Status::invalid_argument("media must be 1 to 512 bytes"));
+        // `mxc://` + a server name (255 at most) + `/` + a media ID (255 at most).
+        if r.media.is_empty() || r.media.len() > 600 {
+            return Err(Status::invalid_argument("media must be 1 to 600 bytes"));
         }
         if r.claimant.is_empty() || r.claimant.len() > 256 {
             return Err(Status::invalid_argument("claimant must be 1 to 256 bytes"));
