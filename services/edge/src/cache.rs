@@ -83,8 +83,10 @@ pub struct BlockCache {
     read_ahead: usize,
     /// Blocks read from the store by one ranged read.
     read_span: u64,
-    /// Span reads in flight, by (file, first block, end): their verified blocks (or errors).
-    spans: Cache<(Cid, u64, u64), Arc<SpanBlocks>>,
+    /// Span reads in flight, by (file, its object, first block, end): their verified blocks (or
+    /// errors). The object is in the key so that a read of a repaired record never joins a
+    /// read of the lost object it replaced.
+    spans: Cache<(Cid, String, u64, u64), Arc<SpanBlocks>>,
 }
 
 impl BlockCache {
@@ -227,11 +229,11 @@ impl BlockCache {
         if span.end - span.start <= 1 || i >= span.end {
             return self.load_timed(content, i).await;
         }
-        let key = (content.cid, span.start, span.end);
+        let key = (content.cid, content.blob_key.clone(), span.start, span.end);
         let (this, owned, read) = (self.clone(), content.clone(), span.clone());
         let blocks = self
             .spans
-            .get_with(key, async move {
+            .get_with(key.clone(), async move {
                 let blocks = this.read_span(&owned, read.clone()).await;
                 // Cached before the span's flight ends, so a reader of them that comes later
                 // finds them rather than reading the span again.
