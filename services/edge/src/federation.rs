@@ -337,12 +337,9 @@ impl Federation {
         default_destination: &str,
     ) -> Result<(String, String), ApiError> {
         let unauthorized = |why: &str| ApiError::new(StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED", why);
-        let credential = headers
-            .get_all(header::AUTHORIZATION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .find(|v| v.trim_start().get(..8).is_some_and(|s| s.eq_ignore_ascii_case("X-Matrix")));
-        let Some(credential) = credential else { return Err(unauthorized("Missing X-Matrix Authorization header")) };
+        let Some(credential) = x_matrix_credential(headers) else {
+            return Err(unauthorized("Missing X-Matrix Authorization header"));
+        };
         let auth: XMatrix = x_matrix::parse(credential).map_err(|e| unauthorized(&e.to_string()))?;
         let destination = auth.destination.clone().unwrap_or_else(|| default_destination.to_owned());
         if !ours(&destination) {
@@ -367,6 +364,15 @@ impl Federation {
             .map_err(|_| unauthorized("Invalid signature"))?;
         Ok((auth.origin, destination))
     }
+}
+
+/// The first `X-Matrix` credential of a request's `Authorization` headers, if any.
+pub fn x_matrix_credential(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(header::AUTHORIZATION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.trim_start().get(..8).is_some_and(|s| s.eq_ignore_ascii_case("X-Matrix")))
 }
 
 /// Cache lifetimes: a key document until it expires, a failure briefly.

@@ -41,13 +41,16 @@ pub struct Flights {
     pub claimant: String,
 }
 
+/// This edge process's name in the metadata leader's claims (thumbnails and fetches): one per
+/// process, so a restarted edge is a new claimant.
+pub fn edge_claimant() -> &'static str {
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| format!("edge-{}-{:016x}", std::process::id(), rand::random::<u64>()))
+}
+
 impl Default for Flights {
     fn default() -> Self {
-        Self {
-            running: Default::default(),
-            next_id: AtomicU64::new(0),
-            claimant: format!("edge-{}-{:016x}", std::process::id(), rand::random::<u64>()),
-        }
+        Self { running: Default::default(), next_id: AtomicU64::new(0), claimant: edge_claimant().to_owned() }
     }
 }
 

@@ -149,7 +149,7 @@ impl Thumbnails {
             known: Cache::builder().max_capacity(100_000).build(),
             refused: Cache::builder().max_capacity(100_000).build(),
             pregenerating: Mutex::new(HashMap::new()),
-            claimant: format!("edge-{}-{:016x}", std::process::id(), rand::random::<u64>()),
+            claimant: crate::flight::edge_claimant().to_owned(),
         })
     }
 

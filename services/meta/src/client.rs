@@ -606,7 +606,7 @@ impl MetaClient {
             })
             .await?
             .into_inner();
-        Ok(if resp.granted { Claim::Granted } else { Claim::Held(Duration::from_millis(resp.held_for_ms)) })
+        Ok(claim_of(resp.granted, resp.held_for_ms))
     }
 
     /// Claims (or with `release`, gives up) the fetch of remote media `media` for `claimant`
@@ -639,7 +639,7 @@ impl MetaClient {
             })
             .await?
             .into_inner();
-        Ok(if resp.granted { Claim::Granted } else { Claim::Held(Duration::from_millis(resp.held_for_ms)) })
+        Ok(claim_of(resp.granted, resp.held_for_ms))
     }
 
     /// What `user` and `tenant` uploaded in the current window of `period` (a linearizable
@@ -765,6 +765,11 @@ fn wire(what: &str) -> MetaError {
 
 fn required<T>(field: Option<T>, name: &str) -> Result<T, MetaError> {
     field.ok_or_else(|| MetaError::Internal(format!("malformed answer from the metadata service: no {name}")))
+}
+
+/// A claim response's answer.
+fn claim_of(granted: bool, held_for_ms: u64) -> Claim {
+    if granted { Claim::Granted } else { Claim::Held(Duration::from_millis(held_for_ms)) }
 }
 
 #[cfg(test)]

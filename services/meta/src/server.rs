@@ -749,13 +749,8 @@ impl Meta for MetaService {
             return Ok(Response::new(pb::ClaimThumbnailResponse { granted: true, held_for_ms: 0 }));
         }
         let lease = std::time::Duration::from_millis(r.lease_ms);
-        Ok(Response::new(match claims.claim(key, &r.claimant, lease, std::time::Instant::now()) {
-            Claim::Granted => pb::ClaimThumbnailResponse { granted: true, held_for_ms: 0 },
-            Claim::Held(left) => pb::ClaimThumbnailResponse {
-                granted: false,
-                held_for_ms: u64::try_from(left.as_millis()).unwrap_or(u64::MAX).max(1),
-            },
-        }))
+        let (granted, held_for_ms) = on_wire(claims.claim(key, &r.claimant, lease, std::time::Instant::now()));
+        Ok(Response::new(pb::ClaimThumbnailResponse { granted, held_for_ms }))
     }
 
     async fn claim_fetch(
@@ -778,13 +773,8 @@ impl Meta for MetaService {
             return Ok(Response::new(pb::ClaimFetchResponse { granted: true, held_for_ms: 0 }));
         }
         let lease = std::time::Duration::from_millis(r.lease_ms);
-        Ok(Response::new(match claims.claim(r.media, &r.claimant, lease, std::time::Instant::now()) {
-            Claim::Granted => pb::ClaimFetchResponse { granted: true, held_for_ms: 0 },
-            Claim::Held(left) => pb::ClaimFetchResponse {
-                granted: false,
-                held_for_ms: u64::try_from(left.as_millis()).unwrap_or(u64::MAX).max(1),
-            },
-        }))
+        let (granted, held_for_ms) = on_wire(claims.claim(r.media, &r.claimant, lease, std::time::Instant::now()));
+        Ok(Response::new(pb::ClaimFetchResponse { granted, held_for_ms }))
     }
 
     async fn get_usage(&self, req: Request<pb::GetUsageRequest>) -> Result<Response<pb::GetUsageResponse>, Status> {
@@ -907,6 +897,14 @@ impl Meta for MetaService {
             String::new()
         };
         Ok(Response::new(pb::StatusResponse { node_id, last_applied, media_count, content_count, state_digest }))
+    }
+}
+
+/// A claim's answer as the claim responses carry it: (granted, held for ms, at least 1).
+fn on_wire(claim: Claim) -> (bool, u64) {
+    match claim {
+        Claim::Granted => (true, 0),
+        Claim::Held(left) => (false, u64::try_from(left.as_millis()).unwrap_or(u64::MAX).max(1)),
     }
 }
 

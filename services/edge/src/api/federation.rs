@@ -67,11 +67,7 @@ fn multipart_headers(boundary: &str, length: Option<u64>) -> HeaderMap {
 
 /// Whether a request carries an `X-Matrix` authorization (it comes from a Matrix server).
 pub(super) fn is_signed(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::AUTHORIZATION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| v.trim_start().get(..8).is_some_and(|s| s.eq_ignore_ascii_case("X-Matrix")))
+    crate::federation::x_matrix_credential(headers).is_some()
 }
 
 /// Checks the request's signature; answers (origin, destination).
